@@ -1,0 +1,5 @@
+//! The chunkserver dataplane: configuration, and (as they land) shards, copysets, the storage
+//! engine, the transports, the services, the client library and the NBD export.
+
+pub mod config;
+pub mod logging;

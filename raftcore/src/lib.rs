@@ -1,0 +1,4 @@
+//! Raft as a pure state machine, in the style of raft-rs and etcd/raft: time comes in as
+//! `tick()`, messages as `step()`, and everything to do goes out through `ready()`.
+//! Nothing here touches a clock, a socket, a thread or a disk.
+#![warn(missing_docs)]
