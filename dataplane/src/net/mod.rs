@@ -9,15 +9,24 @@
 //! - [`rdma`]: the RDMA message transport, written once against [`verbs::Verbs`].
 //! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
 
+pub mod connection;
 pub mod frame;
 pub mod payload;
+pub mod queue;
+pub mod tcp;
+pub mod transport;
+
+#[cfg(test)]
+mod message_suite;
 
 use std::time::Duration;
 
 use thiserror::Error;
 
+pub use connection::{Connection, ConnectionConfig, Incoming, Message};
 pub use frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
 pub use payload::{AlignedHeapAllocator, AllocError, PayloadAllocator, PayloadBuffer};
+pub use transport::{connect, connect_shard, Backoff, Listener, NetContext, PeerConnection};
 
 /// Why a transport operation failed. Cloneable, so one failure can fail every request that
 /// was waiting on the connection.
