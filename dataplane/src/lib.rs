@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod logging;
+pub mod net;
 pub mod shard;
 pub mod storage;
