@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod logging;
+pub mod nbd;
 pub mod net;
 pub mod shard;
 pub mod storage;
