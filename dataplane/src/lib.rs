@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod shard;
