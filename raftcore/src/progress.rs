@@ -65,6 +65,15 @@ impl Inflights {
         }
     }
 
+    /// Frees the oldest append: used when a heartbeat answer shows the follower alive while
+    /// the window is full, since appends in it may have been lost.
+    pub fn free_first_one(&mut self) {
+        if self.count > 0 {
+            let (last, _) = self.ring[self.start];
+            self.free_to(last);
+        }
+    }
+
     /// Forgets everything in flight.
     pub fn reset(&mut self) {
         self.start = 0;

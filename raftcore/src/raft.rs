@@ -1079,8 +1079,14 @@ impl<S: LogStorage> Raft<S> {
         if msg.sent_tick >= floor {
             progress.lease_tick_acked = progress.lease_tick_acked.max(msg.sent_tick);
         }
-        if progress.state == ProgressState::Probe {
-            progress.probe_sent = false;
+        match progress.state {
+            ProgressState::Probe => progress.probe_sent = false,
+            // Appends in the window may be lost; free a slot so the next append goes out and
+            // its rejection (if any) brings the follower back to probing.
+            ProgressState::Replicate if progress.inflights.full() => {
+                progress.inflights.free_first_one()
+            }
+            _ => {}
         }
         let behind = progress.matched < last || progress.commit_acked < self.log.committed;
         if behind {

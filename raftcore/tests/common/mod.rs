@@ -14,6 +14,9 @@ pub fn ids(list: &[u64]) -> BTreeSet<NodeId> {
     list.iter().map(|i| NodeId(*i)).collect()
 }
 
+/// Decides whether to drop a message.
+pub type DropFilter = Box<dyn FnMut(&Message) -> bool>;
+
 pub struct Cluster {
     pub nodes: BTreeMap<NodeId, RawNode<MemStorage>>,
     /// Application entries each node applied, in order.
@@ -24,6 +27,8 @@ pub struct Cluster {
     /// Every message delivered, for tests that look at the traffic.
     pub delivered: Vec<Message>,
     pub configure: fn(&mut Config),
+    /// Drops a message when it answers true.
+    pub drop_if: Option<DropFilter>,
 }
 
 pub fn default_config(_: &mut Config) {}
@@ -47,6 +52,7 @@ impl Cluster {
             cut: BTreeSet::new(),
             delivered: Vec::new(),
             configure,
+            drop_if: None,
         };
         for id in voters.iter().chain(learners) {
             cluster.add_node(*id, MemStorage::new_with_conf_state(conf.clone()));
@@ -137,6 +143,11 @@ impl Cluster {
     pub fn deliver(&mut self, msg: Message) {
         if self.cut.contains(&(msg.from, msg.to)) {
             return;
+        }
+        if let Some(drop_if) = self.drop_if.as_mut() {
+            if drop_if(&msg) {
+                return;
+            }
         }
         // Every message crosses the wire format.
         let bytes = raftcore::encode_to_bytes(&msg);
