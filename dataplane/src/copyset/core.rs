@@ -118,7 +118,11 @@ impl<S: LogStorage> CopysetCore<S> {
     /// machine must hold at least the storage's snapshot (a bootstrap snapshot of a new group
     /// is empty), so `applied` starts no lower than the snapshot's index.
     pub fn new(id: CopysetId, node: RawNode<S>, applied: LogIndex) -> CopysetCore<S> {
-        let snapshot_index = node.store().snapshot_meta().map(|meta| meta.index).unwrap_or_default();
+        let snapshot_index = node
+            .store()
+            .snapshot_meta()
+            .map(|meta| meta.index)
+            .unwrap_or_default();
         let applied = applied.max(snapshot_index);
         let role = node.raft().state;
         let leader = node.raft().leader;

@@ -200,7 +200,11 @@ impl Sim {
                 let replica = &mut self.replicas[node as usize - 1];
                 let due = (self.now + self.rng.gen_range(0..4)).max(replica.last_persist_due);
                 replica.last_persist_due = due;
-                let work = Work::Persisted { node, incarnation, action };
+                let work = Work::Persisted {
+                    node,
+                    incarnation,
+                    action,
+                };
                 self.schedule(due - self.now, work);
             }
             Action::Apply { index, op, token } => {
@@ -626,5 +630,3 @@ fn replay_one_seed() {
         started.elapsed()
     );
 }
-
-
