@@ -1,0 +1,1026 @@
+//! One shard's storage engine: the chunk store and the shard WAL on one region of a device,
+//! and the checkpoint that ties them together.
+//!
+//! Durability rests on the WAL. A chunk write is applied without a flush; the copyset's
+//! applied index is only remembered in memory. A checkpoint flushes the device, writes the
+//! changed chunk-metadata pages and every copyset's state (hard state, membership, applied
+//! index) into the alternate copies of their pages, flushes, and finally writes the anchor
+//! with the new generation and WAL head, and flushes. Recovery believes pages no newer than
+//! the anchor, then replays the WAL from the head; the chunkserver re-applies committed
+//! entries above each copyset's checkpointed applied index, which is idempotent.
+//!
+//! Free slots read as zeroes. A slot is zeroed before it returns to the pool; after a crash,
+//! the slots that may have been written since the last checkpoint without their metadata
+//! reaching the device are the lowest free ones (the pool always hands out the lowest free
+//! slot, and a checkpoint is forced after [`RECOVERY_ZERO_SLOTS`] allocations), so recovery
+//! zeroes those and the slots that were being released.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use raftcore::{
+    ConfState, Entry, HardState, LogIndex, LogStorage, NodeId, SnapshotMeta,
+    StorageError as RaftStorageError, Term,
+};
+
+use crate::storage::bdev::Bdev;
+use crate::storage::dma::DmaBuf;
+use crate::storage::layout::{
+    choose_copy, open_page, seal_page, Geometry, PageKind, PageRead, Reader, ShardLayout,
+    Superblock, Writer, DEFAULT_MAX_COPYSETS, FORMAT_VERSION, PAGE_HEADER_LEN,
+};
+use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, NO_SLOT};
+use crate::storage::wal::log::CopysetLog;
+use crate::storage::wal::record::{conf_state_bytes, decode_conf_state, CopysetId};
+use crate::storage::wal::{ShardWal, WalConfig};
+use crate::storage::StorageError;
+
+/// Allocations allowed between checkpoints; recovery zeroes this many of the lowest free
+/// slots. Part of the format: changing it changes what recovery must zero.
+pub const RECOVERY_ZERO_SLOTS: u32 = 32;
+
+/// How to lay out a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatOptions {
+    /// Page size.
+    pub page_size: u32,
+    /// Chunk (slot) size.
+    pub chunk_size: u64,
+    /// WAL ring size per shard.
+    pub wal_size: u64,
+    /// Shards on the device.
+    pub shard_count: u32,
+    /// Copysets per shard.
+    pub max_copysets: u32,
+    /// The device reads as zeroes already (a file just created and filled): format then
+    /// writes only the metadata, not the WAL rings and slots.
+    pub device_is_zeroed: bool,
+}
+
+impl FormatOptions {
+    /// Options from the configuration's `[storage]` section.
+    pub fn from_config(storage: &crate::config::StorageSection, shard_count: u32) -> Self {
+        FormatOptions {
+            page_size: storage.page_size.bytes() as u32,
+            chunk_size: storage.chunk_size.bytes(),
+            wal_size: storage.wal_size_per_shard.bytes(),
+            shard_count,
+            max_copysets: DEFAULT_MAX_COPYSETS,
+            device_is_zeroed: false,
+        }
+    }
+}
+
+/// How a shard runs its engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Largest WAL batch (one write and one flush).
+    pub wal_max_batch: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            wal_max_batch: 4 << 20,
+        }
+    }
+}
+
+/// Lays out `bdev`: zeroes the metadata (and, unless the device is known to be zeroed, the
+/// WAL rings and slots), then writes the superblock last, so a device whose format was cut
+/// short is refused. Returns the superblock written.
+pub async fn format<B: Bdev>(
+    bdev: &B,
+    options: &FormatOptions,
+    uuid: [u8; 16],
+) -> Result<Superblock, StorageError> {
+    let geometry = Geometry {
+        block_size: bdev.block_size(),
+        page_size: options.page_size,
+        chunk_size: options.chunk_size,
+        wal_size: options.wal_size,
+        shard_count: options.shard_count,
+        max_copysets: options.max_copysets,
+        device_size: bdev.capacity(),
+    };
+    let page = u64::from(geometry.page_size);
+    // Wipe the old superblock first: a format interrupted from here on leaves no device.
+    bdev.write_zeroes(0, page).await?;
+    bdev.flush().await?;
+    for shard in 0..geometry.shard_count {
+        let layout = geometry.shard_layout(shard)?;
+        let (start, len) = layout.metadata_range();
+        bdev.write_zeroes(start, len).await?;
+        if !options.device_is_zeroed {
+            bdev.write_zeroes(layout.wal, layout.end() - layout.wal)
+                .await?;
+        }
+    }
+    bdev.flush().await?;
+    let superblock = Superblock {
+        version: FORMAT_VERSION,
+        uuid,
+        geometry,
+    };
+    let mut buffer = bdev.alloc(page as usize)?;
+    superblock.encode(writable(&mut buffer)?);
+    bdev.write(0, buffer).await?;
+    bdev.flush().await?;
+    Ok(superblock)
+}
+
+fn writable(buffer: &mut DmaBuf) -> Result<&mut [u8], StorageError> {
+    buffer
+        .as_mut_slice()
+        .ok_or_else(|| StorageError::Geometry("a device buffer is not writable".into()))
+}
+
+/// Reads and checks the superblock, refusing a device this build cannot use.
+pub async fn read_superblock<B: Bdev>(bdev: &B) -> Result<Superblock, StorageError> {
+    let probe = 4096.max(bdev.block_size() as usize);
+    if bdev.capacity() < probe as u64 {
+        return Err(StorageError::BadSuperblock(
+            "the device is smaller than a superblock".into(),
+        ));
+    }
+    let buffer = bdev.read(0, bdev.alloc(probe)?).await?;
+    let superblock = Superblock::decode(buffer.as_slice())?;
+    let geometry = superblock.geometry;
+    if geometry.block_size != bdev.block_size() {
+        return Err(StorageError::BadSuperblock(format!(
+            "formatted for blocks of {} bytes but the device has {}",
+            geometry.block_size,
+            bdev.block_size()
+        )));
+    }
+    if geometry.device_size > bdev.capacity() {
+        return Err(StorageError::BadSuperblock(format!(
+            "formatted for {} bytes but the device has only {}",
+            geometry.device_size,
+            bdev.capacity()
+        )));
+    }
+    Ok(superblock)
+}
+
+/// What a chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Its size (every chunk has the slot size).
+    pub size: u64,
+    /// Its sequence number.
+    pub sn: u64,
+    /// Its snapshot's sequence number, if it has one.
+    pub snapshot_sn: Option<u64>,
+    /// Curve's corrected sn.
+    pub corrected_sn: u64,
+}
+
+/// A copyset as recovery found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredCopyset {
+    /// Which.
+    pub copyset: CopysetId,
+    /// Its persisted hard state.
+    pub hard_state: HardState,
+    /// Its persisted membership.
+    pub conf_state: ConfState,
+    /// The applied index the last checkpoint made durable.
+    pub applied: LogIndex,
+    /// Committed entries above `applied`, to apply again (idempotently) in order.
+    pub to_apply: Vec<Entry>,
+}
+
+/// What recovery did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The checkpoint generation recovery started from.
+    pub generation: u64,
+    /// Chunks in the table.
+    pub chunks: usize,
+    /// WAL records replayed.
+    pub wal_records: usize,
+    /// Why the WAL scan stopped.
+    pub wal_stop: String,
+    /// The copysets, in id order.
+    pub copysets: Vec<RecoveredCopyset>,
+}
+
+/// A local async mutex: the checkpoint runs one at a time.
+#[derive(Debug, Default)]
+struct Turnstile {
+    busy: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+struct TurnstileGuard<'a>(&'a Turnstile);
+
+impl Drop for TurnstileGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+        for waker in self.0.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+struct Enter<'a>(&'a Turnstile);
+
+impl<'a> Future for Enter<'a> {
+    type Output = TurnstileGuard<'a>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TurnstileGuard<'a>> {
+        if self.0.busy.get() {
+            self.0.waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        } else {
+            self.0.busy.set(true);
+            Poll::Ready(TurnstileGuard(self.0))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CheckpointState {
+    /// Generation of the anchor on the device.
+    generation: u64,
+    /// Which anchor copy holds it.
+    anchor_copy: u8,
+    /// Per metadata page, the copy holding its current version.
+    meta_copy: Vec<u8>,
+    /// Per copyset, its page and the copy holding its current version.
+    copyset_pages: BTreeMap<CopysetId, (u32, u8)>,
+    /// Slots taken from the pool since the last checkpoint.
+    /// Invariant: at most `RECOVERY_ZERO_SLOTS`.
+    allocations: u32,
+}
+
+/// The storage engine of one shard.
+#[derive(Debug)]
+pub struct ShardEngine<B: Bdev> {
+    bdev: Rc<B>,
+    layout: ShardLayout,
+    superblock: Superblock,
+    table: RefCell<ChunkTable>,
+    wal: ShardWal<B>,
+    checkpoint: RefCell<CheckpointState>,
+    checkpoint_turn: Turnstile,
+    /// Page bitmaps of the slots that have one in use (snapshots and clones).
+    bitmaps: RefCell<BTreeMap<u32, Vec<u64>>>,
+    /// Bitmap pages changed since the last checkpoint.
+    dirty_bitmaps: RefCell<BTreeSet<u32>>,
+}
+
+fn corrupt(what: &'static str, offset: u64, reason: String) -> StorageError {
+    StorageError::CorruptMetadata {
+        what,
+        offset,
+        reason,
+    }
+}
+
+struct CopysetPage {
+    copyset: CopysetId,
+    hard_state: HardState,
+    snapshot: SnapshotMeta,
+}
+
+fn encode_copyset_page(page: &CopysetPage, body: &mut [u8]) -> Result<(), StorageError> {
+    let conf = conf_state_bytes(&page.snapshot.conf_state);
+    if 52 + conf.len() > body.len() {
+        return Err(StorageError::Copyset(
+            page.copyset.0,
+            "membership too large for a copyset page".into(),
+        ));
+    }
+    let mut w = Writer::new(body);
+    w.u64(page.copyset.0);
+    w.u64(page.hard_state.term.0);
+    w.u64(page.hard_state.vote.map_or(0, |v| v.0));
+    w.u64(page.hard_state.commit.0);
+    w.u64(page.snapshot.index.0);
+    w.u64(page.snapshot.term.0);
+    w.u32(conf.len() as u32);
+    w.bytes(&conf);
+    Ok(())
+}
+
+fn decode_copyset_page(body: &[u8]) -> Option<CopysetPage> {
+    let mut r = Reader::new(body);
+    let copyset = CopysetId(r.u64());
+    let hard_state = HardState {
+        term: Term(r.u64()),
+        vote: Some(r.u64()).filter(|v| *v != 0).map(NodeId),
+        commit: LogIndex(r.u64()),
+    };
+    let index = LogIndex(r.u64());
+    let term = Term(r.u64());
+    let conf_len = r.u32() as usize;
+    let conf = r.take(conf_len)?;
+    let conf_state = decode_conf_state(&mut Reader::new(conf))?;
+    if r.overrun() {
+        return None;
+    }
+    Some(CopysetPage {
+        copyset,
+        hard_state,
+        snapshot: SnapshotMeta {
+            index,
+            term,
+            conf_state,
+        },
+    })
+}
+
+impl<B: Bdev> ShardEngine<B> {
+    /// Opens shard `shard` of a formatted device and recovers it.
+    pub async fn open(
+        bdev: Rc<B>,
+        shard: u32,
+        options: EngineOptions,
+    ) -> Result<(ShardEngine<B>, Recovery), StorageError> {
+        let superblock = read_superblock(&*bdev).await?;
+        let layout = superblock.geometry.shard_layout(shard)?;
+        let geometry = layout.geometry;
+        let page = geometry.page_size as usize;
+
+        // The anchor: the valid copy with the higher generation.
+        let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
+        let mut generation = 0;
+        let mut head = 0;
+        let mut anchor_copy = 1;
+        let mut reasons = Vec::new();
+        for copy in 0..2u8 {
+            let bytes = anchors
+                .as_slice()
+                .get(copy as usize * page..(copy as usize + 1) * page)
+                .unwrap_or(&[]);
+            match open_page(bytes, PageKind::Anchor, 0) {
+                PageRead::Blank => {}
+                PageRead::Valid {
+                    generation: g,
+                    body,
+                } => {
+                    if g > generation {
+                        generation = g;
+                        head = Reader::new(body).u64();
+                        anchor_copy = copy;
+                    }
+                }
+                PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
+            }
+        }
+        if reasons.len() == 2 {
+            return Err(corrupt("WAL anchor", layout.anchor, reasons.join("; ")));
+        }
+
+        // Copyset pages.
+        let max_copysets = geometry.max_copysets as usize;
+        let copyset_bytes = bdev
+            .read(layout.copysets, bdev.alloc(2 * page * max_copysets)?)
+            .await?;
+        let mut logs = BTreeMap::new();
+        let mut copyset_pages = BTreeMap::new();
+        for index in 0..geometry.max_copysets {
+            let offset = layout.copyset_page(index, 0);
+            let at = 2 * page * index as usize;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = copyset_bytes
+                    .as_slice()
+                    .get(at + copy * page..at + (copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::Copyset, u64::from(index))
+            });
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("copyset page", offset, reason))?;
+            let Some(body) = body else { continue };
+            let state = decode_copyset_page(body)
+                .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
+            copyset_pages.insert(state.copyset, (index, copy));
+            logs.insert(
+                state.copyset,
+                CopysetLog::from_checkpoint(
+                    state.hard_state,
+                    state.snapshot.conf_state.clone(),
+                    state.snapshot,
+                ),
+            );
+        }
+
+        // Chunk metadata pages.
+        let mut table = ChunkTable::new(layout.slots, geometry.entries_per_page());
+        let meta_bytes = bdev
+            .read(
+                layout.meta,
+                bdev.alloc(2 * page * layout.meta_pages as usize)?,
+            )
+            .await?;
+        let mut meta_copy = vec![1u8; layout.meta_pages as usize];
+        for index in 0..layout.meta_pages {
+            let offset = layout.meta_page(index, 0);
+            let at = 2 * page * index as usize;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = meta_bytes
+                    .as_slice()
+                    .get(at + copy * page..at + (copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::ChunkMeta, u64::from(index))
+            });
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("chunk metadata page", offset, reason))?;
+            meta_copy[index as usize] = copy;
+            table
+                .load_page(index, body)
+                .map_err(|e| corrupt("chunk metadata page", offset, e.to_string()))?;
+        }
+        drop(meta_bytes);
+
+        // Page bitmaps of snapshot and clone slots.
+        let mut bitmaps = BTreeMap::new();
+        let bitmap_slots: Vec<u32> = (0..layout.slots)
+            .filter(|slot| {
+                table.slot(*slot).is_some_and(|m| {
+                    m.state == SlotState::Snapshot
+                        || (m.state == SlotState::Chunk
+                            && m.flags & crate::storage::table::FLAG_CLONE != 0)
+                })
+            })
+            .collect();
+        for slot in bitmap_slots {
+            let offset = layout.bitmap_page(slot);
+            let buffer = bdev.read(offset, bdev.alloc(page)?).await?;
+            let words = geometry.pages_per_chunk().div_ceil(64) as usize;
+            let bitmap = match open_page(buffer.as_slice(), PageKind::Bitmap, u64::from(slot)) {
+                PageRead::Blank => vec![0; words],
+                PageRead::Valid { body, .. } => {
+                    let mut r = Reader::new(body);
+                    (0..words).map(|_| r.u64()).collect()
+                }
+                PageRead::Corrupt(reason) => {
+                    return Err(corrupt("page bitmap", offset, reason));
+                }
+            };
+            bitmaps.insert(slot, bitmap);
+        }
+
+        // Slots that may hold stale bytes: those being released, and the lowest free ones.
+        let mut to_zero: Vec<u32> = (0..layout.slots)
+            .filter(|s| {
+                table
+                    .slot(*s)
+                    .is_some_and(|m| m.state == SlotState::Releasing)
+            })
+            .collect();
+        let mut remaining = RECOVERY_ZERO_SLOTS as usize;
+        for (first, count) in table.free_runs() {
+            for slot in first..first + count {
+                if remaining == 0 {
+                    break;
+                }
+                to_zero.push(slot);
+                remaining -= 1;
+            }
+        }
+        for slot in &to_zero {
+            bdev.write_zeroes(layout.slot_offset(*slot), geometry.chunk_size)
+                .await?;
+        }
+        bdev.flush().await?;
+        for slot in to_zero {
+            if table
+                .slot(slot)
+                .is_some_and(|m| m.state == SlotState::Releasing)
+            {
+                table.release_done(slot);
+            }
+        }
+
+        let block = u64::from(geometry.block_size);
+        let max_batch = options.wal_max_batch.min(geometry.wal_size / 4).max(block) / block * block;
+        let config = WalConfig {
+            ring_offset: layout.wal,
+            ring_size: geometry.wal_size,
+            block_size: block,
+            max_batch,
+        };
+        let (wal, report) = ShardWal::recover(Rc::clone(&bdev), config, head, logs).await?;
+
+        let mut copysets = Vec::new();
+        for copyset in wal.copysets() {
+            let recovered = wal.with_log(copyset, |log| {
+                let applied = log.snapshot.index;
+                RecoveredCopyset {
+                    copyset,
+                    hard_state: log.hard_state,
+                    conf_state: log.conf_state.clone(),
+                    applied,
+                    to_apply: log.entries_between(applied.next(), log.hard_state.commit.next()),
+                }
+            });
+            copysets.extend(recovered);
+        }
+        let recovery = Recovery {
+            generation,
+            chunks: table.chunks().count(),
+            wal_records: report.records,
+            wal_stop: report.stop,
+            copysets,
+        };
+        let engine = ShardEngine {
+            bdev,
+            layout,
+            superblock,
+            table: RefCell::new(table),
+            wal,
+            checkpoint: RefCell::new(CheckpointState {
+                generation,
+                anchor_copy,
+                meta_copy,
+                copyset_pages,
+                allocations: 0,
+            }),
+            checkpoint_turn: Turnstile::default(),
+            bitmaps: RefCell::new(bitmaps),
+            dirty_bitmaps: RefCell::new(BTreeSet::new()),
+        };
+        Ok((engine, recovery))
+    }
+
+    /// The shard's WAL: append entries and hard state, then `sync`.
+    pub fn wal(&self) -> &ShardWal<B> {
+        &self.wal
+    }
+
+    /// The device.
+    pub fn bdev(&self) -> &Rc<B> {
+        &self.bdev
+    }
+
+    /// Where this shard's structures are.
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+
+    /// The device's superblock.
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    /// Bytes the in-memory chunk table holds, and its slot count.
+    pub fn table_memory(&self) -> (usize, u32) {
+        let table = self.table.borrow();
+        (table.memory_bytes(), table.slot_count())
+    }
+
+    /// Raft's read view of one copyset's log.
+    pub fn log_storage(&self, copyset: CopysetId) -> CopysetStorage<B> {
+        CopysetStorage {
+            wal: self.wal.clone(),
+            copyset,
+        }
+    }
+
+    /// Records that the state machine of `copyset` has applied everything up to `index`.
+    /// Call it only once every write of those entries has completed.
+    pub fn set_applied(&self, copyset: CopysetId, index: LogIndex) {
+        self.wal.with_log_mut(copyset, |log| {
+            if index > log.applied {
+                log.applied = index;
+            }
+        });
+    }
+
+    fn check_request(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        let geometry = &self.layout.geometry;
+        let page = u64::from(geometry.page_size);
+        if len == 0 || offset % page != 0 || len % page != 0 {
+            return Err(StorageError::Unaligned {
+                offset,
+                len,
+                page: geometry.page_size,
+            });
+        }
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > geometry.chunk_size)
+        {
+            return Err(StorageError::OutOfRange {
+                offset,
+                len,
+                chunk_size: geometry.chunk_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a slot from the pool, first running a checkpoint if the allocations since the
+    /// last one reached the bound recovery relies on.
+    async fn allocate(&self, meta: SlotMeta) -> Result<u32, StorageError> {
+        if self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
+            self.checkpoint().await?;
+        }
+        // Another task may have taken the slot budget while the checkpoint ran.
+        while self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
+            self.checkpoint().await?;
+        }
+        let slot = self.table.borrow_mut().allocate(meta)?;
+        self.checkpoint.borrow_mut().allocations += 1;
+        Ok(slot)
+    }
+
+    /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist. `sn` is
+    /// the write's sequence number: older than the chunk's is refused; newer than the chunk's
+    /// (and than its corrected sn) first preserves the pages it overwrites in a snapshot.
+    pub async fn write_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: DmaBuf,
+        sn: u64,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, data.len() as u64)?;
+        let existing = self.table.borrow().lookup(chunk);
+        let slot = match existing {
+            Some(slot) => {
+                let meta = self.slot_meta(slot)?;
+                if sn < meta.sn {
+                    return Err(StorageError::BackwardRequest {
+                        chunk,
+                        sn,
+                        chunk_sn: meta.sn,
+                    });
+                }
+                if sn > meta.sn {
+                    self.preserve_for_snapshot(chunk, slot, offset, data.len() as u64, sn)
+                        .await?;
+                }
+                slot
+            }
+            None => {
+                self.allocate(SlotMeta {
+                    chunk,
+                    sn,
+                    state: SlotState::Chunk,
+                    ..SlotMeta::FREE
+                })
+                .await?
+            }
+        };
+        self.bdev
+            .write(self.layout.slot_offset(slot) + offset, data)
+            .await?;
+        Ok(())
+    }
+
+    /// [`ShardEngine::write_chunk`] of a payload as raft carries it: an aligned `Bytes` (one
+    /// received into a DMA buffer) is written without a copy.
+    pub async fn write_chunk_bytes(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: Bytes,
+        sn: u64,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, data.len() as u64)?;
+        let buffer = self.bdev.pool().from_bytes_or_copy(data)?;
+        self.write_chunk(chunk, offset, buffer, sn).await
+    }
+
+    fn slot_meta(&self, slot: u32) -> Result<SlotMeta, StorageError> {
+        self.table
+            .borrow()
+            .slot(slot)
+            .copied()
+            .ok_or_else(|| StorageError::Geometry(format!("slot {slot} out of the table")))
+    }
+
+    /// Reads `len` bytes at `offset` of `chunk`.
+    pub async fn read_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+    ) -> Result<DmaBuf, StorageError> {
+        self.check_request(offset, len)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let buffer = self.bdev.alloc(len as usize)?;
+        Ok(self
+            .bdev
+            .read(self.layout.slot_offset(slot) + offset, buffer)
+            .await?)
+    }
+
+    /// Deletes `chunk` (and its snapshot): its slots are zeroed and return to the pool.
+    /// Deleting a chunk that does not exist succeeds, so applying twice is harmless.
+    pub async fn delete_chunk(&self, chunk: ChunkId) -> Result<(), StorageError> {
+        let Some(slot) = self.table.borrow().lookup(chunk) else {
+            return Ok(());
+        };
+        let meta = self.slot_meta(slot)?;
+        let mut slots = vec![slot];
+        if meta.link != NO_SLOT {
+            slots.push(meta.link);
+        }
+        for slot in &slots {
+            self.table.borrow_mut().release(*slot);
+            self.bitmaps.borrow_mut().remove(slot);
+        }
+        for slot in &slots {
+            self.bdev
+                .write_zeroes(
+                    self.layout.slot_offset(*slot),
+                    self.layout.geometry.chunk_size,
+                )
+                .await?;
+            self.table.borrow_mut().release_done(*slot);
+        }
+        Ok(())
+    }
+
+    /// A chunk's size and sequence numbers.
+    pub fn chunk_info(&self, chunk: ChunkId) -> Result<ChunkInfo, StorageError> {
+        let table = self.table.borrow();
+        let slot = table
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let meta = table
+            .slot(slot)
+            .copied()
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let snapshot_sn = if meta.link == NO_SLOT {
+            None
+        } else {
+            table.slot(meta.link).map(|m| m.sn)
+        };
+        Ok(ChunkInfo {
+            size: self.layout.geometry.chunk_size,
+            sn: meta.sn,
+            snapshot_sn,
+            corrected_sn: if meta.flags & crate::storage::table::FLAG_CLONE != 0 {
+                0
+            } else {
+                meta.aux
+            },
+        })
+    }
+
+    /// Every chunk in the table.
+    pub fn chunk_ids(&self) -> Vec<ChunkId> {
+        let mut ids: Vec<ChunkId> = self.table.borrow().chunks().map(|(c, _)| c).collect();
+        ids.sort();
+        ids
+    }
+
+    async fn preserve_for_snapshot(
+        &self,
+        chunk: ChunkId,
+        slot: u32,
+        _offset: u64,
+        _len: u64,
+        sn: u64,
+    ) -> Result<(), StorageError> {
+        // Without snapshots the chunk simply takes the newer sequence number.
+        let mut meta = self.slot_meta(slot)?;
+        let _ = chunk;
+        meta.sn = sn;
+        self.table.borrow_mut().update(slot, meta);
+        Ok(())
+    }
+
+    /// Makes the chunk metadata and every copyset's state durable and lets the WAL reclaim
+    /// what the copysets have applied. Runs one at a time.
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        let _turn = Enter(&self.checkpoint_turn).await;
+        let geometry = self.layout.geometry;
+        let page = geometry.page_size as usize;
+
+        // 1. Everything appended so far is durable, so the state captured below is.
+        let appended = self.wal.appended();
+        self.wal.sync(appended).await?;
+        let generation = self.checkpoint.borrow().generation + 1;
+
+        // 2. Capture the copysets' states and where the WAL can start.
+        let logs = self.wal.logs();
+        let mut head = self.wal.durable();
+        let mut copyset_pages = Vec::new();
+        {
+            let mut state = self.checkpoint.borrow_mut();
+            let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
+            let mut free_pages = (0..geometry.max_copysets).filter(|i| !used.contains(i));
+            for (copyset, log) in &logs {
+                if let Some(lsn) = log.first_needed_lsn(log.applied) {
+                    head = head.min(lsn);
+                }
+                let (index, copy) = match state.copyset_pages.get(copyset) {
+                    Some(found) => *found,
+                    None => {
+                        let index = free_pages.next().ok_or_else(|| {
+                            StorageError::Copyset(
+                                copyset.0,
+                                format!(
+                                    "the shard holds its maximum of {} copysets",
+                                    geometry.max_copysets
+                                ),
+                            )
+                        })?;
+                        state.copyset_pages.insert(*copyset, (index, 1));
+                        (index, 1)
+                    }
+                };
+                let mut snapshot = log.snapshot.clone();
+                if log.applied > snapshot.index {
+                    if let Ok(term) = log.term(log.applied) {
+                        snapshot.index = log.applied;
+                        snapshot.term = term;
+                    }
+                }
+                snapshot.conf_state = log.conf_state.clone();
+                copyset_pages.push((
+                    *copyset,
+                    index,
+                    copy ^ 1,
+                    CopysetPage {
+                        copyset: *copyset,
+                        hard_state: log.hard_state,
+                        snapshot,
+                    },
+                ));
+            }
+        }
+
+        // 3. The chunk data of every applied write is durable before metadata says so.
+        self.bdev.flush().await?;
+
+        // 4. Changed metadata pages and the copyset pages go to their alternate copies.
+        let dirty = self.table.borrow_mut().take_dirty();
+        let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
+        let result = self
+            .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
+            .await;
+        if let Err(error) = result {
+            self.table.borrow_mut().restore_dirty(dirty);
+            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            return Err(error);
+        }
+
+        // 5. The anchor commits the generation and moves the WAL head.
+        let anchor_copy = self.checkpoint.borrow().anchor_copy ^ 1;
+        let mut anchor = self.bdev.alloc(page)?;
+        {
+            let bytes = writable(&mut anchor)?;
+            Writer::new(&mut bytes[PAGE_HEADER_LEN..]).u64(head);
+            seal_page(bytes, PageKind::Anchor, 0, generation);
+        }
+        let anchored = async {
+            self.bdev
+                .write(self.layout.anchor_page(anchor_copy), anchor)
+                .await?;
+            self.bdev.flush().await
+        }
+        .await;
+        if let Err(error) = anchored {
+            self.table.borrow_mut().restore_dirty(dirty);
+            return Err(error.into());
+        }
+
+        // 6. The new state is the current one.
+        {
+            let mut state = self.checkpoint.borrow_mut();
+            state.generation = generation;
+            state.anchor_copy = anchor_copy;
+            for page in &dirty {
+                if let Some(copy) = state.meta_copy.get_mut(*page as usize) {
+                    *copy ^= 1;
+                }
+            }
+            for (copyset, index, copy, _) in &copyset_pages {
+                state.copyset_pages.insert(*copyset, (*index, *copy));
+            }
+            state.allocations = 0;
+        }
+        self.wal.advance_head(head);
+        for (copyset, log) in &logs {
+            self.wal
+                .with_log_mut(*copyset, |current| current.compact(log.applied));
+        }
+        Ok(())
+    }
+
+    async fn write_checkpoint_pages(
+        &self,
+        generation: u64,
+        dirty: &BTreeSet<u32>,
+        dirty_bitmaps: &BTreeSet<u32>,
+        copyset_pages: &[(CopysetId, u32, u8, CopysetPage)],
+    ) -> Result<(), StorageError> {
+        let page = self.layout.geometry.page_size as usize;
+        for index in dirty {
+            let copy = self
+                .checkpoint
+                .borrow()
+                .meta_copy
+                .get(*index as usize)
+                .map_or(0, |c| c ^ 1);
+            let mut buffer = self.bdev.alloc(page)?;
+            {
+                let bytes = writable(&mut buffer)?;
+                self.table
+                    .borrow()
+                    .encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
+                seal_page(bytes, PageKind::ChunkMeta, u64::from(*index), generation);
+            }
+            self.bdev
+                .write(self.layout.meta_page(*index, copy), buffer)
+                .await?;
+        }
+        for slot in dirty_bitmaps {
+            let mut buffer = self.bdev.alloc(page)?;
+            {
+                let bytes = writable(&mut buffer)?;
+                if let Some(bitmap) = self.bitmaps.borrow().get(slot) {
+                    let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
+                    for word in bitmap {
+                        w.u64(*word);
+                    }
+                }
+                seal_page(bytes, PageKind::Bitmap, u64::from(*slot), generation);
+            }
+            self.bdev
+                .write(self.layout.bitmap_page(*slot), buffer)
+                .await?;
+        }
+        for (_, index, copy, state) in copyset_pages {
+            let mut buffer = self.bdev.alloc(page)?;
+            {
+                let bytes = writable(&mut buffer)?;
+                encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
+                seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
+            }
+            self.bdev
+                .write(self.layout.copyset_page(*index, *copy), buffer)
+                .await?;
+        }
+        self.bdev.flush().await?;
+        Ok(())
+    }
+
+    /// Runs a checkpoint when the WAL is more than half full.
+    pub async fn maybe_checkpoint(&self) -> Result<bool, StorageError> {
+        if self.wal.used() * 2 > self.wal.size() {
+            self.checkpoint().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// Raft's read view of one copyset's log in the shard WAL.
+#[derive(Debug)]
+pub struct CopysetStorage<B: Bdev> {
+    wal: ShardWal<B>,
+    copyset: CopysetId,
+}
+
+impl<B: Bdev> CopysetStorage<B> {
+    fn with<R>(&self, f: impl FnOnce(&CopysetLog) -> R) -> R {
+        self.wal.with_log_or_empty(self.copyset, f)
+    }
+}
+
+impl<B: Bdev> LogStorage for CopysetStorage<B> {
+    fn initial_state(&self) -> Result<(HardState, ConfState), RaftStorageError> {
+        self.with(|log| log.initial_state())
+    }
+    fn entries(
+        &self,
+        low: LogIndex,
+        high: LogIndex,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        self.with(|log| log.entries(low, high, max_bytes))
+    }
+    fn term(&self, index: LogIndex) -> Result<Term, RaftStorageError> {
+        self.with(|log| log.term(index))
+    }
+    fn first_index(&self) -> Result<LogIndex, RaftStorageError> {
+        self.with(|log| log.first_index())
+    }
+    fn last_index(&self) -> Result<LogIndex, RaftStorageError> {
+        self.with(|log| log.last_index())
+    }
+    fn snapshot_meta(&self) -> Result<SnapshotMeta, RaftStorageError> {
+        self.with(|log| log.snapshot_meta())
+    }
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

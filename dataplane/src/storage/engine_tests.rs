@@ -1,0 +1,351 @@
+use super::*;
+use crate::storage::bdev::MemBdev;
+use futures_lite::future::block_on;
+use raftcore::EntryKind;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+const PAGE: u64 = 4096;
+const CHUNK: u64 = 64 << 10;
+
+pub(crate) fn small_options() -> FormatOptions {
+    FormatOptions {
+        page_size: PAGE as u32,
+        chunk_size: CHUNK,
+        wal_size: 256 << 10,
+        shard_count: 1,
+        max_copysets: 8,
+        device_is_zeroed: true,
+    }
+}
+
+fn device(size: u64) -> Rc<MemBdev> {
+    Rc::new(MemBdev::new(size, 4096, 64 << 20).unwrap())
+}
+
+async fn formatted(size: u64) -> Rc<MemBdev> {
+    let bdev = device(size);
+    format(&*bdev, &small_options(), [1; 16]).await.unwrap();
+    bdev
+}
+
+async fn open(bdev: &Rc<MemBdev>) -> (ShardEngine<MemBdev>, Recovery) {
+    ShardEngine::open(Rc::clone(bdev), 0, EngineOptions::default())
+        .await
+        .unwrap()
+}
+
+fn buffer(engine: &ShardEngine<MemBdev>, len: u64, fill: u8) -> DmaBuf {
+    let mut buf = engine.bdev().alloc(len as usize).unwrap();
+    buf.as_mut_slice().unwrap().fill(fill);
+    buf
+}
+
+#[test]
+fn a_formatted_device_opens_empty_and_a_bad_superblock_is_refused() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.chunks, 0);
+        assert!(recovery.copysets.is_empty());
+        assert!(engine.layout().slots > 10);
+        drop(engine);
+
+        let refuse = |bdev: Rc<MemBdev>| async move {
+            ShardEngine::open(bdev, 0, EngineOptions::default())
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let error = refuse(device(8 << 20)).await;
+        assert!(error.contains("not formatted"), "{error}");
+        let damaged = Rc::new(MemBdev::from_image(bdev.image(), 4096, 1 << 20).unwrap());
+        damaged.with_image(|image| image[30] ^= 0x10);
+        let error = refuse(damaged).await;
+        assert!(error.contains("checksum"), "{error}");
+        let other_version = Rc::new(MemBdev::from_image(bdev.image(), 4096, 1 << 20).unwrap());
+        other_version.with_image(|image| {
+            let mut superblock = Superblock::decode(&image[..4096]).unwrap();
+            superblock.version = 2;
+            superblock.encode(&mut image[..4096]);
+        });
+        let error = refuse(other_version).await;
+        assert!(error.contains("format version 2"), "{error}");
+        let error = ShardEngine::open(Rc::clone(&bdev), 1, EngineOptions::default())
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shard 1 does not exist"), "{error}");
+    });
+}
+
+#[test]
+fn chunks_are_written_read_deleted_and_described() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let chunk = ChunkId(42);
+        assert!(matches!(
+            engine.read_chunk(chunk, 0, PAGE).await,
+            Err(StorageError::ChunkNotFound(_))
+        ));
+        engine
+            .write_chunk(chunk, PAGE, buffer(&engine, 2 * PAGE, 7), 3)
+            .await
+            .unwrap();
+        let read = engine.read_chunk(chunk, 0, 4 * PAGE).await.unwrap();
+        assert!(read.as_slice()[..PAGE as usize].iter().all(|b| *b == 0));
+        assert!(read.as_slice()[PAGE as usize..3 * PAGE as usize]
+            .iter()
+            .all(|b| *b == 7));
+        let info = engine.chunk_info(chunk).unwrap();
+        assert_eq!((info.size, info.sn, info.snapshot_sn), (CHUNK, 3, None));
+        let error = engine
+            .write_chunk(chunk, 0, buffer(&engine, PAGE, 1), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StorageError::BackwardRequest { .. }),
+            "{error}"
+        );
+
+        // Bad requests change nothing.
+        for (offset, len) in [
+            (100, PAGE),
+            (0, 100),
+            (CHUNK - PAGE, 2 * PAGE),
+            (CHUNK, PAGE),
+        ] {
+            let data = engine.bdev().alloc(len as usize).unwrap();
+            let error = engine.write_chunk(ChunkId(9), offset, data, 1).await;
+            assert!(
+                matches!(
+                    error,
+                    Err(StorageError::Unaligned { .. } | StorageError::OutOfRange { .. })
+                ),
+                "{offset} {len}: {error:?}"
+            );
+        }
+        assert!(engine.chunk_info(ChunkId(9)).is_err());
+
+        engine.delete_chunk(chunk).await.unwrap();
+        engine.delete_chunk(chunk).await.unwrap();
+        assert!(engine.chunk_info(chunk).is_err());
+        // The slot comes back zeroed for the next chunk.
+        engine
+            .write_chunk(ChunkId(43), 0, buffer(&engine, PAGE, 1), 1)
+            .await
+            .unwrap();
+        let read = engine.read_chunk(ChunkId(43), 0, 4 * PAGE).await.unwrap();
+        assert!(read.as_slice()[PAGE as usize..].iter().all(|b| *b == 0));
+    });
+}
+
+fn entry(index: u64, data: Bytes) -> Entry {
+    Entry {
+        term: Term(1),
+        index: LogIndex(index),
+        kind: EntryKind::Normal,
+        data,
+    }
+}
+
+#[test]
+fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let copyset = CopysetId(5);
+        for index in 1..=6u64 {
+            let payload = Bytes::from(vec![index as u8; PAGE as usize]);
+            let wal = engine.wal();
+            wal.append_entries(copyset, &[entry(index, payload.clone())])
+                .unwrap();
+            let hs = HardState {
+                term: Term(1),
+                vote: Some(NodeId(1)),
+                commit: LogIndex(index),
+            };
+            let lsn = wal.set_hard_state(copyset, hs).unwrap();
+            wal.sync(lsn).await.unwrap();
+            if index <= 4 {
+                engine
+                    .write_chunk_bytes(ChunkId(index), 0, payload, 1)
+                    .await
+                    .unwrap();
+                engine.set_applied(copyset, LogIndex(index));
+            }
+            if index == 3 {
+                engine.checkpoint().await.unwrap();
+            }
+        }
+        drop(engine);
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.generation, 1);
+        // Chunks 1..3 were checkpointed; chunk 4 was written after, and its metadata is
+        // not on the device: recovery hands entries 4..6 back to apply again.
+        assert_eq!(recovery.chunks, 3);
+        let recovered = &recovery.copysets[0];
+        assert_eq!(recovered.copyset, copyset);
+        assert_eq!(recovered.applied, LogIndex(3));
+        assert_eq!(recovered.hard_state.commit, LogIndex(6));
+        assert_eq!(recovered.hard_state.vote, Some(NodeId(1)));
+        let indices: Vec<u64> = recovered.to_apply.iter().map(|e| e.index.0).collect();
+        assert_eq!(indices, vec![4, 5, 6]);
+        let storage = engine.log_storage(copyset);
+        assert_eq!(storage.first_index(), Ok(LogIndex(4)));
+        assert_eq!(storage.last_index(), Ok(LogIndex(6)));
+        assert_eq!(storage.term(LogIndex(3)), Ok(Term(1)));
+        for entry in &recovered.to_apply {
+            engine
+                .write_chunk_bytes(ChunkId(entry.index.0), 0, entry.data.clone(), 1)
+                .await
+                .unwrap();
+            engine.set_applied(copyset, entry.index);
+        }
+        for index in 1..=6u64 {
+            let read = engine.read_chunk(ChunkId(index), 0, PAGE).await.unwrap();
+            assert!(read.as_slice().iter().all(|b| *b == index as u8));
+        }
+    });
+}
+
+#[test]
+fn corrupt_metadata_is_detected_and_reported() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        engine
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 9), 1)
+            .await
+            .unwrap();
+        engine.checkpoint().await.unwrap();
+        engine
+            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 9), 1)
+            .await
+            .unwrap();
+        engine.checkpoint().await.unwrap();
+        let layout = *engine.layout();
+        drop(engine);
+        // One damaged copy: the other (older) one is believed.
+        let one = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
+        one.with_image(|image| image[(layout.meta_page(0, 0) + 100) as usize] ^= 1);
+        let (engine, recovery) = open(&one).await;
+        assert_eq!(recovery.chunks, 1, "the older copy knows chunk 1 only");
+        drop(engine);
+        // Both copies damaged: the shard refuses to open and says where.
+        let both = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
+        both.with_image(|image| {
+            image[(layout.meta_page(0, 0) + 100) as usize] ^= 1;
+            image[(layout.meta_page(0, 1) + 100) as usize] ^= 1;
+        });
+        let error = ShardEngine::open(both, 0, EngineOptions::default())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StorageError::CorruptMetadata {
+                    what: "chunk metadata page",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let anchor = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
+        anchor.with_image(|image| {
+            image[(layout.anchor_page(0) + 40) as usize] ^= 1;
+            image[(layout.anchor_page(1) + 40) as usize] ^= 1;
+        });
+        let error = ShardEngine::open(anchor, 0, EngineOptions::default())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(error.to_string().contains("WAL anchor"), "{error}");
+    });
+}
+
+#[test]
+fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
+    for seed in 0..8u64 {
+        block_on(async {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bdev = formatted(16 << 20).await;
+            let (mut engine, _) = open(&bdev).await;
+            let pages = CHUNK / PAGE;
+            let mut model: HashMap<u64, Vec<u8>> = HashMap::new();
+            for step in 0..300 {
+                let chunk = rng.gen_range(0..40u64);
+                match rng.gen_range(0..10) {
+                    0..=5 => {
+                        let first = rng.gen_range(0..pages);
+                        let count = rng.gen_range(1..=(pages - first).min(4));
+                        let fill = rng.gen_range(1..=255u8);
+                        let result = engine
+                            .write_chunk(
+                                ChunkId(chunk),
+                                first * PAGE,
+                                buffer(&engine, count * PAGE, fill),
+                                1,
+                            )
+                            .await;
+                        match result {
+                            Ok(()) => {
+                                let pages = model
+                                    .entry(chunk)
+                                    .or_insert_with(|| vec![0; pages as usize]);
+                                for page in first..first + count {
+                                    pages[page as usize] = fill;
+                                }
+                            }
+                            Err(StorageError::Table(_)) => {
+                                assert!(!model.contains_key(&chunk));
+                            }
+                            Err(e) => panic!("seed {seed} step {step}: {e}"),
+                        }
+                    }
+                    6 => {
+                        engine.delete_chunk(ChunkId(chunk)).await.unwrap();
+                        model.remove(&chunk);
+                    }
+                    7 => engine.checkpoint().await.unwrap(),
+                    8 => {
+                        // A clean restart after a checkpoint loses nothing.
+                        engine.checkpoint().await.unwrap();
+                        drop(engine);
+                        engine = open(&bdev).await.0;
+                    }
+                    _ => {
+                        let read = engine.read_chunk(ChunkId(chunk), 0, CHUNK).await;
+                        match (read, model.get(&chunk)) {
+                            (Ok(data), Some(pages)) => {
+                                for (page, fill) in pages.iter().enumerate() {
+                                    let bytes = &data.as_slice()
+                                        [page * PAGE as usize..(page + 1) * PAGE as usize];
+                                    assert!(
+                                        bytes.iter().all(|b| b == fill),
+                                        "seed {seed} step {step}: chunk {chunk} page {page}"
+                                    );
+                                }
+                            }
+                            (Err(StorageError::ChunkNotFound(_)), None) => {}
+                            (other, expected) => panic!(
+                                "seed {seed} step {step}: {:?} vs {}",
+                                other.map(|_| ()),
+                                expected.is_some()
+                            ),
+                        }
+                    }
+                }
+            }
+            let mut ids: Vec<u64> = model.keys().copied().collect();
+            ids.sort();
+            let found: Vec<u64> = engine.chunk_ids().iter().map(|c| c.0).collect();
+            assert_eq!(found, ids, "seed {seed}");
+        });
+    }
+}

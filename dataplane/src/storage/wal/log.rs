@@ -1,0 +1,303 @@
+//! One copyset's raft log as the WAL holds it: the persisted hard state and membership, the
+//! snapshot point, and the entries after it, kept in memory for raft's reads. Pure: both the
+//! live WAL and recovery's replay drive it with the same records, so the two cannot disagree.
+
+use std::collections::VecDeque;
+
+use raftcore::{
+    ConfState, Entry, HardState, LogIndex, LogStorage, SnapshotMeta, StorageError, Term,
+};
+
+use super::record::RecordBody;
+
+/// A copyset's log.
+#[derive(Debug, Clone, Default)]
+pub struct CopysetLog {
+    /// The latest persisted hard state.
+    pub hard_state: HardState,
+    /// The latest persisted membership.
+    pub conf_state: ConfState,
+    /// Everything up to `snapshot.index` is compacted.
+    pub snapshot: SnapshotMeta,
+    /// Entries after the snapshot, each with the position of its record.
+    /// Invariant: indices are contiguous from `snapshot.index + 1`.
+    entries: VecDeque<(Entry, u64)>,
+    /// Highest index whose effects the state machine has applied (in memory).
+    /// Invariant: `applied >= snapshot.index` once set by the engine.
+    pub applied: LogIndex,
+}
+
+/// Why a record could not be taken into a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogGap {
+    /// The index the record carried.
+    pub index: LogIndex,
+    /// The last index in the log.
+    pub last: LogIndex,
+}
+
+impl CopysetLog {
+    /// A log restored from a checkpoint.
+    pub fn from_checkpoint(
+        hard_state: HardState,
+        conf_state: ConfState,
+        snapshot: SnapshotMeta,
+    ) -> CopysetLog {
+        CopysetLog {
+            hard_state,
+            conf_state,
+            applied: snapshot.index,
+            snapshot,
+            entries: VecDeque::new(),
+        }
+    }
+
+    /// The last index (the snapshot's when no entry follows it).
+    pub fn last(&self) -> LogIndex {
+        self.entries
+            .back()
+            .map_or(self.snapshot.index, |(e, _)| e.index)
+    }
+
+    /// Takes one record (an entry at position `lsn`, or state) into the log. An entry at an
+    /// index the log already has replaces it and everything after it (raft's truncation); an
+    /// entry at or below the snapshot is already covered and ignored.
+    pub fn take(&mut self, body: &RecordBody, lsn: u64) -> Result<(), LogGap> {
+        match body {
+            RecordBody::Entry(entry) => {
+                if entry.index <= self.snapshot.index {
+                    return Ok(());
+                }
+                let last = self.last();
+                if entry.index.0 > last.0 + 1 {
+                    return Err(LogGap {
+                        index: entry.index,
+                        last,
+                    });
+                }
+                let keep = (entry.index.0 - self.snapshot.index.0 - 1) as usize;
+                self.entries.truncate(keep);
+                self.entries.push_back((entry.clone(), lsn));
+            }
+            RecordBody::HardState(hs) => self.hard_state = *hs,
+            RecordBody::ConfState(cs) => self.conf_state = cs.clone(),
+            RecordBody::Snapshot(meta) => self.install_snapshot(meta.clone()),
+            RecordBody::Pad(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Installs a snapshot: entries it covers go; entries after it stay only if the log
+    /// agrees with it at its index.
+    pub fn install_snapshot(&mut self, meta: SnapshotMeta) {
+        if meta.index <= self.snapshot.index {
+            return;
+        }
+        let agrees = self.term_of(meta.index) == Some(meta.term);
+        if agrees {
+            let drop = (meta.index.0 - self.snapshot.index.0) as usize;
+            self.entries.drain(..drop.min(self.entries.len()));
+        } else {
+            self.entries.clear();
+        }
+        self.conf_state = meta.conf_state.clone();
+        self.snapshot = meta;
+        if self.applied < self.snapshot.index {
+            self.applied = self.snapshot.index;
+        }
+        if self.hard_state.commit < self.snapshot.index {
+            self.hard_state.commit = self.snapshot.index;
+        }
+    }
+
+    /// Drops entries up to `index` (at most the applied index), keeping its term as the
+    /// snapshot point.
+    pub fn compact(&mut self, index: LogIndex) {
+        let index = index.min(self.applied).min(self.last());
+        if index <= self.snapshot.index {
+            return;
+        }
+        let Some(term) = self.term_of(index) else {
+            return;
+        };
+        let drop = (index.0 - self.snapshot.index.0) as usize;
+        self.entries.drain(..drop.min(self.entries.len()));
+        self.snapshot.index = index;
+        self.snapshot.term = term;
+        self.snapshot.conf_state = self.conf_state.clone();
+    }
+
+    fn term_of(&self, index: LogIndex) -> Option<Term> {
+        if index == self.snapshot.index {
+            return Some(self.snapshot.term);
+        }
+        if index < self.snapshot.index {
+            return None;
+        }
+        let at = (index.0 - self.snapshot.index.0 - 1) as usize;
+        self.entries.get(at).map(|(e, _)| e.term)
+    }
+
+    /// Position of the first record the log still needs after a checkpoint at `applied`:
+    /// the first entry above it (`None`: nothing above it).
+    pub fn first_needed_lsn(&self, applied: LogIndex) -> Option<u64> {
+        if applied < self.snapshot.index {
+            return self.entries.front().map(|(_, lsn)| *lsn);
+        }
+        let at = (applied.0 - self.snapshot.index.0) as usize;
+        self.entries.get(at).map(|(_, lsn)| *lsn)
+    }
+
+    /// Entries in `[low, high)` without the size limit (for recovery's re-apply).
+    pub fn entries_between(&self, low: LogIndex, high: LogIndex) -> Vec<Entry> {
+        let first = self.snapshot.index.0 + 1;
+        let low = low.0.max(first);
+        let high = high.0.min(self.last().0 + 1);
+        (low..high)
+            .filter_map(|i| {
+                self.entries
+                    .get((i - first) as usize)
+                    .map(|(e, _)| e.clone())
+            })
+            .collect()
+    }
+}
+
+impl LogStorage for CopysetLog {
+    fn initial_state(&self) -> Result<(HardState, ConfState), StorageError> {
+        Ok((self.hard_state, self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: LogIndex,
+        high: LogIndex,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        if low <= self.snapshot.index {
+            return Err(StorageError::Compacted);
+        }
+        if high.0 > self.last().0 + 1 || low > high {
+            return Err(StorageError::Unavailable);
+        }
+        let first = self.snapshot.index.0 + 1;
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for index in low.0..high.0 {
+            let Some((entry, _)) = self.entries.get((index - first) as usize) else {
+                return Err(StorageError::Unavailable);
+            };
+            bytes += entry.data.len() as u64;
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(entry.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
+        if index < self.snapshot.index {
+            return Err(StorageError::Compacted);
+        }
+        self.term_of(index).ok_or(StorageError::Unavailable)
+    }
+
+    fn first_index(&self) -> Result<LogIndex, StorageError> {
+        Ok(self.snapshot.index.next())
+    }
+
+    fn last_index(&self) -> Result<LogIndex, StorageError> {
+        Ok(self.last())
+    }
+
+    fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftcore::EntryKind;
+
+    fn entry(index: u64, term: u64) -> RecordBody {
+        RecordBody::Entry(Entry {
+            term: Term(term),
+            index: LogIndex(index),
+            kind: EntryKind::Normal,
+            data: vec![index as u8; 10].into(),
+        })
+    }
+
+    #[test]
+    fn appends_truncate_conflicting_suffixes() {
+        let mut log = CopysetLog::default();
+        for i in 1..=5 {
+            log.take(&entry(i, 1), i * 100).unwrap();
+        }
+        log.take(&entry(4, 2), 600).unwrap();
+        assert_eq!(log.last(), LogIndex(4));
+        assert_eq!(log.term(LogIndex(4)), Ok(Term(2)));
+        assert_eq!(log.term(LogIndex(3)), Ok(Term(1)));
+        assert_eq!(
+            log.take(&entry(9, 2), 700),
+            Err(LogGap {
+                index: LogIndex(9),
+                last: LogIndex(4)
+            })
+        );
+    }
+
+    #[test]
+    fn the_log_answers_raft_as_log_storage_requires() {
+        let mut log = CopysetLog::default();
+        for i in 1..=10 {
+            log.take(&entry(i, 1 + i / 5), i).unwrap();
+        }
+        log.applied = LogIndex(6);
+        log.compact(LogIndex(8));
+        assert_eq!(log.first_index(), Ok(LogIndex(7)));
+        assert_eq!(log.last_index(), Ok(LogIndex(10)));
+        assert_eq!(log.term(LogIndex(6)), Ok(Term(2)));
+        assert_eq!(log.term(LogIndex(5)), Err(StorageError::Compacted));
+        assert_eq!(log.term(LogIndex(11)), Err(StorageError::Unavailable));
+        assert_eq!(
+            log.entries(LogIndex(6), LogIndex(8), 100),
+            Err(StorageError::Compacted)
+        );
+        let all = log.entries(LogIndex(7), LogIndex(11), u64::MAX).unwrap();
+        assert_eq!(all.len(), 4);
+        let limited = log.entries(LogIndex(7), LogIndex(11), 15).unwrap();
+        assert_eq!(limited.len(), 1, "at least one, then the byte limit");
+        assert_eq!(
+            log.entries(LogIndex(7), LogIndex(12), 100),
+            Err(StorageError::Unavailable)
+        );
+        assert_eq!(log.first_needed_lsn(LogIndex(8)), Some(9));
+        assert_eq!(log.first_needed_lsn(LogIndex(10)), None);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_only_the_entries_that_agree_with_it() {
+        let mut log = CopysetLog::default();
+        for i in 1..=6 {
+            log.take(&entry(i, 1), i).unwrap();
+        }
+        log.install_snapshot(SnapshotMeta {
+            index: LogIndex(4),
+            term: Term(1),
+            conf_state: ConfState::default(),
+        });
+        assert_eq!(log.first_index(), Ok(LogIndex(5)));
+        assert_eq!(log.last_index(), Ok(LogIndex(6)));
+        log.install_snapshot(SnapshotMeta {
+            index: LogIndex(8),
+            term: Term(3),
+            conf_state: ConfState::default(),
+        });
+        assert_eq!(log.last_index(), Ok(LogIndex(8)));
+        assert_eq!(log.term(LogIndex(8)), Ok(Term(3)));
+        assert_eq!(log.applied, LogIndex(8));
+    }
+}
