@@ -15,6 +15,7 @@ pub mod payload;
 pub mod queue;
 pub mod tcp;
 pub mod transport;
+pub mod verbs;
 
 #[cfg(test)]
 mod message_suite;

@@ -99,7 +99,7 @@ fn start_connection(
         .map_err(|e| NetError::io("set TCP_NODELAY", &e))?;
     let label = format!("tcp {local} -> {peer}");
     let (connection, link) = new_connection(label, config);
-    let stream = SharedStream(Rc::new(RefCell::new(stream.buffered())));
+    let stream = SharedStream::new(stream);
     let stop = Latch::new();
     glommio::spawn_local(read_loop(
         stream.clone(),
@@ -115,7 +115,14 @@ fn start_connection(
 /// One socket shared by the reader and writer tasks of its connection. A `RefCell` suffices:
 /// both tasks run on one shard, and each borrow lasts one synchronous poll.
 #[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream<Preallocated>>>);
+pub(crate) struct SharedStream(Rc<RefCell<TcpStream<Preallocated>>>);
+
+impl SharedStream {
+    /// Shares `stream`, read through glommio's preallocated receive buffer.
+    pub(crate) fn new(stream: TcpStream) -> SharedStream {
+        SharedStream(Rc::new(RefCell::new(stream.buffered())))
+    }
+}
 
 impl AsyncRead for SharedStream {
     fn poll_read(
