@@ -1,6 +1,7 @@
 //! The chunkserver dataplane: configuration, and (as they land) shards, copysets, the storage
 //! engine, the transports, the services, the client library and the NBD export.
 
+pub mod client;
 pub mod config;
 pub mod copyset;
 pub mod ids;
@@ -8,5 +9,6 @@ pub mod logging;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod server;
 pub mod shard;
 pub mod storage;
