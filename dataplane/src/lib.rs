@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod copyset;
+pub mod demo;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

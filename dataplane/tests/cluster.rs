@@ -302,3 +302,63 @@ fn a_cluster_restarted_from_its_files_keeps_every_acknowledged_write() {
         node.stop();
     }
 }
+
+#[test]
+fn debug_write_throughput() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "mem")))
+        .collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            let client = std::rc::Rc::new(client);
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            let started = Instant::now();
+            for i in 0..200u64 {
+                let t = Instant::now();
+                client
+                    .write(COPYSET, ChunkId(1), (i as u32 % 64) * 4096, block(i), 1)
+                    .await
+                    .expect("write");
+                if t.elapsed() > Duration::from_millis(20) {
+                    eprintln!("write {i} took {:?}", t.elapsed());
+                }
+            }
+            eprintln!("200 sequential writes: {:?}", started.elapsed());
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for w in 0..32u64 {
+                let client = client.clone();
+                tasks.push(glommio::spawn_local(async move {
+                    for i in 0..10u64 {
+                        let t = Instant::now();
+                        client
+                            .write(
+                                COPYSET,
+                                ChunkId(2),
+                                ((w * 10 + i) as u32 % 64) * 4096,
+                                block(i),
+                                1,
+                            )
+                            .await
+                            .expect("write");
+                        if t.elapsed() > Duration::from_millis(50) {
+                            eprintln!("qd32 write {w}/{i} took {:?}", t.elapsed());
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            eprintln!("320 writes at QD32: {:?}", started.elapsed());
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

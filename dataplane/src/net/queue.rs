@@ -68,7 +68,7 @@ impl<T> BoundedQueue<T> {
                 wake_all(&mut state.pop_wakers);
                 return Poll::Ready(Ok(()));
             }
-            state.push_wakers.push(cx.waker().clone());
+            register(&mut state.push_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -101,7 +101,7 @@ impl<T> BoundedQueue<T> {
             if state.closed {
                 return Poll::Ready(None);
             }
-            state.pop_wakers.push(cx.waker().clone());
+            register(&mut state.pop_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -114,7 +114,7 @@ impl<T> BoundedQueue<T> {
             if !state.items.is_empty() || state.closed {
                 return Poll::Ready(());
             }
-            state.pop_wakers.push(cx.waker().clone());
+            register(&mut state.pop_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -169,6 +169,15 @@ pub enum TryPushError<T> {
     Full(T),
     /// The queue is closed.
     Closed(T),
+}
+
+/// Remembers `waker` once. A task polled again while still waiting (say, inside a select
+/// whose other branch woke it) must not add a clone per poll: the clones would pile up, and
+/// glommio counts a task's wakers in 16 bits.
+fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
+    if !wakers.iter().any(|w| w.will_wake(waker)) {
+        wakers.push(waker.clone());
+    }
 }
 
 fn wake_all(wakers: &mut Vec<Waker>) {
@@ -279,7 +288,7 @@ impl Notify {
                 state.0 = false;
                 return Poll::Ready(());
             }
-            state.1.push(cx.waker().clone());
+            register(&mut state.1, cx.waker());
             Poll::Pending
         })
         .await
@@ -317,7 +326,7 @@ impl Latch {
             if state.0 {
                 return Poll::Ready(());
             }
-            state.1.push(cx.waker().clone());
+            register(&mut state.1, cx.waker());
             Poll::Pending
         })
         .await
