@@ -13,3 +13,4 @@ pub mod net;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod volume;

@@ -1,0 +1,156 @@
+//! The in-process cluster used by the integration tests: three chunkservers on loopback,
+//! each on its own executor thread, stopped by its own signal.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dataplane::client::{Client, ClientConfig, NodeAddress};
+use dataplane::config::Config;
+use dataplane::server::run_node;
+use dataplane::shard::ShutdownSignal;
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub struct Node {
+    shutdown: ShutdownSignal,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Node {
+    pub fn start(config: Config) -> Node {
+        let shutdown = ShutdownSignal::new();
+        let signal = shutdown.clone();
+        let thread =
+            std::thread::spawn(move || run_node(&config, &[0], &signal).map_err(|e| e.to_string()));
+        Node {
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.shutdown.raise();
+        if let Some(thread) = self.thread.take() {
+            let result = thread.join().expect("node thread");
+            result.expect("node ran cleanly");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.raise();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// The configuration of node `id` (1-based) of a three-node cluster.
+pub fn config(id: u32, ports: &[u16], dir: &Path, backend: &str) -> Config {
+    let peer = |n: usize| ports[2 * n];
+    let client = |n: usize| ports[2 * n + 1];
+    let nodes: Vec<String> = (0..3)
+        .map(|n| {
+            format!(
+                "{{ id = {}, peer = \"tcp://127.0.0.1:{}\", client = [\"tcp://127.0.0.1:{}\"], shards = 1 }}",
+                n + 1,
+                peer(n),
+                client(n)
+            )
+        })
+        .collect();
+    let device = match backend {
+        "mem" => "backend = \"mem\"\nsize = \"96MiB\"".to_string(),
+        _ => format!("backend = \"uring\"\npath = \"node{id}.img\"\nsize = \"96MiB\""),
+    };
+    let me = id as usize - 1;
+    let text = format!(
+        r#"
+[node]
+id = {id}
+cores = [0]
+data_dir = "{dir}"
+
+[listen]
+peer = "tcp://127.0.0.1:{peer}"
+client = ["tcp://127.0.0.1:{client}"]
+
+[cluster]
+nodes = [{nodes}]
+
+[[devices]]
+{device}
+
+[storage]
+chunk_size = "1MiB"
+wal_size_per_shard = "16MiB"
+
+[raft]
+tick_ms = 10
+election_timeout_ms = 200
+heartbeat_interval_ms = 30
+lease_ms = 150
+"#,
+        dir = dir.display(),
+        peer = peer(me),
+        client = client(me),
+        nodes = nodes.join(", "),
+    );
+    Config::parse(Path::new("cluster-test.toml"), &text).expect("test config parses")
+}
+
+pub fn addresses(ports: &[u16]) -> Vec<NodeAddress> {
+    (0..3)
+        .map(|n| NodeAddress {
+            id: n as u64 + 1,
+            endpoint: format!("tcp://127.0.0.1:{}", ports[2 * n + 1])
+                .parse()
+                .expect("endpoint"),
+            shards: 1,
+        })
+        .collect()
+}
+
+/// Runs `body` with a client on its own executor.
+pub fn with_client<T: Send + 'static>(
+    ports: &[u16],
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    let addresses = addresses(ports);
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .name("test-client")
+        .spawn(move || async move {
+            let config = ClientConfig {
+                deadline: Duration::from_secs(20),
+                ..ClientConfig::default()
+            };
+            body(Client::new(&addresses, config)).await
+        })
+        .expect("client executor")
+        .join()
+        .expect("client thread")
+}
+
+pub fn block(value: u64) -> Bytes {
+    let mut data = vec![0u8; 4096];
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = (value as u8) ^ (i as u8);
+    }
+    data[..8].copy_from_slice(&value.to_le_bytes());
+    Bytes::from(data)
+}
