@@ -1249,14 +1249,10 @@ impl<S: LogStorage> Raft<S> {
             if nothing_left || sent - acked >= window {
                 return;
             }
-            let meta = match self.log.storage.snapshot_meta() {
-                Ok(meta) => meta,
-                Err(_) => return,
-            };
             let piece = match self.log.storage.snapshot_piece(index, sent, piece_bytes) {
-                Ok(piece) if meta.index == index => piece,
-                Ok(_) | Err(StorageError::Unavailable) => {
-                    // A newer snapshot replaced it: start over with that one.
+                Ok(piece) => piece,
+                Err(StorageError::Unavailable) => {
+                    // Storage no longer has it: start over with the latest snapshot.
                     if let Some(progress) = self.progress.get_mut(&to) {
                         progress.become_probe();
                     }
@@ -1264,6 +1260,7 @@ impl<S: LogStorage> Raft<S> {
                 }
                 Err(_) => return,
             };
+            let meta = piece.meta.clone();
             let len = piece.data.len() as u64;
             let mut msg = self.message(MessageType::Snapshot, to);
             msg.snapshot = Some(SnapshotChunk {
@@ -1278,11 +1275,9 @@ impl<S: LogStorage> Raft<S> {
             };
             progress.snapshot_sent = sent + len;
             if len == 0 {
-                // The empty snapshot's single piece: mark it sent.
-                progress.snapshot_acked = 0;
-                progress.snapshot_sent = 0;
-                progress.snapshot_total = 0;
-                progress.snapshot_idle_ticks = 0;
+                // An empty snapshot travels as one empty piece; mark it sent so that only a
+                // retry (which resets `snapshot_sent` to the confirmed 0) sends it again.
+                progress.snapshot_sent = u64::MAX;
                 return;
             }
         }
