@@ -1263,12 +1263,12 @@ impl<S: LogStorage> Raft<S> {
             let meta = piece.meta.clone();
             let len = piece.data.len() as u64;
             let mut msg = self.message(MessageType::Snapshot, to);
-            msg.snapshot = Some(SnapshotChunk {
+            msg.snapshot = Some(Box::new(SnapshotChunk {
                 meta,
                 offset: sent,
                 total_len: piece.total_len,
                 data: piece.data,
-            });
+            }));
             self.send(msg);
             let Some(progress) = self.progress.get_mut(&to) else {
                 return;

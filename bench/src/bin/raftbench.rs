@@ -31,6 +31,9 @@ struct Args {
     /// Runs of each library per workload; the best is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Run only raftcore (for profiling); no ratio is printed then.
+    #[arg(long)]
+    only_raftcore: bool,
 }
 
 const VOTERS: u64 = 3;
@@ -321,6 +324,10 @@ fn main() {
             &args,
             entries,
         );
+        if args.only_raftcore {
+            println!("{:<10} {:>9} {:>20.0}", label, entries, ours);
+            continue;
+        }
         let baseline = best_rate(
             &|| Box::new(with_raft_rs::RaftRsGroup::new()) as Box<dyn Group>,
             &payload,
