@@ -284,6 +284,8 @@ pub struct World {
     liveness_writes_done: u64,
     pub trace_hash: u64,
     pub stats: Stats,
+    /// Prints every delivered message from this time on (`RAFT_SIM_TRACE_FROM`).
+    trace_from: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -359,6 +361,9 @@ impl World {
             liveness_writes_done: 0,
             trace_hash: 0xcbf2_9ce4_8422_2325,
             stats: Stats::default(),
+            trace_from: std::env::var("RAFT_SIM_TRACE_FROM")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         for id in voters {
             world.start_node(id, MemStorage::new_with_conf_state(conf.clone()));
@@ -487,6 +492,28 @@ impl World {
             })?;
             if node.retired {
                 continue;
+            }
+            if self.trace_from.is_some_and(|from| at >= from) {
+                println!(
+                    "t={at} {}->{} {:?} term {} idx {} logterm {} commit {} reject {} hint {} \
+                     off {} snap {:?}",
+                    msg.from,
+                    msg.to,
+                    msg.msg_type,
+                    msg.term,
+                    msg.index,
+                    msg.log_term,
+                    msg.commit,
+                    msg.reject,
+                    msg.reject_hint,
+                    msg.snapshot_offset,
+                    msg.snapshot.as_ref().map(|s| (
+                        s.meta.index,
+                        s.offset,
+                        s.data.len(),
+                        s.total_len
+                    ))
+                );
             }
             raw.step(msg).map_err(|e| Failure {
                 kind: FailureKind::Correctness,
@@ -652,9 +679,18 @@ impl World {
             if let Some(last) = entries.last() {
                 raw.on_applied(last.index);
             }
-            // Snapshot and compact now and then.
+            // Snapshot and compact now and then. A leader keeps the log a lagging member
+            // still needs, unless the log grew four intervals long.
             let snapshot_index = raw.store().snapshot().meta.index;
-            if node.applied.0 >= snapshot_index.0 + self.params.snapshot_interval {
+            let interval = self.params.snapshot_interval;
+            let raft = raw.raft();
+            let lagging = raft.state == StateRole::Leader
+                && raft.conf_state().all_members().iter().any(|peer| {
+                    raft.progress(*peer)
+                        .is_some_and(|p| p.matched < node.applied)
+                });
+            let due = if lagging { 4 * interval } else { interval };
+            if node.applied.0 >= snapshot_index.0 + due {
                 let conf = raw.raft().conf_state().clone();
                 let data = node.kv.encode();
                 let applied = node.applied;
