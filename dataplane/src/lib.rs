@@ -2,5 +2,11 @@
 //! engine, the transports, the services, the client library and the NBD export.
 
 pub mod config;
+pub mod copyset;
+pub mod ids;
 pub mod logging;
+pub mod metrics;
+pub mod nbd;
+pub mod net;
+pub mod shard;
 pub mod storage;

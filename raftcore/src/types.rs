@@ -99,3 +99,32 @@ pub struct SnapshotMeta {
     /// Membership as of `index`.
     pub conf_state: ConfState,
 }
+
+/// A whole snapshot: what it covers and the state machine's serialized state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// What the snapshot covers.
+    pub meta: SnapshotMeta,
+    /// The state machine's image, as the state machine wrote it.
+    pub data: Bytes,
+}
+
+impl ConfState {
+    /// Every voter of the incoming and the outgoing configuration.
+    pub fn all_voters(&self) -> BTreeSet<NodeId> {
+        self.voters.union(&self.voters_outgoing).copied().collect()
+    }
+
+    /// Every member: voters of both halves, learners and learners to be.
+    pub fn all_members(&self) -> BTreeSet<NodeId> {
+        let mut all = self.all_voters();
+        all.extend(self.learners.iter().copied());
+        all.extend(self.learners_next.iter().copied());
+        all
+    }
+
+    /// Whether the configuration is joint (a change of several voters is under way).
+    pub fn is_joint(&self) -> bool {
+        !self.voters_outgoing.is_empty()
+    }
+}

@@ -1,0 +1,363 @@
+//! Runs a job's clones against a target: one pinned glommio executor per clone, `iodepth`
+//! closed-loop workers in each, warm-up excluded, latencies in hdrhistogram, clones merged.
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::job::{Job, TargetKind};
+use crate::report::{process_cpu_time, JobStats};
+use crate::target::raw::RawTarget;
+use crate::target::{Target, WriteBuffer};
+use crate::workload::{verify, OpKind, Workload};
+
+/// Why a job could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The job names a target this build cannot drive yet.
+    #[error("job [{job}]: target `{target}` is not available in this build of chunkbench")]
+    TargetUnavailable {
+        /// The job.
+        job: String,
+        /// The target.
+        target: TargetKind,
+    },
+    /// The job lacks a key its target needs.
+    #[error("job [{job}]: {message}")]
+    Job {
+        /// The job.
+        job: String,
+        /// What is missing.
+        message: String,
+    },
+    /// An I/O failed; the job stops at the first failure, as fio does by default.
+    #[error("job [{job}] clone {clone}: {op} at offset {offset} ({len} bytes) failed: {source}")]
+    Io {
+        /// The job.
+        job: String,
+        /// Which clone.
+        clone: u32,
+        /// read, write or sync.
+        op: &'static str,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Setting up the target failed.
+    #[error("job [{job}]: {message}: {source}")]
+    Setup {
+        /// The job.
+        job: String,
+        /// What was being done.
+        message: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An executor could not start or its thread died.
+    #[error("job [{job}]: executor: {message}")]
+    Executor {
+        /// The job.
+        job: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Live counters that a progress reporter reads from another thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Operations completed so far, all clones.
+    pub ops: AtomicU64,
+    /// Bytes completed so far, all clones.
+    pub bytes: AtomicU64,
+}
+
+/// Runs `job` and returns its merged figures.
+pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+    match job.target {
+        TargetKind::Raw => {}
+        other => {
+            return Err(RunError::TargetUnavailable {
+                job: job.name.clone(),
+                target: other,
+            })
+        }
+    }
+    let path = PathBuf::from(job.filename.clone().ok_or_else(|| RunError::Job {
+        job: job.name.clone(),
+        message: "the raw target needs `filename` (a file or block device)".into(),
+    })?);
+    lay_out(job, &path)?;
+
+    let cores = online_cores();
+    let cpu_before = process_cpu_time();
+    let mut handles = Vec::new();
+    for clone in 0..job.numjobs {
+        let core = cores[clone as usize % cores.len()];
+        let job_for_clone = job.clone();
+        let path = path.clone();
+        let progress = Arc::clone(progress);
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
+            .name(&format!("chunkbench-{clone}"))
+            .spawn(move || async move {
+                let job = job_for_clone;
+                let target = RawTarget::open(&path)
+                    .await
+                    .map_err(|source| RunError::Setup {
+                        job: job.name.clone(),
+                        message: format!("opening {}", path.display()),
+                        source,
+                    })?;
+                run_clone(&job, clone, Rc::new(target), &progress).await
+            })
+            .map_err(|e| RunError::Executor {
+                job: job.name.clone(),
+                message: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    let mut merged = JobStats::default();
+    let mut first_error = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(stats)) => merged.merge(&stats),
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            Err(_) => {
+                first_error.get_or_insert(RunError::Executor {
+                    job: job.name.clone(),
+                    message: "a clone's thread panicked".into(),
+                });
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    if let (Some(before), Some(after)) = (cpu_before, process_cpu_time()) {
+        // CPU time of the whole run; the warm-up is a small share for runs worth reporting.
+        merged.cpu_user = after.0.saturating_sub(before.0);
+        merged.cpu_system = after.1.saturating_sub(before.1);
+    }
+    Ok(merged)
+}
+
+fn online_cores() -> Vec<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let cores: Vec<usize> = dataplane::config::parse_cpulist(&text)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
+    if cores.is_empty() {
+        vec![0]
+    } else {
+        cores
+    }
+}
+
+/// Makes sure the file covers the job's region with written data, as fio lays files out, so
+/// that reads hit the device rather than holes and writes do not pay for extent conversion.
+fn lay_out(job: &Job, path: &PathBuf) -> Result<(), RunError> {
+    let needed = job.offset + job.size;
+    let setup = |message: String, source: std::io::Error| RunError::Setup {
+        job: job.name.clone(),
+        message,
+        source,
+    };
+    let current = match std::fs::metadata(path) {
+        Ok(meta) if meta.file_type().is_file() => meta.len(),
+        Ok(_) => return Ok(()), // a block device: its contents are what they are
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(setup(format!("stat {}", path.display()), e)),
+    };
+    if current >= needed {
+        return Ok(());
+    }
+    let path = path.clone();
+    let name = job.name.clone();
+    let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("chunkbench-layout")
+        .spawn(move || async move {
+            let target = RawTarget::open(&path).await?;
+            let step: u64 = 1 << 20;
+            let mut offset = current - current % step;
+            while offset < needed {
+                let len = step.min(needed - offset).next_multiple_of(4096);
+                let mut buffer = target.alloc(len as usize);
+                buffer.as_bytes_mut().fill(0xa5);
+                target.write(offset, buffer).await?;
+                offset += len;
+            }
+            target.sync().await
+        })
+        .map_err(|e| RunError::Executor {
+            job: name.clone(),
+            message: e.to_string(),
+        })?;
+    match handle.join() {
+        Ok(result) => result.map_err(|e| setup("laying out the file".into(), e)),
+        Err(_) => Err(RunError::Executor {
+            job: name,
+            message: "layout thread panicked".into(),
+        }),
+    }
+}
+
+/// Per-clone state shared by its workers (all on one executor, hence Rc and RefCell).
+struct CloneState {
+    workload: RefCell<Workload>,
+    stats: RefCell<JobStats>,
+    writes_since_sync: Cell<u32>,
+    stop: Cell<bool>,
+    error: RefCell<Option<RunError>>,
+}
+
+async fn run_clone<T: Target + 'static>(
+    job: &Job,
+    clone: u32,
+    target: Rc<T>,
+    progress: &Arc<Progress>,
+) -> Result<JobStats, RunError> {
+    let workload = Workload::new(job, clone);
+    let region_len = workload.region_len();
+    let state = Rc::new(CloneState {
+        workload: RefCell::new(workload),
+        stats: RefCell::new(JobStats::default()),
+        writes_since_sync: Cell::new(0),
+        stop: Cell::new(false),
+        error: RefCell::new(None),
+    });
+    let start = Instant::now();
+    let measured_from = start + job.ramp_time;
+    let deadline = job.runtime.map(|r| measured_from + r);
+    let byte_limit = if job.time_based {
+        None
+    } else {
+        Some(region_len)
+    };
+    let sync_every = job.fsync_every.max(job.fdatasync_every);
+
+    let mut workers = Vec::new();
+    for _ in 0..job.iodepth {
+        let state = Rc::clone(&state);
+        let target = Rc::clone(&target);
+        let job = job.clone();
+        let progress = Arc::clone(progress);
+        workers.push(glommio::spawn_local(async move {
+            loop {
+                if state.stop.get() {
+                    return;
+                }
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    state.stop.set(true);
+                    return;
+                }
+                let op = {
+                    let mut workload = state.workload.borrow_mut();
+                    if byte_limit.is_some_and(|limit| workload.issued_bytes() >= limit)
+                        && now >= measured_from
+                    {
+                        state.stop.set(true);
+                        return;
+                    }
+                    workload.next_op()
+                };
+                let began = Instant::now();
+                let fail = |op_name: &'static str, source: std::io::Error| RunError::Io {
+                    job: job.name.clone(),
+                    clone,
+                    op: op_name,
+                    offset: op.offset,
+                    len: op.len,
+                    source,
+                };
+                let result = match op.kind {
+                    OpKind::Write => {
+                        let mut buffer = target.alloc(op.len as usize);
+                        if job.verify {
+                            verify::fill(buffer.as_bytes_mut(), op.offset, job.randseed);
+                        } else {
+                            buffer.as_bytes_mut().fill((op.offset >> 12) as u8);
+                        }
+                        match target.write(op.offset, buffer).await {
+                            Err(e) => Err(fail("write", e)),
+                            Ok(()) => {
+                                let written = state.writes_since_sync.get() + 1;
+                                if sync_every > 0 && written >= sync_every {
+                                    state.writes_since_sync.set(0);
+                                    let sync_began = Instant::now();
+                                    let synced = target.sync().await;
+                                    if sync_began >= measured_from {
+                                        state
+                                            .stats
+                                            .borrow_mut()
+                                            .sync
+                                            .record(0, sync_began.elapsed());
+                                    }
+                                    synced.map_err(|e| fail("sync", e))
+                                } else {
+                                    state.writes_since_sync.set(written);
+                                    Ok(())
+                                }
+                            }
+                        }
+                    }
+                    OpKind::Read => match target.read(op.offset, op.len as usize).await {
+                        Err(e) => Err(fail("read", e)),
+                        Ok(data) => {
+                            if job.verify && verify::check(&data, op.offset) == verify::Verdict::Bad
+                            {
+                                state.stats.borrow_mut().verify_failures += 1;
+                            }
+                            Ok(())
+                        }
+                    },
+                };
+                let latency = began.elapsed();
+                match result {
+                    Ok(()) => {
+                        if began >= measured_from {
+                            let mut stats = state.stats.borrow_mut();
+                            match op.kind {
+                                OpKind::Read => stats.read.record(op.len, latency),
+                                OpKind::Write => stats.write.record(op.len, latency),
+                            }
+                        }
+                        progress.ops.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes.fetch_add(op.len, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        state.stats.borrow_mut().errors += 1;
+                        state.error.borrow_mut().get_or_insert(error);
+                        state.stop.set(true);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await;
+    }
+    let ended = Instant::now();
+    if let Some(error) = state.error.borrow_mut().take() {
+        return Err(error);
+    }
+    let mut stats = state.stats.replace(JobStats::default());
+    stats.elapsed = ended.saturating_duration_since(measured_from.min(ended));
+    Ok(stats)
+}
+
+/// How long to wait between progress lines.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,0 +1,223 @@
+//! What a copyset's raft log carries: the chunk operations that change state, encoded once.
+//! The client's request body for a mutating operation is exactly this encoding, so the buffer
+//! that arrived from the network is the entry raft replicates and the WAL writes — no copy.
+//!
+//! Layout (little-endian): `version u8 | op u8 | chunk u64 | sn u64 | offset u32 | len u32`,
+//! then, for writes and pastes, `len` bytes of data. 26 bytes of header.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::ids::ChunkId;
+
+/// Encoding version of operations.
+pub const OP_VERSION: u8 = 1;
+/// Bytes before the data.
+pub const OP_HEADER_LEN: usize = 26;
+
+/// A state-changing chunk operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkOp {
+    /// Write `data` at `offset`; `sn` is the writer's sequence number (a newer one than the
+    /// chunk's triggers copy-on-write of the old pages into the chunk's snapshot).
+    Write {
+        /// The chunk.
+        chunk: ChunkId,
+        /// Sequence number of the write.
+        sn: u64,
+        /// Byte offset within the chunk.
+        offset: u32,
+        /// The bytes (a slice of the entry: shared, not copied).
+        data: Bytes,
+    },
+    /// Delete the chunk (its current data), as of sequence number `sn`.
+    Delete {
+        /// The chunk.
+        chunk: ChunkId,
+        /// Sequence number of the delete.
+        sn: u64,
+    },
+    /// Delete the chunk's snapshot, or record `sn` as its corrected sequence number.
+    DeleteSnapshotOrCorrectSn {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The corrected sequence number.
+        sn: u64,
+    },
+}
+
+/// Why bytes are not an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpDecodeError {
+    /// Shorter than the header, or the data length does not match.
+    #[error("operation of {len} bytes is malformed: {why}")]
+    Malformed {
+        /// Length of what arrived.
+        len: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// An encoding version this build does not know.
+    #[error("operation version {0} is not supported (this build knows {OP_VERSION})")]
+    Version(u8),
+    /// An operation code this build does not know.
+    #[error("unknown operation code {0}")]
+    Unknown(u8),
+}
+
+const OP_WRITE: u8 = 1;
+const OP_DELETE: u8 = 2;
+const OP_DELETE_SNAPSHOT: u8 = 3;
+
+impl ChunkOp {
+    /// The chunk the operation touches: applies of one chunk run in log order.
+    pub fn chunk(&self) -> ChunkId {
+        match self {
+            ChunkOp::Write { chunk, .. }
+            | ChunkOp::Delete { chunk, .. }
+            | ChunkOp::DeleteSnapshotOrCorrectSn { chunk, .. } => *chunk,
+        }
+    }
+
+    /// Encodes the operation (copies the data once; the client library builds requests this
+    /// way, servers never re-encode).
+    pub fn encode(&self) -> Bytes {
+        let (code, chunk, sn, offset, data) = match self {
+            ChunkOp::Write {
+                chunk,
+                sn,
+                offset,
+                data,
+            } => (OP_WRITE, chunk, sn, *offset, Some(data)),
+            ChunkOp::Delete { chunk, sn } => (OP_DELETE, chunk, sn, 0, None),
+            ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+                (OP_DELETE_SNAPSHOT, chunk, sn, 0, None)
+            }
+        };
+        let len = data.map_or(0, |d| d.len());
+        let mut out = BytesMut::with_capacity(OP_HEADER_LEN + len);
+        out.put_u8(OP_VERSION);
+        out.put_u8(code);
+        out.put_u64_le(chunk.0);
+        out.put_u64_le(*sn);
+        out.put_u32_le(offset);
+        out.put_u32_le(len as u32);
+        if let Some(data) = data {
+            out.put_slice(data);
+        }
+        out.freeze()
+    }
+
+    /// Decodes an operation; the data of a write is a slice of `bytes`, not a copy.
+    pub fn decode(bytes: &Bytes) -> Result<ChunkOp, OpDecodeError> {
+        let malformed = |why| OpDecodeError::Malformed {
+            len: bytes.len(),
+            why,
+        };
+        let header = bytes
+            .get(..OP_HEADER_LEN)
+            .ok_or_else(|| malformed("shorter than the header"))?;
+        if header[0] != OP_VERSION {
+            return Err(OpDecodeError::Version(header[0]));
+        }
+        let u64_at = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&header[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        let u32_at = |at: usize| {
+            let mut word = [0u8; 4];
+            word.copy_from_slice(&header[at..at + 4]);
+            u32::from_le_bytes(word)
+        };
+        let chunk = ChunkId(u64_at(2));
+        let sn = u64_at(10);
+        let offset = u32_at(18);
+        let len = u32_at(22) as usize;
+        if bytes.len() - OP_HEADER_LEN != len {
+            return Err(malformed("the data length does not match the header"));
+        }
+        match header[1] {
+            OP_WRITE => Ok(ChunkOp::Write {
+                chunk,
+                sn,
+                offset,
+                data: bytes.slice(OP_HEADER_LEN..),
+            }),
+            OP_DELETE | OP_DELETE_SNAPSHOT if len != 0 => Err(malformed("data on a delete")),
+            OP_DELETE => Ok(ChunkOp::Delete { chunk, sn }),
+            OP_DELETE_SNAPSHOT => Ok(ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn }),
+            code => Err(OpDecodeError::Unknown(code)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn operations_round_trip_and_write_data_is_not_copied() {
+        let op = ChunkOp::Write {
+            chunk: ChunkId(9),
+            sn: 3,
+            offset: 8192,
+            data: Bytes::from_static(&[7; 4096]),
+        };
+        let bytes = op.encode();
+        let decoded = ChunkOp::decode(&bytes).unwrap();
+        assert_eq!(decoded, op);
+        let ChunkOp::Write { data, .. } = decoded else {
+            unreachable!()
+        };
+        assert_eq!(
+            data.as_ptr(),
+            bytes[OP_HEADER_LEN..].as_ptr(),
+            "a slice, not a copy"
+        );
+        for op in [
+            ChunkOp::Delete {
+                chunk: ChunkId(1),
+                sn: 2,
+            },
+            ChunkOp::DeleteSnapshotOrCorrectSn {
+                chunk: ChunkId(3),
+                sn: 4,
+            },
+        ] {
+            assert_eq!(ChunkOp::decode(&op.encode()).unwrap(), op);
+        }
+    }
+
+    #[test]
+    fn malformed_operations_are_errors() {
+        let good = ChunkOp::Delete {
+            chunk: ChunkId(1),
+            sn: 2,
+        }
+        .encode();
+        assert!(ChunkOp::decode(&good.slice(..10)).is_err());
+        let mut bad_version = BytesMut::from(&good[..]);
+        bad_version[0] = 9;
+        assert_eq!(
+            ChunkOp::decode(&bad_version.freeze()),
+            Err(OpDecodeError::Version(9))
+        );
+        let mut bad_code = BytesMut::from(&good[..]);
+        bad_code[1] = 77;
+        assert_eq!(
+            ChunkOp::decode(&bad_code.freeze()),
+            Err(OpDecodeError::Unknown(77))
+        );
+        let mut long = BytesMut::from(&good[..]);
+        long.put_u8(0);
+        assert!(ChunkOp::decode(&long.freeze()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = ChunkOp::decode(&Bytes::from(bytes));
+        }
+    }
+}

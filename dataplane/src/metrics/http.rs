@@ -1,0 +1,196 @@
+//! The metrics endpoint: a deliberately small HTTP/1.1 server on the shard's executor that
+//! answers `GET /metrics` (Prometheus text) and `GET /status` (JSON), one request per
+//! connection. Requests are bounded in size and time; anything else gets 400, 404 or 405.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::shard::ShutdownSignal;
+
+/// A page's body, produced on demand (a scrape gathers snapshots from every shard).
+pub type Page = Pin<Box<dyn Future<Output = String>>>;
+
+/// What the endpoint serves.
+pub struct Pages {
+    /// `GET /metrics`: the Prometheus text.
+    pub metrics: Box<dyn Fn() -> Page>,
+    /// `GET /status`: a JSON document.
+    pub status: Box<dyn Fn() -> Page>,
+}
+
+/// The longest request head read.
+const MAX_REQUEST: usize = 8 << 10;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the endpoint's listener.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(io::Error::from)
+}
+
+/// Serves until `shutdown` is raised.
+pub async fn serve(listener: TcpListener, pages: Rc<Pages>, shutdown: ShutdownSignal) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shutdown.raised().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                let pages = Rc::clone(&pages);
+                glommio::spawn_local(async move {
+                    if let Err(error) = answer(stream, &pages).await {
+                        tracing::debug!(%error, "metrics endpoint: request failed");
+                    }
+                })
+                .detach();
+            }
+            Some(Err(error)) => tracing::warn!(%error, "metrics endpoint: accept failed"),
+        }
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_REQUEST {
+            return Ok(None);
+        }
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "request cut short",
+            ));
+        }
+        head.extend_from_slice(&buffer[..n]);
+    }
+    Ok(Some(head))
+}
+
+async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
+    let head = futures_lite::future::or(read_head(&mut stream), async {
+        glommio::timer::sleep(REQUEST_TIMEOUT).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request not received in time",
+        ))
+    })
+    .await?;
+    let (status, content_type, body) = match head {
+        None => (
+            "400 Bad Request",
+            "text/plain",
+            "request too large\n".to_string(),
+        ),
+        Some(head) => {
+            let text = String::from_utf8_lossy(&head);
+            let mut words = text.lines().next().unwrap_or("").split(' ');
+            match (words.next(), words.next()) {
+                (Some("GET"), Some("/metrics")) => (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    (pages.metrics)().await,
+                ),
+                (Some("GET"), Some("/status")) => {
+                    ("200 OK", "application/json", (pages.status)().await)
+                }
+                (Some("GET"), Some(_)) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics or /status\n".into(),
+                ),
+                (Some(_), Some(_)) => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+                _ => (
+                    "400 Bad Request",
+                    "text/plain",
+                    "malformed request line\n".into(),
+                ),
+            }
+        }
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.flush().await?;
+    stream.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    use super::*;
+    use crate::metrics::{text, Registry};
+
+    fn get(addr: SocketAddr, request: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    }
+
+    #[test]
+    fn the_endpoint_serves_parseable_metrics_and_refuses_the_rest() {
+        let shutdown = ShutdownSignal::new();
+        let stop = shutdown.clone();
+        let (tx, rx) = mpsc::channel();
+        let server = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                let registry = Rc::new(Registry::new(&[("shard", "0")]));
+                let scrapes = registry.counter("scrapes_total", "Scrapes served.", &[]);
+                let for_metrics = Rc::clone(&registry);
+                let pages = Pages {
+                    metrics: Box::new(move || {
+                        scrapes.inc();
+                        let text = for_metrics.snapshot().render();
+                        Box::pin(async move { text })
+                    }),
+                    status: Box::new(|| Box::pin(async { "{\"healthy\":true}".to_string() })),
+                };
+                serve(listener, Rc::new(pages), stop).await;
+            })
+            .unwrap();
+        let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+        let first = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let second = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
+        let body = second.split("\r\n\r\n").nth(1).unwrap();
+        let samples = text::parse(body).unwrap();
+        let scrapes = samples.iter().find(|s| s.name == "scrapes_total").unwrap();
+        assert_eq!(scrapes.value, 2.0, "the counter moved between scrapes");
+
+        let status = get(addr, "GET /status HTTP/1.1\r\n\r\n");
+        assert!(status.contains("application/json") && status.ends_with("{\"healthy\":true}"));
+        assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
+        assert!(get(addr, &huge).starts_with("HTTP/1.1 400"));
+
+        shutdown.raise();
+        server.join().unwrap();
+    }
+}

@@ -1,0 +1,107 @@
+//! Transports: how bytes move between replicas and between clients and servers.
+//!
+//! - [`frame`]: the one binary frame format (docs/protocol.md).
+//! - [`connection`]: the message API every transport offers — requests with responses matched
+//!   by request id, one-way messages, incoming requests to serve.
+//! - [`tcp`]: the TCP transport on glommio.
+//! - [`verbs`]: the verbs operations the RDMA transport needs, with the user-space `softverbs`
+//!   backend (always built) and, with feature `rdma`, real ibverbs through `ffi`.
+//! - [`rdma`]: the RDMA message transport, written once against [`verbs::Verbs`].
+//! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
+
+pub mod connection;
+pub mod frame;
+pub mod payload;
+pub mod queue;
+pub mod tcp;
+pub mod transport;
+pub mod verbs;
+
+#[cfg(test)]
+mod message_suite;
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use connection::{Connection, ConnectionConfig, Incoming, Message};
+pub use frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
+pub use payload::{AlignedHeapAllocator, AllocError, PayloadAllocator, PayloadBuffer};
+pub use transport::{connect, connect_shard, Backoff, Listener, NetContext, PeerConnection};
+
+/// Why a transport operation failed. Cloneable, so one failure can fail every request that
+/// was waiting on the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NetError {
+    /// A socket operation failed.
+    #[error("{context}: {reason}")]
+    Io {
+        /// What was being done, and on which connection.
+        context: String,
+        /// The operating system's error.
+        reason: String,
+    },
+    /// The peer sent a malformed frame.
+    #[error("malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer broke the transport's protocol in some other way.
+    #[error("protocol violation: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The connection is closed.
+    #[error("connection closed: {reason}")]
+    Closed {
+        /// Why.
+        reason: String,
+    },
+    /// Something took longer than its bound.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        what: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// The peer answered with an error.
+    #[error("the peer answered with an error: {reason}")]
+    Remote {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// A payload is larger than the configured bound.
+    #[error("payload of {len} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// No buffer for a received payload.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// A connection could not be made.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The transport is not available in this build or on this host.
+    #[error("transport unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl NetError {
+    pub(crate) fn io(context: impl Into<String>, error: &dyn std::fmt::Display) -> NetError {
+        NetError::Io {
+            context: context.into(),
+            reason: error.to_string(),
+        }
+    }
+}
