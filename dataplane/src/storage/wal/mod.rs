@@ -22,7 +22,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use raftcore::{ConfState, Entry, HardState, SnapshotMeta};
+use bytes::Bytes;
+use raftcore::{ConfState, Entry, HardState, LogIndex, Snapshot};
 
 use crate::storage::bdev::Bdev;
 use crate::storage::StorageError;
@@ -382,13 +383,31 @@ impl<B: Bdev> ShardWal<B> {
         self.append_record(copyset, RecordBody::ConfState(cs))
     }
 
-    /// Records an installed snapshot: the copyset's log before it is gone.
+    /// Records a snapshot received from the leader: the copyset's log before it is gone.
     pub fn install_snapshot(
         &self,
         copyset: CopysetId,
-        meta: SnapshotMeta,
+        snapshot: Snapshot,
     ) -> Result<u64, StorageError> {
-        self.append_record(copyset, RecordBody::Snapshot(meta))
+        self.append_record(copyset, RecordBody::Snapshot(snapshot))
+    }
+
+    /// Records a snapshot the state machine made at `index` (applied, so in the log) and
+    /// compacts the log up to it.
+    pub fn create_snapshot(
+        &self,
+        copyset: CopysetId,
+        index: LogIndex,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Result<u64, StorageError> {
+        let snapshot = self
+            .with_log(copyset, |log| log.snapshot_at(index, conf_state, data))
+            .flatten()
+            .ok_or_else(|| {
+                StorageError::Copyset(copyset.0, format!("no entry at {index} to snapshot"))
+            })?;
+        self.append_record(copyset, RecordBody::Snapshot(snapshot))
     }
 
     /// The position every record appended so far ends before.
