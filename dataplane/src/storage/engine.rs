@@ -1020,15 +1020,6 @@ impl<B: Bdev> LogStorage for CopysetStorage<B> {
     fn initial_state(&self) -> Result<(HardState, ConfState), RaftStorageError> {
         self.with(|log| log.initial_state())
     }
-
-    fn snapshot_piece(
-        &self,
-        index: LogIndex,
-        offset: u64,
-        max_bytes: u64,
-    ) -> Result<raftcore::SnapshotPiece, RaftStorageError> {
-        self.with(|log| log.snapshot_piece(index, offset, max_bytes))
-    }
     fn entries(
         &self,
         low: LogIndex,

@@ -205,17 +205,6 @@ impl LogStorage for CopysetLog {
         Ok((self.hard_state, self.conf_state.clone()))
     }
 
-    /// The WAL keeps a snapshot's metadata only; its data — the copyset's chunks — is not
-    /// produced by the engine yet, so no piece can be served and the leader keeps waiting.
-    fn snapshot_piece(
-        &self,
-        _index: LogIndex,
-        _offset: u64,
-        _max_bytes: u64,
-    ) -> Result<raftcore::SnapshotPiece, StorageError> {
-        Err(StorageError::Unavailable)
-    }
-
     fn entries(
         &self,
         low: LogIndex,
