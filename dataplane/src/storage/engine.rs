@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use raftcore::{
-    ConfState, Entry, HardState, LogIndex, LogStorage, NodeId, SnapshotMeta,
+    ConfState, Entry, HardState, LogIndex, LogStorage, NodeId, SnapshotMeta, SnapshotPiece,
     StorageError as RaftStorageError, Term,
 };
 
@@ -290,11 +290,16 @@ struct CopysetPage {
     copyset: CopysetId,
     hard_state: HardState,
     snapshot: SnapshotMeta,
+    /// The snapshot's image when it fits in the page (else the WAL keeps its record).
+    data: Bytes,
 }
+
+/// Bytes of a copyset page body besides the membership and the snapshot image.
+const COPYSET_PAGE_FIXED: usize = 56;
 
 fn encode_copyset_page(page: &CopysetPage, body: &mut [u8]) -> Result<(), StorageError> {
     let conf = conf_state_bytes(&page.snapshot.conf_state);
-    if 52 + conf.len() > body.len() {
+    if COPYSET_PAGE_FIXED + conf.len() + page.data.len() > body.len() {
         return Err(StorageError::Copyset(
             page.copyset.0,
             "membership too large for a copyset page".into(),
@@ -309,6 +314,8 @@ fn encode_copyset_page(page: &CopysetPage, body: &mut [u8]) -> Result<(), Storag
     w.u64(page.snapshot.term.0);
     w.u32(conf.len() as u32);
     w.bytes(&conf);
+    w.u32(page.data.len() as u32);
+    w.bytes(&page.data);
     Ok(())
 }
 
@@ -325,6 +332,8 @@ fn decode_copyset_page(body: &[u8]) -> Option<CopysetPage> {
     let conf_len = r.u32() as usize;
     let conf = r.take(conf_len)?;
     let conf_state = decode_conf_state(&mut Reader::new(conf))?;
+    let data_len = r.u32() as usize;
+    let data = Bytes::copy_from_slice(r.take(data_len)?);
     if r.overrun() {
         return None;
     }
@@ -336,6 +345,7 @@ fn decode_copyset_page(body: &[u8]) -> Option<CopysetPage> {
             term,
             conf_state,
         },
+        data,
     })
 }
 
@@ -404,14 +414,13 @@ impl<B: Bdev> ShardEngine<B> {
             let state = decode_copyset_page(body)
                 .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
             copyset_pages.insert(state.copyset, (index, copy));
-            logs.insert(
-                state.copyset,
-                CopysetLog::from_checkpoint(
-                    state.hard_state,
-                    state.snapshot.conf_state.clone(),
-                    state.snapshot,
-                ),
+            let mut log = CopysetLog::from_checkpoint(
+                state.hard_state,
+                state.snapshot.conf_state.clone(),
+                state.snapshot,
             );
+            log.snapshot_data = state.data;
+            logs.insert(state.copyset, log);
         }
 
         // Chunk metadata pages.
@@ -839,13 +848,24 @@ impl<B: Bdev> ShardEngine<B> {
                     }
                 };
                 let mut snapshot = log.snapshot.clone();
+                let mut data = log.snapshot_data.clone();
                 if log.applied > snapshot.index {
                     if let Ok(term) = log.term(log.applied) {
+                        // The engine compacts to the applied index: the chunks are the image.
                         snapshot.index = log.applied;
                         snapshot.term = term;
+                        data = Bytes::new();
                     }
                 }
                 snapshot.conf_state = log.conf_state.clone();
+                let room = page - PAGE_HEADER_LEN - COPYSET_PAGE_FIXED;
+                if conf_state_bytes(&snapshot.conf_state).len() + data.len() > room {
+                    // Too large for the page: the WAL keeps the snapshot's record instead.
+                    if let Some(lsn) = log.snapshot_lsn {
+                        head = head.min(lsn);
+                    }
+                    data = Bytes::new();
+                }
                 copyset_pages.push((
                     *copyset,
                     index,
@@ -854,6 +874,7 @@ impl<B: Bdev> ShardEngine<B> {
                         copyset: *copyset,
                         hard_state: log.hard_state,
                         snapshot,
+                        data,
                     },
                 ));
             }
@@ -1002,15 +1023,6 @@ impl<B: Bdev> LogStorage for CopysetStorage<B> {
     fn initial_state(&self) -> Result<(HardState, ConfState), RaftStorageError> {
         self.with(|log| log.initial_state())
     }
-
-    fn snapshot_piece(
-        &self,
-        index: LogIndex,
-        offset: u64,
-        max_bytes: u64,
-    ) -> Result<raftcore::SnapshotPiece, RaftStorageError> {
-        self.with(|log| log.snapshot_piece(index, offset, max_bytes))
-    }
     fn entries(
         &self,
         low: LogIndex,
@@ -1030,6 +1042,14 @@ impl<B: Bdev> LogStorage for CopysetStorage<B> {
     }
     fn snapshot_meta(&self) -> Result<SnapshotMeta, RaftStorageError> {
         self.with(|log| log.snapshot_meta())
+    }
+    fn snapshot_piece(
+        &self,
+        index: LogIndex,
+        offset: u64,
+        max_bytes: u64,
+    ) -> Result<SnapshotPiece, RaftStorageError> {
+        self.with(|log| log.snapshot_piece(index, offset, max_bytes))
     }
 }
 

@@ -349,3 +349,49 @@ fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
         });
     }
 }
+
+#[test]
+fn a_snapshot_image_is_served_in_pieces_and_survives_restarts() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let copyset = CopysetId(3);
+        let wal = engine.wal();
+        for index in 1..=4 {
+            wal.append_entries(copyset, &[entry(index, Bytes::from_static(b"x"))])
+                .unwrap();
+        }
+        let image = Bytes::from(vec![0xab; 1000]);
+        let lsn = wal
+            .create_snapshot(copyset, LogIndex(3), ConfState::default(), image.clone())
+            .unwrap();
+        wal.sync(lsn).await.unwrap();
+        let storage = engine.log_storage(copyset);
+        assert_eq!(storage.first_index(), Ok(LogIndex(4)));
+        let piece = storage.snapshot_piece(LogIndex(3), 990, 100).unwrap();
+        assert_eq!((piece.data.len(), piece.total_len), (10, 1000));
+        assert_eq!(
+            storage.snapshot_piece(LogIndex(2), 0, 10),
+            Err(RaftStorageError::Unavailable)
+        );
+        drop(engine);
+        // From the WAL record.
+        let (engine, _) = open(&bdev).await;
+        let piece = engine
+            .log_storage(copyset)
+            .snapshot_piece(LogIndex(3), 0, 4096)
+            .unwrap();
+        assert_eq!(piece.data, image);
+        // From the copyset page, after a checkpoint reclaimed the WAL.
+        engine.checkpoint().await.unwrap();
+        drop(engine);
+        let (engine, _) = open(&bdev).await;
+        let storage = engine.log_storage(copyset);
+        assert_eq!(storage.snapshot_meta().unwrap().index, LogIndex(3));
+        assert_eq!(
+            storage.snapshot_piece(LogIndex(3), 0, 4096).unwrap().data,
+            image
+        );
+        assert_eq!(storage.last_index(), Ok(LogIndex(4)));
+    });
+}

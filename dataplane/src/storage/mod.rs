@@ -5,14 +5,19 @@
 //! - [`layout`]: where everything lives on the device, and the superblock (pure).
 //! - [`table`]: the chunk table and chunk pool (pure).
 //! - [`wal`]: the shard WAL with group commit, its record codec and replay.
+//! - [`fault`]: a fault-injecting device for crash-consistency tests.
 //! - [`engine`]: one shard's engine: format, open and recover, chunk operations, checkpoint.
 
 pub mod bdev;
 pub mod dma;
 pub mod engine;
+pub mod fault;
 pub mod layout;
 pub mod table;
 pub mod wal;
+
+#[cfg(test)]
+mod crash_tests;
 
 use bdev::BdevError;
 use table::{ChunkId, TableError};

@@ -4,8 +4,10 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use raftcore::{
-    ConfState, Entry, HardState, LogIndex, LogStorage, SnapshotMeta, StorageError, Term,
+    ConfState, Entry, HardState, LogIndex, LogStorage, Snapshot, SnapshotMeta, SnapshotPiece,
+    StorageError, Term,
 };
 
 use super::record::RecordBody;
@@ -19,6 +21,11 @@ pub struct CopysetLog {
     pub conf_state: ConfState,
     /// Everything up to `snapshot.index` is compacted.
     pub snapshot: SnapshotMeta,
+    /// The state machine's image at `snapshot.index`, as it wrote it (empty after a
+    /// compaction the engine made at a checkpoint: the chunks are then the image).
+    pub snapshot_data: Bytes,
+    /// Position of the WAL record that holds `snapshot_data`, while the WAL still has it.
+    pub snapshot_lsn: Option<u64>,
     /// Entries after the snapshot, each with the position of its record.
     /// Invariant: indices are contiguous from `snapshot.index + 1`.
     entries: VecDeque<(Entry, u64)>,
@@ -48,6 +55,8 @@ impl CopysetLog {
             conf_state,
             applied: snapshot.index,
             snapshot,
+            snapshot_data: Bytes::new(),
+            snapshot_lsn: None,
             entries: VecDeque::new(),
         }
     }
@@ -81,7 +90,13 @@ impl CopysetLog {
             }
             RecordBody::HardState(hs) => self.hard_state = *hs,
             RecordBody::ConfState(cs) => self.conf_state = cs.clone(),
-            RecordBody::Snapshot(meta) => self.install_snapshot(meta.clone()),
+            RecordBody::Snapshot(snapshot) => {
+                self.install_snapshot(snapshot.meta.clone());
+                if self.snapshot == snapshot.meta {
+                    self.snapshot_data = snapshot.data.clone();
+                    self.snapshot_lsn = Some(lsn);
+                }
+            }
             RecordBody::Pad(_) => {}
         }
         Ok(())
@@ -93,6 +108,8 @@ impl CopysetLog {
         if meta.index <= self.snapshot.index {
             return;
         }
+        self.snapshot_data = Bytes::new();
+        self.snapshot_lsn = None;
         let agrees = self.term_of(meta.index) == Some(meta.term);
         if agrees {
             let drop = (meta.index.0 - self.snapshot.index.0) as usize;
@@ -125,6 +142,26 @@ impl CopysetLog {
         self.snapshot.index = index;
         self.snapshot.term = term;
         self.snapshot.conf_state = self.conf_state.clone();
+        self.snapshot_data = Bytes::new();
+        self.snapshot_lsn = None;
+    }
+
+    /// The snapshot a record would install when the state machine made one at `index`
+    /// (which must be in the log or be the current snapshot).
+    pub fn snapshot_at(
+        &self,
+        index: LogIndex,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Option<Snapshot> {
+        Some(Snapshot {
+            meta: SnapshotMeta {
+                index,
+                term: self.term_of(index)?,
+                conf_state,
+            },
+            data,
+        })
     }
 
     fn term_of(&self, index: LogIndex) -> Option<Term> {
@@ -166,17 +203,6 @@ impl CopysetLog {
 impl LogStorage for CopysetLog {
     fn initial_state(&self) -> Result<(HardState, ConfState), StorageError> {
         Ok((self.hard_state, self.conf_state.clone()))
-    }
-
-    /// The WAL keeps a snapshot's metadata only; its data — the copyset's chunks — is not
-    /// produced by the engine yet, so no piece can be served and the leader keeps waiting.
-    fn snapshot_piece(
-        &self,
-        _index: LogIndex,
-        _offset: u64,
-        _max_bytes: u64,
-    ) -> Result<raftcore::SnapshotPiece, StorageError> {
-        Err(StorageError::Unavailable)
     }
 
     fn entries(
@@ -224,6 +250,24 @@ impl LogStorage for CopysetLog {
 
     fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {
         Ok(self.snapshot.clone())
+    }
+
+    fn snapshot_piece(
+        &self,
+        index: LogIndex,
+        offset: u64,
+        max_bytes: u64,
+    ) -> Result<SnapshotPiece, StorageError> {
+        if index != self.snapshot.index {
+            return Err(StorageError::Unavailable);
+        }
+        let total_len = self.snapshot_data.len() as u64;
+        let from = offset.min(total_len) as usize;
+        let to = offset.saturating_add(max_bytes.max(1)).min(total_len) as usize;
+        Ok(SnapshotPiece {
+            data: self.snapshot_data.slice(from..to),
+            total_len,
+        })
     }
 }
 

@@ -22,7 +22,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use raftcore::{ConfState, Entry, HardState, SnapshotMeta};
+use bytes::Bytes;
+use raftcore::{ConfState, Entry, HardState, LogIndex, Snapshot};
 
 use crate::storage::bdev::Bdev;
 use crate::storage::StorageError;
@@ -137,8 +138,11 @@ impl WalState {
         });
     }
 
+    /// Whether the ring can take bytes up to `end`. One batch's worth of ring always stays
+    /// free: recovery zeroes that much past the last valid record, and it must never reach
+    /// the head.
     fn check_room(&self, end: u64) -> Result<(), StorageError> {
-        if end - self.head > self.config.ring_size {
+        if end - self.head + self.config.max_batch > self.config.ring_size {
             return Err(StorageError::WalFull {
                 used: self.next - self.head,
                 size: self.config.ring_size,
@@ -276,7 +280,9 @@ impl<B: Bdev> ShardWal<B> {
         mut logs: BTreeMap<CopysetId, CopysetLog>,
     ) -> Result<(ShardWal<B>, WalRecovery), StorageError> {
         assert!(config.ring_size % config.block_size == 0);
-        assert!(config.max_batch % config.block_size == 0 && config.max_batch <= config.ring_size);
+        assert!(
+            config.max_batch % config.block_size == 0 && 2 * config.max_batch <= config.ring_size
+        );
         let image = read_ring(&*bdev, &config, head).await?;
         let scan = record::scan(&image, head);
         drop(image);
@@ -381,13 +387,31 @@ impl<B: Bdev> ShardWal<B> {
         self.append_record(copyset, RecordBody::ConfState(cs))
     }
 
-    /// Records an installed snapshot: the copyset's log before it is gone.
+    /// Records a snapshot received from the leader: the copyset's log before it is gone.
     pub fn install_snapshot(
         &self,
         copyset: CopysetId,
-        meta: SnapshotMeta,
+        snapshot: Snapshot,
     ) -> Result<u64, StorageError> {
-        self.append_record(copyset, RecordBody::Snapshot(meta))
+        self.append_record(copyset, RecordBody::Snapshot(snapshot))
+    }
+
+    /// Records a snapshot the state machine made at `index` (applied, so in the log) and
+    /// compacts the log up to it.
+    pub fn create_snapshot(
+        &self,
+        copyset: CopysetId,
+        index: LogIndex,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Result<u64, StorageError> {
+        let snapshot = self
+            .with_log(copyset, |log| log.snapshot_at(index, conf_state, data))
+            .flatten()
+            .ok_or_else(|| {
+                StorageError::Copyset(copyset.0, format!("no entry at {index} to snapshot"))
+            })?;
+        self.append_record(copyset, RecordBody::Snapshot(snapshot))
     }
 
     /// The position every record appended so far ends before.
@@ -553,6 +577,8 @@ impl<B: Bdev> ShardWal<B> {
     }
 }
 
+/// Reads the whole ring and rotates it so that the result starts at logical position `head`
+/// (which need not be block-aligned: it is where a record starts).
 async fn read_ring<B: Bdev>(
     bdev: &B,
     config: &WalConfig,
@@ -562,16 +588,14 @@ async fn read_ring<B: Bdev>(
     let mut image = Vec::with_capacity(config.ring_size as usize);
     let mut done = 0;
     while done < config.ring_size {
-        let physical = (head + done) % config.ring_size;
-        let len = PIECE
-            .min(config.ring_size - done)
-            .min(config.ring_size - physical);
+        let len = PIECE.min(config.ring_size - done);
         let buffer = bdev
-            .read(config.ring_offset + physical, bdev.alloc(len as usize)?)
+            .read(config.ring_offset + done, bdev.alloc(len as usize)?)
             .await?;
         image.extend_from_slice(buffer.as_slice());
         done += len;
     }
+    image.rotate_left((head % config.ring_size) as usize);
     Ok(image)
 }
 

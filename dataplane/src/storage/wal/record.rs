@@ -12,7 +12,9 @@
 //! earlier lap never passes for the record expected at a position.
 
 use bytes::Bytes;
-use raftcore::{ConfState, Entry, EntryKind, HardState, LogIndex, NodeId, SnapshotMeta, Term};
+use raftcore::{
+    ConfState, Entry, EntryKind, HardState, LogIndex, NodeId, Snapshot, SnapshotMeta, Term,
+};
 
 use crate::storage::layout::{Reader, Writer};
 
@@ -40,8 +42,9 @@ pub enum RecordBody {
     HardState(HardState),
     /// The copyset's membership, as applied.
     ConfState(ConfState),
-    /// A snapshot was installed: the log before it is gone.
-    Snapshot(SnapshotMeta),
+    /// A snapshot was installed or made: the log before it is gone. Carries the state
+    /// machine's image as it wrote it.
+    Snapshot(Snapshot),
     /// Filler to the end of a batch; `len` bytes in all, header included.
     Pad(u32),
 }
@@ -136,7 +139,9 @@ impl Record {
             RecordBody::Entry(entry) => entry.data.len(),
             RecordBody::HardState(_) => 24,
             RecordBody::ConfState(cs) => conf_state_len(cs),
-            RecordBody::Snapshot(meta) => 16 + conf_state_len(&meta.conf_state),
+            RecordBody::Snapshot(snapshot) => {
+                16 + conf_state_len(&snapshot.meta.conf_state) + 4 + snapshot.data.len()
+            }
             RecordBody::Pad(_) => 0,
         }
     }
@@ -158,7 +163,9 @@ impl Record {
             ),
             RecordBody::HardState(_) => (0, 0, KIND_HARD_STATE, payload as u32),
             RecordBody::ConfState(_) => (0, 0, KIND_CONF_STATE, payload as u32),
-            RecordBody::Snapshot(m) => (m.term.0, m.index.0, KIND_SNAPSHOT, payload as u32),
+            RecordBody::Snapshot(s) => {
+                (s.meta.term.0, s.meta.index.0, KIND_SNAPSHOT, payload as u32)
+            }
             RecordBody::Pad(len) => (0, 0, KIND_PAD, *len),
         };
         let record = &mut out[start..];
@@ -185,10 +192,12 @@ impl Record {
                     w.u64(hs.commit.0);
                 }
                 RecordBody::ConfState(cs) => encode_conf_state(cs, &mut w),
-                RecordBody::Snapshot(m) => {
-                    w.u64(m.index.0);
-                    w.u64(m.term.0);
-                    encode_conf_state(&m.conf_state, &mut w);
+                RecordBody::Snapshot(s) => {
+                    w.u64(s.meta.index.0);
+                    w.u64(s.meta.term.0);
+                    encode_conf_state(&s.meta.conf_state, &mut w);
+                    w.u32(s.data.len() as u32);
+                    w.bytes(&s.data);
                 }
                 RecordBody::Pad(_) => {}
             }
@@ -279,14 +288,21 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
         KIND_SNAPSHOT => {
             let index = LogIndex(p.u64());
             let term = Term(p.u64());
-            match decode_conf_state(&mut p) {
-                Some(conf_state) => RecordBody::Snapshot(SnapshotMeta {
+            let Some(conf_state) = decode_conf_state(&mut p) else {
+                return Decoded::End("snapshot record shorter than its fields".into());
+            };
+            let data_len = p.u32() as usize;
+            let Some(data) = p.take(data_len) else {
+                return Decoded::End("snapshot record shorter than its data".into());
+            };
+            RecordBody::Snapshot(Snapshot {
+                meta: SnapshotMeta {
                     index,
                     term,
                     conf_state,
-                }),
-                None => return Decoded::End("snapshot record shorter than its fields".into()),
-            }
+                },
+                data: Bytes::copy_from_slice(data),
+            })
         }
         KIND_PAD => RecordBody::Pad(len as u32),
         other => return Decoded::End(format!("unknown record kind {other}")),
@@ -357,10 +373,13 @@ mod tests {
                 auto_leave: true,
                 ..ConfState::default()
             }),
-            2 => RecordBody::Snapshot(SnapshotMeta {
-                index: LogIndex(rng.gen()),
-                term: Term(rng.gen()),
-                conf_state: ConfState::default(),
+            2 => RecordBody::Snapshot(Snapshot {
+                meta: SnapshotMeta {
+                    index: LogIndex(rng.gen()),
+                    term: Term(rng.gen()),
+                    conf_state: ConfState::default(),
+                },
+                data: Bytes::from_static(b"image"),
             }),
             _ => {
                 let len = rng.gen_range(0..3000);

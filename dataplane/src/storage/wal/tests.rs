@@ -3,7 +3,7 @@ use crate::storage::bdev::MemBdev;
 use bytes::Bytes;
 use futures_lite::future::block_on;
 use glommio::LocalExecutorBuilder;
-use raftcore::{EntryKind, LogIndex, LogStorage, Term};
+use raftcore::{EntryKind, LogIndex, LogStorage, SnapshotMeta, Term};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
