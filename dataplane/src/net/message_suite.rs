@@ -105,6 +105,17 @@ pub(crate) async fn serve_echo(connection: Connection, sequence: Rc<std::cell::R
     }
 }
 
+/// Connects to `listener` while it accepts: an RDMA connection is set up by both sides at
+/// once, so `connect` returns only when the listener has accepted.
+async fn connect_and_accept(
+    listener: &Listener,
+    endpoint: &Endpoint,
+    context: &NetContext,
+) -> (Connection, Connection) {
+    let (client, server) = future::zip(connect(endpoint, context), listener.accept()).await;
+    (client.expect("connect"), server.expect("accept"))
+}
+
 fn patterned(len: usize, seed: u64) -> Bytes {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let bytes: Vec<u8> = (0..len)
@@ -209,8 +220,7 @@ pub(crate) async fn a_stalled_receiver_applies_back_pressure_then_recovers(trans
     .await
     .expect("bind");
     let endpoint = listener.local_endpoint().expect("endpoint");
-    let client = connect(&endpoint, &context).await.expect("connect");
-    let server = listener.accept().await.expect("accept");
+    let (client, server) = connect_and_accept(&listener, &endpoint, &context).await;
     // The server does not read. The sender must stall well before 2000 messages of 4 KiB
     // (8 MiB) are out, whatever the socket buffers hold.
     let total = 2000u64;
@@ -259,8 +269,7 @@ pub(crate) async fn a_stalled_receiver_stalls_the_sender(transport: Transport) {
     .await
     .expect("bind");
     let endpoint = listener.local_endpoint().expect("endpoint");
-    let client = connect(&endpoint, &context).await.expect("connect");
-    let _server = listener.accept().await.expect("accept");
+    let (client, _server) = connect_and_accept(&listener, &endpoint, &context).await;
     let flood = async {
         for _ in 0..100_000u64 {
             client
@@ -291,8 +300,7 @@ pub(crate) async fn a_vanishing_peer_fails_requests_in_flight(transport: Transpo
     .await
     .expect("bind");
     let endpoint = listener.local_endpoint().expect("endpoint");
-    let client = connect(&endpoint, &context).await.expect("connect");
-    let server = listener.accept().await.expect("accept");
+    let (client, server) = connect_and_accept(&listener, &endpoint, &context).await;
     let calls: Vec<_> = (0..20u64)
         .map(|i| {
             let client = client.clone();
@@ -439,3 +447,4 @@ fn always() -> bool {
 }
 
 message_suite!(tcp, Transport::Tcp, always);
+message_suite!(softrdma, Transport::SoftRdma, always);
