@@ -761,6 +761,8 @@ impl<V: Verbs> RdmaLink<V> {
             .map_err(|e| self.error(&format!("re-post a receive: {e}")))?;
         match frame {
             None => self.owed += 1,
+            // Frames reach the server in arrival order: behind any already held.
+            Some(frame) if !self.held.is_empty() => self.held.push_back(frame),
             Some(frame) => match side.try_deliver(frame) {
                 Ok(()) => self.owed += 1,
                 // Its credit goes back once the server queue takes it.
