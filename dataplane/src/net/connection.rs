@@ -14,7 +14,7 @@ use futures_lite::future;
 use tracing::{debug, warn};
 
 use super::frame::{Frame, FrameCodec, FrameFlags, Opcode, DEFAULT_MAX_PAYLOAD};
-use super::queue::{oneshot, BoundedQueue, OneshotSender};
+use super::queue::{oneshot, BoundedQueue, OneshotSender, TryPushError};
 use super::NetError;
 
 /// Bounds and timeouts of one connection, taken from the configuration at start-up.
@@ -445,6 +445,32 @@ impl LinkSide {
             .push(frame)
             .await
             .map_err(|_| self.state.closed_error())
+    }
+
+    /// [`LinkSide::deliver`] without waiting: a frame for the server that finds its queue full
+    /// comes back (`Err`), for the link to hold and retry once [`LinkSide::wait_room`] returns.
+    /// A frame for a closed connection is dropped (`Ok`).
+    pub(crate) fn try_deliver(&self, frame: Frame) -> Result<(), Frame> {
+        if frame.header.flags.contains(FrameFlags::RESPONSE) {
+            let sender = self
+                .state
+                .pending
+                .borrow_mut()
+                .remove(&frame.header.request_id);
+            if let Some(sender) = sender {
+                sender.send(Ok(frame));
+            }
+            return Ok(());
+        }
+        match self.state.incoming.try_push(frame) {
+            Ok(()) | Err(TryPushError::Closed(_)) => Ok(()),
+            Err(TryPushError::Full(frame)) => Err(frame),
+        }
+    }
+
+    /// Waits until the server's queue has room (or is closed).
+    pub(crate) async fn wait_room(&self) {
+        self.state.incoming.wait_room().await
     }
 
     /// The peer closed its sending side cleanly: nothing more will be received, so requests

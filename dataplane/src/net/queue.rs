@@ -120,6 +120,19 @@ impl<T> BoundedQueue<T> {
         .await
     }
 
+    /// Waits until the queue has room for an item or is closed.
+    pub async fn wait_room(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.items.len() < state.capacity || state.closed {
+                return Poll::Ready(());
+            }
+            register(&mut state.push_wakers, cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Takes the first item if there is one.
     pub fn try_pop(&self) -> Option<T> {
         let mut state = self.state.borrow_mut();
@@ -171,11 +184,10 @@ pub enum TryPushError<T> {
     Closed(T),
 }
 
-/// Remembers `waker` once. A task polled again while still waiting (say, inside a select
-/// whose other branch woke it) must not add a clone per poll: the clones would pile up, and
-/// glommio counts a task's wakers in 16 bits.
+/// Adds a waker unless one that wakes the same task is there: a future polled again and again
+/// without being woken (raced against a timer, say) must not pile up clones of its waker.
 fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
-    if !wakers.iter().any(|w| w.will_wake(waker)) {
+    if !wakers.iter().any(|known| known.will_wake(waker)) {
         wakers.push(waker.clone());
     }
 }

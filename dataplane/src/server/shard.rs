@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use raftcore::{
-    ConfState, Config as RaftConfig, HardState, LogIndex, NodeId, RawNode, SnapshotMeta, StateRole,
-    Term,
+    ConfState, Config as RaftConfig, HardState, LogIndex, NodeId, RawNode, Snapshot, SnapshotMeta,
+    StateRole, Term,
 };
 use tracing::{debug, error, info, warn};
 
@@ -463,16 +463,24 @@ impl<B: Bdev + 'static> ShardServer<B> {
             conf_state,
         };
         let wal = self.engine.wal();
-        let written = wal.install_snapshot(copyset, meta).and_then(|_| {
-            wal.set_hard_state(
+        let written = wal
+            .install_snapshot(
                 copyset,
-                HardState {
-                    term: Term(1),
-                    vote: None,
-                    commit: LogIndex(1),
+                Snapshot {
+                    meta,
+                    data: Bytes::new(),
                 },
             )
-        });
+            .and_then(|_| {
+                wal.set_hard_state(
+                    copyset,
+                    HardState {
+                        term: Term(1),
+                        vote: None,
+                        commit: LogIndex(1),
+                    },
+                )
+            });
         let lsn = match written {
             Ok(lsn) => lsn,
             Err(error) => return status_of_storage(&error),
