@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{block, config, free_ports, with_client, Node};
+use common::{block, config, config_over, free_ports, with_client, with_client_over, Node};
 use dataplane::ids::{ChunkId, CopysetId};
 
 const COPYSET: CopysetId = CopysetId(7);
@@ -149,6 +149,39 @@ fn a_cluster_restarted_from_its_files_keeps_every_acknowledged_write() {
                     .expect("read"),
                 block(99)
             );
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn replication_and_clients_work_over_softrdma() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config_over(id, &ports, dir.path(), "mem", "softrdma")))
+        .collect();
+    with_client_over(&ports, "softrdma", |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            for i in 0..16u64 {
+                client
+                    .write(COPYSET, ChunkId(4), i as u32 * 4096, block(i), 1)
+                    .await
+                    .expect("write");
+            }
+            for i in 0..16u64 {
+                let data = client
+                    .read(COPYSET, ChunkId(4), i * 4096, 4096)
+                    .await
+                    .expect("read");
+                assert_eq!(data, block(i), "block {i}");
+            }
         })
     });
     for node in &mut nodes {

@@ -58,14 +58,19 @@ pub fn free_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
-/// The configuration of node `id` (1-based) of a three-node cluster.
+/// The configuration of node `id` (1-based) of a three-node cluster over TCP.
 pub fn config(id: u32, ports: &[u16], dir: &Path, backend: &str) -> Config {
+    config_over(id, ports, dir, backend, "tcp")
+}
+
+/// The same, with every listener on transport `scheme` (`tcp`, `softrdma`).
+pub fn config_over(id: u32, ports: &[u16], dir: &Path, backend: &str, scheme: &str) -> Config {
     let peer = |n: usize| ports[2 * n];
     let client = |n: usize| ports[2 * n + 1];
     let nodes: Vec<String> = (0..3)
         .map(|n| {
             format!(
-                "{{ id = {}, peer = \"tcp://127.0.0.1:{}\", client = [\"tcp://127.0.0.1:{}\"], shards = 1 }}",
+                "{{ id = {}, peer = \"{scheme}://127.0.0.1:{}\", client = [\"{scheme}://127.0.0.1:{}\"], shards = 1 }}",
                 n + 1,
                 peer(n),
                 client(n)
@@ -85,8 +90,8 @@ cores = [0]
 data_dir = "{dir}"
 
 [listen]
-peer = "tcp://127.0.0.1:{peer}"
-client = ["tcp://127.0.0.1:{client}"]
+peer = "{scheme}://127.0.0.1:{peer}"
+client = ["{scheme}://127.0.0.1:{client}"]
 
 [cluster]
 nodes = [{nodes}]
@@ -113,10 +118,15 @@ lease_ms = 150
 }
 
 pub fn addresses(ports: &[u16]) -> Vec<NodeAddress> {
+    addresses_over(ports, "tcp")
+}
+
+/// The client addresses of the three nodes, over transport `scheme`.
+pub fn addresses_over(ports: &[u16], scheme: &str) -> Vec<NodeAddress> {
     (0..3)
         .map(|n| NodeAddress {
             id: n as u64 + 1,
-            endpoint: format!("tcp://127.0.0.1:{}", ports[2 * n + 1])
+            endpoint: format!("{scheme}://127.0.0.1:{}", ports[2 * n + 1])
                 .parse()
                 .expect("endpoint"),
             shards: 1,
@@ -131,7 +141,18 @@ pub fn with_client<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
-    let addresses = addresses(ports);
+    with_client_over(ports, "tcp", body)
+}
+
+/// Runs `body` with a client over transport `scheme` on its own executor.
+pub fn with_client_over<T: Send + 'static>(
+    ports: &[u16],
+    scheme: &str,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    let addresses = addresses_over(ports, scheme);
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("test-client")
         .spawn(move || async move {
