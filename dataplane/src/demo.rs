@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,8 +13,7 @@ use hdrhistogram::Histogram;
 use crate::client::{Client, ClientConfig, NodeAddress};
 use crate::config::{Backend, ByteSize, Config, HostTopology};
 use crate::ids::{ChunkId, CopysetId};
-use crate::server::run_node;
-use crate::shard::ShutdownSignal;
+use crate::server::LocalCluster;
 
 /// What the demo runs on.
 #[derive(Debug, Clone)]
@@ -60,11 +58,6 @@ pub struct DemoReport {
 
 const COPYSET: CopysetId = CopysetId(1);
 
-struct RunningNode {
-    shutdown: ShutdownSignal,
-    thread: JoinHandle<Result<(), String>>,
-}
-
 /// Runs the demo: starts the nodes, exercises them, stops them.
 pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     let host = HostTopology::detect();
@@ -83,33 +76,12 @@ pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
         let resolved = config.validate(file, &host).map_err(|e| e.to_string())?;
         configs.push((config, resolved.cores));
     }
-    let addresses: Vec<NodeAddress> = configs
-        .iter()
-        .filter_map(|(config, cores)| {
-            Some(NodeAddress {
-                id: u64::from(config.node.id),
-                endpoint: *config.listen.client.first()?,
-                shards: cores.len() as u32,
-            })
-        })
-        .collect();
     let chunk_size = configs
         .first()
         .map(|(c, _)| c.storage.chunk_size.bytes())
         .unwrap_or(4 << 20);
-
-    let nodes: Vec<RunningNode> = configs
-        .into_iter()
-        .map(|(config, cores)| {
-            let shutdown = ShutdownSignal::new();
-            let signal = shutdown.clone();
-            let thread = std::thread::spawn(move || {
-                run_node(&config, &cores, &signal).map_err(|e| e.to_string())
-            });
-            RunningNode { shutdown, thread }
-        })
-        .collect();
-
+    let cluster = LocalCluster::start(configs);
+    let addresses = cluster.addresses().to_vec();
     let region = options.region_bytes;
     let phase = options.phase;
     let result = LocalExecutorBuilder::new(Placement::Unbound)
@@ -122,21 +94,12 @@ pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
                 .map_err(|_| "the demo client panicked".to_string())
         })
         .and_then(|r| r);
-
-    let mut node_errors = Vec::new();
-    for node in nodes {
-        node.shutdown.raise();
-        match node.thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => node_errors.push(error),
-            Err(_) => node_errors.push("a node thread panicked".into()),
-        }
-    }
-    match (result, node_errors.is_empty()) {
-        (Ok(report), true) => Ok(report),
-        (Ok(_), false) => Err(node_errors.join("; ")),
-        (Err(error), _) if node_errors.is_empty() => Err(error),
-        (Err(error), _) => Err(format!("{error}; nodes: {}", node_errors.join("; "))),
+    let stopped = cluster.stop();
+    match (result, stopped) {
+        (Ok(report), Ok(())) => Ok(report),
+        (Ok(_), Err(nodes)) => Err(nodes),
+        (Err(error), Ok(())) => Err(error),
+        (Err(error), Err(nodes)) => Err(format!("{error}; nodes: {nodes}")),
     }
 }
 

@@ -3,9 +3,11 @@
 //! - `wire`: the chunk and copyset services on the frame protocol.
 //! - `shard`: one shard's server — engine, copysets, listeners, peer connections.
 
+pub mod local;
 pub mod node;
 pub mod shard;
 pub mod wire;
 
+pub use local::{GeneratedCluster, LocalCluster};
 pub use node::{run_node, NodeError};
 pub use shard::{shard_of, ClusterView, RaftTimings, ShardServer};
