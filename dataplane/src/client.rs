@@ -122,7 +122,14 @@ impl Client {
             .nodes
             .get(&node)
             .ok_or(ClientError::UnknownNode(node))?;
-        let shard = shard_of(copyset, address.shards);
+        self.shard_connection(node, shard_of(copyset, address.shards))
+    }
+
+    fn shard_connection(&self, node: u64, shard: u32) -> Result<Rc<PeerConnection>, ClientError> {
+        let address = self
+            .nodes
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
         if let Some(connection) = self.connections.borrow().get(&(node, shard)) {
             return Ok(Rc::clone(connection));
         }
@@ -160,6 +167,36 @@ impl Client {
             .await
             .map_err(|e: NetError| e.to_string())?;
         wire::decode_response(&answer.payload).map_err(|e| e.to_string())
+    }
+
+    /// Every copyset `node` holds, from each of its shards.
+    pub async fn list_copysets(&self, node: u64) -> Result<Vec<CopysetId>, ClientError> {
+        let address = *self
+            .nodes
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
+        let mut all = Vec::new();
+        for shard in 0..address.shards {
+            let connection = self.shard_connection(node, shard)?;
+            let answer = connection
+                .call(Message::new(wire::LIST_COPYSETS, 0, Bytes::new()))
+                .await
+                .map_err(|e| ClientError::Malformed(format!("node {node} shard {shard}: {e}")))?;
+            let (status, body) = wire::decode_response(&answer.payload)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            if status != Status::Ok {
+                return Err(ClientError::Refused {
+                    op: "list copysets",
+                    copyset: CopysetId(0),
+                    status,
+                });
+            }
+            let ids = wire::decode_copyset_list(&body)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            all.extend(ids.into_iter().map(CopysetId));
+        }
+        all.sort_unstable();
+        Ok(all)
     }
 
     /// Creates `copyset` on every one of `peers` (idempotent).

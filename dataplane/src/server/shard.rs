@@ -338,6 +338,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
+            wire::LIST_COPYSETS => {
+                let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
+                ids.sort_unstable();
+                (Status::Ok, wire::encode_copyset_list(&ids))
+            }
             wire::COPYSET_STATUS => {
                 let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
                     return (Status::CopysetNotFound, Bytes::new());

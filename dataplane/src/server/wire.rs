@@ -27,6 +27,36 @@ pub const GET_CHUNK_INFO: Opcode = Opcode(20);
 pub const CREATE_COPYSET: Opcode = Opcode(32);
 /// A copyset's raft status (empty body).
 pub const COPYSET_STATUS: Opcode = Opcode(33);
+/// The copysets of the shard that receives it (empty body; answer: count u32, ids u64).
+pub const LIST_COPYSETS: Opcode = Opcode(34);
+
+/// Encodes a list of copyset ids: count u32, then each id u64.
+pub fn encode_copyset_list(ids: &[u64]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + 8 * ids.len());
+    out.put_u32_le(ids.len() as u32);
+    for id in ids {
+        out.put_u64_le(*id);
+    }
+    out.freeze()
+}
+
+/// Decodes a list of copyset ids.
+pub fn decode_copyset_list(bytes: &[u8]) -> Result<Vec<u64>, WireError> {
+    let mut reader = Reader::new(bytes, "copyset list");
+    let count = reader.u32()? as usize;
+    if count > bytes.len() / 8 {
+        return Err(WireError {
+            what: "copyset list",
+            why: "count exceeds the body",
+        });
+    }
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(reader.u64()?);
+    }
+    reader.finish()?;
+    Ok(ids)
+}
 
 /// Why a body is not what its opcode needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -384,6 +414,10 @@ mod tests {
             applied: 8,
         };
         assert_eq!(CopysetStatus::decode(&status.encode()).unwrap(), status);
+        assert_eq!(
+            decode_copyset_list(&encode_copyset_list(&[3, 9])).unwrap(),
+            vec![3, 9]
+        );
         for status in [
             Status::Redirect { leader: 3 },
             Status::CopysetNotFound,
@@ -428,6 +462,7 @@ mod tests {
             let _ = CreateCopyset::decode(&bytes);
             let _ = CopysetStatus::decode(&bytes);
             let _ = decode_response(&bytes);
+            let _ = decode_copyset_list(&bytes);
         }
     }
 }
