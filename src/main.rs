@@ -6,9 +6,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
-use dataplane::config::{Backend, Config};
+use std::rc::Rc;
+
+use dataplane::client::{Client, ClientConfig, NodeAddress};
+use dataplane::config::{Backend, ByteSize, Config};
 use dataplane::demo::DemoOptions;
+use dataplane::ids::CopysetId;
+use dataplane::nbd::{Exports, NbdConfig};
 use dataplane::shard::ShutdownSignal;
+use dataplane::volume::{Volume, VolumeSpec};
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -57,6 +63,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Serve volumes of a running cluster over NBD until SIGTERM or SIGINT.
+    Nbd {
+        /// A chunkserver configuration whose `[cluster]` lists the nodes.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the NBD server listens.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: std::net::SocketAddr,
+        /// A volume as NAME:COPYSET:SIZE (size with a suffix, such as 1GiB); repeatable, one
+        /// volume per copyset. The copyset is created on every node of the cluster if missing.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+    },
     /// Start a three-replica cluster on loopback from the embedded configuration, write and
     /// read back a region, run a short benchmark, and stop.
     Demo {
@@ -74,6 +93,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run { config } => run(&config),
+        Command::Nbd {
+            config,
+            listen,
+            volumes,
+        } => nbd(&config, listen, &volumes),
         Command::Demo { backend, seconds } => demo(&backend, seconds),
     }
 }
@@ -119,6 +143,123 @@ fn run(file: &Path) -> ExitCode {
             tracing::info!(node = config.node.id, "chunkserver stopped");
             ExitCode::SUCCESS
         }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A volume named on the command line.
+fn parse_volume(text: &str, chunk_size: u64) -> Result<VolumeSpec, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [name, copyset, size] = parts[..] else {
+        return Err(format!("--volume `{text}`: expected NAME:COPYSET:SIZE"));
+    };
+    let copyset: u64 = copyset
+        .parse()
+        .map_err(|_| format!("--volume `{text}`: `{copyset}` is not a copyset id"))?;
+    let size = size
+        .parse::<ByteSize>()
+        .map_err(|e| format!("--volume `{text}`: {e}"))?
+        .bytes();
+    if size == 0 || size % dataplane::volume::PAGE != 0 {
+        return Err(format!(
+            "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok(VolumeSpec {
+        name: name.to_string(),
+        copyset: CopysetId(copyset),
+        size,
+        chunk_size,
+        first_chunk: 1,
+    })
+}
+
+fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCode {
+    let config = match std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))
+        .and_then(|text| Config::parse(file, &text).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    dataplane::logging::init(&config.log.level, config.log.format == "json");
+    let mut specs = Vec::new();
+    for text in volumes {
+        match parse_volume(text, config.storage.chunk_size.bytes()) {
+            Ok(spec) if specs.iter().any(|s: &VolumeSpec| s.copyset == spec.copyset) => {
+                eprintln!("error: --volume `{text}`: one volume per copyset");
+                return ExitCode::FAILURE;
+            }
+            Ok(spec) => specs.push(spec),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let nodes: Vec<NodeAddress> = config
+        .cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            Some(NodeAddress {
+                id: u64::from(n.id),
+                endpoint: *n.client.first()?,
+                shards: n.shards,
+            })
+        })
+        .collect();
+    if nodes.is_empty() {
+        eprintln!(
+            "error: {}: [cluster] lists no nodes to serve volumes from",
+            file.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let shutdown = ShutdownSignal::new();
+    if let Err(error) = shutdown.install_signal_handlers() {
+        eprintln!("error: cannot install signal handlers: {error}");
+        return ExitCode::FAILURE;
+    }
+    let outcome = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("nbd")
+        .spawn(move || async move {
+            let client = Rc::new(Client::new(&nodes, ClientConfig::default()));
+            let peers: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+            let mut exports = Exports::new();
+            for spec in specs {
+                client
+                    .create_copyset(spec.copyset, &peers)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "nbd: volume {} ({} bytes) on copyset {}",
+                    spec.name, spec.size, spec.copyset
+                );
+                let name = spec.name.clone();
+                exports.insert(&name, Rc::new(Volume::new(spec, Rc::clone(&client))));
+            }
+            let listener = dataplane::nbd::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
+            println!("nbd: serving on nbd://{listen}/NAME until SIGTERM");
+            dataplane::nbd::serve(listener, Rc::new(exports), NbdConfig::default(), shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|handle| {
+            handle
+                .join()
+                .map_err(|_| "the NBD executor panicked".to_string())
+        })
+        .and_then(|r| r);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
