@@ -15,6 +15,23 @@ use crate::shard::{start_shards, ShardContext, ShutdownSignal};
 use crate::storage::bdev::{self, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
 
+/// What shards say to each other.
+pub enum ShardMessage {
+    /// Send this shard's report through the channel (a scrape of the metrics endpoint).
+    Scrape(glommio::channels::shared_channel::SharedSender<ShardReport>),
+}
+
+/// One shard's figures, handed to the shard that serves the metrics endpoint.
+pub struct ShardReport {
+    /// Its metrics.
+    pub metrics: crate::metrics::Snapshot,
+    /// Its copysets' raft state.
+    pub status: Vec<serde_json::Value>,
+}
+
+/// How long a scrape waits for another shard's report.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// DMA buffer pool of each shard's device handle.
 const POOL_BYTES: usize = 64 << 20;
 
@@ -152,6 +169,66 @@ fn prepare_shared_device(
     })
 }
 
+/// Gathers every shard's report: this shard's directly, the others' through the mesh.
+async fn gather_reports<B: crate::storage::bdev::Bdev + 'static>(
+    server: &ShardServer<B>,
+    mesh: &crate::shard::Mesh<ShardMessage>,
+) -> Vec<ShardReport> {
+    let mut reports = vec![ShardReport {
+        metrics: server.metrics_snapshot(),
+        status: server.status_json(),
+    }];
+    for shard in (0..mesh.shard_count()).filter(|&s| s != mesh.me().0) {
+        let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
+        if mesh
+            .send(crate::shard::ShardId(shard), ShardMessage::Scrape(sender))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let receiver = receiver.connect().await;
+        let report = futures_lite::future::or(receiver.recv(), async {
+            glommio::timer::sleep(SCRAPE_TIMEOUT).await;
+            None
+        })
+        .await;
+        reports.extend(report);
+    }
+    reports
+}
+
+fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
+    node: u64,
+    server: Rc<ShardServer<B>>,
+    mesh: Rc<crate::shard::Mesh<ShardMessage>>,
+) -> crate::metrics::http::Pages {
+    let (metrics_server, metrics_mesh) = (Rc::clone(&server), Rc::clone(&mesh));
+    crate::metrics::http::Pages {
+        metrics: Box::new(move || {
+            let (server, mesh) = (Rc::clone(&metrics_server), Rc::clone(&metrics_mesh));
+            Box::pin(async move {
+                let mut merged = crate::metrics::Snapshot::default();
+                for report in gather_reports(&server, &mesh).await {
+                    merged.merge(report.metrics);
+                }
+                merged.render()
+            })
+        }),
+        status: Box::new(move || {
+            let (server, mesh) = (Rc::clone(&server), Rc::clone(&mesh));
+            Box::pin(async move {
+                let reports = gather_reports(&server, &mesh).await;
+                let shards = reports.len();
+                let copysets: Vec<serde_json::Value> =
+                    reports.into_iter().flat_map(|r| r.status).collect();
+                serde_json::json!({"node": node, "shards": shards, "copysets": copysets})
+                    .to_string()
+            })
+        }),
+    }
+}
+
 /// Runs the node until `shutdown` is raised; returns once every shard has stopped.
 pub fn run_node(
     config: &Config,
@@ -200,71 +277,109 @@ pub fn run_node(
     let peer_endpoint = config.listen.peer;
     let client_endpoints = config.listen.client.clone();
     let stop_all = shutdown.clone();
+    let metrics_address = config.metrics.address;
 
-    let results = start_shards(cores, 64, shutdown, move |ctx: ShardContext<()>| {
-        let plan = plan.clone();
-        let cluster = cluster.clone();
-        let storage = storage.clone();
-        let client_endpoints = client_endpoints.clone();
-        let stop_all = stop_all.clone();
-        async move {
-            let shard = ctx.shard.0;
-            let result = async {
-                let (uri, device_shard, fresh_memory) = match &plan {
-                    DevicePlan::Shared { uri } => (uri.clone(), shard, false),
-                    DevicePlan::PerShardMemory { size } => (format!("mem://?size={size}"), 0, true),
-                };
-                let bdev = bdev::open(&uri, POOL_BYTES)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if fresh_memory {
-                    let options = FormatOptions {
-                        device_is_zeroed: true,
-                        ..FormatOptions::from_config(&storage, 1)
+    let results = start_shards(
+        cores,
+        64,
+        shutdown,
+        move |mut ctx: ShardContext<ShardMessage>| {
+            let plan = plan.clone();
+            let cluster = cluster.clone();
+            let storage = storage.clone();
+            let client_endpoints = client_endpoints.clone();
+            let stop_all = stop_all.clone();
+            async move {
+                let shard = ctx.shard.0;
+                let result = async {
+                    let (uri, device_shard, fresh_memory) = match &plan {
+                        DevicePlan::Shared { uri } => (uri.clone(), shard, false),
+                        DevicePlan::PerShardMemory { size } => {
+                            (format!("mem://?size={size}"), 0, true)
+                        }
                     };
-                    format(&bdev, &options, device_uuid(node ^ u64::from(shard)))
+                    let bdev = bdev::open(&uri, POOL_BYTES)
                         .await
                         .map_err(|e| e.to_string())?;
-                }
-                let capacity = bdev.capacity();
-                let (engine, recovery) =
-                    ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                info!(
-                    node,
-                    shard,
-                    capacity,
-                    copysets = recovery.copysets.len(),
-                    wal_records = recovery.wal_records,
-                    "shard engine open"
-                );
-                let server =
-                    ShardServer::new(node, shard, Rc::new(engine), &recovery, cluster, timings)
-                        .map_err(|e| e.to_string())?;
-                let net = NetContext::default();
-                let peer = Listener::bind_shard(&peer_endpoint, shard, &net)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut clients = Vec::new();
-                for endpoint in &client_endpoints {
-                    clients.push(
-                        Listener::bind_shard(endpoint, shard, &net)
+                    if fresh_memory {
+                        let options = FormatOptions {
+                            device_is_zeroed: true,
+                            ..FormatOptions::from_config(&storage, 1)
+                        };
+                        format(&bdev, &options, device_uuid(node ^ u64::from(shard)))
                             .await
-                            .map_err(|e| e.to_string())?,
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let capacity = bdev.capacity();
+                    let (engine, recovery) =
+                        ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    info!(
+                        node,
+                        shard,
+                        capacity,
+                        copysets = recovery.copysets.len(),
+                        wal_records = recovery.wal_records,
+                        "shard engine open"
                     );
+                    let server =
+                        ShardServer::new(node, shard, Rc::new(engine), &recovery, cluster, timings)
+                            .map_err(|e| e.to_string())?;
+                    let net = NetContext::default();
+                    let peer = Listener::bind_shard(&peer_endpoint, shard, &net)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut clients = Vec::new();
+                    for endpoint in &client_endpoints {
+                        clients.push(
+                            Listener::bind_shard(endpoint, shard, &net)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    // Answer other shards' scrapes.
+                    for (_, receiver) in ctx.mesh.take_receivers() {
+                        let server = Rc::clone(&server);
+                        glommio::spawn_local(async move {
+                            while let Some(ShardMessage::Scrape(reply)) = receiver.recv().await {
+                                let reply = reply.connect().await;
+                                let report = ShardReport {
+                                    metrics: server.metrics_snapshot(),
+                                    status: server.status_json(),
+                                };
+                                // The scraper may have given up; nothing to do then.
+                                let _ = reply.send(report).await;
+                            }
+                        })
+                        .detach();
+                    }
+                    let mesh = Rc::new(ctx.mesh);
+                    if let (0, Some(address)) = (shard, metrics_address) {
+                        let listener = crate::metrics::http::bind(address)
+                            .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
+                        let pages = metrics_pages(node, Rc::clone(&server), Rc::clone(&mesh));
+                        let stop = ctx.shutdown.clone();
+                        glommio::spawn_local(crate::metrics::http::serve(
+                            listener,
+                            Rc::new(pages),
+                            stop,
+                        ))
+                        .detach();
+                        info!(node, %address, "metrics endpoint serving /metrics and /status");
+                    }
+                    info!(node, shard, core = ctx.core, "shard serving");
+                    server.run(peer, clients, ctx.shutdown.clone()).await;
+                    Ok::<(), String>(())
                 }
-                info!(node, shard, core = ctx.core, "shard serving");
-                server.run(peer, clients, ctx.shutdown.clone()).await;
-                Ok::<(), String>(())
+                .await;
+                if result.is_err() {
+                    // One shard that cannot run takes the node down rather than serving partly.
+                    stop_all.raise();
+                }
+                result.map_err(|reason| NodeError::Shard { shard, reason })
             }
-            .await;
-            if result.is_err() {
-                // One shard that cannot run takes the node down rather than serving partly.
-                stop_all.raise();
-            }
-            result.map_err(|reason| NodeError::Shard { shard, reason })
-        }
-    })?;
+        },
+    )?;
     results.into_iter().collect()
 }

@@ -98,6 +98,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     peers: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
     /// Seeds the copysets' election randomness.
     seed: u64,
+    /// This shard's metrics: plain cells, touched only by this shard.
+    metrics: crate::metrics::Registry,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -125,6 +127,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
             outbox_ready: Notify::new(),
             peers: RefCell::new(HashMap::new()),
             seed: node << 32 | u64::from(shard),
+            metrics: crate::metrics::Registry::new(&[
+                ("node", &node.to_string()),
+                ("shard", &shard.to_string()),
+            ]),
         });
         for recovered in &recovery.copysets {
             server.open_copyset(recovered.copyset, recovered.applied)?;
@@ -287,13 +293,113 @@ impl<B: Bdev + 'static> ShardServer<B> {
             self.receive_raft(&payload);
             return;
         }
+        let began = std::time::Instant::now();
+        let request_bytes = payload.len() as u64;
         let (status, body) = self.handle(opcode, copyset, payload).await;
+        self.count_request(
+            opcode,
+            &status,
+            request_bytes + body.len() as u64,
+            began.elapsed(),
+        );
         if incoming.expects_response() {
             let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &body));
             if let Err(error) = incoming.respond(response).await {
                 debug!(%error, "response not sent");
             }
         }
+    }
+
+    fn count_request(
+        &self,
+        opcode: crate::net::Opcode,
+        status: &Status,
+        bytes: u64,
+        latency: Duration,
+    ) {
+        let op = wire::opcode_name(opcode);
+        let result = status.name();
+        self.metrics
+            .counter(
+                "chunkserver_requests_total",
+                "Client requests answered, by operation and result.",
+                &[("op", op), ("result", result)],
+            )
+            .inc();
+        self.metrics
+            .counter(
+                "chunkserver_request_bytes_total",
+                "Request and response payload bytes.",
+                &[("op", op)],
+            )
+            .add(bytes);
+        self.metrics
+            .latency(
+                "chunkserver_request_seconds",
+                "Time from a request's arrival to its answer.",
+                &[("op", op)],
+            )
+            .record(latency);
+    }
+
+    /// This shard's metrics, with the gauges read now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let copysets = self.copysets.borrow();
+        let leaders = copysets
+            .values()
+            .filter(|c| c.borrow().role() == StateRole::Leader)
+            .count();
+        self.metrics
+            .gauge("chunkserver_copysets", "Copysets on the shard.", &[])
+            .set(copysets.len() as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_copysets_leading",
+                "Copysets this shard leads.",
+                &[],
+            )
+            .set(leaders as i64);
+        let wal = self.engine.wal().stats();
+        self.metrics
+            .gauge(
+                "chunkserver_wal_batches",
+                "WAL batches written (one write and one flush each).",
+                &[],
+            )
+            .set(wal.batches as i64);
+        self.metrics
+            .gauge("chunkserver_wal_records", "WAL records appended.", &[])
+            .set(wal.records as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_wal_bytes",
+                "Bytes written to the WAL ring.",
+                &[],
+            )
+            .set(wal.bytes as i64);
+        self.metrics.snapshot()
+    }
+
+    /// The copysets' raft state, for `/status`.
+    pub fn status_json(&self) -> Vec<serde_json::Value> {
+        let copysets = self.copysets.borrow();
+        let mut ids: Vec<&CopysetId> = copysets.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|id| {
+                let core = copysets.get(id)?.borrow();
+                let raft = core.node().raft();
+                Some(serde_json::json!({
+                    "copyset": id.0,
+                    "shard": self.shard,
+                    "role": format!("{:?}", core.role()).to_lowercase(),
+                    "leader": core.leader().map_or(0, |l| l.0),
+                    "term": raft.term.0,
+                    "commit": raft.log.committed.0,
+                    "applied": core.applied().0,
+                }))
+            })
+            .collect()
     }
 
     fn receive_raft(self: &Rc<Self>, payload: &Bytes) {

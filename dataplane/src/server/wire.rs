@@ -58,6 +58,21 @@ pub fn decode_copyset_list(bytes: &[u8]) -> Result<Vec<u64>, WireError> {
     Ok(ids)
 }
 
+/// A short name of a service opcode, for metrics and logs.
+pub fn opcode_name(opcode: Opcode) -> &'static str {
+    match opcode {
+        RAFT => "raft",
+        WRITE_CHUNK => "write",
+        READ_CHUNK => "read",
+        DELETE_CHUNK => "delete",
+        GET_CHUNK_INFO => "chunk_info",
+        CREATE_COPYSET => "create_copyset",
+        COPYSET_STATUS => "copyset_status",
+        LIST_COPYSETS => "list_copysets",
+        _ => "unknown",
+    }
+}
+
 /// Why a body is not what its opcode needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {what}: {why}")]
@@ -277,6 +292,20 @@ pub enum Status {
 }
 
 impl Status {
+    /// A short name, for metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Redirect { .. } => "redirect",
+            Status::CopysetNotFound => "copyset_not_found",
+            Status::ChunkNotFound => "chunk_not_found",
+            Status::Invalid(_) => "invalid",
+            Status::BackwardSn => "backward_sn",
+            Status::Retry(_) => "retry",
+            Status::Io(_) => "io_error",
+        }
+    }
+
     fn code(&self) -> u8 {
         match self {
             Status::Ok => 0,

@@ -20,10 +20,16 @@ pub struct Node {
 
 impl Node {
     pub fn start(config: Config) -> Node {
+        Node::start_on(config, vec![0])
+    }
+
+    /// Starts the node with one shard per entry of `cores`.
+    pub fn start_on(config: Config, cores: Vec<u32>) -> Node {
         let shutdown = ShutdownSignal::new();
         let signal = shutdown.clone();
-        let thread =
-            std::thread::spawn(move || run_node(&config, &[0], &signal).map_err(|e| e.to_string()));
+        let thread = std::thread::spawn(move || {
+            run_node(&config, &cores, &signal).map_err(|e| e.to_string())
+        });
         Node {
             shutdown,
             thread: Some(thread),
@@ -123,13 +129,18 @@ pub fn addresses(ports: &[u16]) -> Vec<NodeAddress> {
 
 /// The client addresses of the three nodes, over transport `scheme`.
 pub fn addresses_over(ports: &[u16], scheme: &str) -> Vec<NodeAddress> {
+    addresses_with_shards(ports, scheme, 1)
+}
+
+/// The client addresses of three nodes of `shards` shards each.
+pub fn addresses_with_shards(ports: &[u16], scheme: &str, shards: u32) -> Vec<NodeAddress> {
     (0..3)
         .map(|n| NodeAddress {
             id: n as u64 + 1,
             endpoint: format!("{scheme}://127.0.0.1:{}", ports[2 * n + 1])
                 .parse()
                 .expect("endpoint"),
-            shards: 1,
+            shards,
         })
         .collect()
 }
