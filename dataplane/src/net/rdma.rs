@@ -91,6 +91,9 @@ const WR_WRITE: u64 = 3 << 56;
 const WR_INDEX_MASK: u64 = (1 << 56) - 1;
 /// After this many idle turns spent yielding, a pump without a completion signal sleeps.
 const IDLE_SPINS: u32 = 64;
+/// The first sleep of an idle pump that must poll; it doubles every 16 idle turns up to 32×
+/// (1.6 ms), so a quiet connection costs a few hundred wake-ups a second, not tens of
+/// thousands. Sending never waits for it: new frames wake the pump at once.
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
 
 /// The verbs devices a shard has opened, shared by its listeners and connections.
@@ -669,7 +672,10 @@ impl<V: Verbs> RdmaLink<V> {
             match self.cq.completion_signal() {
                 Some(signal) => signal.notified().await,
                 None if idle_turns < IDLE_SPINS => glommio::executor().yield_now().await,
-                None => glommio::timer::sleep(IDLE_SLEEP).await,
+                None => {
+                    let doublings = ((idle_turns - IDLE_SPINS) / 16).min(5);
+                    glommio::timer::sleep(IDLE_SLEEP * (1 << doublings)).await
+                }
             }
         };
         let outgoing = async {
