@@ -361,7 +361,7 @@ pub(crate) async fn a_vanishing_peer_fails_requests_in_flight(transport: Transpo
 /// An error response reaches the caller as `Remote`; a request nobody answers times out.
 pub(crate) async fn errors_and_timeouts_reach_the_caller(transport: Transport) {
     let mut context = context();
-    context.connection.request_timeout = Duration::from_millis(200);
+    context.connection.request_timeout = Duration::from_secs(1);
     let (endpoint, _) = start_echo_server(transport, &context).await;
     let connection = connect(&endpoint, &context).await.expect("connect");
     match connection
