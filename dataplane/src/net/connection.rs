@@ -230,14 +230,15 @@ impl Connection {
 
     /// Sends a message that expects no response. Returns once it is queued for sending.
     pub async fn send(&self, message: Message) -> Result<(), NetError> {
-        let frame = Frame::new(
+        let state = &self.handle.state;
+        state.check_open()?;
+        let frame = state.frame(
             message.opcode,
             FrameFlags::ONE_WAY,
             0,
             message.copyset,
             message.payload,
-        );
-        self.handle.state.check_open()?;
+        )?;
         self.handle.state.enqueue(frame).await
     }
 
@@ -298,13 +299,13 @@ impl Incoming {
                 reason: "a one-way message cannot be answered".into(),
             });
         };
-        let frame = Frame::new(
+        let frame = self.connection.handle.state.frame(
             response.opcode,
             flags,
             request_id,
             response.copyset,
             response.payload,
-        );
+        )?;
         self.connection.handle.state.enqueue(frame).await
     }
 }
@@ -332,13 +333,13 @@ impl ConnectionState {
             state: self,
             request_id,
         };
-        let frame = Frame::new(
+        let frame = self.frame(
             request.opcode,
             FrameFlags::default(),
             request_id,
             request.copyset,
             request.payload,
-        );
+        )?;
         self.enqueue(frame).await?;
         let response = receiver.await.ok_or_else(|| self.closed_error())??;
         if response.header.flags.contains(FrameFlags::ERROR) {
@@ -347,6 +348,25 @@ impl ConnectionState {
             });
         }
         Ok(Message::from_frame(response))
+    }
+
+    /// A frame, once its payload is known to be within the bound (so `Frame::new` cannot
+    /// fail on its length).
+    fn frame(
+        &self,
+        opcode: Opcode,
+        flags: FrameFlags,
+        request_id: u64,
+        copyset: u64,
+        payload: Bytes,
+    ) -> Result<Frame, NetError> {
+        if payload.len() > self.config.max_payload as usize {
+            return Err(NetError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.config.max_payload,
+            });
+        }
+        Ok(Frame::new(opcode, flags, request_id, copyset, payload))
     }
 
     /// Queues a frame for the link. Only a closed send queue refuses it: after the peer

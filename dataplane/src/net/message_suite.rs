@@ -361,7 +361,7 @@ pub(crate) async fn a_vanishing_peer_fails_requests_in_flight(transport: Transpo
 /// An error response reaches the caller as `Remote`; a request nobody answers times out.
 pub(crate) async fn errors_and_timeouts_reach_the_caller(transport: Transport) {
     let mut context = context();
-    context.connection.request_timeout = Duration::from_millis(200);
+    context.connection.request_timeout = Duration::from_secs(1);
     let (endpoint, _) = start_echo_server(transport, &context).await;
     let connection = connect(&endpoint, &context).await.expect("connect");
     match connection
@@ -409,6 +409,63 @@ pub(crate) async fn many_connections_work_at_once(transport: Transport) {
         .collect();
     for client in clients {
         client.await;
+    }
+}
+
+/// Records where each buffer it hands out starts.
+struct RecordingAllocator {
+    inner: super::payload::AlignedHeapAllocator,
+    starts: std::cell::RefCell<Vec<usize>>,
+}
+
+impl super::payload::PayloadAllocator for RecordingAllocator {
+    fn allocate(
+        &self,
+        len: usize,
+    ) -> Result<Box<dyn super::payload::PayloadBuffer>, super::payload::AllocError> {
+        let mut buffer = self.inner.allocate(len)?;
+        self.starts
+            .borrow_mut()
+            .push((*buffer).as_mut().as_ptr() as usize);
+        Ok(buffer)
+    }
+}
+
+/// Every received payload is the very buffer the shard's allocator gave (no copy after it),
+/// which is what lets the storage engine's DMA pool receive payloads for the WAL.
+pub(crate) async fn payloads_arrive_in_buffers_from_the_shard_allocator(transport: Transport) {
+    let client_context = context();
+    let mut server_context = context();
+    let allocator = Rc::new(RecordingAllocator {
+        inner: super::payload::AlignedHeapAllocator::new(4096),
+        starts: std::cell::RefCell::new(Vec::new()),
+    });
+    server_context.allocator = allocator.clone();
+    let listener = Listener::bind(
+        &Endpoint {
+            transport,
+            addr: listen_addr(),
+        },
+        &server_context,
+    )
+    .await
+    .expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let (client, server) = connect_and_accept(&listener, &endpoint, &client_context).await;
+    for (i, len) in [100usize, 4096, 200_000].into_iter().enumerate() {
+        let payload = patterned(len, i as u64);
+        client
+            .send(Message::new(SEQUENCE, 0, payload.clone()))
+            .await
+            .expect("send");
+        let incoming = server.next_incoming().await.expect("a message");
+        assert_eq!(incoming.message.payload, payload);
+        let start = incoming.message.payload.as_ptr() as usize;
+        assert!(
+            allocator.starts.borrow().contains(&start),
+            "{len} bytes: the payload is not a buffer from the allocator"
+        );
+        assert_eq!(start % 4096, 0, "allocator alignment kept");
     }
 }
 
@@ -462,6 +519,11 @@ macro_rules! message_suite {
             #[test]
             fn errors_and_timeouts_reach_the_caller() {
                 run(super::errors_and_timeouts_reach_the_caller);
+            }
+
+            #[test]
+            fn payloads_arrive_in_buffers_from_the_shard_allocator() {
+                run(super::payloads_arrive_in_buffers_from_the_shard_allocator);
             }
 
             #[test]
