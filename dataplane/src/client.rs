@@ -241,6 +241,17 @@ impl Client {
         CopysetStatus::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
+    /// Asks the copyset's leader to hand leadership to `to` (a voter). Returns once the leader
+    /// accepted; the transfer itself completes within an election timeout.
+    pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {
+        let body = Bytes::copy_from_slice(&to.to_le_bytes());
+        self.leader_call("transfer leader", copyset, wire::TRANSFER_LEADER, body)
+            .await?;
+        // The cached leader is about to be wrong.
+        self.leaders.borrow_mut().remove(&copyset);
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of `chunk`; returns once replicated and applied.
     pub async fn write(
         &self,

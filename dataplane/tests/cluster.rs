@@ -188,3 +188,60 @@ fn replication_and_clients_work_over_softrdma() {
         node.stop();
     }
 }
+
+#[test]
+fn leadership_moves_to_the_node_it_is_transferred_to() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "mem")))
+        .collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            client
+                .write(COPYSET, ChunkId(1), 0, block(1), 1)
+                .await
+                .expect("write");
+            let leader = client.cached_leader(COPYSET).expect("leader");
+            let target = if leader == 3 { 1 } else { leader + 1 };
+            client
+                .transfer_leader(COPYSET, target)
+                .await
+                .expect("transfer accepted");
+            let started = Instant::now();
+            loop {
+                let status = client
+                    .copyset_status(target, COPYSET)
+                    .await
+                    .expect("status");
+                if status.role == 3 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no transfer: {status:?}"
+                );
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            client
+                .write(COPYSET, ChunkId(1), 4096, block(2), 1)
+                .await
+                .expect("write after");
+            assert_eq!(client.cached_leader(COPYSET), Some(target));
+            assert_eq!(
+                client
+                    .read(COPYSET, ChunkId(1), 0, 4096)
+                    .await
+                    .expect("read"),
+                block(1)
+            );
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

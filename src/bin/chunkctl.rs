@@ -53,6 +53,15 @@ enum CopysetCommand {
         #[arg(long, value_delimiter = ',')]
         peers: Vec<u64>,
     },
+    /// Hands a copyset's leadership to another voter.
+    TransferLeader {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node id of the new leader.
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 /// One replica as a status line shows it.
@@ -267,6 +276,20 @@ fn main() -> ExitCode {
                         Ok(())
                     } else {
                         Err(format!("{} problem(s)", found.len()))
+                    }
+                }
+                Command::Copyset(CopysetCommand::TransferLeader { id, to }) => {
+                    client.set_peers(CopysetId(id), &ids);
+                    match client.transfer_leader(CopysetId(id), to).await {
+                        Ok(()) => {
+                            if cli.json {
+                                println!("{}", json!({"copyset": id, "transfer_to": to}));
+                            } else {
+                                println!("copyset {id}: leadership transfer to node {to} started");
+                            }
+                            Ok(())
+                        }
+                        Err(error) => Err(error.to_string()),
                     }
                 }
                 Command::Copyset(CopysetCommand::Create { id, peers }) => {

@@ -444,6 +444,31 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
+            wire::TRANSFER_LEADER => {
+                let Ok(target) = <[u8; 8]>::try_from(&payload[..]) else {
+                    return (
+                        Status::Invalid("the body is a node id".into()),
+                        Bytes::new(),
+                    );
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let result = core
+                    .borrow_mut()
+                    .transfer_leader(NodeId(u64::from_le_bytes(target)));
+                self.drive(copyset, &core);
+                match result {
+                    Ok(()) => (Status::Ok, Bytes::new()),
+                    Err(raftcore::RaftError::NotLeader { leader }) => (
+                        Status::Redirect {
+                            leader: leader.map_or(0, |l| l.0),
+                        },
+                        Bytes::new(),
+                    ),
+                    Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+                }
+            }
             wire::LIST_COPYSETS => {
                 let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
                 ids.sort_unstable();

@@ -29,6 +29,8 @@ pub const CREATE_COPYSET: Opcode = Opcode(32);
 pub const COPYSET_STATUS: Opcode = Opcode(33);
 /// The copysets of the shard that receives it (empty body; answer: count u32, ids u64).
 pub const LIST_COPYSETS: Opcode = Opcode(34);
+/// Ask the leader to hand leadership to a voter (body: node id u64).
+pub const TRANSFER_LEADER: Opcode = Opcode(35);
 
 /// Encodes a list of copyset ids: count u32, then each id u64.
 pub fn encode_copyset_list(ids: &[u64]) -> Bytes {
@@ -69,6 +71,7 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",
+        TRANSFER_LEADER => "transfer_leader",
         _ => "unknown",
     }
 }
