@@ -148,6 +148,8 @@ pub struct Options {
     pub duplicate: Option<f64>,
     /// Override the partition probability.
     pub partition: Option<f64>,
+    /// Override the crash probability.
+    pub crash: Option<f64>,
     /// Override the length of the safety phase.
     pub safety_time: Option<u64>,
 }
@@ -325,6 +327,9 @@ impl World {
         }
         if let Some(partition) = options.partition {
             params.partition = partition;
+        }
+        if let Some(crash) = options.crash {
+            params.crash = crash;
         }
         if let Some(safety_time) = options.safety_time {
             params.safety_time = safety_time;
@@ -1193,6 +1198,17 @@ impl World {
             self.complete_io()?;
             for id in self.live_ids() {
                 self.process_ready(id)?;
+            }
+            if self.in_flight.len() > 100_000 || self.stats.delivered > 5_000_000 {
+                return Err(self.fail(
+                    FailureKind::Liveness,
+                    format!(
+                        "message storm: {} in flight, {} delivered\n{}",
+                        self.in_flight.len(),
+                        self.stats.delivered,
+                        self.describe()
+                    ),
+                ));
             }
             self.serve_reads();
             self.expire_ops();
