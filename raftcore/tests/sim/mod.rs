@@ -299,6 +299,7 @@ pub struct Stats {
     pub snapshots_installed: u64,
     pub writes_ok: u64,
     pub reads_ok: u64,
+    pub lease_reads_asked: u64,
     pub elections: u64,
 }
 
@@ -311,6 +312,7 @@ impl Stats {
         self.snapshots_installed += other.snapshots_installed;
         self.writes_ok += other.writes_ok;
         self.reads_ok += other.reads_ok;
+        self.lease_reads_asked += other.lease_reads_asked;
         self.elections += other.elections;
     }
 }
@@ -977,8 +979,20 @@ impl World {
                 continue;
             }
             let live = self.live_ids();
+            // Clients route by what they last heard: any peer that believes it leads (a
+            // deposed leader in a minority partition too), sometimes any peer at all.
+            let leaders: Vec<NodeId> = live
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.nodes[id]
+                        .raw
+                        .as_ref()
+                        .is_some_and(|r| r.raft().state == StateRole::Leader)
+                })
+                .collect();
             let target = if self.rng.chance(0.8) {
-                self.current_leader()
+                self.rng.pick(&leaders)
             } else {
                 None
             };
@@ -1009,6 +1023,9 @@ impl World {
             };
             if !accepted {
                 continue;
+            }
+            if !is_write && lease {
+                self.stats.lease_reads_asked += 1;
             }
             self.event_seq += 1;
             let call = self.event_seq;
