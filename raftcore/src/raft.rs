@@ -23,6 +23,8 @@ pub enum InjectedBug {
     CountDuplicateVotes,
     /// A voter grants its vote without checking that the candidate's log is up to date.
     SkipLogUpToDateCheck,
+    /// Votes and append acknowledgements leave before the state they promise is persisted.
+    AcknowledgeBeforePersisting,
 }
 
 /// How a peer behaves. Times are in ticks: the driver calls `tick()` at a fixed period.
@@ -411,7 +413,8 @@ impl<S: LogStorage> Raft<S> {
     }
 
     fn send(&mut self, msg: Message) {
-        let after_persist = self.state != StateRole::Leader;
+        let after_persist = self.state != StateRole::Leader
+            && self.config.fault != Some(InjectedBug::AcknowledgeBeforePersisting);
         self.outbox.push(Outgoing { msg, after_persist });
     }
 

@@ -148,6 +148,8 @@ pub struct Options {
     pub duplicate: Option<f64>,
     /// Override the partition probability.
     pub partition: Option<f64>,
+    /// Override the crash probability.
+    pub crash: Option<f64>,
     /// Override the length of the safety phase.
     pub safety_time: Option<u64>,
 }
@@ -297,6 +299,7 @@ pub struct Stats {
     pub snapshots_installed: u64,
     pub writes_ok: u64,
     pub reads_ok: u64,
+    pub lease_reads_asked: u64,
     pub elections: u64,
 }
 
@@ -309,6 +312,7 @@ impl Stats {
         self.snapshots_installed += other.snapshots_installed;
         self.writes_ok += other.writes_ok;
         self.reads_ok += other.reads_ok;
+        self.lease_reads_asked += other.lease_reads_asked;
         self.elections += other.elections;
     }
 }
@@ -325,6 +329,9 @@ impl World {
         }
         if let Some(partition) = options.partition {
             params.partition = partition;
+        }
+        if let Some(crash) = options.crash {
+            params.crash = crash;
         }
         if let Some(safety_time) = options.safety_time {
             params.safety_time = safety_time;
@@ -972,8 +979,20 @@ impl World {
                 continue;
             }
             let live = self.live_ids();
+            // Clients route by what they last heard: any peer that believes it leads (a
+            // deposed leader in a minority partition too), sometimes any peer at all.
+            let leaders: Vec<NodeId> = live
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.nodes[id]
+                        .raw
+                        .as_ref()
+                        .is_some_and(|r| r.raft().state == StateRole::Leader)
+                })
+                .collect();
             let target = if self.rng.chance(0.8) {
-                self.current_leader()
+                self.rng.pick(&leaders)
             } else {
                 None
             };
@@ -1004,6 +1023,9 @@ impl World {
             };
             if !accepted {
                 continue;
+            }
+            if !is_write && lease {
+                self.stats.lease_reads_asked += 1;
             }
             self.event_seq += 1;
             let call = self.event_seq;
@@ -1193,6 +1215,17 @@ impl World {
             self.complete_io()?;
             for id in self.live_ids() {
                 self.process_ready(id)?;
+            }
+            if self.in_flight.len() > 100_000 || self.stats.delivered > 5_000_000 {
+                return Err(self.fail(
+                    FailureKind::Liveness,
+                    format!(
+                        "message storm: {} in flight, {} delivered\n{}",
+                        self.in_flight.len(),
+                        self.stats.delivered,
+                        self.describe()
+                    ),
+                ));
             }
             self.serve_reads();
             self.expire_ops();
