@@ -119,16 +119,51 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Ports the kernel has just handed out as free.
-fn free_ports(count: usize) -> Result<Vec<u16>, String> {
-    let listeners = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot find free ports: {e}"))?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
-        .collect()
+/// How many consecutive ports each port of [`free_ports`] reserves: a node's shards listen on
+/// the base port plus the shard index.
+pub const PORTS_PER_ENDPOINT: u16 = 16;
+
+/// `count` loopback base ports, each followed by `PORTS_PER_ENDPOINT - 1` more that are also
+/// free now, for clusters started in tests and benchmarks.
+///
+/// They come from below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
+/// handed out as free from that range can be taken a moment later as the source port of any
+/// outgoing connection on the machine, before the node binds it. Each process starts at its own
+/// offset and walks on, keeping only blocks it could bind whole.
+pub fn free_ports(count: usize) -> Result<Vec<u16>, String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const BLOCKS: u32 = 22_000 / PORTS_PER_ENDPOINT as u32;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % BLOCKS,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut held = Vec::new();
+    let mut ports = Vec::with_capacity(count);
+    for _ in 0..BLOCKS {
+        if ports.len() == count {
+            break;
+        }
+        let block = NEXT.fetch_add(1, Ordering::Relaxed) % BLOCKS;
+        let base = (FIRST + block * u32::from(PORTS_PER_ENDPOINT)) as u16;
+        let bound: Result<Vec<_>, _> = (0..PORTS_PER_ENDPOINT)
+            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if let Ok(listeners) = bound {
+            held.extend(listeners);
+            ports.push(base);
+        }
+    }
+    if ports.len() < count {
+        return Err(format!(
+            "found only {} free loopback port blocks of {count}",
+            ports.len()
+        ));
+    }
+    Ok(ports)
 }
 
 fn generated_config(id: u32, ports: &[u16], options: &GeneratedCluster) -> String {

@@ -8,6 +8,6 @@ pub mod node;
 pub mod shard;
 pub mod wire;
 
-pub use local::{GeneratedCluster, LocalCluster};
+pub use local::{free_ports, GeneratedCluster, LocalCluster};
 pub use node::{run_node, NodeError};
 pub use shard::{shard_of, ClusterView, RaftTimings, ShardServer};

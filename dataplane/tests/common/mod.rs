@@ -55,13 +55,7 @@ impl Drop for Node {
 }
 
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    dataplane::server::free_ports(count).expect("free loopback ports")
 }
 
 /// The configuration of node `id` (1-based) of a three-node cluster over TCP.
