@@ -9,11 +9,14 @@
 //! the anchor, then replays the WAL from the head; the chunkserver re-applies committed
 //! entries above each copyset's checkpointed applied index, which is idempotent.
 //!
-//! Free slots read as zeroes. A slot is zeroed before it returns to the pool; after a crash,
+//! Free slots read as zeroes. A slot is zeroed before it returns to the pool. After a crash,
 //! the slots that may have been written since the last checkpoint without their metadata
 //! reaching the device are the lowest free ones (the pool always hands out the lowest free
-//! slot, and a checkpoint is forced after [`RECOVERY_ZERO_SLOTS`] allocations), so recovery
-//! zeroes those and the slots that were being released.
+//! slot, and a checkpoint is forced after [`RECOVERY_ZERO_SLOTS`] allocations); recovery marks
+//! those, and the slots that were being released, as possibly dirty, and a possibly dirty slot
+//! is zeroed when it is next taken. The anchor lists the possibly dirty slots and says whether
+//! the pool was untouched since it was written (format, or a clean close), so a fresh or
+//! cleanly closed device has none.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -120,6 +123,12 @@ pub async fn format<B: Bdev>(
             bdev.write_zeroes(layout.wal, layout.end() - layout.wal)
                 .await?;
         }
+        // Every slot reads as zeroes and none was ever taken: a clean anchor says so.
+        let clean = Anchor {
+            clean: true,
+            ..Anchor::default()
+        };
+        write_anchor(bdev, &layout, 0, 1, &clean).await?;
     }
     bdev.flush().await?;
     let superblock = Superblock {
@@ -132,6 +141,68 @@ pub async fn format<B: Bdev>(
     bdev.write(0, buffer).await?;
     bdev.flush().await?;
     Ok(superblock)
+}
+
+/// What the anchor page holds besides its header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Anchor {
+    /// Where WAL replay starts.
+    head: u64,
+    /// Written by format or a clean close: no slot was taken from the pool since.
+    clean: bool,
+    /// Free slots that may hold bytes from before a crash; zeroed before they are used.
+    maybe_dirty: BTreeSet<u32>,
+}
+
+/// Most slots an anchor page lists as possibly dirty (a 4 KiB page holds about a thousand).
+const ANCHOR_DIRTY_MAX: usize = 512;
+
+impl Anchor {
+    fn encode(&self, page: &mut [u8], generation: u64) {
+        {
+            let mut w = Writer::new(&mut page[PAGE_HEADER_LEN..]);
+            w.u64(self.head);
+            w.u32(u32::from(self.clean));
+            w.u32(self.maybe_dirty.len() as u32);
+            for slot in &self.maybe_dirty {
+                w.u32(*slot);
+            }
+        }
+        seal_page(page, PageKind::Anchor, 0, generation);
+    }
+
+    fn decode(body: &[u8]) -> Option<Anchor> {
+        let mut r = Reader::new(body);
+        let head = r.u64();
+        let clean = r.u32() & 1 != 0;
+        let count = r.u32() as usize;
+        if count > ANCHOR_DIRTY_MAX {
+            return None;
+        }
+        let maybe_dirty = (0..count).map(|_| r.u32()).collect();
+        if r.overrun() {
+            return None;
+        }
+        Some(Anchor {
+            head,
+            clean,
+            maybe_dirty,
+        })
+    }
+}
+
+async fn write_anchor<B: Bdev>(
+    bdev: &B,
+    layout: &ShardLayout,
+    copy: u8,
+    generation: u64,
+    anchor: &Anchor,
+) -> Result<(), StorageError> {
+    let mut buffer = bdev.alloc(layout.geometry.page_size as usize)?;
+    anchor.encode(writable(&mut buffer)?, generation);
+    bdev.write(layout.anchor_page(copy), buffer).await?;
+    bdev.flush().await?;
+    Ok(())
 }
 
 fn writable(buffer: &mut DmaBuf) -> Result<&mut [u8], StorageError> {
@@ -257,6 +328,8 @@ struct CheckpointState {
     /// Slots taken from the pool since the last checkpoint.
     /// Invariant: at most `RECOVERY_ZERO_SLOTS`.
     allocations: u32,
+    /// Free slots that may hold bytes from before a crash.
+    maybe_dirty: BTreeSet<u32>,
 }
 
 /// The storage engine of one shard.
@@ -361,7 +434,7 @@ impl<B: Bdev> ShardEngine<B> {
         // The anchor: the valid copy with the higher generation.
         let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
         let mut generation = 0;
-        let mut head = 0;
+        let mut anchor = Anchor::default();
         let mut anchor_copy = 1;
         let mut reasons = Vec::new();
         for copy in 0..2u8 {
@@ -376,9 +449,14 @@ impl<B: Bdev> ShardEngine<B> {
                     body,
                 } => {
                     if g > generation {
-                        generation = g;
-                        head = Reader::new(body).u64();
-                        anchor_copy = copy;
+                        match Anchor::decode(body) {
+                            Some(decoded) => {
+                                generation = g;
+                                anchor = decoded;
+                                anchor_copy = copy;
+                            }
+                            None => reasons.push(format!("copy {copy}: fields do not decode")),
+                        }
                     }
                 }
                 PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
@@ -476,37 +554,58 @@ impl<B: Bdev> ShardEngine<B> {
             bitmaps.insert(slot, bitmap);
         }
 
-        // Slots that may hold stale bytes: those being released, and the lowest free ones.
-        let mut to_zero: Vec<u32> = (0..layout.slots)
+        // Free slots that may hold stale bytes: those listed by the anchor, those that were
+        // being released, and, unless the anchor says nothing was taken from the pool since
+        // it was written, the lowest free ones (where the allocations since went). They are
+        // zeroed when they are next taken, not now: recovery costs no data I/O.
+        let mut maybe_dirty = anchor.maybe_dirty.clone();
+        let releasing: Vec<u32> = (0..layout.slots)
             .filter(|s| {
                 table
                     .slot(*s)
                     .is_some_and(|m| m.state == SlotState::Releasing)
             })
             .collect();
-        let mut remaining = RECOVERY_ZERO_SLOTS as usize;
-        for (first, count) in table.free_runs() {
-            for slot in first..first + count {
-                if remaining == 0 {
-                    break;
+        for slot in releasing {
+            table.release_done(slot);
+            maybe_dirty.insert(slot);
+        }
+        if !anchor.clean {
+            let mut remaining = RECOVERY_ZERO_SLOTS as usize;
+            for (first, count) in table.free_runs() {
+                for slot in first..first + count {
+                    if remaining == 0 {
+                        break;
+                    }
+                    maybe_dirty.insert(slot);
+                    remaining -= 1;
                 }
-                to_zero.push(slot);
-                remaining -= 1;
             }
         }
-        for slot in &to_zero {
-            bdev.write_zeroes(layout.slot_offset(*slot), geometry.chunk_size)
+        maybe_dirty.retain(|slot| {
+            table
+                .slot(*slot)
+                .is_some_and(|m| m.state == SlotState::Free)
+        });
+        // An anchor can list only so many; zero the rest now.
+        while maybe_dirty.len() > ANCHOR_DIRTY_MAX / 2 {
+            let Some(slot) = maybe_dirty.pop_last() else {
+                break;
+            };
+            bdev.write_zeroes(layout.slot_offset(slot), geometry.chunk_size)
                 .await?;
         }
-        bdev.flush().await?;
-        for slot in to_zero {
-            if table
-                .slot(slot)
-                .is_some_and(|m| m.state == SlotState::Releasing)
-            {
-                table.release_done(slot);
-            }
-        }
+        // From here on slots may be taken: the anchor must no longer say clean.
+        let recovered_generation = generation;
+        generation += 1;
+        anchor_copy ^= 1;
+        let opened = Anchor {
+            head: anchor.head,
+            clean: false,
+            maybe_dirty: maybe_dirty.clone(),
+        };
+        write_anchor(&*bdev, &layout, anchor_copy, generation, &opened).await?;
+        let head = anchor.head;
 
         let block = u64::from(geometry.block_size);
         let max_batch = options.wal_max_batch.min(geometry.wal_size / 4).max(block) / block * block;
@@ -533,7 +632,7 @@ impl<B: Bdev> ShardEngine<B> {
             copysets.extend(recovered);
         }
         let recovery = Recovery {
-            generation,
+            generation: recovered_generation,
             chunks: table.chunks().count(),
             wal_records: report.records,
             wal_stop: report.stop,
@@ -551,6 +650,7 @@ impl<B: Bdev> ShardEngine<B> {
                 meta_copy,
                 copyset_pages,
                 allocations: 0,
+                maybe_dirty,
             }),
             checkpoint_turn: Turnstile::default(),
             bitmaps: RefCell::new(bitmaps),
@@ -636,9 +736,24 @@ impl<B: Bdev> ShardEngine<B> {
         while self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
             self.checkpoint().await?;
         }
-        let slot = self.table.borrow_mut().allocate(meta)?;
-        self.checkpoint.borrow_mut().allocations += 1;
-        Ok(slot)
+        loop {
+            let slot = self.table.borrow_mut().allocate(meta)?;
+            if !self.checkpoint.borrow().maybe_dirty.contains(&slot) {
+                self.checkpoint.borrow_mut().allocations += 1;
+                return Ok(slot);
+            }
+            // A slot that may hold bytes from before a crash is zeroed first, while it is
+            // marked as being released (so a checkpoint meanwhile records it as such).
+            self.table.borrow_mut().release(slot);
+            self.bdev
+                .write_zeroes(
+                    self.layout.slot_offset(slot),
+                    self.layout.geometry.chunk_size,
+                )
+                .await?;
+            self.table.borrow_mut().release_done(slot);
+            self.checkpoint.borrow_mut().maybe_dirty.remove(&slot);
+        }
     }
 
     /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist. `sn` is
@@ -894,22 +1009,16 @@ impl<B: Bdev> ShardEngine<B> {
 
         // 5. The anchor commits the generation and moves the WAL head.
         let anchor_copy = self.checkpoint.borrow().anchor_copy ^ 1;
-        let mut anchor = self.bdev.alloc(page)?;
-        {
-            let bytes = writable(&mut anchor)?;
-            Writer::new(&mut bytes[PAGE_HEADER_LEN..]).u64(head);
-            seal_page(bytes, PageKind::Anchor, 0, generation);
-        }
-        let anchored = async {
-            self.bdev
-                .write(self.layout.anchor_page(anchor_copy), anchor)
-                .await?;
-            self.bdev.flush().await
-        }
-        .await;
+        let anchor = Anchor {
+            head,
+            clean: false,
+            maybe_dirty: self.checkpoint.borrow().maybe_dirty.clone(),
+        };
+        let anchored =
+            write_anchor(&*self.bdev, &self.layout, anchor_copy, generation, &anchor).await;
         if let Err(error) = anchored {
             self.table.borrow_mut().restore_dirty(dirty);
-            return Err(error.into());
+            return Err(error);
         }
 
         // 6. The new state is the current one.
