@@ -342,8 +342,9 @@ pub struct ShardEngine<B: Bdev> {
     wal: ShardWal<B>,
     checkpoint: RefCell<CheckpointState>,
     checkpoint_turn: Turnstile,
-    /// Page bitmaps of the slots that have one in use (snapshots and clones).
-    bitmaps: RefCell<BTreeMap<u32, Vec<u64>>>,
+    /// Page bitmaps of the slots that have one in use (snapshots), with the copy on the
+    /// device that holds the current version.
+    bitmaps: RefCell<BTreeMap<u32, (Vec<u64>, u8)>>,
     /// Bitmap pages changed since the last checkpoint.
     dirty_bitmaps: RefCell<BTreeSet<u32>>,
 }
@@ -537,21 +538,27 @@ impl<B: Bdev> ShardEngine<B> {
                 })
             })
             .collect();
+        let words = geometry.pages_per_chunk().div_ceil(64) as usize;
         for slot in bitmap_slots {
-            let offset = layout.bitmap_page(slot);
-            let buffer = bdev.read(offset, bdev.alloc(page)?).await?;
-            let words = geometry.pages_per_chunk().div_ceil(64) as usize;
-            let bitmap = match open_page(buffer.as_slice(), PageKind::Bitmap, u64::from(slot)) {
-                PageRead::Blank => vec![0; words],
-                PageRead::Valid { body, .. } => {
+            let offset = layout.bitmap_page(slot, 0);
+            let pair = bdev.read(offset, bdev.alloc(2 * page)?).await?;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = pair
+                    .as_slice()
+                    .get(copy * page..(copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::Bitmap, u64::from(slot))
+            });
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("page bitmap", offset, reason))?;
+            let bitmap = match body {
+                None => vec![0; words],
+                Some(body) => {
                     let mut r = Reader::new(body);
                     (0..words).map(|_| r.u64()).collect()
                 }
-                PageRead::Corrupt(reason) => {
-                    return Err(corrupt("page bitmap", offset, reason));
-                }
             };
-            bitmaps.insert(slot, bitmap);
+            bitmaps.insert(slot, (bitmap, copy));
         }
 
         // Free slots that may hold stale bytes: those listed by the anchor, those that were
@@ -778,7 +785,7 @@ impl<B: Bdev> ShardEngine<B> {
                         chunk_sn: meta.sn,
                     });
                 }
-                if sn > meta.sn {
+                if sn > meta.sn || meta.link != NO_SLOT {
                     self.preserve_for_snapshot(chunk, slot, offset, data.len() as u64, sn)
                         .await?;
                 }
@@ -888,11 +895,7 @@ impl<B: Bdev> ShardEngine<B> {
             size: self.layout.geometry.chunk_size,
             sn: meta.sn,
             snapshot_sn,
-            corrected_sn: if meta.flags & crate::storage::table::FLAG_CLONE != 0 {
-                0
-            } else {
-                meta.aux
-            },
+            corrected_sn: meta.aux,
         })
     }
 
@@ -903,19 +906,198 @@ impl<B: Bdev> ShardEngine<B> {
         ids
     }
 
+    /// Prepares `chunk` (in `slot`) for a write of `len` bytes at `offset` with sequence
+    /// number `sn`: a newer sn than the chunk's (and than its corrected sn) first turns the
+    /// current version into a snapshot; while a snapshot exists, the pages the write covers
+    /// that the snapshot does not hold yet are copied into it, and a checkpoint makes the
+    /// copies and the page bitmap durable before the write may overwrite them. Replaying the
+    /// write after a crash then finds them preserved and copies nothing twice.
     async fn preserve_for_snapshot(
         &self,
         chunk: ChunkId,
         slot: u32,
-        _offset: u64,
-        _len: u64,
+        offset: u64,
+        len: u64,
         sn: u64,
     ) -> Result<(), StorageError> {
-        // Without snapshots the chunk simply takes the newer sequence number.
         let mut meta = self.slot_meta(slot)?;
-        let _ = chunk;
-        meta.sn = sn;
+        if sn > meta.sn {
+            if sn <= meta.aux {
+                // The corrected sn says no snapshot was taken at this sn.
+                meta.sn = sn;
+                self.table.borrow_mut().update(slot, meta);
+                return Ok(());
+            }
+            if meta.link != NO_SLOT {
+                let snapshot_sn = self.slot_meta(meta.link)?.sn;
+                return Err(StorageError::Conflict {
+                    chunk,
+                    reason: format!(
+                        "a write with sn {sn} needs a new snapshot but the chunk still has the                          one at sn {snapshot_sn}; delete it first"
+                    ),
+                });
+            }
+            let snapshot = self
+                .allocate(SlotMeta {
+                    chunk,
+                    sn: meta.sn,
+                    link: slot,
+                    state: SlotState::Snapshot,
+                    ..SlotMeta::FREE
+                })
+                .await?;
+            let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+            self.bitmaps
+                .borrow_mut()
+                .insert(snapshot, (vec![0; words], 1));
+            self.dirty_bitmaps.borrow_mut().insert(snapshot);
+            meta = self.slot_meta(slot)?;
+            meta.link = snapshot;
+            meta.sn = sn;
+            self.table.borrow_mut().update(slot, meta);
+        }
+        if meta.link == NO_SLOT {
+            return Ok(());
+        }
+        let snapshot = meta.link;
+        let page = u64::from(self.layout.geometry.page_size);
+        let first = (offset / page) as usize;
+        let last = ((offset + len) / page) as usize;
+        let missing: Vec<usize> = {
+            let bitmaps = self.bitmaps.borrow();
+            let bitmap = bitmaps
+                .get(&snapshot)
+                .map(|(b, _)| b.as_slice())
+                .unwrap_or(&[]);
+            (first..last)
+                .filter(|p| bitmap.get(p / 64).map_or(true, |w| w & (1 << (p % 64)) == 0))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut run_start = 0;
+        while run_start < missing.len() {
+            let mut run_end = run_start + 1;
+            while run_end < missing.len() && missing[run_end] == missing[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let from = missing[run_start] as u64 * page;
+            let bytes = (run_end - run_start) as u64 * page;
+            let buffer = self.bdev.alloc(bytes as usize)?;
+            let old = self
+                .bdev
+                .read(self.layout.slot_offset(slot) + from, buffer)
+                .await?;
+            self.bdev
+                .write(self.layout.slot_offset(snapshot) + from, old)
+                .await?;
+            run_start = run_end;
+        }
+        if let Some((bitmap, _)) = self.bitmaps.borrow_mut().get_mut(&snapshot) {
+            for p in &missing {
+                if let Some(word) = bitmap.get_mut(p / 64) {
+                    *word |= 1 << (p % 64);
+                }
+            }
+        }
+        self.dirty_bitmaps.borrow_mut().insert(snapshot);
+        self.checkpoint().await
+    }
+
+    /// Reads `len` bytes at `offset` of the version of `chunk` with sequence number `sn`:
+    /// its snapshot's pages where the snapshot holds them, the chunk's elsewhere.
+    pub async fn read_snapshot(
+        &self,
+        chunk: ChunkId,
+        sn: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<DmaBuf, StorageError> {
+        self.check_request(offset, len)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let meta = self.slot_meta(slot)?;
+        let snapshot = if meta.link != NO_SLOT && self.slot_meta(meta.link)?.sn == sn {
+            meta.link
+        } else if meta.sn == sn {
+            return self.read_chunk(chunk, offset, len).await;
+        } else {
+            return Err(StorageError::SnapshotNotFound { chunk, sn });
+        };
+        let mut data = self
+            .bdev
+            .read(
+                self.layout.slot_offset(slot) + offset,
+                self.bdev.alloc(len as usize)?,
+            )
+            .await?;
+        let page = u64::from(self.layout.geometry.page_size);
+        let preserved: Vec<u64> = {
+            let bitmaps = self.bitmaps.borrow();
+            let bitmap = bitmaps
+                .get(&snapshot)
+                .map(|(b, _)| b.as_slice())
+                .unwrap_or(&[]);
+            (offset / page..(offset + len) / page)
+                .filter(|p| {
+                    bitmap
+                        .get((p / 64) as usize)
+                        .is_some_and(|w| w & (1 << (p % 64)) != 0)
+                })
+                .collect()
+        };
+        for p in preserved {
+            let old = self
+                .bdev
+                .read(
+                    self.layout.slot_offset(snapshot) + p * page,
+                    self.bdev.alloc(page as usize)?,
+                )
+                .await?;
+            let at = (p * page - offset) as usize;
+            if let Some(target) = data
+                .as_mut_slice()
+                .and_then(|d| d.get_mut(at..at + page as usize))
+            {
+                target.copy_from_slice(old.as_slice());
+            }
+        }
+        Ok(data)
+    }
+
+    /// Curve's DeleteSnapshotChunkOrCorrectSn: deletes the chunk's snapshot if it has one,
+    /// and raises its corrected sn to `corrected_sn` (so a later write with that sn makes no
+    /// new snapshot). A chunk that does not exist is not an error: applying twice is harmless.
+    pub async fn delete_snapshot_or_correct_sn(
+        &self,
+        chunk: ChunkId,
+        corrected_sn: u64,
+    ) -> Result<(), StorageError> {
+        let Some(slot) = self.table.borrow().lookup(chunk) else {
+            return Ok(());
+        };
+        let mut meta = self.slot_meta(slot)?;
+        let snapshot = meta.link;
+        meta.link = NO_SLOT;
+        if corrected_sn > meta.sn {
+            meta.aux = meta.aux.max(corrected_sn);
+        }
         self.table.borrow_mut().update(slot, meta);
+        if snapshot != NO_SLOT {
+            self.table.borrow_mut().release(snapshot);
+            self.bitmaps.borrow_mut().remove(&snapshot);
+            self.bdev
+                .write_zeroes(
+                    self.layout.slot_offset(snapshot),
+                    self.layout.geometry.chunk_size,
+                )
+                .await?;
+            self.table.borrow_mut().release_done(snapshot);
+        }
         Ok(())
     }
 
@@ -1018,6 +1200,7 @@ impl<B: Bdev> ShardEngine<B> {
             write_anchor(&*self.bdev, &self.layout, anchor_copy, generation, &anchor).await;
         if let Err(error) = anchored {
             self.table.borrow_mut().restore_dirty(dirty);
+            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
             return Err(error);
         }
 
@@ -1035,6 +1218,11 @@ impl<B: Bdev> ShardEngine<B> {
                 state.copyset_pages.insert(*copyset, (*index, *copy));
             }
             state.allocations = 0;
+        }
+        for slot in &dirty_bitmaps {
+            if let Some((_, copy)) = self.bitmaps.borrow_mut().get_mut(slot) {
+                *copy ^= 1;
+            }
         }
         self.wal.advance_head(head);
         for (copyset, log) in &logs {
@@ -1073,18 +1261,21 @@ impl<B: Bdev> ShardEngine<B> {
         }
         for slot in dirty_bitmaps {
             let mut buffer = self.bdev.alloc(page)?;
-            {
+            let copy = {
+                let bitmaps = self.bitmaps.borrow();
+                let Some((bitmap, current)) = bitmaps.get(slot) else {
+                    continue; // the snapshot is gone: its bitmap is not needed
+                };
                 let bytes = writable(&mut buffer)?;
-                if let Some(bitmap) = self.bitmaps.borrow().get(slot) {
-                    let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
-                    for word in bitmap {
-                        w.u64(*word);
-                    }
+                let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
+                for word in bitmap {
+                    w.u64(*word);
                 }
                 seal_page(bytes, PageKind::Bitmap, u64::from(*slot), generation);
-            }
+                current ^ 1
+            };
             self.bdev
-                .write(self.layout.bitmap_page(*slot), buffer)
+                .write(self.layout.bitmap_page(*slot, copy), buffer)
                 .await?;
         }
         for (_, index, copy, state) in copyset_pages {

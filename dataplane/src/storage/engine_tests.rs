@@ -396,3 +396,139 @@ fn a_snapshot_image_is_served_in_pieces_and_survives_restarts() {
         assert_eq!(storage.last_index(), Ok(LogIndex(4)));
     });
 }
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelChunk {
+    pages: Vec<u8>,
+    sn: u64,
+    corrected: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+}
+
+fn pages_of(data: &DmaBuf) -> Vec<u8> {
+    data.as_slice()
+        .chunks(PAGE as usize)
+        .map(|page| {
+            assert!(page.iter().all(|b| *b == page[0]), "a page of mixed bytes");
+            page[0]
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_by_sequence_number_agree_with_a_model() {
+    let pages = (CHUNK / PAGE) as usize;
+    for seed in 0..12u64 {
+        block_on(async {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bdev = formatted(16 << 20).await;
+            let (mut engine, _) = open(&bdev).await;
+            let mut model: HashMap<u64, ModelChunk> = HashMap::new();
+            for step in 0..250 {
+                let id = rng.gen_range(0..6u64);
+                let chunk = ChunkId(id);
+                let context = format!("seed {seed} step {step} chunk {id}");
+                match rng.gen_range(0..12) {
+                    0..=4 => {
+                        let first = rng.gen_range(0..pages);
+                        let count = rng.gen_range(1..=(pages - first).min(3));
+                        let fill = rng.gen_range(1..=255u8);
+                        let current = model.get(&id).map_or(1, |m| m.sn);
+                        let sn = (current + rng.gen_range(0..3)).saturating_sub(1).max(1);
+                        let data = buffer(&engine, (count as u64) * PAGE, fill);
+                        let result = engine
+                            .write_chunk(chunk, first as u64 * PAGE, data, sn)
+                            .await;
+                        let entry = model.get_mut(&id);
+                        match entry {
+                            None => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                let mut m = ModelChunk {
+                                    pages: vec![0; pages],
+                                    sn,
+                                    corrected: 0,
+                                    snapshot: None,
+                                };
+                                m.pages[first..first + count].fill(fill);
+                                model.insert(id, m);
+                            }
+                            Some(m) if sn < m.sn => {
+                                assert!(
+                                    matches!(result, Err(StorageError::BackwardRequest { .. })),
+                                    "{context}: {result:?}"
+                                );
+                            }
+                            Some(m) if sn > m.sn && sn > m.corrected && m.snapshot.is_some() => {
+                                assert!(
+                                    matches!(result, Err(StorageError::Conflict { .. })),
+                                    "{context}: {result:?}"
+                                );
+                            }
+                            Some(m) => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                if sn > m.sn && sn > m.corrected {
+                                    m.snapshot = Some((m.sn, m.pages.clone()));
+                                }
+                                m.sn = m.sn.max(sn);
+                                m.pages[first..first + count].fill(fill);
+                            }
+                        }
+                    }
+                    5 => {
+                        let corrected = model.get(&id).map_or(1, |m| m.sn) + rng.gen_range(0..2);
+                        engine
+                            .delete_snapshot_or_correct_sn(chunk, corrected)
+                            .await
+                            .unwrap();
+                        if let Some(m) = model.get_mut(&id) {
+                            m.snapshot = None;
+                            if corrected > m.sn {
+                                m.corrected = m.corrected.max(corrected);
+                            }
+                        }
+                    }
+                    6 => {
+                        engine.delete_chunk(chunk).await.unwrap();
+                        model.remove(&id);
+                    }
+                    7 => {
+                        engine.checkpoint().await.unwrap();
+                        drop(engine);
+                        engine = open(&bdev).await.0;
+                    }
+                    8 | 9 => {
+                        let Some(m) = model.get(&id) else {
+                            assert!(engine.chunk_info(chunk).is_err(), "{context}");
+                            continue;
+                        };
+                        let read = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+                        assert_eq!(pages_of(&read), m.pages, "{context}");
+                        let info = engine.chunk_info(chunk).unwrap();
+                        assert_eq!(info.sn, m.sn, "{context}");
+                        assert_eq!(
+                            info.snapshot_sn,
+                            m.snapshot.as_ref().map(|s| s.0),
+                            "{context}"
+                        );
+                    }
+                    _ => {
+                        let Some(m) = model.get(&id) else { continue };
+                        let Some((snapshot_sn, snapshot_pages)) = &m.snapshot else {
+                            let missing = engine.read_snapshot(chunk, m.sn + 7, 0, PAGE).await;
+                            assert!(
+                                matches!(missing, Err(StorageError::SnapshotNotFound { .. })),
+                                "{context}"
+                            );
+                            continue;
+                        };
+                        let read = engine
+                            .read_snapshot(chunk, *snapshot_sn, 0, CHUNK)
+                            .await
+                            .unwrap();
+                        assert_eq!(&pages_of(&read), snapshot_pages, "{context}");
+                    }
+                }
+            }
+        });
+    }
+}
