@@ -62,31 +62,55 @@ enum Command {
         first: u32,
         count: u32,
         fill: u8,
+        sn: u64,
     },
     Delete {
         chunk: u64,
     },
+    DeleteSnapshot {
+        chunk: u64,
+        corrected_sn: u64,
+    },
+}
+
+/// A chunk as the model sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkState {
+    pages: Vec<u8>,
+    sn: u64,
+    corrected_sn: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
 }
 
 impl Command {
     fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(18);
+        let mut out = Vec::with_capacity(32);
         match *self {
             Command::Write {
                 chunk,
                 first,
                 count,
                 fill,
+                sn,
             } => {
                 out.push(1);
                 out.extend_from_slice(&chunk.to_le_bytes());
                 out.extend_from_slice(&first.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
                 out.push(fill);
+                out.extend_from_slice(&sn.to_le_bytes());
             }
             Command::Delete { chunk } => {
                 out.push(2);
                 out.extend_from_slice(&chunk.to_le_bytes());
+            }
+            Command::DeleteSnapshot {
+                chunk,
+                corrected_sn,
+            } => {
+                out.push(3);
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&corrected_sn.to_le_bytes());
             }
         }
         Bytes::from(out)
@@ -101,59 +125,100 @@ impl Command {
                 first: u32_at(9)?,
                 count: u32_at(13)?,
                 fill: *bytes.get(17)?,
+                sn: u64_at(18)?,
             }),
             2 => Some(Command::Delete { chunk: u64_at(1)? }),
+            3 => Some(Command::DeleteSnapshot {
+                chunk: u64_at(1)?,
+                corrected_sn: u64_at(9)?,
+            }),
             _ => None,
         }
     }
 
     fn chunk(&self) -> u64 {
         match *self {
-            Command::Write { chunk, .. } | Command::Delete { chunk } => chunk,
+            Command::Write { chunk, .. }
+            | Command::Delete { chunk }
+            | Command::DeleteSnapshot { chunk, .. } => chunk,
         }
     }
 
-    /// The command's effect on a chunk's pages (`None`: the chunk does not exist).
-    fn apply_to(&self, state: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    /// The command's effect on a chunk (`None`: the chunk does not exist). The writers only
+    /// issue commands the engine accepts.
+    fn apply_to(&self, state: Option<ChunkState>) -> Option<ChunkState> {
         match *self {
             Command::Write {
-                first, count, fill, ..
+                first,
+                count,
+                fill,
+                sn,
+                ..
             } => {
-                let mut pages = state.unwrap_or_else(|| vec![0; PAGES]);
-                for page in first..first + count {
-                    pages[page as usize] = fill;
+                let mut chunk = state.unwrap_or(ChunkState {
+                    pages: vec![0; PAGES],
+                    sn,
+                    corrected_sn: 0,
+                    snapshot: None,
+                });
+                if sn > chunk.sn && sn > chunk.corrected_sn {
+                    chunk.snapshot = Some((chunk.sn, chunk.pages.clone()));
                 }
-                Some(pages)
+                chunk.sn = chunk.sn.max(sn);
+                for page in first..first + count {
+                    chunk.pages[page as usize] = fill;
+                }
+                Some(chunk)
             }
             Command::Delete { .. } => None,
+            Command::DeleteSnapshot { corrected_sn, .. } => state.map(|mut chunk| {
+                chunk.snapshot = None;
+                if corrected_sn > chunk.sn {
+                    chunk.corrected_sn = chunk.corrected_sn.max(corrected_sn);
+                }
+                chunk
+            }),
         }
     }
 }
 
-async fn apply(engine: &ShardEngine<FaultBdev>, command: Command) -> Result<(), StorageError> {
+async fn apply(
+    engine: &ShardEngine<FaultBdev>,
+    command: Command,
+    index: LogIndex,
+) -> Result<(), StorageError> {
     match command {
         Command::Write {
             chunk,
             first,
             count,
             fill,
+            sn,
         } => {
             let mut data = engine.bdev().alloc((u64::from(count) * PAGE) as usize)?;
             if let Some(bytes) = data.as_mut_slice() {
                 bytes.fill(fill);
             }
             engine
-                .write_chunk(ChunkId(chunk), u64::from(first) * PAGE, data, 1)
+                .write_chunk(ChunkId(chunk), u64::from(first) * PAGE, data, sn, index)
                 .await
         }
-        Command::Delete { chunk } => engine.delete_chunk(ChunkId(chunk)).await,
+        Command::Delete { chunk } => engine.delete_chunk(ChunkId(chunk), index).await,
+        Command::DeleteSnapshot {
+            chunk,
+            corrected_sn,
+        } => {
+            engine
+                .delete_snapshot_or_correct_sn(ChunkId(chunk), corrected_sn, index)
+                .await
+        }
     }
 }
 
 /// The acknowledged state of every chunk, and each copyset's operation in flight.
 #[derive(Debug, Default)]
 struct Model {
-    chunks: HashMap<u64, Vec<u8>>,
+    chunks: HashMap<u64, ChunkState>,
     in_flight: HashMap<u64, Command>,
     acknowledged: u64,
 }
@@ -196,25 +261,47 @@ fn owned_chunks(copyset: u64) -> impl Iterator<Item = u64> {
     (0..CHUNKS_PER_WRITER).map(move |i| copyset * 100 + i)
 }
 
+fn pages_of(data: &[u8], chunk: u64) -> Result<Vec<u8>, String> {
+    let mut pages = Vec::with_capacity(PAGES);
+    for page in data.chunks(PAGE as usize) {
+        let fill = page[0];
+        if page.iter().any(|b| *b != fill) {
+            return Err(format!("chunk {chunk} has a page of mixed bytes (torn)"));
+        }
+        pages.push(fill);
+    }
+    Ok(pages)
+}
+
 async fn read_state(
     engine: &ShardEngine<FaultBdev>,
     chunk: u64,
-) -> Result<Option<Vec<u8>>, String> {
-    match engine.read_chunk(ChunkId(chunk), 0, CHUNK).await {
-        Ok(data) => {
-            let mut pages = Vec::with_capacity(PAGES);
-            for page in data.as_slice().chunks(PAGE as usize) {
-                let fill = page[0];
-                if page.iter().any(|b| *b != fill) {
-                    return Err(format!("chunk {chunk} has a page of mixed bytes (torn)"));
-                }
-                pages.push(fill);
-            }
-            Ok(Some(pages))
+) -> Result<Option<ChunkState>, String> {
+    let info = match engine.chunk_info(ChunkId(chunk)) {
+        Ok(info) => info,
+        Err(StorageError::ChunkNotFound(_)) => return Ok(None),
+        Err(e) => return Err(format!("chunk {chunk}: {e}")),
+    };
+    let data = engine
+        .read_chunk(ChunkId(chunk), 0, CHUNK)
+        .await
+        .map_err(|e| format!("reading chunk {chunk}: {e}"))?;
+    let snapshot = match info.snapshot_sn {
+        Some(sn) => {
+            let data = engine
+                .read_snapshot(ChunkId(chunk), sn, 0, CHUNK)
+                .await
+                .map_err(|e| format!("reading chunk {chunk}'s snapshot {sn}: {e}"))?;
+            Some((sn, pages_of(data.as_slice(), chunk)?))
         }
-        Err(StorageError::ChunkNotFound(_)) => Ok(None),
-        Err(e) => Err(format!("reading chunk {chunk}: {e}")),
-    }
+        None => None,
+    };
+    Ok(Some(ChunkState {
+        pages: pages_of(data.as_slice(), chunk)?,
+        sn: info.sn,
+        corrected_sn: info.corrected_sn,
+        snapshot,
+    }))
 }
 
 /// One writer (one copyset): sequential operations until `operations` are done or the device
@@ -230,17 +317,32 @@ async fn writer(
     let id = CopysetId(copyset);
     for _ in 0..operations {
         let chunk = copyset * 100 + rng.below(CHUNKS_PER_WRITER);
+        let known = model.borrow().chunks.get(&chunk).cloned();
         let command = match rng.below(20) {
-            0..=13 => {
+            0..=11 => {
                 let first = rng.below(PAGES as u64) as u32;
                 let count = 1 + rng.below((PAGES as u64 - u64::from(first)).min(3)) as u32;
+                // A newer sn takes a snapshot; only when the chunk has none (else the engine
+                // refuses, and that is tested elsewhere).
+                let sn = match &known {
+                    Some(state) if state.snapshot.is_none() && rng.below(4) == 0 => {
+                        state.sn.max(state.corrected_sn) + 1
+                    }
+                    Some(state) => state.sn,
+                    None => 1,
+                };
                 Command::Write {
                     chunk,
                     first,
                     count,
                     fill: 1 + rng.below(255) as u8,
+                    sn,
                 }
             }
+            12 | 13 => Command::DeleteSnapshot {
+                chunk,
+                corrected_sn: known.as_ref().map_or(1, |s| s.sn) + rng.below(2),
+            },
             14 => Command::Delete { chunk },
             15 => {
                 if engine.checkpoint().await.is_err() {
@@ -281,7 +383,7 @@ async fn writer(
             wal.append_entries(id, std::slice::from_ref(&entry))?;
             let lsn = wal.set_hard_state(id, hard_state)?;
             wal.sync(lsn).await?;
-            apply(engine, command).await?;
+            apply(engine, command, LogIndex(next_index)).await?;
             engine.set_applied(id, LogIndex(next_index));
             Ok::<(), StorageError>(())
         }
@@ -293,8 +395,8 @@ async fn writer(
         let mut model = model.borrow_mut();
         model.in_flight.remove(&copyset);
         let state = command.apply_to(model.chunks.remove(&command.chunk()));
-        if let Some(pages) = state {
-            model.chunks.insert(command.chunk(), pages);
+        if let Some(state) = state {
+            model.chunks.insert(command.chunk(), state);
         }
         model.acknowledged += 1;
         next_index += 1;
@@ -344,7 +446,7 @@ async fn recover_and_check(
         for entry in &copyset.to_apply {
             let command = Command::decode(&entry.data)
                 .ok_or_else(|| format!("entry {} does not decode", entry.index))?;
-            match apply(&engine, command).await {
+            match apply(&engine, command, entry.index).await {
                 Ok(()) => engine.set_applied(copyset.copyset, entry.index),
                 Err(_) if device.is_dead() => return Ok(None),
                 Err(e) => return Err(format!("re-applying entry {}: {e}", entry.index)),
@@ -374,7 +476,7 @@ async fn recover_and_check(
                 ));
             }
             match actual {
-                Some(pages) => chunks.insert(chunk, pages),
+                Some(state) => chunks.insert(chunk, state),
                 None => chunks.remove(&chunk),
             };
         }

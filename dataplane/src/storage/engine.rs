@@ -330,6 +330,10 @@ struct CheckpointState {
     allocations: u32,
     /// Free slots that may hold bytes from before a crash.
     maybe_dirty: BTreeSet<u32>,
+    /// Set when a checkpoint failed after it began writing: whether its pages or anchor
+    /// reached the device is unknown, so no further checkpoint may write over them. The shard
+    /// must restart; recovery sorts out what committed.
+    failed: Option<String>,
 }
 
 /// The storage engine of one shard.
@@ -347,6 +351,18 @@ pub struct ShardEngine<B: Bdev> {
     bitmaps: RefCell<BTreeMap<u32, (Vec<u64>, u8)>>,
     /// Bitmap pages changed since the last checkpoint.
     dirty_bitmaps: RefCell<BTreeSet<u32>>,
+}
+
+/// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
+/// written by a checkpoint that never committed, and a corrupt one by a torn write. Left in
+/// place, such a copy could pass for committed once a later checkpoint raises the generation
+/// past its own.
+fn leftovers(copies: &[PageRead<'_>; 2], anchor_generation: u64) -> [bool; 2] {
+    copies.each_ref().map(|copy| match copy {
+        PageRead::Valid { generation, .. } => *generation > anchor_generation,
+        PageRead::Corrupt(_) => true,
+        PageRead::Blank => false,
+    })
 }
 
 fn corrupt(what: &'static str, offset: u64, reason: String) -> StorageError {
@@ -474,6 +490,7 @@ impl<B: Bdev> ShardEngine<B> {
             .await?;
         let mut logs = BTreeMap::new();
         let mut copyset_pages = BTreeMap::new();
+        let mut wipe = Vec::new();
         for index in 0..geometry.max_copysets {
             let offset = layout.copyset_page(index, 0);
             let at = 2 * page * index as usize;
@@ -484,8 +501,12 @@ impl<B: Bdev> ShardEngine<B> {
                     .unwrap_or(&[]);
                 open_page(bytes, PageKind::Copyset, u64::from(index))
             });
+            let stale = leftovers(&copies, generation);
             let (copy, _, body) = choose_copy(copies, generation)
                 .map_err(|reason| corrupt("copyset page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.copyset_page(index, copy ^ 1));
+            }
             let Some(body) = body else { continue };
             let state = decode_copyset_page(body)
                 .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
@@ -518,8 +539,12 @@ impl<B: Bdev> ShardEngine<B> {
                     .unwrap_or(&[]);
                 open_page(bytes, PageKind::ChunkMeta, u64::from(index))
             });
+            let stale = leftovers(&copies, generation);
             let (copy, _, body) = choose_copy(copies, generation)
                 .map_err(|reason| corrupt("chunk metadata page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.meta_page(index, copy ^ 1));
+            }
             meta_copy[index as usize] = copy;
             table
                 .load_page(index, body)
@@ -549,8 +574,12 @@ impl<B: Bdev> ShardEngine<B> {
                     .unwrap_or(&[]);
                 open_page(bytes, PageKind::Bitmap, u64::from(slot))
             });
+            let stale = leftovers(&copies, generation);
             let (copy, _, body) = choose_copy(copies, generation)
                 .map_err(|reason| corrupt("page bitmap", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.bitmap_page(slot, copy ^ 1));
+            }
             let bitmap = match body {
                 None => vec![0; words],
                 Some(body) => {
@@ -601,6 +630,13 @@ impl<B: Bdev> ShardEngine<B> {
             };
             bdev.write_zeroes(layout.slot_offset(slot), geometry.chunk_size)
                 .await?;
+        }
+        // The wiping is durable before the anchor moves the generation past the leftovers.
+        if !wipe.is_empty() {
+            for offset in wipe {
+                bdev.write_zeroes(offset, page as u64).await?;
+            }
+            bdev.flush().await?;
         }
         // From here on slots may be taken: the anchor must no longer say clean.
         let recovered_generation = generation;
@@ -658,6 +694,7 @@ impl<B: Bdev> ShardEngine<B> {
                 copyset_pages,
                 allocations: 0,
                 maybe_dirty,
+                failed: None,
             }),
             checkpoint_turn: Turnstile::default(),
             bitmaps: RefCell::new(bitmaps),
@@ -763,20 +800,44 @@ impl<B: Bdev> ShardEngine<B> {
         }
     }
 
-    /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist. `sn` is
-    /// the write's sequence number: older than the chunk's is refused; newer than the chunk's
-    /// (and than its corrected sn) first preserves the pages it overwrites in a snapshot.
+    /// Whether the entry at `index` was already applied to `chunk` (in `slot`): replaying it
+    /// must change nothing. Index 0 means "not from the log" and always applies.
+    fn already_applied(&self, slot: u32, index: LogIndex) -> Result<bool, StorageError> {
+        Ok(index.0 != 0 && index.0 <= self.slot_meta(slot)?.applied)
+    }
+
+    /// Records that the entry at `index` is applied to the chunk in `slot`.
+    fn record_applied(&self, chunk: ChunkId, index: LogIndex) {
+        let mut table = self.table.borrow_mut();
+        if let Some(slot) = table.lookup(chunk) {
+            if let Some(mut meta) = table.slot(slot).copied() {
+                if index.0 > meta.applied {
+                    meta.applied = index.0;
+                    table.update(slot, meta);
+                }
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist, as the
+    /// entry at `index` of the chunk's copyset (0 when not applying a log entry). `sn` is the
+    /// write's sequence number: older than the chunk's is refused; newer than the chunk's (and
+    /// than its corrected sn) first preserves the pages it overwrites in a snapshot.
     pub async fn write_chunk(
         &self,
         chunk: ChunkId,
         offset: u64,
         data: DmaBuf,
         sn: u64,
+        index: LogIndex,
     ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let existing = self.table.borrow().lookup(chunk);
         let slot = match existing {
             Some(slot) => {
+                if self.already_applied(slot, index)? {
+                    return Ok(());
+                }
                 let meta = self.slot_meta(slot)?;
                 if sn < meta.sn {
                     return Err(StorageError::BackwardRequest {
@@ -804,6 +865,7 @@ impl<B: Bdev> ShardEngine<B> {
         self.bdev
             .write(self.layout.slot_offset(slot) + offset, data)
             .await?;
+        self.record_applied(chunk, index);
         Ok(())
     }
 
@@ -815,10 +877,11 @@ impl<B: Bdev> ShardEngine<B> {
         offset: u64,
         data: Bytes,
         sn: u64,
+        index: LogIndex,
     ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let buffer = self.bdev.pool().from_bytes_or_copy(data)?;
-        self.write_chunk(chunk, offset, buffer, sn).await
+        self.write_chunk(chunk, offset, buffer, sn, index).await
     }
 
     fn slot_meta(&self, slot: u32) -> Result<SlotMeta, StorageError> {
@@ -849,12 +912,16 @@ impl<B: Bdev> ShardEngine<B> {
             .await?)
     }
 
-    /// Deletes `chunk` (and its snapshot): its slots are zeroed and return to the pool.
-    /// Deleting a chunk that does not exist succeeds, so applying twice is harmless.
-    pub async fn delete_chunk(&self, chunk: ChunkId) -> Result<(), StorageError> {
+    /// Deletes `chunk` (and its snapshot), as the entry at `index`: its slots are zeroed and
+    /// return to the pool. Deleting a chunk that does not exist succeeds, so applying twice is
+    /// harmless.
+    pub async fn delete_chunk(&self, chunk: ChunkId, index: LogIndex) -> Result<(), StorageError> {
         let Some(slot) = self.table.borrow().lookup(chunk) else {
             return Ok(());
         };
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
         let meta = self.slot_meta(slot)?;
         let mut slots = vec![slot];
         if meta.link != NO_SLOT {
@@ -970,7 +1037,11 @@ impl<B: Bdev> ShardEngine<B> {
                 .map(|(b, _)| b.as_slice())
                 .unwrap_or(&[]);
             (first..last)
-                .filter(|p| bitmap.get(p / 64).map_or(true, |w| w & (1 << (p % 64)) == 0))
+                .filter(|p| {
+                    bitmap
+                        .get(p / 64)
+                        .map_or(true, |w| w & (1 << (p % 64)) == 0)
+                })
                 .collect()
         };
         if missing.is_empty() {
@@ -1076,10 +1147,14 @@ impl<B: Bdev> ShardEngine<B> {
         &self,
         chunk: ChunkId,
         corrected_sn: u64,
+        index: LogIndex,
     ) -> Result<(), StorageError> {
         let Some(slot) = self.table.borrow().lookup(chunk) else {
             return Ok(());
         };
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
         let mut meta = self.slot_meta(slot)?;
         let snapshot = meta.link;
         meta.link = NO_SLOT;
@@ -1098,6 +1173,7 @@ impl<B: Bdev> ShardEngine<B> {
                 .await?;
             self.table.borrow_mut().release_done(snapshot);
         }
+        self.record_applied(chunk, index);
         Ok(())
     }
 
@@ -1105,6 +1181,27 @@ impl<B: Bdev> ShardEngine<B> {
     /// what the copysets have applied. Runs one at a time.
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
         let _turn = Enter(&self.checkpoint_turn).await;
+        if let Some(reason) = &self.checkpoint.borrow().failed {
+            return Err(StorageError::WalFailed(format!(
+                "an earlier checkpoint failed ({reason}); restart the shard"
+            )));
+        }
+        match self.checkpoint_once().await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                if self.checkpoint.borrow().failed.is_some() {
+                    self.wal.fail(&error.to_string());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn poison(&self, error: &StorageError) {
+        self.checkpoint.borrow_mut().failed = Some(error.to_string());
+    }
+
+    async fn checkpoint_once(&self) -> Result<(), StorageError> {
         let geometry = self.layout.geometry;
         let page = geometry.page_size as usize;
 
@@ -1175,7 +1272,11 @@ impl<B: Bdev> ShardEngine<B> {
         }
 
         // 3. The chunk data of every applied write is durable before metadata says so.
-        self.bdev.flush().await?;
+        if let Err(error) = self.bdev.flush().await {
+            let error = StorageError::from(error);
+            self.poison(&error);
+            return Err(error);
+        }
 
         // 4. Changed metadata pages and the copyset pages go to their alternate copies.
         let dirty = self.table.borrow_mut().take_dirty();
@@ -1186,6 +1287,7 @@ impl<B: Bdev> ShardEngine<B> {
         if let Err(error) = result {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.poison(&error);
             return Err(error);
         }
 
@@ -1201,6 +1303,7 @@ impl<B: Bdev> ShardEngine<B> {
         if let Err(error) = anchored {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.poison(&error);
             return Err(error);
         }
 

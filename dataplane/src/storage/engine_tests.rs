@@ -93,7 +93,7 @@ fn chunks_are_written_read_deleted_and_described() {
             Err(StorageError::ChunkNotFound(_))
         ));
         engine
-            .write_chunk(chunk, PAGE, buffer(&engine, 2 * PAGE, 7), 3)
+            .write_chunk(chunk, PAGE, buffer(&engine, 2 * PAGE, 7), 3, LogIndex(0))
             .await
             .unwrap();
         let read = engine.read_chunk(chunk, 0, 4 * PAGE).await.unwrap();
@@ -104,7 +104,7 @@ fn chunks_are_written_read_deleted_and_described() {
         let info = engine.chunk_info(chunk).unwrap();
         assert_eq!((info.size, info.sn, info.snapshot_sn), (CHUNK, 3, None));
         let error = engine
-            .write_chunk(chunk, 0, buffer(&engine, PAGE, 1), 2)
+            .write_chunk(chunk, 0, buffer(&engine, PAGE, 1), 2, LogIndex(0))
             .await
             .unwrap_err();
         assert!(
@@ -120,7 +120,9 @@ fn chunks_are_written_read_deleted_and_described() {
             (CHUNK, PAGE),
         ] {
             let data = engine.bdev().alloc(len as usize).unwrap();
-            let error = engine.write_chunk(ChunkId(9), offset, data, 1).await;
+            let error = engine
+                .write_chunk(ChunkId(9), offset, data, 1, LogIndex(0))
+                .await;
             assert!(
                 matches!(
                     error,
@@ -131,12 +133,12 @@ fn chunks_are_written_read_deleted_and_described() {
         }
         assert!(engine.chunk_info(ChunkId(9)).is_err());
 
-        engine.delete_chunk(chunk).await.unwrap();
-        engine.delete_chunk(chunk).await.unwrap();
+        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
+        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
         assert!(engine.chunk_info(chunk).is_err());
         // The slot comes back zeroed for the next chunk.
         engine
-            .write_chunk(ChunkId(43), 0, buffer(&engine, PAGE, 1), 1)
+            .write_chunk(ChunkId(43), 0, buffer(&engine, PAGE, 1), 1, LogIndex(0))
             .await
             .unwrap();
         let read = engine.read_chunk(ChunkId(43), 0, 4 * PAGE).await.unwrap();
@@ -173,7 +175,7 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
             wal.sync(lsn).await.unwrap();
             if index <= 4 {
                 engine
-                    .write_chunk_bytes(ChunkId(index), 0, payload, 1)
+                    .write_chunk_bytes(ChunkId(index), 0, payload, 1, LogIndex(0))
                     .await
                     .unwrap();
                 engine.set_applied(copyset, LogIndex(index));
@@ -202,7 +204,13 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
         assert_eq!(storage.term(LogIndex(3)), Ok(Term(1)));
         for entry in &recovered.to_apply {
             engine
-                .write_chunk_bytes(ChunkId(entry.index.0), 0, entry.data.clone(), 1)
+                .write_chunk_bytes(
+                    ChunkId(entry.index.0),
+                    0,
+                    entry.data.clone(),
+                    1,
+                    LogIndex(0),
+                )
                 .await
                 .unwrap();
             engine.set_applied(copyset, entry.index);
@@ -220,12 +228,12 @@ fn corrupt_metadata_is_detected_and_reported() {
         let bdev = formatted(8 << 20).await;
         let (engine, _) = open(&bdev).await;
         engine
-            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 9), 1)
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 9), 1, LogIndex(0))
             .await
             .unwrap();
         engine.checkpoint().await.unwrap();
         engine
-            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 9), 1)
+            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 9), 1, LogIndex(0))
             .await
             .unwrap();
         engine.checkpoint().await.unwrap();
@@ -292,6 +300,7 @@ fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
                                 first * PAGE,
                                 buffer(&engine, count * PAGE, fill),
                                 1,
+                                LogIndex(0),
                             )
                             .await;
                         match result {
@@ -310,7 +319,10 @@ fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
                         }
                     }
                     6 => {
-                        engine.delete_chunk(ChunkId(chunk)).await.unwrap();
+                        engine
+                            .delete_chunk(ChunkId(chunk), LogIndex(0))
+                            .await
+                            .unwrap();
                         model.remove(&chunk);
                     }
                     7 => engine.checkpoint().await.unwrap(),
@@ -437,7 +449,7 @@ fn snapshots_by_sequence_number_agree_with_a_model() {
                         let sn = (current + rng.gen_range(0..3)).saturating_sub(1).max(1);
                         let data = buffer(&engine, (count as u64) * PAGE, fill);
                         let result = engine
-                            .write_chunk(chunk, first as u64 * PAGE, data, sn)
+                            .write_chunk(chunk, first as u64 * PAGE, data, sn, LogIndex(0))
                             .await;
                         let entry = model.get_mut(&id);
                         match entry {
@@ -477,7 +489,7 @@ fn snapshots_by_sequence_number_agree_with_a_model() {
                     5 => {
                         let corrected = model.get(&id).map_or(1, |m| m.sn) + rng.gen_range(0..2);
                         engine
-                            .delete_snapshot_or_correct_sn(chunk, corrected)
+                            .delete_snapshot_or_correct_sn(chunk, corrected, LogIndex(0))
                             .await
                             .unwrap();
                         if let Some(m) = model.get_mut(&id) {
@@ -488,7 +500,7 @@ fn snapshots_by_sequence_number_agree_with_a_model() {
                         }
                     }
                     6 => {
-                        engine.delete_chunk(chunk).await.unwrap();
+                        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
                         model.remove(&id);
                     }
                     7 => {
