@@ -278,6 +278,8 @@ pub struct Recovery {
     pub wal_records: usize,
     /// Why the WAL scan stopped.
     pub wal_stop: String,
+    /// Free slots that may hold bytes from before a crash (zeroed when next taken).
+    pub possibly_dirty_slots: usize,
     /// The copysets, in id order.
     pub copysets: Vec<RecoveredCopyset>,
 }
@@ -679,6 +681,7 @@ impl<B: Bdev> ShardEngine<B> {
             chunks: table.chunks().count(),
             wal_records: report.records,
             wal_stop: report.stop,
+            possibly_dirty_slots: maybe_dirty.len(),
             copysets,
         };
         let engine = ShardEngine {
@@ -1394,6 +1397,23 @@ impl<B: Bdev> ShardEngine<B> {
         }
         self.bdev.flush().await?;
         Ok(())
+    }
+
+    /// Closes the shard cleanly: a checkpoint, then an anchor saying that no slot was taken
+    /// from the pool since, so the next open has no possibly dirty slots.
+    pub async fn close(self) -> Result<(), StorageError> {
+        self.checkpoint().await?;
+        let _turn = Enter(&self.checkpoint_turn).await;
+        let (copy, generation, anchor) = {
+            let state = self.checkpoint.borrow();
+            let anchor = Anchor {
+                head: self.wal.head(),
+                clean: true,
+                maybe_dirty: state.maybe_dirty.clone(),
+            };
+            (state.anchor_copy ^ 1, state.generation + 1, anchor)
+        };
+        write_anchor(&*self.bdev, &self.layout, copy, generation, &anchor).await
     }
 
     /// Runs a checkpoint when the WAL is more than half full.

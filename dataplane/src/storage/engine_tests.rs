@@ -544,3 +544,37 @@ fn snapshots_by_sequence_number_agree_with_a_model() {
         });
     }
 }
+
+#[test]
+fn only_an_unclean_stop_leaves_slots_to_zero_before_reuse() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.possibly_dirty_slots, 0, "a fresh device is clean");
+        engine
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 5), 1, LogIndex(0))
+            .await
+            .unwrap();
+        engine.close().await.unwrap();
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.possibly_dirty_slots, 0, "a clean close adds none");
+        drop(engine); // no close: as if the power went
+        let (engine, recovery) = open(&bdev).await;
+        let free = engine.layout().slots as usize - 1;
+        assert_eq!(
+            recovery.possibly_dirty_slots,
+            free.min(RECOVERY_ZERO_SLOTS as usize)
+        );
+        // Such a slot reads as zeroes once a chunk takes it.
+        bdev.with_image(|image| {
+            let slot = engine.layout().slot_offset(1) as usize;
+            image[slot..slot + PAGE as usize].fill(0xee);
+        });
+        engine
+            .write_chunk(ChunkId(2), PAGE, buffer(&engine, PAGE, 6), 1, LogIndex(0))
+            .await
+            .unwrap();
+        let read = engine.read_chunk(ChunkId(2), 0, PAGE).await.unwrap();
+        assert!(read.as_slice().iter().all(|b| *b == 0));
+    });
+}
