@@ -50,8 +50,13 @@ struct Args {
     /// Most operations one test performs.
     #[arg(long, default_value_t = 2_000_000)]
     max_ops: u64,
+    /// Rounds: every test runs once per round, raw and engine alternating, and the figures
+    /// add the rounds up (this machine's noise drifts over seconds).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
+#[derive(Clone)]
 struct Measured {
     ops: u64,
     bytes: u64,
@@ -68,6 +73,46 @@ impl Measured {
     }
     fn us(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Every test's runs over the rounds, in the order first seen.
+#[derive(Default)]
+struct Results {
+    rows: Vec<(&'static str, Option<&'static str>, Vec<Measured>)>,
+}
+
+impl Results {
+    fn add(&mut self, name: &'static str, baseline: Option<&'static str>, run: Measured) {
+        match self.rows.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, _, runs)) => runs.push(run),
+            None => self.rows.push((name, baseline, vec![run])),
+        }
+    }
+
+    fn merged(&self, name: &str) -> Option<Measured> {
+        let (_, _, runs) = self.rows.iter().find(|(n, _, _)| *n == name)?;
+        let mut all = runs.first()?.clone();
+        for run in runs.iter().skip(1) {
+            all.ops += run.ops;
+            all.bytes += run.bytes;
+            all.elapsed += run.elapsed;
+            let _ = all.latency.add(&run.latency);
+        }
+        Some(all)
+    }
+
+    fn print(&self) {
+        print_header();
+        for (name, baseline, runs) in &self.rows {
+            let Some(all) = self.merged(name) else {
+                continue;
+            };
+            let raw = baseline.and_then(|b| self.merged(b));
+            print_row(name, &all, raw.as_ref());
+            let per_round: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.iops())).collect();
+            println!("{:<46} per round: {}", "", per_round.join(" "));
+        }
     }
 }
 
@@ -337,132 +382,139 @@ async fn run(args: Args) -> Result<(), String> {
         })
     };
 
-    print_header();
-
-    let sync = {
-        let raw = Rc::clone(&raw);
-        let random_page = random_page.clone();
-        run_at_depth(1, seconds, max_ops, move |task, _| {
+    let mut results = Results::default();
+    let mut batches = 0;
+    let mut records = 0;
+    for _ in 0..args.rounds.max(1) {
+        let sync = {
             let raw = Rc::clone(&raw);
-            let offset = random_page(task) * PAGE;
-            async move {
-                let mut buffer = raw.alloc_dma_buffer(PAGE as usize);
-                buffer.as_bytes_mut().fill(9);
-                raw.write_at(buffer, offset)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                raw.fdatasync().await.map_err(|e| e.to_string())?;
-                Ok(PAGE)
-            }
-        })
-        .await
-    };
-    print_row("raw 4K write + fdatasync, QD1", &sync, None);
+            let random_page = random_page.clone();
+            run_at_depth(1, seconds, max_ops, move |task, _| {
+                let raw = Rc::clone(&raw);
+                let offset = random_page(task) * PAGE;
+                async move {
+                    let mut buffer = raw.alloc_dma_buffer(PAGE as usize);
+                    buffer.as_bytes_mut().fill(9);
+                    raw.write_at(buffer, offset)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    raw.fdatasync().await.map_err(|e| e.to_string())?;
+                    Ok(PAGE)
+                }
+            })
+            .await
+        };
+        results.add("raw 4K write + fdatasync, QD1", None, sync);
 
-    let raw_qd1 = raw_write(1).await;
-    print_row("raw 4K randwrite O_DIRECT, QD1", &raw_qd1, None);
-    let engine_qd1 = engine_write(1).await;
-    print_row(
-        "engine 4K randwrite durable (WAL+apply), QD1",
-        &engine_qd1,
-        Some(&raw_qd1),
-    );
-    let raw_qd32 = raw_write(32).await;
-    print_row("raw 4K randwrite O_DIRECT, QD32", &raw_qd32, None);
-    let stats_before = engine.engine.wal().stats();
-    let engine_qd32 = engine_write(32).await;
-    let stats_after = engine.engine.wal().stats();
-    print_row(
-        "engine 4K randwrite durable (WAL+apply), QD32",
-        &engine_qd32,
-        Some(&raw_qd32),
-    );
+        let raw_qd1 = raw_write(1).await;
+        results.add("raw 4K randwrite O_DIRECT, QD1", None, raw_qd1);
+        let engine_qd1 = engine_write(1).await;
+        results.add(
+            "engine 4K randwrite durable (WAL+apply), QD1",
+            Some("raw 4K randwrite O_DIRECT, QD1"),
+            engine_qd1,
+        );
+        let raw_qd32 = raw_write(32).await;
+        results.add("raw 4K randwrite O_DIRECT, QD32", None, raw_qd32);
+        let stats_before = engine.engine.wal().stats();
+        let engine_qd32 = engine_write(32).await;
+        let stats_after = engine.engine.wal().stats();
+        results.add(
+            "engine 4K randwrite durable (WAL+apply), QD32",
+            Some("raw 4K randwrite O_DIRECT, QD32"),
+            engine_qd32,
+        );
 
-    let raw_read = {
-        let raw = Rc::clone(&raw);
-        let random_page = random_page.clone();
-        run_at_depth(32, seconds, max_ops, move |task, _| {
+        let raw_read = {
             let raw = Rc::clone(&raw);
-            let offset = random_page(task) * PAGE;
-            async move {
-                let read = raw
-                    .read_at_aligned(offset, PAGE as usize)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(read.len() as u64)
-            }
-        })
-        .await
-    };
-    print_row("raw 4K randread O_DIRECT, QD32", &raw_read, None);
-    let engine_read = {
-        let engine = Rc::clone(&engine);
-        let random_page = random_page.clone();
-        run_at_depth(32, seconds, max_ops, move |task, _| {
+            let random_page = random_page.clone();
+            run_at_depth(32, seconds, max_ops, move |task, _| {
+                let raw = Rc::clone(&raw);
+                let offset = random_page(task) * PAGE;
+                async move {
+                    let read = raw
+                        .read_at_aligned(offset, PAGE as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(read.len() as u64)
+                }
+            })
+            .await
+        };
+        results.add("raw 4K randread O_DIRECT, QD32", None, raw_read);
+        let engine_read = {
             let engine = Rc::clone(&engine);
-            let page = random_page(task);
-            async move {
-                let chunk = page / (CHUNK / PAGE) % chunks;
-                let offset = page % (CHUNK / PAGE) * PAGE;
-                let read = engine
-                    .engine
-                    .read_chunk(ChunkId(chunk), offset, PAGE)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(read.len() as u64)
-            }
-        })
-        .await
-    };
-    print_row("engine 4K randread, QD32", &engine_read, Some(&raw_read));
+            let random_page = random_page.clone();
+            run_at_depth(32, seconds, max_ops, move |task, _| {
+                let engine = Rc::clone(&engine);
+                let page = random_page(task);
+                async move {
+                    let chunk = page / (CHUNK / PAGE) % chunks;
+                    let offset = page % (CHUNK / PAGE) * PAGE;
+                    let read = engine
+                        .engine
+                        .read_chunk(ChunkId(chunk), offset, PAGE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(read.len() as u64)
+                }
+            })
+            .await
+        };
+        results.add(
+            "engine 4K randread, QD32",
+            Some("raw 4K randread O_DIRECT, QD32"),
+            engine_read,
+        );
 
-    let sequential_position = Rc::new(Cell::new(0u64));
-    let raw_sequential = {
-        let raw = Rc::clone(&raw);
-        let position = Rc::clone(&sequential_position);
-        run_at_depth(1, seconds, max_ops, move |_, _| {
+        let sequential_position = Rc::new(Cell::new(0u64));
+        let raw_sequential = {
             let raw = Rc::clone(&raw);
-            let offset = position.get() % data_bytes;
-            position.set(offset + SEQUENTIAL);
-            async move {
-                let mut buffer = raw.alloc_dma_buffer(SEQUENTIAL as usize);
-                buffer.as_bytes_mut().fill(3);
-                raw.write_at(buffer, offset)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(SEQUENTIAL)
-            }
-        })
-        .await
-    };
-    print_row("raw 1M seqwrite O_DIRECT, QD1", &raw_sequential, None);
-    sequential_position.set(0);
-    let engine_sequential = {
-        let engine = Rc::clone(&engine);
-        let position = Rc::clone(&sequential_position);
-        run_at_depth(1, seconds, max_ops, move |task, sequence| {
+            let position = Rc::clone(&sequential_position);
+            run_at_depth(1, seconds, max_ops, move |_, _| {
+                let raw = Rc::clone(&raw);
+                let offset = position.get() % data_bytes;
+                position.set(offset + SEQUENTIAL);
+                async move {
+                    let mut buffer = raw.alloc_dma_buffer(SEQUENTIAL as usize);
+                    buffer.as_bytes_mut().fill(3);
+                    raw.write_at(buffer, offset)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(SEQUENTIAL)
+                }
+            })
+            .await
+        };
+        results.add("raw 1M seqwrite O_DIRECT, QD1", None, raw_sequential);
+        sequential_position.set(0);
+        let engine_sequential = {
             let engine = Rc::clone(&engine);
-            let offset = position.get() % data_bytes;
-            position.set(offset + SEQUENTIAL);
-            async move {
-                let data = payload(&engine.engine, SEQUENTIAL, sequence)?;
-                engine
-                    .durable_write(task, offset / CHUNK, offset % CHUNK, data)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(SEQUENTIAL)
-            }
-        })
-        .await
-    };
-    print_row(
-        "engine 1M seqwrite durable (WAL+apply), QD1",
-        &engine_sequential,
-        Some(&raw_sequential),
-    );
-
-    let batches = stats_after.batches - stats_before.batches;
-    let records = stats_after.records - stats_before.records;
+            let position = Rc::clone(&sequential_position);
+            run_at_depth(1, seconds, max_ops, move |task, sequence| {
+                let engine = Rc::clone(&engine);
+                let offset = position.get() % data_bytes;
+                position.set(offset + SEQUENTIAL);
+                async move {
+                    let data = payload(&engine.engine, SEQUENTIAL, sequence)?;
+                    engine
+                        .durable_write(task, offset / CHUNK, offset % CHUNK, data)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(SEQUENTIAL)
+                }
+            })
+            .await
+        };
+        results.add(
+            "engine 1M seqwrite durable (WAL+apply), QD1",
+            Some("raw 1M seqwrite O_DIRECT, QD1"),
+            engine_sequential,
+        );
+        batches += stats_after.batches - stats_before.batches;
+        records += stats_after.records - stats_before.records;
+    }
+    results.print();
     println!(
         "group commit at QD32: {} WAL batches for {} records ({:.1} records per write+flush)",
         batches,
