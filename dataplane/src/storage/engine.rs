@@ -37,7 +37,7 @@ use crate::storage::layout::{
     choose_copy, open_page, seal_page, Geometry, PageKind, PageRead, Reader, ShardLayout,
     Superblock, Writer, DEFAULT_MAX_COPYSETS, FORMAT_VERSION, PAGE_HEADER_LEN,
 };
-use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, NO_SLOT};
+use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, FLAG_CLONE, NO_SLOT};
 use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::record::{conf_state_bytes, decode_conf_state, CopysetId};
 use crate::storage::wal::{ShardWal, WalConfig};
@@ -250,6 +250,8 @@ pub struct ChunkInfo {
     pub snapshot_sn: Option<u64>,
     /// Curve's corrected sn.
     pub corrected_sn: u64,
+    /// For a lazy clone, the chunk its unwritten pages read from.
+    pub clone_source: Option<ChunkId>,
 }
 
 /// A copyset as recovery found it.
@@ -353,6 +355,9 @@ pub struct ShardEngine<B: Bdev> {
     bitmaps: RefCell<BTreeMap<u32, (Vec<u64>, u8)>>,
     /// Bitmap pages changed since the last checkpoint.
     dirty_bitmaps: RefCell<BTreeSet<u32>>,
+    /// Lazy clone chunks (by slot) and the chunk their unwritten pages read from. A clone's
+    /// bitmap (in `bitmaps`) marks the pages written since it was created.
+    clone_sources: RefCell<BTreeMap<u32, ChunkId>>,
 }
 
 /// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
@@ -560,12 +565,12 @@ impl<B: Bdev> ShardEngine<B> {
             .filter(|slot| {
                 table.slot(*slot).is_some_and(|m| {
                     m.state == SlotState::Snapshot
-                        || (m.state == SlotState::Chunk
-                            && m.flags & crate::storage::table::FLAG_CLONE != 0)
+                        || (m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0)
                 })
             })
             .collect();
         let words = geometry.pages_per_chunk().div_ceil(64) as usize;
+        let mut clone_sources = BTreeMap::new();
         for slot in bitmap_slots {
             let offset = layout.bitmap_page(slot, 0);
             let pair = bdev.read(offset, bdev.alloc(2 * page)?).await?;
@@ -582,13 +587,26 @@ impl<B: Bdev> ShardEngine<B> {
             if stale[usize::from(copy ^ 1)] {
                 wipe.push(layout.bitmap_page(slot, copy ^ 1));
             }
+            let is_clone = table
+                .slot(slot)
+                .is_some_and(|m| m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0);
             let bitmap = match body {
                 None => vec![0; words],
                 Some(body) => {
                     let mut r = Reader::new(body);
+                    if is_clone {
+                        clone_sources.insert(slot, ChunkId(r.u64()));
+                    }
                     (0..words).map(|_| r.u64()).collect()
                 }
             };
+            if is_clone && !clone_sources.contains_key(&slot) {
+                return Err(corrupt(
+                    "page bitmap",
+                    offset,
+                    "a clone chunk's bitmap does not name its source".into(),
+                ));
+            }
             bitmaps.insert(slot, (bitmap, copy));
         }
 
@@ -702,6 +720,7 @@ impl<B: Bdev> ShardEngine<B> {
             checkpoint_turn: Turnstile::default(),
             bitmaps: RefCell::new(bitmaps),
             dirty_bitmaps: RefCell::new(BTreeSet::new()),
+            clone_sources: RefCell::new(clone_sources),
         };
         Ok((engine, recovery))
     }
@@ -849,6 +868,15 @@ impl<B: Bdev> ShardEngine<B> {
                         chunk_sn: meta.sn,
                     });
                 }
+                let is_clone = meta.flags & FLAG_CLONE != 0;
+                if is_clone && sn > meta.sn.max(meta.aux) {
+                    return Err(StorageError::Conflict {
+                        chunk,
+                        reason: format!(
+                            "a write with sn {sn} would snapshot a lazy clone; flatten it first"
+                        ),
+                    });
+                }
                 if sn > meta.sn || meta.link != NO_SLOT {
                     self.preserve_for_snapshot(chunk, slot, offset, data.len() as u64, sn)
                         .await?;
@@ -865,9 +893,196 @@ impl<B: Bdev> ShardEngine<B> {
                 .await?
             }
         };
+        let len = data.len() as u64;
         self.bdev
             .write(self.layout.slot_offset(slot) + offset, data)
             .await?;
+        self.mark_clone_pages_written(slot, offset, len);
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Marks pages of a clone as its own from now on (no effect on other chunks).
+    fn mark_clone_pages_written(&self, slot: u32, offset: u64, len: u64) {
+        if !self.clone_sources.borrow().contains_key(&slot) {
+            return;
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        if let Some((bitmap, _)) = self.bitmaps.borrow_mut().get_mut(&slot) {
+            for p in offset / page..(offset + len) / page {
+                if let Some(word) = bitmap.get_mut((p / 64) as usize) {
+                    *word |= 1 << (p % 64);
+                }
+            }
+        }
+        self.dirty_bitmaps.borrow_mut().insert(slot);
+    }
+
+    /// Pages of `[offset, offset + len)` a clone in `slot` has not written yet (empty for a
+    /// chunk that is not a clone).
+    fn clone_pages_missing(&self, slot: u32, offset: u64, len: u64) -> Vec<u64> {
+        if !self.clone_sources.borrow().contains_key(&slot) {
+            return Vec::new();
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        let bitmaps = self.bitmaps.borrow();
+        let bitmap = bitmaps.get(&slot).map(|(b, _)| b.as_slice()).unwrap_or(&[]);
+        (offset / page..(offset + len) / page)
+            .filter(|p| {
+                bitmap
+                    .get((p / 64) as usize)
+                    .map_or(true, |w| w & (1 << (p % 64)) == 0)
+            })
+            .collect()
+    }
+
+    /// Creates `chunk` as a lazy clone of `source` (a chunk of this shard that is not itself
+    /// a clone): it reads as the source until its pages are written, pasted or recovered.
+    /// Creating the same clone again is harmless; a chunk that exists otherwise is a conflict.
+    pub async fn create_clone_chunk(
+        &self,
+        chunk: ChunkId,
+        source: ChunkId,
+        sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        let existing = self.table.borrow().lookup(chunk);
+        if let Some(slot) = existing {
+            if self.already_applied(slot, index)?
+                || self.clone_sources.borrow().get(&slot) == Some(&source)
+            {
+                return Ok(());
+            }
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!("exists already; it cannot become a clone of {source}"),
+            });
+        }
+        let source_slot = self
+            .table
+            .borrow()
+            .lookup(source)
+            .ok_or(StorageError::ChunkNotFound(source))?;
+        if self.clone_sources.borrow().contains_key(&source_slot) {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!("its source {source} is itself a lazy clone"),
+            });
+        }
+        let slot = self
+            .allocate(SlotMeta {
+                chunk,
+                sn,
+                flags: FLAG_CLONE,
+                state: SlotState::Chunk,
+                ..SlotMeta::FREE
+            })
+            .await?;
+        let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+        self.bitmaps.borrow_mut().insert(slot, (vec![0; words], 1));
+        self.clone_sources.borrow_mut().insert(slot, source);
+        self.dirty_bitmaps.borrow_mut().insert(slot);
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Curve's PasteChunk: writes the pages of `data` (at `offset`) that the clone has not
+    /// written yet, leaving its own pages alone. A chunk that is not a clone is left as is.
+    pub async fn paste_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: DmaBuf,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, data.len() as u64)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in self.clone_pages_missing(slot, offset, data.len() as u64) {
+            let at = (p * page - offset) as usize;
+            let mut piece = self.bdev.alloc(page as usize)?;
+            if let (Some(target), Some(source)) = (
+                piece.as_mut_slice(),
+                data.as_slice().get(at..at + page as usize),
+            ) {
+                target.copy_from_slice(source);
+            }
+            self.bdev
+                .write(self.layout.slot_offset(slot) + p * page, piece)
+                .await?;
+            self.mark_clone_pages_written(slot, p * page, page);
+        }
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Curve's RecoverChunk: fills the clone's unwritten pages of a range from its source.
+    pub async fn recover_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, len)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let Some(source) = self.clone_sources.borrow().get(&slot).copied() else {
+            self.record_applied(chunk, index);
+            return Ok(());
+        };
+        let source_data = self.read_chunk(source, offset, len).await?;
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in self.clone_pages_missing(slot, offset, len) {
+            let at = (p * page - offset) as usize;
+            let mut piece = self.bdev.alloc(page as usize)?;
+            if let (Some(target), Some(from)) = (
+                piece.as_mut_slice(),
+                source_data.as_slice().get(at..at + page as usize),
+            ) {
+                target.copy_from_slice(from);
+            }
+            self.bdev
+                .write(self.layout.slot_offset(slot) + p * page, piece)
+                .await?;
+            self.mark_clone_pages_written(slot, p * page, page);
+        }
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Makes a clone an ordinary chunk: its unwritten pages are filled from the source, then
+    /// it stops reading through.
+    pub async fn flatten_chunk(&self, chunk: ChunkId, index: LogIndex) -> Result<(), StorageError> {
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? || !self.clone_sources.borrow().contains_key(&slot) {
+            return Ok(());
+        }
+        let chunk_size = self.layout.geometry.chunk_size;
+        self.recover_chunk(chunk, 0, chunk_size, LogIndex(0))
+            .await?;
+        let mut meta = self.slot_meta(slot)?;
+        meta.flags &= !FLAG_CLONE;
+        self.table.borrow_mut().update(slot, meta);
+        self.clone_sources.borrow_mut().remove(&slot);
+        self.bitmaps.borrow_mut().remove(&slot);
         self.record_applied(chunk, index);
         Ok(())
     }
@@ -909,10 +1124,40 @@ impl<B: Bdev> ShardEngine<B> {
             .lookup(chunk)
             .ok_or(StorageError::ChunkNotFound(chunk))?;
         let buffer = self.bdev.alloc(len as usize)?;
-        Ok(self
+        let mut data = self
             .bdev
             .read(self.layout.slot_offset(slot) + offset, buffer)
-            .await?)
+            .await?;
+        let missing = self.clone_pages_missing(slot, offset, len);
+        if missing.is_empty() {
+            return Ok(data);
+        }
+        // A clone's unwritten pages read through to its source.
+        let source = self.clone_sources.borrow().get(&slot).copied();
+        let source_slot = source
+            .and_then(|s| self.table.borrow().lookup(s))
+            .ok_or_else(|| StorageError::Conflict {
+                chunk,
+                reason: "the clone's source chunk no longer exists".into(),
+            })?;
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in missing {
+            let from = self
+                .bdev
+                .read(
+                    self.layout.slot_offset(source_slot) + p * page,
+                    self.bdev.alloc(page as usize)?,
+                )
+                .await?;
+            let at = (p * page - offset) as usize;
+            if let Some(target) = data
+                .as_mut_slice()
+                .and_then(|d| d.get_mut(at..at + page as usize))
+            {
+                target.copy_from_slice(from.as_slice());
+            }
+        }
+        Ok(data)
     }
 
     /// Deletes `chunk` (and its snapshot), as the entry at `index`: its slots are zeroed and
@@ -933,6 +1178,7 @@ impl<B: Bdev> ShardEngine<B> {
         for slot in &slots {
             self.table.borrow_mut().release(*slot);
             self.bitmaps.borrow_mut().remove(slot);
+            self.clone_sources.borrow_mut().remove(slot);
         }
         for slot in &slots {
             self.bdev
@@ -966,6 +1212,7 @@ impl<B: Bdev> ShardEngine<B> {
             sn: meta.sn,
             snapshot_sn,
             corrected_sn: meta.aux,
+            clone_source: self.clone_sources.borrow().get(&slot).copied(),
         })
     }
 
@@ -1374,6 +1621,9 @@ impl<B: Bdev> ShardEngine<B> {
                 };
                 let bytes = writable(&mut buffer)?;
                 let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
+                if let Some(source) = self.clone_sources.borrow().get(slot) {
+                    w.u64(source.0);
+                }
                 for word in bitmap {
                     w.u64(*word);
                 }

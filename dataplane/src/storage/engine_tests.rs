@@ -578,3 +578,173 @@ fn only_an_unclean_stop_leaves_slots_to_zero_before_reuse() {
         assert!(read.as_slice().iter().all(|b| *b == 0));
     });
 }
+
+#[test]
+fn lazy_clones_read_through_until_written_and_flatten_agrees_with_a_model() {
+    let pages = (CHUNK / PAGE) as usize;
+    for seed in 0..10u64 {
+        block_on(async {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bdev = formatted(16 << 20).await;
+            let (mut engine, _) = open(&bdev).await;
+            // Sources 0 and 1, written once; clones 10..14 of them.
+            let mut sources = HashMap::new();
+            for source in 0..2u64 {
+                let fill = 100 + source as u8;
+                engine
+                    .write_chunk(
+                        ChunkId(source),
+                        0,
+                        buffer(&engine, CHUNK, fill),
+                        1,
+                        LogIndex(0),
+                    )
+                    .await
+                    .unwrap();
+                sources.insert(source, vec![fill; pages]);
+            }
+            // Per clone: its source, and its own pages (None: reads through).
+            let mut clones: HashMap<u64, (u64, Vec<Option<u8>>)> = HashMap::new();
+            for step in 0..200 {
+                let id = 10 + rng.gen_range(0..4u64);
+                let context = format!("seed {seed} step {step} clone {id}");
+                match rng.gen_range(0..10) {
+                    0 | 1 => {
+                        let source = rng.gen_range(0..2u64);
+                        let result = engine
+                            .create_clone_chunk(ChunkId(id), ChunkId(source), 1, LogIndex(0))
+                            .await;
+                        match clones.get(&id) {
+                            None => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                clones.insert(id, (source, vec![None; pages]));
+                            }
+                            Some((existing, own)) => {
+                                let still_a_clone = own.iter().any(|p| p.is_none())
+                                    || engine
+                                        .chunk_info(ChunkId(id))
+                                        .unwrap()
+                                        .clone_source
+                                        .is_some();
+                                if *existing == source && still_a_clone {
+                                    result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                } else {
+                                    assert!(
+                                        matches!(result, Err(StorageError::Conflict { .. })),
+                                        "{context}: {result:?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    2 | 3 => {
+                        let Some((_, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        let first = rng.gen_range(0..pages);
+                        let count = rng.gen_range(1..=(pages - first).min(3));
+                        let fill = rng.gen_range(1..=99u8);
+                        let paste = rng.gen_bool(0.3);
+                        let data = buffer(&engine, count as u64 * PAGE, fill);
+                        if paste {
+                            engine
+                                .paste_chunk(ChunkId(id), first as u64 * PAGE, data, LogIndex(0))
+                                .await
+                                .unwrap();
+                            for page in &mut own[first..first + count] {
+                                page.get_or_insert(fill);
+                            }
+                        } else {
+                            engine
+                                .write_chunk(ChunkId(id), first as u64 * PAGE, data, 1, LogIndex(0))
+                                .await
+                                .unwrap();
+                            for page in &mut own[first..first + count] {
+                                *page = Some(fill);
+                            }
+                        }
+                    }
+                    4 => {
+                        let Some((source, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        let first = rng.gen_range(0..pages);
+                        engine
+                            .recover_chunk(ChunkId(id), first as u64 * PAGE, PAGE, LogIndex(0))
+                            .await
+                            .unwrap();
+                        own[first].get_or_insert(sources[source][first]);
+                    }
+                    5 => {
+                        let Some((source, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        engine
+                            .flatten_chunk(ChunkId(id), LogIndex(0))
+                            .await
+                            .unwrap();
+                        for (page, value) in own.iter_mut().enumerate() {
+                            value.get_or_insert(sources[source][page]);
+                        }
+                        assert_eq!(engine.chunk_info(ChunkId(id)).unwrap().clone_source, None);
+                    }
+                    6 => {
+                        engine.delete_chunk(ChunkId(id), LogIndex(0)).await.unwrap();
+                        clones.remove(&id);
+                    }
+                    7 => {
+                        engine.checkpoint().await.unwrap();
+                        drop(engine);
+                        engine = open(&bdev).await.0;
+                    }
+                    _ => {
+                        let Some((source, own)) = clones.get(&id) else {
+                            continue;
+                        };
+                        let read = engine.read_chunk(ChunkId(id), 0, CHUNK).await.unwrap();
+                        let expected: Vec<u8> = own
+                            .iter()
+                            .enumerate()
+                            .map(|(page, value)| value.unwrap_or(sources[source][page]))
+                            .collect();
+                        assert_eq!(pages_of(&read), expected, "{context}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn a_clone_refuses_a_snapshot_and_a_clone_of_a_clone() {
+    block_on(async {
+        let bdev = formatted(16 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        engine
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 1), 1, LogIndex(0))
+            .await
+            .unwrap();
+        engine
+            .create_clone_chunk(ChunkId(2), ChunkId(1), 1, LogIndex(0))
+            .await
+            .unwrap();
+        let error = engine
+            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 2), 2, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("flatten"), "{error}");
+        let error = engine
+            .create_clone_chunk(ChunkId(3), ChunkId(2), 1, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("itself a lazy clone"), "{error}");
+        let error = engine
+            .create_clone_chunk(ChunkId(4), ChunkId(9), 1, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StorageError::ChunkNotFound(ChunkId(9))),
+            "{error}"
+        );
+    });
+}
