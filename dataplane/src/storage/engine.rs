@@ -358,6 +358,10 @@ pub struct ShardEngine<B: Bdev> {
     /// Lazy clone chunks (by slot) and the chunk their unwritten pages read from. A clone's
     /// bitmap (in `bitmaps`) marks the pages written since it was created.
     clone_sources: RefCell<BTreeMap<u32, ChunkId>>,
+    /// Per slot, the bitmap copy that holds its latest written version. Kept when a snapshot
+    /// or clone goes away: until a checkpoint commits that, the committed metadata may still
+    /// need that copy, so a new bitmap in the same slot must go to the other one.
+    bitmap_copies: RefCell<BTreeMap<u32, u8>>,
 }
 
 /// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
@@ -571,6 +575,7 @@ impl<B: Bdev> ShardEngine<B> {
             .collect();
         let words = geometry.pages_per_chunk().div_ceil(64) as usize;
         let mut clone_sources = BTreeMap::new();
+        let mut bitmap_copies = BTreeMap::new();
         for slot in bitmap_slots {
             let offset = layout.bitmap_page(slot, 0);
             let pair = bdev.read(offset, bdev.alloc(2 * page)?).await?;
@@ -608,6 +613,7 @@ impl<B: Bdev> ShardEngine<B> {
                 ));
             }
             bitmaps.insert(slot, (bitmap, copy));
+            bitmap_copies.insert(slot, copy);
         }
 
         // Free slots that may hold stale bytes: those listed by the anchor, those that were
@@ -719,6 +725,7 @@ impl<B: Bdev> ShardEngine<B> {
             }),
             checkpoint_turn: Turnstile::default(),
             bitmaps: RefCell::new(bitmaps),
+            bitmap_copies: RefCell::new(bitmap_copies),
             dirty_bitmaps: RefCell::new(BTreeSet::new()),
             clone_sources: RefCell::new(clone_sources),
         };
@@ -860,6 +867,7 @@ impl<B: Bdev> ShardEngine<B> {
                 if self.already_applied(slot, index)? {
                     return Ok(());
                 }
+                self.check_not_a_clone_source(chunk)?;
                 let meta = self.slot_meta(slot)?;
                 if sn < meta.sn {
                     return Err(StorageError::BackwardRequest {
@@ -899,6 +907,26 @@ impl<B: Bdev> ShardEngine<B> {
             .await?;
         self.mark_clone_pages_written(slot, offset, len);
         self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Refuses to change a chunk that lazy clones read through to: a clone's source is
+    /// read-only while clones of it exist, so that re-applying a clone's recover or flatten
+    /// after a crash reads what it read the first time.
+    fn check_not_a_clone_source(&self, chunk: ChunkId) -> Result<(), StorageError> {
+        if self
+            .clone_sources
+            .borrow()
+            .values()
+            .any(|source| *source == chunk)
+        {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: "lazy clones read through to it; it is read-only until they are \
+                         flattened or deleted"
+                    .into(),
+            });
+        }
         Ok(())
     }
 
@@ -979,7 +1007,10 @@ impl<B: Bdev> ShardEngine<B> {
             })
             .await?;
         let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
-        self.bitmaps.borrow_mut().insert(slot, (vec![0; words], 1));
+        let current = self.bitmap_copies.borrow().get(&slot).copied().unwrap_or(1);
+        self.bitmaps
+            .borrow_mut()
+            .insert(slot, (vec![0; words], current));
         self.clone_sources.borrow_mut().insert(slot, source);
         self.dirty_bitmaps.borrow_mut().insert(slot);
         self.record_applied(chunk, index);
@@ -1023,7 +1054,43 @@ impl<B: Bdev> ShardEngine<B> {
         Ok(())
     }
 
+    /// Copies a clone's unwritten pages of a range from its source; returns whether any
+    /// page was copied.
+    async fn fill_from_source(
+        &self,
+        slot: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, StorageError> {
+        let Some(source) = self.clone_sources.borrow().get(&slot).copied() else {
+            return Ok(false);
+        };
+        let missing = self.clone_pages_missing(slot, offset, len);
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        let source_data = self.read_chunk(source, offset, len).await?;
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in missing {
+            let at = (p * page - offset) as usize;
+            let mut piece = self.bdev.alloc(page as usize)?;
+            if let (Some(target), Some(from)) = (
+                piece.as_mut_slice(),
+                source_data.as_slice().get(at..at + page as usize),
+            ) {
+                target.copy_from_slice(from);
+            }
+            self.bdev
+                .write(self.layout.slot_offset(slot) + p * page, piece)
+                .await?;
+            self.mark_clone_pages_written(slot, p * page, page);
+        }
+        Ok(true)
+    }
+
     /// Curve's RecoverChunk: fills the clone's unwritten pages of a range from its source.
+    /// A checkpoint makes the result durable before this returns, so that replaying the
+    /// entry after a crash never reads a source that changed since.
     pub async fn recover_chunk(
         &self,
         chunk: ChunkId,
@@ -1040,32 +1107,17 @@ impl<B: Bdev> ShardEngine<B> {
         if self.already_applied(slot, index)? {
             return Ok(());
         }
-        let Some(source) = self.clone_sources.borrow().get(&slot).copied() else {
-            self.record_applied(chunk, index);
-            return Ok(());
-        };
-        let source_data = self.read_chunk(source, offset, len).await?;
-        let page = u64::from(self.layout.geometry.page_size);
-        for p in self.clone_pages_missing(slot, offset, len) {
-            let at = (p * page - offset) as usize;
-            let mut piece = self.bdev.alloc(page as usize)?;
-            if let (Some(target), Some(from)) = (
-                piece.as_mut_slice(),
-                source_data.as_slice().get(at..at + page as usize),
-            ) {
-                target.copy_from_slice(from);
-            }
-            self.bdev
-                .write(self.layout.slot_offset(slot) + p * page, piece)
-                .await?;
-            self.mark_clone_pages_written(slot, p * page, page);
-        }
+        let copied = self.fill_from_source(slot, offset, len).await?;
         self.record_applied(chunk, index);
+        if copied {
+            self.checkpoint().await?;
+        }
         Ok(())
     }
 
     /// Makes a clone an ordinary chunk: its unwritten pages are filled from the source, then
-    /// it stops reading through.
+    /// it stops reading through. Durable (by a checkpoint) before it returns, as
+    /// [`ShardEngine::recover_chunk`] is.
     pub async fn flatten_chunk(&self, chunk: ChunkId, index: LogIndex) -> Result<(), StorageError> {
         let slot = self
             .table
@@ -1076,15 +1128,14 @@ impl<B: Bdev> ShardEngine<B> {
             return Ok(());
         }
         let chunk_size = self.layout.geometry.chunk_size;
-        self.recover_chunk(chunk, 0, chunk_size, LogIndex(0))
-            .await?;
+        self.fill_from_source(slot, 0, chunk_size).await?;
         let mut meta = self.slot_meta(slot)?;
         meta.flags &= !FLAG_CLONE;
         self.table.borrow_mut().update(slot, meta);
         self.clone_sources.borrow_mut().remove(&slot);
         self.bitmaps.borrow_mut().remove(&slot);
         self.record_applied(chunk, index);
-        Ok(())
+        self.checkpoint().await
     }
 
     /// [`ShardEngine::write_chunk`] of a payload as raft carries it: an aligned `Bytes` (one
@@ -1170,6 +1221,7 @@ impl<B: Bdev> ShardEngine<B> {
         if self.already_applied(slot, index)? {
             return Ok(());
         }
+        self.check_not_a_clone_source(chunk)?;
         let meta = self.slot_meta(slot)?;
         let mut slots = vec![slot];
         if meta.link != NO_SLOT {
@@ -1264,9 +1316,15 @@ impl<B: Bdev> ShardEngine<B> {
                 })
                 .await?;
             let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+            let current = self
+                .bitmap_copies
+                .borrow()
+                .get(&snapshot)
+                .copied()
+                .unwrap_or(1);
             self.bitmaps
                 .borrow_mut()
-                .insert(snapshot, (vec![0; words], 1));
+                .insert(snapshot, (vec![0; words], current));
             self.dirty_bitmaps.borrow_mut().insert(snapshot);
             meta = self.slot_meta(slot)?;
             meta.link = snapshot;
@@ -1534,6 +1592,10 @@ impl<B: Bdev> ShardEngine<B> {
         let result = self
             .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
             .await;
+        let bitmap_targets = match &result {
+            Ok(targets) => targets.clone(),
+            Err(_) => Vec::new(),
+        };
         if let Err(error) = result {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
@@ -1572,10 +1634,8 @@ impl<B: Bdev> ShardEngine<B> {
             }
             state.allocations = 0;
         }
-        for slot in &dirty_bitmaps {
-            if let Some((_, copy)) = self.bitmaps.borrow_mut().get_mut(slot) {
-                *copy ^= 1;
-            }
+        for (slot, copy) in bitmap_targets {
+            self.bitmap_copies.borrow_mut().insert(slot, copy);
         }
         self.wal.advance_head(head);
         for (copyset, log) in &logs {
@@ -1585,68 +1645,68 @@ impl<B: Bdev> ShardEngine<B> {
         Ok(())
     }
 
+    /// Encodes every changed page at one instant (no await in between, so chunk metadata,
+    /// page bitmaps and applied indices agree with each other), then writes them all to their
+    /// alternate copies and flushes.
     async fn write_checkpoint_pages(
         &self,
         generation: u64,
         dirty: &BTreeSet<u32>,
         dirty_bitmaps: &BTreeSet<u32>,
         copyset_pages: &[(CopysetId, u32, u8, CopysetPage)],
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<(u32, u8)>, StorageError> {
         let page = self.layout.geometry.page_size as usize;
-        for index in dirty {
-            let copy = self
-                .checkpoint
-                .borrow()
-                .meta_copy
-                .get(*index as usize)
-                .map_or(0, |c| c ^ 1);
-            let mut buffer = self.bdev.alloc(page)?;
-            {
+        let mut writes =
+            Vec::with_capacity(dirty.len() + dirty_bitmaps.len() + copyset_pages.len());
+        let mut bitmap_targets = Vec::new();
+        {
+            let table = self.table.borrow();
+            let state = self.checkpoint.borrow();
+            for index in dirty {
+                let copy = state.meta_copy.get(*index as usize).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
                 let bytes = writable(&mut buffer)?;
-                self.table
-                    .borrow()
-                    .encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
+                table.encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
                 seal_page(bytes, PageKind::ChunkMeta, u64::from(*index), generation);
+                writes.push((self.layout.meta_page(*index, copy), buffer));
             }
-            self.bdev
-                .write(self.layout.meta_page(*index, copy), buffer)
-                .await?;
         }
-        for slot in dirty_bitmaps {
-            let mut buffer = self.bdev.alloc(page)?;
-            let copy = {
-                let bitmaps = self.bitmaps.borrow();
-                let Some((bitmap, current)) = bitmaps.get(slot) else {
-                    continue; // the snapshot is gone: its bitmap is not needed
+        {
+            let bitmaps = self.bitmaps.borrow();
+            let sources = self.clone_sources.borrow();
+            for slot in dirty_bitmaps {
+                let Some((bitmap, _)) = bitmaps.get(slot) else {
+                    continue; // the snapshot or clone is gone: its bitmap is not needed
                 };
+                // Never over the copy the last committed checkpoint wrote: the committed
+                // metadata may still need it.
+                let target = self.bitmap_copies.borrow().get(slot).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
                 let bytes = writable(&mut buffer)?;
                 let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
-                if let Some(source) = self.clone_sources.borrow().get(slot) {
+                if let Some(source) = sources.get(slot) {
                     w.u64(source.0);
                 }
                 for word in bitmap {
                     w.u64(*word);
                 }
                 seal_page(bytes, PageKind::Bitmap, u64::from(*slot), generation);
-                current ^ 1
-            };
-            self.bdev
-                .write(self.layout.bitmap_page(*slot, copy), buffer)
-                .await?;
+                writes.push((self.layout.bitmap_page(*slot, target), buffer));
+                bitmap_targets.push((*slot, target));
+            }
         }
         for (_, index, copy, state) in copyset_pages {
             let mut buffer = self.bdev.alloc(page)?;
-            {
-                let bytes = writable(&mut buffer)?;
-                encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
-                seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
-            }
-            self.bdev
-                .write(self.layout.copyset_page(*index, *copy), buffer)
-                .await?;
+            let bytes = writable(&mut buffer)?;
+            encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
+            seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
+            writes.push((self.layout.copyset_page(*index, *copy), buffer));
+        }
+        for (offset, buffer) in writes {
+            self.bdev.write(offset, buffer).await?;
         }
         self.bdev.flush().await?;
-        Ok(())
+        Ok(bitmap_targets)
     }
 
     /// Closes the shard cleanly: a checkpoint, then an anchor saying that no slot was taken
