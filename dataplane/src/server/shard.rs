@@ -707,15 +707,14 @@ impl<B: Bdev + 'static> ShardServer<B> {
                                 data,
                             } => {
                                 engine
-                                    .write_chunk_bytes(chunk, u64::from(offset), data, sn)
+                                    .write_chunk_bytes(chunk, u64::from(offset), data, sn, index)
                                     .await
                             }
-                            ChunkOp::Delete { chunk, .. } => engine.delete_chunk(chunk).await,
-                            ChunkOp::DeleteSnapshotOrCorrectSn { .. } => {
-                                Err(StorageError::Copyset(
-                                    copyset.0,
-                                    "delete-snapshot-or-correct-sn is not served yet".into(),
-                                ))
+                            ChunkOp::Delete { chunk, .. } => {
+                                engine.delete_chunk(chunk, index).await
+                            }
+                            ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+                                engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
                             }
                         };
                         let status = match &result {

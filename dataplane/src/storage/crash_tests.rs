@@ -62,98 +62,273 @@ enum Command {
         first: u32,
         count: u32,
         fill: u8,
+        sn: u64,
     },
     Delete {
         chunk: u64,
     },
+    DeleteSnapshot {
+        chunk: u64,
+        corrected_sn: u64,
+    },
+    CreateClone {
+        chunk: u64,
+        source: u64,
+    },
+    Paste {
+        chunk: u64,
+        first: u32,
+        count: u32,
+        fill: u8,
+    },
+    Flatten {
+        chunk: u64,
+    },
+}
+
+/// A chunk as the model holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkState {
+    /// A page's fill; `None` for a clone's page that still reads through to the source.
+    pages: Vec<Option<u8>>,
+    sn: u64,
+    corrected_sn: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+    source: Option<u64>,
+}
+
+/// A chunk as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    pages: Vec<u8>,
+    sn: u64,
+    corrected_sn: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+    source: Option<u64>,
+}
+
+fn view(chunks: &HashMap<u64, ChunkState>, chunk: u64) -> Option<View> {
+    let state = chunks.get(&chunk)?;
+    let source = state.source.and_then(|s| chunks.get(&s));
+    let pages = state
+        .pages
+        .iter()
+        .enumerate()
+        .map(|(page, own)| {
+            own.or_else(|| source.and_then(|s| s.pages.get(page).copied().flatten()))
+                .unwrap_or(0)
+        })
+        .collect();
+    Some(View {
+        pages,
+        sn: state.sn,
+        corrected_sn: state.corrected_sn,
+        snapshot: state.snapshot.clone(),
+        source: state.source,
+    })
+}
+
+fn resolved(pages: &[Option<u8>]) -> Vec<u8> {
+    pages.iter().map(|p| p.unwrap_or(0)).collect()
 }
 
 impl Command {
     fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(18);
+        let mut out = Vec::with_capacity(32);
+        let (kind, chunk, a, b, c, d) = match *self {
+            Command::Write {
+                chunk,
+                first,
+                count,
+                fill,
+                sn,
+            } => (1, chunk, u64::from(first), u64::from(count), fill, sn),
+            Command::Delete { chunk } => (2, chunk, 0, 0, 0, 0),
+            Command::DeleteSnapshot {
+                chunk,
+                corrected_sn,
+            } => (3, chunk, corrected_sn, 0, 0, 0),
+            Command::CreateClone { chunk, source } => (4, chunk, source, 0, 0, 0),
+            Command::Paste {
+                chunk,
+                first,
+                count,
+                fill,
+            } => (5, chunk, u64::from(first), u64::from(count), fill, 0),
+            Command::Flatten { chunk } => (6, chunk, 0, 0, 0, 0),
+        };
+        out.push(kind);
+        for value in [chunk, a, b] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.push(c);
+        out.extend_from_slice(&d.to_le_bytes());
+        Bytes::from(out)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Command> {
+        let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        let chunk = u64_at(1)?;
+        let a = u64_at(9)?;
+        let b = u64_at(17)?;
+        let c = *bytes.get(25)?;
+        let d = u64_at(26)?;
+        match bytes.first()? {
+            1 => Some(Command::Write {
+                chunk,
+                first: u32::try_from(a).ok()?,
+                count: u32::try_from(b).ok()?,
+                fill: c,
+                sn: d,
+            }),
+            2 => Some(Command::Delete { chunk }),
+            3 => Some(Command::DeleteSnapshot {
+                chunk,
+                corrected_sn: a,
+            }),
+            4 => Some(Command::CreateClone { chunk, source: a }),
+            5 => Some(Command::Paste {
+                chunk,
+                first: u32::try_from(a).ok()?,
+                count: u32::try_from(b).ok()?,
+                fill: c,
+            }),
+            6 => Some(Command::Flatten { chunk }),
+            _ => None,
+        }
+    }
+
+    /// The command's effect on the model. The writers only issue commands the engine
+    /// accepts.
+    fn apply_to(&self, chunks: &mut HashMap<u64, ChunkState>) {
         match *self {
             Command::Write {
                 chunk,
                 first,
                 count,
                 fill,
+                sn,
             } => {
-                out.push(1);
-                out.extend_from_slice(&chunk.to_le_bytes());
-                out.extend_from_slice(&first.to_le_bytes());
-                out.extend_from_slice(&count.to_le_bytes());
-                out.push(fill);
+                let state = chunks.entry(chunk).or_insert(ChunkState {
+                    pages: vec![Some(0); PAGES],
+                    sn,
+                    corrected_sn: 0,
+                    snapshot: None,
+                    source: None,
+                });
+                if sn > state.sn && sn > state.corrected_sn {
+                    state.snapshot = Some((state.sn, resolved(&state.pages)));
+                }
+                state.sn = state.sn.max(sn);
+                for page in first..first + count {
+                    state.pages[page as usize] = Some(fill);
+                }
             }
             Command::Delete { chunk } => {
-                out.push(2);
-                out.extend_from_slice(&chunk.to_le_bytes());
+                chunks.remove(&chunk);
             }
-        }
-        Bytes::from(out)
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Command> {
-        let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
-        let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
-        match bytes.first()? {
-            1 => Some(Command::Write {
-                chunk: u64_at(1)?,
-                first: u32_at(9)?,
-                count: u32_at(13)?,
-                fill: *bytes.get(17)?,
-            }),
-            2 => Some(Command::Delete { chunk: u64_at(1)? }),
-            _ => None,
-        }
-    }
-
-    fn chunk(&self) -> u64 {
-        match *self {
-            Command::Write { chunk, .. } | Command::Delete { chunk } => chunk,
-        }
-    }
-
-    /// The command's effect on a chunk's pages (`None`: the chunk does not exist).
-    fn apply_to(&self, state: Option<Vec<u8>>) -> Option<Vec<u8>> {
-        match *self {
-            Command::Write {
-                first, count, fill, ..
+            Command::DeleteSnapshot {
+                chunk,
+                corrected_sn,
             } => {
-                let mut pages = state.unwrap_or_else(|| vec![0; PAGES]);
-                for page in first..first + count {
-                    pages[page as usize] = fill;
+                if let Some(state) = chunks.get_mut(&chunk) {
+                    state.snapshot = None;
+                    if corrected_sn > state.sn {
+                        state.corrected_sn = state.corrected_sn.max(corrected_sn);
+                    }
                 }
-                Some(pages)
             }
-            Command::Delete { .. } => None,
+            Command::CreateClone { chunk, source } => {
+                chunks.entry(chunk).or_insert(ChunkState {
+                    pages: vec![None; PAGES],
+                    sn: 1,
+                    corrected_sn: 0,
+                    snapshot: None,
+                    source: Some(source),
+                });
+            }
+            Command::Paste {
+                chunk,
+                first,
+                count,
+                fill,
+            } => {
+                if let Some(state) = chunks.get_mut(&chunk) {
+                    for page in first..first + count {
+                        state.pages[page as usize].get_or_insert(fill);
+                    }
+                }
+            }
+            Command::Flatten { chunk } => {
+                if let Some(flat) = view(chunks, chunk) {
+                    if let Some(state) = chunks.get_mut(&chunk) {
+                        state.pages = flat.pages.into_iter().map(Some).collect();
+                        state.source = None;
+                    }
+                }
+            }
         }
     }
 }
 
-async fn apply(engine: &ShardEngine<FaultBdev>, command: Command) -> Result<(), StorageError> {
+async fn apply(
+    engine: &ShardEngine<FaultBdev>,
+    command: Command,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let filled = |len: u64, fill: u8| -> Result<_, StorageError> {
+        let mut data = engine.bdev().alloc(len as usize)?;
+        if let Some(bytes) = data.as_mut_slice() {
+            bytes.fill(fill);
+        }
+        Ok(data)
+    };
     match command {
         Command::Write {
             chunk,
             first,
             count,
             fill,
+            sn,
         } => {
-            let mut data = engine.bdev().alloc((u64::from(count) * PAGE) as usize)?;
-            if let Some(bytes) = data.as_mut_slice() {
-                bytes.fill(fill);
-            }
+            let data = filled(u64::from(count) * PAGE, fill)?;
             engine
-                .write_chunk(ChunkId(chunk), u64::from(first) * PAGE, data, 1)
+                .write_chunk(ChunkId(chunk), u64::from(first) * PAGE, data, sn, index)
                 .await
         }
-        Command::Delete { chunk } => engine.delete_chunk(ChunkId(chunk)).await,
+        Command::Delete { chunk } => engine.delete_chunk(ChunkId(chunk), index).await,
+        Command::DeleteSnapshot {
+            chunk,
+            corrected_sn,
+        } => {
+            engine
+                .delete_snapshot_or_correct_sn(ChunkId(chunk), corrected_sn, index)
+                .await
+        }
+        Command::CreateClone { chunk, source } => {
+            engine
+                .create_clone_chunk(ChunkId(chunk), ChunkId(source), 1, index)
+                .await
+        }
+        Command::Paste {
+            chunk,
+            first,
+            count,
+            fill,
+        } => {
+            let data = filled(u64::from(count) * PAGE, fill)?;
+            engine
+                .paste_chunk(ChunkId(chunk), u64::from(first) * PAGE, data, index)
+                .await
+        }
+        Command::Flatten { chunk } => engine.flatten_chunk(ChunkId(chunk), index).await,
     }
 }
 
 /// The acknowledged state of every chunk, and each copyset's operation in flight.
 #[derive(Debug, Default)]
 struct Model {
-    chunks: HashMap<u64, Vec<u8>>,
+    chunks: HashMap<u64, ChunkState>,
     in_flight: HashMap<u64, Command>,
     acknowledged: u64,
 }
@@ -196,25 +371,45 @@ fn owned_chunks(copyset: u64) -> impl Iterator<Item = u64> {
     (0..CHUNKS_PER_WRITER).map(move |i| copyset * 100 + i)
 }
 
-async fn read_state(
-    engine: &ShardEngine<FaultBdev>,
-    chunk: u64,
-) -> Result<Option<Vec<u8>>, String> {
-    match engine.read_chunk(ChunkId(chunk), 0, CHUNK).await {
-        Ok(data) => {
-            let mut pages = Vec::with_capacity(PAGES);
-            for page in data.as_slice().chunks(PAGE as usize) {
-                let fill = page[0];
-                if page.iter().any(|b| *b != fill) {
-                    return Err(format!("chunk {chunk} has a page of mixed bytes (torn)"));
-                }
-                pages.push(fill);
-            }
-            Ok(Some(pages))
+fn pages_of(data: &[u8], chunk: u64) -> Result<Vec<u8>, String> {
+    let mut pages = Vec::with_capacity(PAGES);
+    for page in data.chunks(PAGE as usize) {
+        let fill = page[0];
+        if page.iter().any(|b| *b != fill) {
+            return Err(format!("chunk {chunk} has a page of mixed bytes (torn)"));
         }
-        Err(StorageError::ChunkNotFound(_)) => Ok(None),
-        Err(e) => Err(format!("reading chunk {chunk}: {e}")),
+        pages.push(fill);
     }
+    Ok(pages)
+}
+
+async fn read_state(engine: &ShardEngine<FaultBdev>, chunk: u64) -> Result<Option<View>, String> {
+    let info = match engine.chunk_info(ChunkId(chunk)) {
+        Ok(info) => info,
+        Err(StorageError::ChunkNotFound(_)) => return Ok(None),
+        Err(e) => return Err(format!("chunk {chunk}: {e}")),
+    };
+    let data = engine
+        .read_chunk(ChunkId(chunk), 0, CHUNK)
+        .await
+        .map_err(|e| format!("reading chunk {chunk}: {e}"))?;
+    let snapshot = match info.snapshot_sn {
+        Some(sn) => {
+            let data = engine
+                .read_snapshot(ChunkId(chunk), sn, 0, CHUNK)
+                .await
+                .map_err(|e| format!("reading chunk {chunk}'s snapshot {sn}: {e}"))?;
+            Some((sn, pages_of(data.as_slice(), chunk)?))
+        }
+        None => None,
+    };
+    Ok(Some(View {
+        pages: pages_of(data.as_slice(), chunk)?,
+        sn: info.sn,
+        corrected_sn: info.corrected_sn,
+        snapshot,
+        source: info.clone_source.map(|c| c.0),
+    }))
 }
 
 /// One writer (one copyset): sequential operations until `operations` are done or the device
@@ -230,18 +425,63 @@ async fn writer(
     let id = CopysetId(copyset);
     for _ in 0..operations {
         let chunk = copyset * 100 + rng.below(CHUNKS_PER_WRITER);
-        let command = match rng.below(20) {
-            0..=13 => {
-                let first = rng.below(PAGES as u64) as u32;
-                let count = 1 + rng.below((PAGES as u64 - u64::from(first)).min(3)) as u32;
+        let (known, source_of_clone, clone_slot_free) = {
+            let model = model.borrow();
+            let known = model.chunks.get(&chunk).cloned();
+            // Chunk 3 of each writer may be a clone of its chunk 0.
+            let clone = model.chunks.get(&(copyset * 100 + 3));
+            let source_of_clone = chunk % 100 == 0 && clone.is_some_and(|c| c.source.is_some());
+            let source = model.chunks.get(&(copyset * 100));
+            let clone_slot_free = clone.is_none() && source.is_some_and(|s| s.source.is_none());
+            (known, source_of_clone, clone_slot_free)
+        };
+        let is_clone = known.as_ref().is_some_and(|k| k.source.is_some());
+        let first = rng.below(PAGES as u64) as u32;
+        let count = 1 + rng.below((PAGES as u64 - u64::from(first)).min(3)) as u32;
+        let fill = 1 + rng.below(255) as u8;
+        let roll = if chunk % 100 == 3 && clone_slot_free && rng.below(2) == 0 {
+            12 // chunk 3 is mostly born a clone
+        } else if is_clone && rng.below(2) == 0 {
+            16 + rng.below(3) // and then often pasted into or flattened
+        } else {
+            rng.below(24)
+        };
+        let command = match roll {
+            0..=9 if !source_of_clone => {
+                // A newer sn takes a snapshot; only when the chunk has none (else the engine
+                // refuses, and that is tested elsewhere) and is not a clone.
+                let sn = match &known {
+                    Some(state) if state.snapshot.is_none() && !is_clone && rng.below(4) == 0 => {
+                        state.sn.max(state.corrected_sn) + 1
+                    }
+                    Some(state) => state.sn,
+                    None => 1,
+                };
                 Command::Write {
                     chunk,
                     first,
                     count,
-                    fill: 1 + rng.below(255) as u8,
+                    fill,
+                    sn,
                 }
             }
-            14 => Command::Delete { chunk },
+            10 | 11 => Command::DeleteSnapshot {
+                chunk,
+                corrected_sn: known.as_ref().map_or(1, |s| s.sn) + rng.below(2),
+            },
+            12 | 13 if clone_slot_free => Command::CreateClone {
+                chunk: copyset * 100 + 3,
+                source: copyset * 100,
+            },
+            16 | 17 if is_clone => Command::Paste {
+                chunk,
+                first,
+                count,
+                fill,
+            },
+            18 if is_clone => Command::Flatten { chunk },
+            14 if !source_of_clone => Command::Delete { chunk },
+            0..=9 | 12..=14 | 16..=18 => continue,
             15 => {
                 if engine.checkpoint().await.is_err() {
                     return Ok(());
@@ -249,7 +489,7 @@ async fn writer(
                 continue;
             }
             _ => {
-                let expected = model.borrow().chunks.get(&chunk).cloned();
+                let expected = view(&model.borrow().chunks, chunk);
                 let Ok(actual) = read_state(engine, chunk).await else {
                     return Ok(()); // the device failed under the read
                 };
@@ -281,7 +521,7 @@ async fn writer(
             wal.append_entries(id, std::slice::from_ref(&entry))?;
             let lsn = wal.set_hard_state(id, hard_state)?;
             wal.sync(lsn).await?;
-            apply(engine, command).await?;
+            apply(engine, command, LogIndex(next_index)).await?;
             engine.set_applied(id, LogIndex(next_index));
             Ok::<(), StorageError>(())
         }
@@ -292,10 +532,7 @@ async fn writer(
         }
         let mut model = model.borrow_mut();
         model.in_flight.remove(&copyset);
-        let state = command.apply_to(model.chunks.remove(&command.chunk()));
-        if let Some(pages) = state {
-            model.chunks.insert(command.chunk(), pages);
-        }
+        command.apply_to(&mut model.chunks);
         model.acknowledged += 1;
         next_index += 1;
     }
@@ -344,7 +581,7 @@ async fn recover_and_check(
         for entry in &copyset.to_apply {
             let command = Command::decode(&entry.data)
                 .ok_or_else(|| format!("entry {} does not decode", entry.index))?;
-            match apply(&engine, command).await {
+            match apply(&engine, command, entry.index).await {
                 Ok(()) => engine.set_applied(copyset.copyset, entry.index),
                 Err(_) if device.is_dead() => return Ok(None),
                 Err(e) => return Err(format!("re-applying entry {}: {e}", entry.index)),
@@ -352,32 +589,39 @@ async fn recover_and_check(
         }
         next.insert(copyset.copyset.0, copyset.hard_state.commit.0 + 1);
     }
-    // Copies: if the power goes during the check, the model stays as it was.
+    // Each copyset's chunks must read, all together, as its acknowledged history or that
+    // history and its operation in flight; the model then takes the one that matched.
     let in_flights = model.borrow().in_flight.clone();
     let mut chunks = model.borrow().chunks.clone();
     for copyset in 1..=WRITERS {
-        let in_flight = in_flights.get(&copyset).copied();
+        let mut actual = Vec::new();
         for chunk in owned_chunks(copyset) {
-            let actual = match read_state(&engine, chunk).await {
-                Ok(actual) => actual,
+            match read_state(&engine, chunk).await {
+                Ok(view) => actual.push(view),
                 Err(_) if device.is_dead() => return Ok(None),
                 Err(e) => return Err(e),
-            };
-            let acknowledged = chunks.get(&chunk).cloned();
-            let with_in_flight = in_flight
-                .filter(|c| c.chunk() == chunk)
-                .map(|c| c.apply_to(acknowledged.clone()));
-            if actual != acknowledged && Some(&actual) != with_in_flight.as_ref() {
-                return Err(format!(
-                    "chunk {chunk} reads {actual:?}; acknowledged {acknowledged:?}, with the \
-                     operation in flight {with_in_flight:?}"
-                ));
             }
-            match actual {
-                Some(pages) => chunks.insert(chunk, pages),
-                None => chunks.remove(&chunk),
-            };
         }
+        let views = |chunks: &HashMap<u64, ChunkState>| -> Vec<Option<View>> {
+            owned_chunks(copyset).map(|c| view(chunks, c)).collect()
+        };
+        if actual == views(&chunks) {
+            continue;
+        }
+        let in_flight = in_flights.get(&copyset).copied();
+        let mut with_in_flight = chunks.clone();
+        if let Some(command) = in_flight {
+            command.apply_to(&mut with_in_flight);
+            if actual == views(&with_in_flight) {
+                chunks = with_in_flight;
+                continue;
+            }
+        }
+        return Err(format!(
+            "copyset {copyset} reads {actual:?}; acknowledged {:?}; operation in flight \
+             {in_flight:?}",
+            views(&chunks)
+        ));
     }
     model.borrow_mut().chunks = chunks;
     model.borrow_mut().in_flight.clear();

@@ -9,11 +9,14 @@
 //! the anchor, then replays the WAL from the head; the chunkserver re-applies committed
 //! entries above each copyset's checkpointed applied index, which is idempotent.
 //!
-//! Free slots read as zeroes. A slot is zeroed before it returns to the pool; after a crash,
+//! Free slots read as zeroes. A slot is zeroed before it returns to the pool. After a crash,
 //! the slots that may have been written since the last checkpoint without their metadata
 //! reaching the device are the lowest free ones (the pool always hands out the lowest free
-//! slot, and a checkpoint is forced after [`RECOVERY_ZERO_SLOTS`] allocations), so recovery
-//! zeroes those and the slots that were being released.
+//! slot, and a checkpoint is forced after [`RECOVERY_ZERO_SLOTS`] allocations); recovery marks
+//! those, and the slots that were being released, as possibly dirty, and a possibly dirty slot
+//! is zeroed when it is next taken. The anchor lists the possibly dirty slots and says whether
+//! the pool was untouched since it was written (format, or a clean close), so a fresh or
+//! cleanly closed device has none.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,7 +37,7 @@ use crate::storage::layout::{
     choose_copy, open_page, seal_page, Geometry, PageKind, PageRead, Reader, ShardLayout,
     Superblock, Writer, DEFAULT_MAX_COPYSETS, FORMAT_VERSION, PAGE_HEADER_LEN,
 };
-use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, NO_SLOT};
+use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, FLAG_CLONE, NO_SLOT};
 use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::record::{conf_state_bytes, decode_conf_state, CopysetId};
 use crate::storage::wal::{ShardWal, WalConfig};
@@ -120,6 +123,12 @@ pub async fn format<B: Bdev>(
             bdev.write_zeroes(layout.wal, layout.end() - layout.wal)
                 .await?;
         }
+        // Every slot reads as zeroes and none was ever taken: a clean anchor says so.
+        let clean = Anchor {
+            clean: true,
+            ..Anchor::default()
+        };
+        write_anchor(bdev, &layout, 0, 1, &clean).await?;
     }
     bdev.flush().await?;
     let superblock = Superblock {
@@ -132,6 +141,68 @@ pub async fn format<B: Bdev>(
     bdev.write(0, buffer).await?;
     bdev.flush().await?;
     Ok(superblock)
+}
+
+/// What the anchor page holds besides its header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Anchor {
+    /// Where WAL replay starts.
+    head: u64,
+    /// Written by format or a clean close: no slot was taken from the pool since.
+    clean: bool,
+    /// Free slots that may hold bytes from before a crash; zeroed before they are used.
+    maybe_dirty: BTreeSet<u32>,
+}
+
+/// Most slots an anchor page lists as possibly dirty (a 4 KiB page holds about a thousand).
+const ANCHOR_DIRTY_MAX: usize = 512;
+
+impl Anchor {
+    fn encode(&self, page: &mut [u8], generation: u64) {
+        {
+            let mut w = Writer::new(&mut page[PAGE_HEADER_LEN..]);
+            w.u64(self.head);
+            w.u32(u32::from(self.clean));
+            w.u32(self.maybe_dirty.len() as u32);
+            for slot in &self.maybe_dirty {
+                w.u32(*slot);
+            }
+        }
+        seal_page(page, PageKind::Anchor, 0, generation);
+    }
+
+    fn decode(body: &[u8]) -> Option<Anchor> {
+        let mut r = Reader::new(body);
+        let head = r.u64();
+        let clean = r.u32() & 1 != 0;
+        let count = r.u32() as usize;
+        if count > ANCHOR_DIRTY_MAX {
+            return None;
+        }
+        let maybe_dirty = (0..count).map(|_| r.u32()).collect();
+        if r.overrun() {
+            return None;
+        }
+        Some(Anchor {
+            head,
+            clean,
+            maybe_dirty,
+        })
+    }
+}
+
+async fn write_anchor<B: Bdev>(
+    bdev: &B,
+    layout: &ShardLayout,
+    copy: u8,
+    generation: u64,
+    anchor: &Anchor,
+) -> Result<(), StorageError> {
+    let mut buffer = bdev.alloc(layout.geometry.page_size as usize)?;
+    anchor.encode(writable(&mut buffer)?, generation);
+    bdev.write(layout.anchor_page(copy), buffer).await?;
+    bdev.flush().await?;
+    Ok(())
 }
 
 fn writable(buffer: &mut DmaBuf) -> Result<&mut [u8], StorageError> {
@@ -179,6 +250,8 @@ pub struct ChunkInfo {
     pub snapshot_sn: Option<u64>,
     /// Curve's corrected sn.
     pub corrected_sn: u64,
+    /// For a lazy clone, the chunk its unwritten pages read from.
+    pub clone_source: Option<ChunkId>,
 }
 
 /// A copyset as recovery found it.
@@ -207,6 +280,8 @@ pub struct Recovery {
     pub wal_records: usize,
     /// Why the WAL scan stopped.
     pub wal_stop: String,
+    /// Free slots that may hold bytes from before a crash (zeroed when next taken).
+    pub possibly_dirty_slots: usize,
     /// The copysets, in id order.
     pub copysets: Vec<RecoveredCopyset>,
 }
@@ -260,6 +335,12 @@ struct CheckpointState {
     /// Slots taken from the pool since the last checkpoint.
     /// Invariant: at most `RECOVERY_ZERO_SLOTS`.
     allocations: u32,
+    /// Free slots that may hold bytes from before a crash.
+    maybe_dirty: BTreeSet<u32>,
+    /// Set when a checkpoint failed after it began writing: whether its pages or anchor
+    /// reached the device is unknown, so no further checkpoint may write over them. The shard
+    /// must restart; recovery sorts out what committed.
+    failed: Option<String>,
 }
 
 /// The storage engine of one shard.
@@ -272,10 +353,30 @@ pub struct ShardEngine<B: Bdev> {
     wal: ShardWal<B>,
     checkpoint: RefCell<CheckpointState>,
     checkpoint_turn: Turnstile,
-    /// Page bitmaps of the slots that have one in use (snapshots and clones).
-    bitmaps: RefCell<BTreeMap<u32, Vec<u64>>>,
+    /// Page bitmaps of the slots that have one in use (snapshots), with the copy on the
+    /// device that holds the current version.
+    bitmaps: RefCell<BTreeMap<u32, (Vec<u64>, u8)>>,
     /// Bitmap pages changed since the last checkpoint.
     dirty_bitmaps: RefCell<BTreeSet<u32>>,
+    /// Lazy clone chunks (by slot) and the chunk their unwritten pages read from. A clone's
+    /// bitmap (in `bitmaps`) marks the pages written since it was created.
+    clone_sources: RefCell<BTreeMap<u32, ChunkId>>,
+    /// Per slot, the bitmap copy that holds its latest written version. Kept when a snapshot
+    /// or clone goes away: until a checkpoint commits that, the committed metadata may still
+    /// need that copy, so a new bitmap in the same slot must go to the other one.
+    bitmap_copies: RefCell<BTreeMap<u32, u8>>,
+}
+
+/// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
+/// written by a checkpoint that never committed, and a corrupt one by a torn write. Left in
+/// place, such a copy could pass for committed once a later checkpoint raises the generation
+/// past its own.
+fn leftovers(copies: &[PageRead<'_>; 2], anchor_generation: u64) -> [bool; 2] {
+    copies.each_ref().map(|copy| match copy {
+        PageRead::Valid { generation, .. } => *generation > anchor_generation,
+        PageRead::Corrupt(_) => true,
+        PageRead::Blank => false,
+    })
 }
 
 fn corrupt(what: &'static str, offset: u64, reason: String) -> StorageError {
@@ -364,7 +465,7 @@ impl<B: Bdev> ShardEngine<B> {
         // The anchor: the valid copy with the higher generation.
         let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
         let mut generation = 0;
-        let mut head = 0;
+        let mut anchor = Anchor::default();
         let mut anchor_copy = 1;
         let mut reasons = Vec::new();
         for copy in 0..2u8 {
@@ -379,9 +480,14 @@ impl<B: Bdev> ShardEngine<B> {
                     body,
                 } => {
                     if g > generation {
-                        generation = g;
-                        head = Reader::new(body).u64();
-                        anchor_copy = copy;
+                        match Anchor::decode(body) {
+                            Some(decoded) => {
+                                generation = g;
+                                anchor = decoded;
+                                anchor_copy = copy;
+                            }
+                            None => reasons.push(format!("copy {copy}: fields do not decode")),
+                        }
                     }
                 }
                 PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
@@ -398,6 +504,7 @@ impl<B: Bdev> ShardEngine<B> {
             .await?;
         let mut logs = BTreeMap::new();
         let mut copyset_pages = BTreeMap::new();
+        let mut wipe = Vec::new();
         for index in 0..geometry.max_copysets {
             let offset = layout.copyset_page(index, 0);
             let at = 2 * page * index as usize;
@@ -408,8 +515,12 @@ impl<B: Bdev> ShardEngine<B> {
                     .unwrap_or(&[]);
                 open_page(bytes, PageKind::Copyset, u64::from(index))
             });
+            let stale = leftovers(&copies, generation);
             let (copy, _, body) = choose_copy(copies, generation)
                 .map_err(|reason| corrupt("copyset page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.copyset_page(index, copy ^ 1));
+            }
             let Some(body) = body else { continue };
             let state = decode_copyset_page(body)
                 .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
@@ -442,8 +553,12 @@ impl<B: Bdev> ShardEngine<B> {
                     .unwrap_or(&[]);
                 open_page(bytes, PageKind::ChunkMeta, u64::from(index))
             });
+            let stale = leftovers(&copies, generation);
             let (copy, _, body) = choose_copy(copies, generation)
                 .map_err(|reason| corrupt("chunk metadata page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.meta_page(index, copy ^ 1));
+            }
             meta_copy[index as usize] = copy;
             table
                 .load_page(index, body)
@@ -457,59 +572,112 @@ impl<B: Bdev> ShardEngine<B> {
             .filter(|slot| {
                 table.slot(*slot).is_some_and(|m| {
                     m.state == SlotState::Snapshot
-                        || (m.state == SlotState::Chunk
-                            && m.flags & crate::storage::table::FLAG_CLONE != 0)
+                        || (m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0)
                 })
             })
             .collect();
+        let words = geometry.pages_per_chunk().div_ceil(64) as usize;
+        let mut clone_sources = BTreeMap::new();
+        let mut bitmap_copies = BTreeMap::new();
         for slot in bitmap_slots {
-            let offset = layout.bitmap_page(slot);
-            let buffer = bdev.read(offset, bdev.alloc(page)?).await?;
-            let words = geometry.pages_per_chunk().div_ceil(64) as usize;
-            let bitmap = match open_page(buffer.as_slice(), PageKind::Bitmap, u64::from(slot)) {
-                PageRead::Blank => vec![0; words],
-                PageRead::Valid { body, .. } => {
+            let offset = layout.bitmap_page(slot, 0);
+            let pair = bdev.read(offset, bdev.alloc(2 * page)?).await?;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = pair
+                    .as_slice()
+                    .get(copy * page..(copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::Bitmap, u64::from(slot))
+            });
+            let stale = leftovers(&copies, generation);
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("page bitmap", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.bitmap_page(slot, copy ^ 1));
+            }
+            let is_clone = table
+                .slot(slot)
+                .is_some_and(|m| m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0);
+            let bitmap = match body {
+                None => vec![0; words],
+                Some(body) => {
                     let mut r = Reader::new(body);
+                    if is_clone {
+                        clone_sources.insert(slot, ChunkId(r.u64()));
+                    }
                     (0..words).map(|_| r.u64()).collect()
                 }
-                PageRead::Corrupt(reason) => {
-                    return Err(corrupt("page bitmap", offset, reason));
-                }
             };
-            bitmaps.insert(slot, bitmap);
+            if is_clone && !clone_sources.contains_key(&slot) {
+                return Err(corrupt(
+                    "page bitmap",
+                    offset,
+                    "a clone chunk's bitmap does not name its source".into(),
+                ));
+            }
+            bitmaps.insert(slot, (bitmap, copy));
+            bitmap_copies.insert(slot, copy);
         }
 
-        // Slots that may hold stale bytes: those being released, and the lowest free ones.
-        let mut to_zero: Vec<u32> = (0..layout.slots)
+        // Free slots that may hold stale bytes: those listed by the anchor, those that were
+        // being released, and, unless the anchor says nothing was taken from the pool since
+        // it was written, the lowest free ones (where the allocations since went). They are
+        // zeroed when they are next taken, not now: recovery costs no data I/O.
+        let mut maybe_dirty = anchor.maybe_dirty.clone();
+        let releasing: Vec<u32> = (0..layout.slots)
             .filter(|s| {
                 table
                     .slot(*s)
                     .is_some_and(|m| m.state == SlotState::Releasing)
             })
             .collect();
-        let mut remaining = RECOVERY_ZERO_SLOTS as usize;
-        for (first, count) in table.free_runs() {
-            for slot in first..first + count {
-                if remaining == 0 {
-                    break;
+        for slot in releasing {
+            table.release_done(slot);
+            maybe_dirty.insert(slot);
+        }
+        if !anchor.clean {
+            let mut remaining = RECOVERY_ZERO_SLOTS as usize;
+            for (first, count) in table.free_runs() {
+                for slot in first..first + count {
+                    if remaining == 0 {
+                        break;
+                    }
+                    maybe_dirty.insert(slot);
+                    remaining -= 1;
                 }
-                to_zero.push(slot);
-                remaining -= 1;
             }
         }
-        for slot in &to_zero {
-            bdev.write_zeroes(layout.slot_offset(*slot), geometry.chunk_size)
+        maybe_dirty.retain(|slot| {
+            table
+                .slot(*slot)
+                .is_some_and(|m| m.state == SlotState::Free)
+        });
+        // An anchor can list only so many; zero the rest now.
+        while maybe_dirty.len() > ANCHOR_DIRTY_MAX / 2 {
+            let Some(slot) = maybe_dirty.pop_last() else {
+                break;
+            };
+            bdev.write_zeroes(layout.slot_offset(slot), geometry.chunk_size)
                 .await?;
         }
-        bdev.flush().await?;
-        for slot in to_zero {
-            if table
-                .slot(slot)
-                .is_some_and(|m| m.state == SlotState::Releasing)
-            {
-                table.release_done(slot);
+        // The wiping is durable before the anchor moves the generation past the leftovers.
+        if !wipe.is_empty() {
+            for offset in wipe {
+                bdev.write_zeroes(offset, page as u64).await?;
             }
+            bdev.flush().await?;
         }
+        // From here on slots may be taken: the anchor must no longer say clean.
+        let recovered_generation = generation;
+        generation += 1;
+        anchor_copy ^= 1;
+        let opened = Anchor {
+            head: anchor.head,
+            clean: false,
+            maybe_dirty: maybe_dirty.clone(),
+        };
+        write_anchor(&*bdev, &layout, anchor_copy, generation, &opened).await?;
+        let head = anchor.head;
 
         let block = u64::from(geometry.block_size);
         let max_batch = options.wal_max_batch.min(geometry.wal_size / 4).max(block) / block * block;
@@ -536,10 +704,11 @@ impl<B: Bdev> ShardEngine<B> {
             copysets.extend(recovered);
         }
         let recovery = Recovery {
-            generation,
+            generation: recovered_generation,
             chunks: table.chunks().count(),
             wal_records: report.records,
             wal_stop: report.stop,
+            possibly_dirty_slots: maybe_dirty.len(),
             copysets,
         };
         let engine = ShardEngine {
@@ -554,10 +723,14 @@ impl<B: Bdev> ShardEngine<B> {
                 meta_copy,
                 copyset_pages,
                 allocations: 0,
+                maybe_dirty,
+                failed: None,
             }),
             checkpoint_turn: Turnstile::default(),
             bitmaps: RefCell::new(bitmaps),
+            bitmap_copies: RefCell::new(bitmap_copies),
             dirty_bitmaps: RefCell::new(BTreeSet::new()),
+            clone_sources: RefCell::new(clone_sources),
         };
         Ok((engine, recovery))
     }
@@ -639,25 +812,65 @@ impl<B: Bdev> ShardEngine<B> {
         while self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
             self.checkpoint().await?;
         }
-        let slot = self.table.borrow_mut().allocate(meta)?;
-        self.checkpoint.borrow_mut().allocations += 1;
-        Ok(slot)
+        loop {
+            let slot = self.table.borrow_mut().allocate(meta)?;
+            if !self.checkpoint.borrow().maybe_dirty.contains(&slot) {
+                self.checkpoint.borrow_mut().allocations += 1;
+                return Ok(slot);
+            }
+            // A slot that may hold bytes from before a crash is zeroed first, while it is
+            // marked as being released (so a checkpoint meanwhile records it as such).
+            self.table.borrow_mut().release(slot);
+            self.bdev
+                .write_zeroes(
+                    self.layout.slot_offset(slot),
+                    self.layout.geometry.chunk_size,
+                )
+                .await?;
+            self.table.borrow_mut().release_done(slot);
+            self.checkpoint.borrow_mut().maybe_dirty.remove(&slot);
+        }
     }
 
-    /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist. `sn` is
-    /// the write's sequence number: older than the chunk's is refused; newer than the chunk's
-    /// (and than its corrected sn) first preserves the pages it overwrites in a snapshot.
+    /// Whether the entry at `index` was already applied to `chunk` (in `slot`): replaying it
+    /// must change nothing. Index 0 means "not from the log" and always applies.
+    fn already_applied(&self, slot: u32, index: LogIndex) -> Result<bool, StorageError> {
+        Ok(index.0 != 0 && index.0 <= self.slot_meta(slot)?.applied)
+    }
+
+    /// Records that the entry at `index` is applied to the chunk in `slot`.
+    fn record_applied(&self, chunk: ChunkId, index: LogIndex) {
+        let mut table = self.table.borrow_mut();
+        if let Some(slot) = table.lookup(chunk) {
+            if let Some(mut meta) = table.slot(slot).copied() {
+                if index.0 > meta.applied {
+                    meta.applied = index.0;
+                    table.update(slot, meta);
+                }
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` of `chunk`, creating the chunk if it does not exist, as the
+    /// entry at `index` of the chunk's copyset (0 when not applying a log entry). `sn` is the
+    /// write's sequence number: older than the chunk's is refused; newer than the chunk's (and
+    /// than its corrected sn) first preserves the pages it overwrites in a snapshot.
     pub async fn write_chunk(
         &self,
         chunk: ChunkId,
         offset: u64,
         data: DmaBuf,
         sn: u64,
+        index: LogIndex,
     ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let existing = self.table.borrow().lookup(chunk);
         let slot = match existing {
             Some(slot) => {
+                if self.already_applied(slot, index)? {
+                    return Ok(());
+                }
+                self.check_not_a_clone_source(chunk)?;
                 let meta = self.slot_meta(slot)?;
                 if sn < meta.sn {
                     return Err(StorageError::BackwardRequest {
@@ -666,7 +879,16 @@ impl<B: Bdev> ShardEngine<B> {
                         chunk_sn: meta.sn,
                     });
                 }
-                if sn > meta.sn {
+                let is_clone = meta.flags & FLAG_CLONE != 0;
+                if is_clone && sn > meta.sn.max(meta.aux) {
+                    return Err(StorageError::Conflict {
+                        chunk,
+                        reason: format!(
+                            "a write with sn {sn} would snapshot a lazy clone; flatten it first"
+                        ),
+                    });
+                }
+                if sn > meta.sn || meta.link != NO_SLOT {
                     self.preserve_for_snapshot(chunk, slot, offset, data.len() as u64, sn)
                         .await?;
                 }
@@ -682,10 +904,241 @@ impl<B: Bdev> ShardEngine<B> {
                 .await?
             }
         };
+        let len = data.len() as u64;
         self.bdev
             .write(self.layout.slot_offset(slot) + offset, data)
             .await?;
+        self.mark_clone_pages_written(slot, offset, len);
+        self.record_applied(chunk, index);
         Ok(())
+    }
+
+    /// Refuses to change a chunk that lazy clones read through to: a clone's source is
+    /// read-only while clones of it exist, so that re-applying a clone's recover or flatten
+    /// after a crash reads what it read the first time.
+    fn check_not_a_clone_source(&self, chunk: ChunkId) -> Result<(), StorageError> {
+        if self
+            .clone_sources
+            .borrow()
+            .values()
+            .any(|source| *source == chunk)
+        {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: "lazy clones read through to it; it is read-only until they are \
+                         flattened or deleted"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks pages of a clone as its own from now on (no effect on other chunks).
+    fn mark_clone_pages_written(&self, slot: u32, offset: u64, len: u64) {
+        if !self.clone_sources.borrow().contains_key(&slot) {
+            return;
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        if let Some((bitmap, _)) = self.bitmaps.borrow_mut().get_mut(&slot) {
+            for p in offset / page..(offset + len) / page {
+                if let Some(word) = bitmap.get_mut((p / 64) as usize) {
+                    *word |= 1 << (p % 64);
+                }
+            }
+        }
+        self.dirty_bitmaps.borrow_mut().insert(slot);
+    }
+
+    /// Pages of `[offset, offset + len)` a clone in `slot` has not written yet (empty for a
+    /// chunk that is not a clone).
+    fn clone_pages_missing(&self, slot: u32, offset: u64, len: u64) -> Vec<u64> {
+        if !self.clone_sources.borrow().contains_key(&slot) {
+            return Vec::new();
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        let bitmaps = self.bitmaps.borrow();
+        let bitmap = bitmaps.get(&slot).map(|(b, _)| b.as_slice()).unwrap_or(&[]);
+        (offset / page..(offset + len) / page)
+            .filter(|p| {
+                bitmap
+                    .get((p / 64) as usize)
+                    .map_or(true, |w| w & (1 << (p % 64)) == 0)
+            })
+            .collect()
+    }
+
+    /// Creates `chunk` as a lazy clone of `source` (a chunk of this shard that is not itself
+    /// a clone): it reads as the source until its pages are written, pasted or recovered.
+    /// Creating the same clone again is harmless; a chunk that exists otherwise is a conflict.
+    pub async fn create_clone_chunk(
+        &self,
+        chunk: ChunkId,
+        source: ChunkId,
+        sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        let existing = self.table.borrow().lookup(chunk);
+        if let Some(slot) = existing {
+            if self.already_applied(slot, index)?
+                || self.clone_sources.borrow().get(&slot) == Some(&source)
+            {
+                return Ok(());
+            }
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!("exists already; it cannot become a clone of {source}"),
+            });
+        }
+        let source_slot = self
+            .table
+            .borrow()
+            .lookup(source)
+            .ok_or(StorageError::ChunkNotFound(source))?;
+        if self.clone_sources.borrow().contains_key(&source_slot) {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!("its source {source} is itself a lazy clone"),
+            });
+        }
+        let slot = self
+            .allocate(SlotMeta {
+                chunk,
+                sn,
+                flags: FLAG_CLONE,
+                state: SlotState::Chunk,
+                ..SlotMeta::FREE
+            })
+            .await?;
+        let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+        let current = self.bitmap_copies.borrow().get(&slot).copied().unwrap_or(1);
+        self.bitmaps
+            .borrow_mut()
+            .insert(slot, (vec![0; words], current));
+        self.clone_sources.borrow_mut().insert(slot, source);
+        self.dirty_bitmaps.borrow_mut().insert(slot);
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Curve's PasteChunk: writes the pages of `data` (at `offset`) that the clone has not
+    /// written yet, leaving its own pages alone. A chunk that is not a clone is left as is.
+    pub async fn paste_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: DmaBuf,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, data.len() as u64)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in self.clone_pages_missing(slot, offset, data.len() as u64) {
+            let at = (p * page - offset) as usize;
+            let mut piece = self.bdev.alloc(page as usize)?;
+            if let (Some(target), Some(source)) = (
+                piece.as_mut_slice(),
+                data.as_slice().get(at..at + page as usize),
+            ) {
+                target.copy_from_slice(source);
+            }
+            self.bdev
+                .write(self.layout.slot_offset(slot) + p * page, piece)
+                .await?;
+            self.mark_clone_pages_written(slot, p * page, page);
+        }
+        self.record_applied(chunk, index);
+        Ok(())
+    }
+
+    /// Copies a clone's unwritten pages of a range from its source; returns whether any
+    /// page was copied.
+    async fn fill_from_source(
+        &self,
+        slot: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, StorageError> {
+        let Some(source) = self.clone_sources.borrow().get(&slot).copied() else {
+            return Ok(false);
+        };
+        let missing = self.clone_pages_missing(slot, offset, len);
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        let source_data = self.read_chunk(source, offset, len).await?;
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in missing {
+            let at = (p * page - offset) as usize;
+            let mut piece = self.bdev.alloc(page as usize)?;
+            if let (Some(target), Some(from)) = (
+                piece.as_mut_slice(),
+                source_data.as_slice().get(at..at + page as usize),
+            ) {
+                target.copy_from_slice(from);
+            }
+            self.bdev
+                .write(self.layout.slot_offset(slot) + p * page, piece)
+                .await?;
+            self.mark_clone_pages_written(slot, p * page, page);
+        }
+        Ok(true)
+    }
+
+    /// Curve's RecoverChunk: fills the clone's unwritten pages of a range from its source.
+    /// A checkpoint makes the result durable before this returns, so that replaying the
+    /// entry after a crash never reads a source that changed since.
+    pub async fn recover_chunk(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        self.check_request(offset, len)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let copied = self.fill_from_source(slot, offset, len).await?;
+        self.record_applied(chunk, index);
+        if copied {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes a clone an ordinary chunk: its unwritten pages are filled from the source, then
+    /// it stops reading through. Durable (by a checkpoint) before it returns, as
+    /// [`ShardEngine::recover_chunk`] is.
+    pub async fn flatten_chunk(&self, chunk: ChunkId, index: LogIndex) -> Result<(), StorageError> {
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if self.already_applied(slot, index)? || !self.clone_sources.borrow().contains_key(&slot) {
+            return Ok(());
+        }
+        let chunk_size = self.layout.geometry.chunk_size;
+        self.fill_from_source(slot, 0, chunk_size).await?;
+        let mut meta = self.slot_meta(slot)?;
+        meta.flags &= !FLAG_CLONE;
+        self.table.borrow_mut().update(slot, meta);
+        self.clone_sources.borrow_mut().remove(&slot);
+        self.bitmaps.borrow_mut().remove(&slot);
+        self.record_applied(chunk, index);
+        self.checkpoint().await
     }
 
     /// [`ShardEngine::write_chunk`] of a payload as raft carries it: an aligned `Bytes` (one
@@ -696,10 +1149,11 @@ impl<B: Bdev> ShardEngine<B> {
         offset: u64,
         data: Bytes,
         sn: u64,
+        index: LogIndex,
     ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let buffer = self.bdev.pool().from_bytes_or_copy(data)?;
-        self.write_chunk(chunk, offset, buffer, sn).await
+        self.write_chunk(chunk, offset, buffer, sn, index).await
     }
 
     fn slot_meta(&self, slot: u32) -> Result<SlotMeta, StorageError> {
@@ -724,18 +1178,53 @@ impl<B: Bdev> ShardEngine<B> {
             .lookup(chunk)
             .ok_or(StorageError::ChunkNotFound(chunk))?;
         let buffer = self.bdev.alloc(len as usize)?;
-        Ok(self
+        let mut data = self
             .bdev
             .read(self.layout.slot_offset(slot) + offset, buffer)
-            .await?)
+            .await?;
+        let missing = self.clone_pages_missing(slot, offset, len);
+        if missing.is_empty() {
+            return Ok(data);
+        }
+        // A clone's unwritten pages read through to its source.
+        let source = self.clone_sources.borrow().get(&slot).copied();
+        let source_slot = source
+            .and_then(|s| self.table.borrow().lookup(s))
+            .ok_or_else(|| StorageError::Conflict {
+                chunk,
+                reason: "the clone's source chunk no longer exists".into(),
+            })?;
+        let page = u64::from(self.layout.geometry.page_size);
+        for p in missing {
+            let from = self
+                .bdev
+                .read(
+                    self.layout.slot_offset(source_slot) + p * page,
+                    self.bdev.alloc(page as usize)?,
+                )
+                .await?;
+            let at = (p * page - offset) as usize;
+            if let Some(target) = data
+                .as_mut_slice()
+                .and_then(|d| d.get_mut(at..at + page as usize))
+            {
+                target.copy_from_slice(from.as_slice());
+            }
+        }
+        Ok(data)
     }
 
-    /// Deletes `chunk` (and its snapshot): its slots are zeroed and return to the pool.
-    /// Deleting a chunk that does not exist succeeds, so applying twice is harmless.
-    pub async fn delete_chunk(&self, chunk: ChunkId) -> Result<(), StorageError> {
+    /// Deletes `chunk` (and its snapshot), as the entry at `index`: its slots are zeroed and
+    /// return to the pool. Deleting a chunk that does not exist succeeds, so applying twice is
+    /// harmless.
+    pub async fn delete_chunk(&self, chunk: ChunkId, index: LogIndex) -> Result<(), StorageError> {
         let Some(slot) = self.table.borrow().lookup(chunk) else {
             return Ok(());
         };
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        self.check_not_a_clone_source(chunk)?;
         let meta = self.slot_meta(slot)?;
         let mut slots = vec![slot];
         if meta.link != NO_SLOT {
@@ -744,6 +1233,7 @@ impl<B: Bdev> ShardEngine<B> {
         for slot in &slots {
             self.table.borrow_mut().release(*slot);
             self.bitmaps.borrow_mut().remove(slot);
+            self.clone_sources.borrow_mut().remove(slot);
         }
         for slot in &slots {
             self.bdev
@@ -776,11 +1266,8 @@ impl<B: Bdev> ShardEngine<B> {
             size: self.layout.geometry.chunk_size,
             sn: meta.sn,
             snapshot_sn,
-            corrected_sn: if meta.flags & crate::storage::table::FLAG_CLONE != 0 {
-                0
-            } else {
-                meta.aux
-            },
+            corrected_sn: meta.aux,
+            clone_source: self.clone_sources.borrow().get(&slot).copied(),
         })
     }
 
@@ -791,19 +1278,213 @@ impl<B: Bdev> ShardEngine<B> {
         ids
     }
 
+    /// Prepares `chunk` (in `slot`) for a write of `len` bytes at `offset` with sequence
+    /// number `sn`: a newer sn than the chunk's (and than its corrected sn) first turns the
+    /// current version into a snapshot; while a snapshot exists, the pages the write covers
+    /// that the snapshot does not hold yet are copied into it, and a checkpoint makes the
+    /// copies and the page bitmap durable before the write may overwrite them. Replaying the
+    /// write after a crash then finds them preserved and copies nothing twice.
     async fn preserve_for_snapshot(
         &self,
         chunk: ChunkId,
         slot: u32,
-        _offset: u64,
-        _len: u64,
+        offset: u64,
+        len: u64,
         sn: u64,
     ) -> Result<(), StorageError> {
-        // Without snapshots the chunk simply takes the newer sequence number.
         let mut meta = self.slot_meta(slot)?;
-        let _ = chunk;
-        meta.sn = sn;
+        if sn > meta.sn {
+            if sn <= meta.aux {
+                // The corrected sn says no snapshot was taken at this sn.
+                meta.sn = sn;
+                self.table.borrow_mut().update(slot, meta);
+                return Ok(());
+            }
+            if meta.link != NO_SLOT {
+                let snapshot_sn = self.slot_meta(meta.link)?.sn;
+                return Err(StorageError::Conflict {
+                    chunk,
+                    reason: format!(
+                        "a write with sn {sn} needs a new snapshot but the chunk still has the                          one at sn {snapshot_sn}; delete it first"
+                    ),
+                });
+            }
+            let snapshot = self
+                .allocate(SlotMeta {
+                    chunk,
+                    sn: meta.sn,
+                    link: slot,
+                    state: SlotState::Snapshot,
+                    ..SlotMeta::FREE
+                })
+                .await?;
+            let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+            let current = self
+                .bitmap_copies
+                .borrow()
+                .get(&snapshot)
+                .copied()
+                .unwrap_or(1);
+            self.bitmaps
+                .borrow_mut()
+                .insert(snapshot, (vec![0; words], current));
+            self.dirty_bitmaps.borrow_mut().insert(snapshot);
+            meta = self.slot_meta(slot)?;
+            meta.link = snapshot;
+            meta.sn = sn;
+            self.table.borrow_mut().update(slot, meta);
+        }
+        if meta.link == NO_SLOT {
+            return Ok(());
+        }
+        let snapshot = meta.link;
+        let page = u64::from(self.layout.geometry.page_size);
+        let first = (offset / page) as usize;
+        let last = ((offset + len) / page) as usize;
+        let missing: Vec<usize> = {
+            let bitmaps = self.bitmaps.borrow();
+            let bitmap = bitmaps
+                .get(&snapshot)
+                .map(|(b, _)| b.as_slice())
+                .unwrap_or(&[]);
+            (first..last)
+                .filter(|p| {
+                    bitmap
+                        .get(p / 64)
+                        .map_or(true, |w| w & (1 << (p % 64)) == 0)
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut run_start = 0;
+        while run_start < missing.len() {
+            let mut run_end = run_start + 1;
+            while run_end < missing.len() && missing[run_end] == missing[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let from = missing[run_start] as u64 * page;
+            let bytes = (run_end - run_start) as u64 * page;
+            let buffer = self.bdev.alloc(bytes as usize)?;
+            let old = self
+                .bdev
+                .read(self.layout.slot_offset(slot) + from, buffer)
+                .await?;
+            self.bdev
+                .write(self.layout.slot_offset(snapshot) + from, old)
+                .await?;
+            run_start = run_end;
+        }
+        if let Some((bitmap, _)) = self.bitmaps.borrow_mut().get_mut(&snapshot) {
+            for p in &missing {
+                if let Some(word) = bitmap.get_mut(p / 64) {
+                    *word |= 1 << (p % 64);
+                }
+            }
+        }
+        self.dirty_bitmaps.borrow_mut().insert(snapshot);
+        self.checkpoint().await
+    }
+
+    /// Reads `len` bytes at `offset` of the version of `chunk` with sequence number `sn`:
+    /// its snapshot's pages where the snapshot holds them, the chunk's elsewhere.
+    pub async fn read_snapshot(
+        &self,
+        chunk: ChunkId,
+        sn: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<DmaBuf, StorageError> {
+        self.check_request(offset, len)?;
+        let slot = self
+            .table
+            .borrow()
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let meta = self.slot_meta(slot)?;
+        let snapshot = if meta.link != NO_SLOT && self.slot_meta(meta.link)?.sn == sn {
+            meta.link
+        } else if meta.sn == sn {
+            return self.read_chunk(chunk, offset, len).await;
+        } else {
+            return Err(StorageError::SnapshotNotFound { chunk, sn });
+        };
+        let mut data = self
+            .bdev
+            .read(
+                self.layout.slot_offset(slot) + offset,
+                self.bdev.alloc(len as usize)?,
+            )
+            .await?;
+        let page = u64::from(self.layout.geometry.page_size);
+        let preserved: Vec<u64> = {
+            let bitmaps = self.bitmaps.borrow();
+            let bitmap = bitmaps
+                .get(&snapshot)
+                .map(|(b, _)| b.as_slice())
+                .unwrap_or(&[]);
+            (offset / page..(offset + len) / page)
+                .filter(|p| {
+                    bitmap
+                        .get((p / 64) as usize)
+                        .is_some_and(|w| w & (1 << (p % 64)) != 0)
+                })
+                .collect()
+        };
+        for p in preserved {
+            let old = self
+                .bdev
+                .read(
+                    self.layout.slot_offset(snapshot) + p * page,
+                    self.bdev.alloc(page as usize)?,
+                )
+                .await?;
+            let at = (p * page - offset) as usize;
+            if let Some(target) = data
+                .as_mut_slice()
+                .and_then(|d| d.get_mut(at..at + page as usize))
+            {
+                target.copy_from_slice(old.as_slice());
+            }
+        }
+        Ok(data)
+    }
+
+    /// Curve's DeleteSnapshotChunkOrCorrectSn: deletes the chunk's snapshot if it has one,
+    /// and raises its corrected sn to `corrected_sn` (so a later write with that sn makes no
+    /// new snapshot). A chunk that does not exist is not an error: applying twice is harmless.
+    pub async fn delete_snapshot_or_correct_sn(
+        &self,
+        chunk: ChunkId,
+        corrected_sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        let Some(slot) = self.table.borrow().lookup(chunk) else {
+            return Ok(());
+        };
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let mut meta = self.slot_meta(slot)?;
+        let snapshot = meta.link;
+        meta.link = NO_SLOT;
+        if corrected_sn > meta.sn {
+            meta.aux = meta.aux.max(corrected_sn);
+        }
         self.table.borrow_mut().update(slot, meta);
+        if snapshot != NO_SLOT {
+            self.table.borrow_mut().release(snapshot);
+            self.bitmaps.borrow_mut().remove(&snapshot);
+            self.bdev
+                .write_zeroes(
+                    self.layout.slot_offset(snapshot),
+                    self.layout.geometry.chunk_size,
+                )
+                .await?;
+            self.table.borrow_mut().release_done(snapshot);
+        }
+        self.record_applied(chunk, index);
         Ok(())
     }
 
@@ -811,6 +1492,27 @@ impl<B: Bdev> ShardEngine<B> {
     /// what the copysets have applied. Runs one at a time.
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
         let _turn = Enter(&self.checkpoint_turn).await;
+        if let Some(reason) = &self.checkpoint.borrow().failed {
+            return Err(StorageError::WalFailed(format!(
+                "an earlier checkpoint failed ({reason}); restart the shard"
+            )));
+        }
+        match self.checkpoint_once().await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                if self.checkpoint.borrow().failed.is_some() {
+                    self.wal.fail(&error.to_string());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn poison(&self, error: &StorageError) {
+        self.checkpoint.borrow_mut().failed = Some(error.to_string());
+    }
+
+    async fn checkpoint_once(&self) -> Result<(), StorageError> {
         let geometry = self.layout.geometry;
         let page = geometry.page_size as usize;
 
@@ -881,7 +1583,11 @@ impl<B: Bdev> ShardEngine<B> {
         }
 
         // 3. The chunk data of every applied write is durable before metadata says so.
-        self.bdev.flush().await?;
+        if let Err(error) = self.bdev.flush().await {
+            let error = StorageError::from(error);
+            self.poison(&error);
+            return Err(error);
+        }
 
         // 4. Changed metadata pages and the copyset pages go to their alternate copies.
         let dirty = self.table.borrow_mut().take_dirty();
@@ -889,30 +1595,31 @@ impl<B: Bdev> ShardEngine<B> {
         let result = self
             .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
             .await;
+        let bitmap_targets = match &result {
+            Ok(targets) => targets.clone(),
+            Err(_) => Vec::new(),
+        };
         if let Err(error) = result {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.poison(&error);
             return Err(error);
         }
 
         // 5. The anchor commits the generation and moves the WAL head.
         let anchor_copy = self.checkpoint.borrow().anchor_copy ^ 1;
-        let mut anchor = self.bdev.alloc(page)?;
-        {
-            let bytes = writable(&mut anchor)?;
-            Writer::new(&mut bytes[PAGE_HEADER_LEN..]).u64(head);
-            seal_page(bytes, PageKind::Anchor, 0, generation);
-        }
-        let anchored = async {
-            self.bdev
-                .write(self.layout.anchor_page(anchor_copy), anchor)
-                .await?;
-            self.bdev.flush().await
-        }
-        .await;
+        let anchor = Anchor {
+            head,
+            clean: false,
+            maybe_dirty: self.checkpoint.borrow().maybe_dirty.clone(),
+        };
+        let anchored =
+            write_anchor(&*self.bdev, &self.layout, anchor_copy, generation, &anchor).await;
         if let Err(error) = anchored {
             self.table.borrow_mut().restore_dirty(dirty);
-            return Err(error.into());
+            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.poison(&error);
+            return Err(error);
         }
 
         // 6. The new state is the current one.
@@ -930,6 +1637,9 @@ impl<B: Bdev> ShardEngine<B> {
             }
             state.allocations = 0;
         }
+        for (slot, copy) in bitmap_targets {
+            self.bitmap_copies.borrow_mut().insert(slot, copy);
+        }
         self.wal.advance_head(head);
         for (copyset, log) in &logs {
             self.wal
@@ -938,62 +1648,85 @@ impl<B: Bdev> ShardEngine<B> {
         Ok(())
     }
 
+    /// Encodes every changed page at one instant (no await in between, so chunk metadata,
+    /// page bitmaps and applied indices agree with each other), then writes them all to their
+    /// alternate copies and flushes.
     async fn write_checkpoint_pages(
         &self,
         generation: u64,
         dirty: &BTreeSet<u32>,
         dirty_bitmaps: &BTreeSet<u32>,
         copyset_pages: &[(CopysetId, u32, u8, CopysetPage)],
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<(u32, u8)>, StorageError> {
         let page = self.layout.geometry.page_size as usize;
-        for index in dirty {
-            let copy = self
-                .checkpoint
-                .borrow()
-                .meta_copy
-                .get(*index as usize)
-                .map_or(0, |c| c ^ 1);
-            let mut buffer = self.bdev.alloc(page)?;
-            {
+        let mut writes =
+            Vec::with_capacity(dirty.len() + dirty_bitmaps.len() + copyset_pages.len());
+        let mut bitmap_targets = Vec::new();
+        {
+            let table = self.table.borrow();
+            let state = self.checkpoint.borrow();
+            for index in dirty {
+                let copy = state.meta_copy.get(*index as usize).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
                 let bytes = writable(&mut buffer)?;
-                self.table
-                    .borrow()
-                    .encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
+                table.encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
                 seal_page(bytes, PageKind::ChunkMeta, u64::from(*index), generation);
+                writes.push((self.layout.meta_page(*index, copy), buffer));
             }
-            self.bdev
-                .write(self.layout.meta_page(*index, copy), buffer)
-                .await?;
         }
-        for slot in dirty_bitmaps {
-            let mut buffer = self.bdev.alloc(page)?;
-            {
+        {
+            let bitmaps = self.bitmaps.borrow();
+            let sources = self.clone_sources.borrow();
+            for slot in dirty_bitmaps {
+                let Some((bitmap, _)) = bitmaps.get(slot) else {
+                    continue; // the snapshot or clone is gone: its bitmap is not needed
+                };
+                // Never over the copy the last committed checkpoint wrote: the committed
+                // metadata may still need it.
+                let target = self.bitmap_copies.borrow().get(slot).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
                 let bytes = writable(&mut buffer)?;
-                if let Some(bitmap) = self.bitmaps.borrow().get(slot) {
-                    let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
-                    for word in bitmap {
-                        w.u64(*word);
-                    }
+                let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
+                if let Some(source) = sources.get(slot) {
+                    w.u64(source.0);
+                }
+                for word in bitmap {
+                    w.u64(*word);
                 }
                 seal_page(bytes, PageKind::Bitmap, u64::from(*slot), generation);
+                writes.push((self.layout.bitmap_page(*slot, target), buffer));
+                bitmap_targets.push((*slot, target));
             }
-            self.bdev
-                .write(self.layout.bitmap_page(*slot), buffer)
-                .await?;
         }
         for (_, index, copy, state) in copyset_pages {
             let mut buffer = self.bdev.alloc(page)?;
-            {
-                let bytes = writable(&mut buffer)?;
-                encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
-                seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
-            }
-            self.bdev
-                .write(self.layout.copyset_page(*index, *copy), buffer)
-                .await?;
+            let bytes = writable(&mut buffer)?;
+            encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
+            seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
+            writes.push((self.layout.copyset_page(*index, *copy), buffer));
+        }
+        for (offset, buffer) in writes {
+            self.bdev.write(offset, buffer).await?;
         }
         self.bdev.flush().await?;
-        Ok(())
+        Ok(bitmap_targets)
+    }
+
+    /// Closes the shard cleanly: a checkpoint, then an anchor saying that no slot was taken
+    /// from the pool since, so the next open has no possibly dirty slots.
+    pub async fn close(self) -> Result<(), StorageError> {
+        self.checkpoint().await?;
+        let _turn = Enter(&self.checkpoint_turn).await;
+        let (copy, generation, anchor) = {
+            let state = self.checkpoint.borrow();
+            let anchor = Anchor {
+                head: self.wal.head(),
+                clean: true,
+                maybe_dirty: state.maybe_dirty.clone(),
+            };
+            (state.anchor_copy ^ 1, state.generation + 1, anchor)
+        };
+        write_anchor(&*self.bdev, &self.layout, copy, generation, &anchor).await
     }
 
     /// Runs a checkpoint when the WAL is more than half full.

@@ -93,7 +93,7 @@ fn chunks_are_written_read_deleted_and_described() {
             Err(StorageError::ChunkNotFound(_))
         ));
         engine
-            .write_chunk(chunk, PAGE, buffer(&engine, 2 * PAGE, 7), 3)
+            .write_chunk(chunk, PAGE, buffer(&engine, 2 * PAGE, 7), 3, LogIndex(0))
             .await
             .unwrap();
         let read = engine.read_chunk(chunk, 0, 4 * PAGE).await.unwrap();
@@ -104,7 +104,7 @@ fn chunks_are_written_read_deleted_and_described() {
         let info = engine.chunk_info(chunk).unwrap();
         assert_eq!((info.size, info.sn, info.snapshot_sn), (CHUNK, 3, None));
         let error = engine
-            .write_chunk(chunk, 0, buffer(&engine, PAGE, 1), 2)
+            .write_chunk(chunk, 0, buffer(&engine, PAGE, 1), 2, LogIndex(0))
             .await
             .unwrap_err();
         assert!(
@@ -120,7 +120,9 @@ fn chunks_are_written_read_deleted_and_described() {
             (CHUNK, PAGE),
         ] {
             let data = engine.bdev().alloc(len as usize).unwrap();
-            let error = engine.write_chunk(ChunkId(9), offset, data, 1).await;
+            let error = engine
+                .write_chunk(ChunkId(9), offset, data, 1, LogIndex(0))
+                .await;
             assert!(
                 matches!(
                     error,
@@ -131,12 +133,12 @@ fn chunks_are_written_read_deleted_and_described() {
         }
         assert!(engine.chunk_info(ChunkId(9)).is_err());
 
-        engine.delete_chunk(chunk).await.unwrap();
-        engine.delete_chunk(chunk).await.unwrap();
+        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
+        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
         assert!(engine.chunk_info(chunk).is_err());
         // The slot comes back zeroed for the next chunk.
         engine
-            .write_chunk(ChunkId(43), 0, buffer(&engine, PAGE, 1), 1)
+            .write_chunk(ChunkId(43), 0, buffer(&engine, PAGE, 1), 1, LogIndex(0))
             .await
             .unwrap();
         let read = engine.read_chunk(ChunkId(43), 0, 4 * PAGE).await.unwrap();
@@ -173,7 +175,7 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
             wal.sync(lsn).await.unwrap();
             if index <= 4 {
                 engine
-                    .write_chunk_bytes(ChunkId(index), 0, payload, 1)
+                    .write_chunk_bytes(ChunkId(index), 0, payload, 1, LogIndex(0))
                     .await
                     .unwrap();
                 engine.set_applied(copyset, LogIndex(index));
@@ -184,7 +186,8 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
         }
         drop(engine);
         let (engine, recovery) = open(&bdev).await;
-        assert_eq!(recovery.generation, 1);
+        // Format wrote generation 1, opening 2, the checkpoint 3.
+        assert_eq!(recovery.generation, 3);
         // Chunks 1..3 were checkpointed; chunk 4 was written after, and its metadata is
         // not on the device: recovery hands entries 4..6 back to apply again.
         assert_eq!(recovery.chunks, 3);
@@ -201,7 +204,13 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
         assert_eq!(storage.term(LogIndex(3)), Ok(Term(1)));
         for entry in &recovered.to_apply {
             engine
-                .write_chunk_bytes(ChunkId(entry.index.0), 0, entry.data.clone(), 1)
+                .write_chunk_bytes(
+                    ChunkId(entry.index.0),
+                    0,
+                    entry.data.clone(),
+                    1,
+                    LogIndex(0),
+                )
                 .await
                 .unwrap();
             engine.set_applied(copyset, entry.index);
@@ -219,12 +228,12 @@ fn corrupt_metadata_is_detected_and_reported() {
         let bdev = formatted(8 << 20).await;
         let (engine, _) = open(&bdev).await;
         engine
-            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 9), 1)
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 9), 1, LogIndex(0))
             .await
             .unwrap();
         engine.checkpoint().await.unwrap();
         engine
-            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 9), 1)
+            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 9), 1, LogIndex(0))
             .await
             .unwrap();
         engine.checkpoint().await.unwrap();
@@ -291,6 +300,7 @@ fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
                                 first * PAGE,
                                 buffer(&engine, count * PAGE, fill),
                                 1,
+                                LogIndex(0),
                             )
                             .await;
                         match result {
@@ -309,7 +319,10 @@ fn chunk_operations_agree_with_a_model_across_checkpoints_and_restarts() {
                         }
                     }
                     6 => {
-                        engine.delete_chunk(ChunkId(chunk)).await.unwrap();
+                        engine
+                            .delete_chunk(ChunkId(chunk), LogIndex(0))
+                            .await
+                            .unwrap();
                         model.remove(&chunk);
                     }
                     7 => engine.checkpoint().await.unwrap(),
@@ -393,5 +406,345 @@ fn a_snapshot_image_is_served_in_pieces_and_survives_restarts() {
             image
         );
         assert_eq!(storage.last_index(), Ok(LogIndex(4)));
+    });
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelChunk {
+    pages: Vec<u8>,
+    sn: u64,
+    corrected: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+}
+
+fn pages_of(data: &DmaBuf) -> Vec<u8> {
+    data.as_slice()
+        .chunks(PAGE as usize)
+        .map(|page| {
+            assert!(page.iter().all(|b| *b == page[0]), "a page of mixed bytes");
+            page[0]
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_by_sequence_number_agree_with_a_model() {
+    let pages = (CHUNK / PAGE) as usize;
+    for seed in 0..12u64 {
+        block_on(async {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bdev = formatted(16 << 20).await;
+            let (mut engine, _) = open(&bdev).await;
+            let mut model: HashMap<u64, ModelChunk> = HashMap::new();
+            for step in 0..250 {
+                let id = rng.gen_range(0..6u64);
+                let chunk = ChunkId(id);
+                let context = format!("seed {seed} step {step} chunk {id}");
+                match rng.gen_range(0..12) {
+                    0..=4 => {
+                        let first = rng.gen_range(0..pages);
+                        let count = rng.gen_range(1..=(pages - first).min(3));
+                        let fill = rng.gen_range(1..=255u8);
+                        let current = model.get(&id).map_or(1, |m| m.sn);
+                        let sn = (current + rng.gen_range(0..3)).saturating_sub(1).max(1);
+                        let data = buffer(&engine, (count as u64) * PAGE, fill);
+                        let result = engine
+                            .write_chunk(chunk, first as u64 * PAGE, data, sn, LogIndex(0))
+                            .await;
+                        let entry = model.get_mut(&id);
+                        match entry {
+                            None => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                let mut m = ModelChunk {
+                                    pages: vec![0; pages],
+                                    sn,
+                                    corrected: 0,
+                                    snapshot: None,
+                                };
+                                m.pages[first..first + count].fill(fill);
+                                model.insert(id, m);
+                            }
+                            Some(m) if sn < m.sn => {
+                                assert!(
+                                    matches!(result, Err(StorageError::BackwardRequest { .. })),
+                                    "{context}: {result:?}"
+                                );
+                            }
+                            Some(m) if sn > m.sn && sn > m.corrected && m.snapshot.is_some() => {
+                                assert!(
+                                    matches!(result, Err(StorageError::Conflict { .. })),
+                                    "{context}: {result:?}"
+                                );
+                            }
+                            Some(m) => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                if sn > m.sn && sn > m.corrected {
+                                    m.snapshot = Some((m.sn, m.pages.clone()));
+                                }
+                                m.sn = m.sn.max(sn);
+                                m.pages[first..first + count].fill(fill);
+                            }
+                        }
+                    }
+                    5 => {
+                        let corrected = model.get(&id).map_or(1, |m| m.sn) + rng.gen_range(0..2);
+                        engine
+                            .delete_snapshot_or_correct_sn(chunk, corrected, LogIndex(0))
+                            .await
+                            .unwrap();
+                        if let Some(m) = model.get_mut(&id) {
+                            m.snapshot = None;
+                            if corrected > m.sn {
+                                m.corrected = m.corrected.max(corrected);
+                            }
+                        }
+                    }
+                    6 => {
+                        engine.delete_chunk(chunk, LogIndex(0)).await.unwrap();
+                        model.remove(&id);
+                    }
+                    7 => {
+                        engine.checkpoint().await.unwrap();
+                        drop(engine);
+                        engine = open(&bdev).await.0;
+                    }
+                    8 | 9 => {
+                        let Some(m) = model.get(&id) else {
+                            assert!(engine.chunk_info(chunk).is_err(), "{context}");
+                            continue;
+                        };
+                        let read = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+                        assert_eq!(pages_of(&read), m.pages, "{context}");
+                        let info = engine.chunk_info(chunk).unwrap();
+                        assert_eq!(info.sn, m.sn, "{context}");
+                        assert_eq!(
+                            info.snapshot_sn,
+                            m.snapshot.as_ref().map(|s| s.0),
+                            "{context}"
+                        );
+                    }
+                    _ => {
+                        let Some(m) = model.get(&id) else { continue };
+                        let Some((snapshot_sn, snapshot_pages)) = &m.snapshot else {
+                            let missing = engine.read_snapshot(chunk, m.sn + 7, 0, PAGE).await;
+                            assert!(
+                                matches!(missing, Err(StorageError::SnapshotNotFound { .. })),
+                                "{context}"
+                            );
+                            continue;
+                        };
+                        let read = engine
+                            .read_snapshot(chunk, *snapshot_sn, 0, CHUNK)
+                            .await
+                            .unwrap();
+                        assert_eq!(&pages_of(&read), snapshot_pages, "{context}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn only_an_unclean_stop_leaves_slots_to_zero_before_reuse() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.possibly_dirty_slots, 0, "a fresh device is clean");
+        engine
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 5), 1, LogIndex(0))
+            .await
+            .unwrap();
+        engine.close().await.unwrap();
+        let (engine, recovery) = open(&bdev).await;
+        assert_eq!(recovery.possibly_dirty_slots, 0, "a clean close adds none");
+        drop(engine); // no close: as if the power went
+        let (engine, recovery) = open(&bdev).await;
+        let free = engine.layout().slots as usize - 1;
+        assert_eq!(
+            recovery.possibly_dirty_slots,
+            free.min(RECOVERY_ZERO_SLOTS as usize)
+        );
+        // Such a slot reads as zeroes once a chunk takes it.
+        bdev.with_image(|image| {
+            let slot = engine.layout().slot_offset(1) as usize;
+            image[slot..slot + PAGE as usize].fill(0xee);
+        });
+        engine
+            .write_chunk(ChunkId(2), PAGE, buffer(&engine, PAGE, 6), 1, LogIndex(0))
+            .await
+            .unwrap();
+        let read = engine.read_chunk(ChunkId(2), 0, PAGE).await.unwrap();
+        assert!(read.as_slice().iter().all(|b| *b == 0));
+    });
+}
+
+#[test]
+fn lazy_clones_read_through_until_written_and_flatten_agrees_with_a_model() {
+    let pages = (CHUNK / PAGE) as usize;
+    for seed in 0..10u64 {
+        block_on(async {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bdev = formatted(16 << 20).await;
+            let (mut engine, _) = open(&bdev).await;
+            // Sources 0 and 1, written once; clones 10..14 of them.
+            let mut sources = HashMap::new();
+            for source in 0..2u64 {
+                let fill = 100 + source as u8;
+                engine
+                    .write_chunk(
+                        ChunkId(source),
+                        0,
+                        buffer(&engine, CHUNK, fill),
+                        1,
+                        LogIndex(0),
+                    )
+                    .await
+                    .unwrap();
+                sources.insert(source, vec![fill; pages]);
+            }
+            // Per clone: its source, and its own pages (None: reads through).
+            let mut clones: HashMap<u64, (u64, Vec<Option<u8>>)> = HashMap::new();
+            for step in 0..200 {
+                let id = 10 + rng.gen_range(0..4u64);
+                let context = format!("seed {seed} step {step} clone {id}");
+                match rng.gen_range(0..10) {
+                    0 | 1 => {
+                        let source = rng.gen_range(0..2u64);
+                        let result = engine
+                            .create_clone_chunk(ChunkId(id), ChunkId(source), 1, LogIndex(0))
+                            .await;
+                        match clones.get(&id) {
+                            None => {
+                                result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                clones.insert(id, (source, vec![None; pages]));
+                            }
+                            Some((existing, own)) => {
+                                let still_a_clone = own.iter().any(|p| p.is_none())
+                                    || engine
+                                        .chunk_info(ChunkId(id))
+                                        .unwrap()
+                                        .clone_source
+                                        .is_some();
+                                if *existing == source && still_a_clone {
+                                    result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                                } else {
+                                    assert!(
+                                        matches!(result, Err(StorageError::Conflict { .. })),
+                                        "{context}: {result:?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    2 | 3 => {
+                        let Some((_, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        let first = rng.gen_range(0..pages);
+                        let count = rng.gen_range(1..=(pages - first).min(3));
+                        let fill = rng.gen_range(1..=99u8);
+                        let paste = rng.gen_bool(0.3);
+                        let data = buffer(&engine, count as u64 * PAGE, fill);
+                        if paste {
+                            engine
+                                .paste_chunk(ChunkId(id), first as u64 * PAGE, data, LogIndex(0))
+                                .await
+                                .unwrap();
+                            for page in &mut own[first..first + count] {
+                                page.get_or_insert(fill);
+                            }
+                        } else {
+                            engine
+                                .write_chunk(ChunkId(id), first as u64 * PAGE, data, 1, LogIndex(0))
+                                .await
+                                .unwrap();
+                            for page in &mut own[first..first + count] {
+                                *page = Some(fill);
+                            }
+                        }
+                    }
+                    4 => {
+                        let Some((source, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        let first = rng.gen_range(0..pages);
+                        engine
+                            .recover_chunk(ChunkId(id), first as u64 * PAGE, PAGE, LogIndex(0))
+                            .await
+                            .unwrap();
+                        own[first].get_or_insert(sources[source][first]);
+                    }
+                    5 => {
+                        let Some((source, own)) = clones.get_mut(&id) else {
+                            continue;
+                        };
+                        engine
+                            .flatten_chunk(ChunkId(id), LogIndex(0))
+                            .await
+                            .unwrap();
+                        for (page, value) in own.iter_mut().enumerate() {
+                            value.get_or_insert(sources[source][page]);
+                        }
+                        assert_eq!(engine.chunk_info(ChunkId(id)).unwrap().clone_source, None);
+                    }
+                    6 => {
+                        engine.delete_chunk(ChunkId(id), LogIndex(0)).await.unwrap();
+                        clones.remove(&id);
+                    }
+                    7 => {
+                        engine.checkpoint().await.unwrap();
+                        drop(engine);
+                        engine = open(&bdev).await.0;
+                    }
+                    _ => {
+                        let Some((source, own)) = clones.get(&id) else {
+                            continue;
+                        };
+                        let read = engine.read_chunk(ChunkId(id), 0, CHUNK).await.unwrap();
+                        let expected: Vec<u8> = own
+                            .iter()
+                            .enumerate()
+                            .map(|(page, value)| value.unwrap_or(sources[source][page]))
+                            .collect();
+                        assert_eq!(pages_of(&read), expected, "{context}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn a_clone_refuses_a_snapshot_and_a_clone_of_a_clone() {
+    block_on(async {
+        let bdev = formatted(16 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        engine
+            .write_chunk(ChunkId(1), 0, buffer(&engine, PAGE, 1), 1, LogIndex(0))
+            .await
+            .unwrap();
+        engine
+            .create_clone_chunk(ChunkId(2), ChunkId(1), 1, LogIndex(0))
+            .await
+            .unwrap();
+        let error = engine
+            .write_chunk(ChunkId(2), 0, buffer(&engine, PAGE, 2), 2, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("flatten"), "{error}");
+        let error = engine
+            .create_clone_chunk(ChunkId(3), ChunkId(2), 1, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("itself a lazy clone"), "{error}");
+        let error = engine
+            .create_clone_chunk(ChunkId(4), ChunkId(9), 1, LogIndex(0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StorageError::ChunkNotFound(ChunkId(9))),
+            "{error}"
+        );
     });
 }

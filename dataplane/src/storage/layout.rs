@@ -5,7 +5,7 @@
 //! ```text
 //! [superblock page][pad to 1 MiB][shard 0 region][shard 1 region]...
 //! shard region: [anchor A|B][copyset pages A|B x max_copysets][chunk metadata pages A|B]
-//!               [page bitmaps, one page per slot][WAL ring][chunk slots]
+//!               [page bitmaps A|B, per slot][WAL ring][chunk slots]
 //! ```
 
 use crate::storage::StorageError;
@@ -59,7 +59,7 @@ pub struct ShardLayout {
     pub meta: u64,
     /// How many metadata pages (each stored twice).
     pub meta_pages: u32,
-    /// The page bitmaps, one page per slot.
+    /// The page bitmaps, two copies per slot.
     pub bitmaps: u64,
     /// The WAL ring.
     pub wal: u64,
@@ -154,8 +154,8 @@ impl Geometry {
         let meta_bytes = |slots: u64| 2 * slots.div_ceil(per_page) * page;
         // The slot count is bounded by the bytes each slot needs, then lowered until the
         // metadata pages (rounded up) fit as well.
-        let mut slots = rest / (self.chunk_size + page);
-        while slots > 0 && meta_bytes(slots) + slots * (page + self.chunk_size) > rest {
+        let mut slots = rest / (self.chunk_size + 2 * page);
+        while slots > 0 && meta_bytes(slots) + slots * (2 * page + self.chunk_size) > rest {
             slots -= 1;
         }
         let slots = u32::try_from(slots.min(u64::from(u32::MAX - 1))).map_err(|_| too_small())?;
@@ -168,7 +168,7 @@ impl Geometry {
         let meta = copysets + 2 * page * u64::from(self.max_copysets);
         let meta_pages = u64::from(slots).div_ceil(per_page) as u32;
         let bitmaps = meta + 2 * u64::from(meta_pages) * page;
-        let wal = bitmaps + u64::from(slots) * page;
+        let wal = bitmaps + 2 * u64::from(slots) * page;
         let chunks = wal + self.wal_size;
         Ok(ShardLayout {
             geometry: *self,
@@ -206,9 +206,9 @@ impl ShardLayout {
         self.meta + (2 * u64::from(index) + u64::from(copy & 1)) * self.page()
     }
 
-    /// Offset of slot `slot`'s page bitmap.
-    pub fn bitmap_page(&self, slot: u32) -> u64 {
-        self.bitmaps + u64::from(slot) * self.page()
+    /// Offset of copy `copy` of slot `slot`'s page bitmap.
+    pub fn bitmap_page(&self, slot: u32, copy: u8) -> u64 {
+        self.bitmaps + (2 * u64::from(slot) + u64::from(copy & 1)) * self.page()
     }
 
     /// Offset of slot `slot`'s first byte.

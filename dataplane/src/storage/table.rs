@@ -1,9 +1,9 @@
 //! The chunk table of one shard: which slot holds which chunk, the free slots (the chunk
 //! pool), and the encoding of the on-disk metadata pages. Pure: no I/O.
 //!
-//! Memory is fixed at open, sized from the slot count: 32 bytes of [`SlotMeta`] per slot, an
+//! Memory is fixed at open, sized from the slot count: 40 bytes of [`SlotMeta`] per slot, an
 //! open-addressing index of 4-byte slot numbers at a load of at most 3/4, and one bit per slot
-//! of free map — at most 43 bytes per chunk (see [`ChunkTable::memory_bytes`]).
+//! of free map — at most 51 bytes per chunk (see [`ChunkTable::memory_bytes`]).
 
 use std::collections::BTreeSet;
 
@@ -49,6 +49,10 @@ pub struct SlotMeta {
     /// Curve's corrected sn: a write with an sn not above it makes no snapshot. For a clone,
     /// the source chunk id.
     pub aux: u64,
+    /// The log index of the last entry applied to the chunk (0: none recorded). Replaying an
+    /// entry at or below it changes nothing, which makes recovery's re-apply idempotent even
+    /// for snapshot operations.
+    pub applied: u64,
     /// The chunk's snapshot slot, or a snapshot slot's chunk slot; [`NO_SLOT`] when none.
     pub link: u32,
     /// What the slot holds.
@@ -63,6 +67,7 @@ impl SlotMeta {
         chunk: ChunkId(0),
         sn: 0,
         aux: 0,
+        applied: 0,
         link: NO_SLOT,
         state: SlotState::Free,
         flags: 0,
@@ -78,6 +83,7 @@ impl SlotMeta {
         w.u64(self.chunk.0);
         w.u64(self.sn);
         w.u64(self.aux);
+        w.u64(self.applied);
     }
 
     fn decode(bytes: &[u8]) -> Result<SlotMeta, String> {
@@ -95,6 +101,7 @@ impl SlotMeta {
         let chunk = ChunkId(r.u64());
         let sn = r.u64();
         let aux = r.u64();
+        let applied = r.u64();
         if r.overrun() {
             return Err("entry shorter than its fields".into());
         }
@@ -111,6 +118,7 @@ impl SlotMeta {
             chunk,
             sn,
             aux,
+            applied,
             link,
             state,
             flags,

@@ -571,6 +571,16 @@ impl<B: Bdev> ShardWal<B> {
         self.state.borrow().stats
     }
 
+    /// Stops the WAL: nothing more is appended or made durable (the engine calls it when the
+    /// device failed under a checkpoint).
+    pub fn fail(&self, reason: &str) {
+        let mut state = self.state.borrow_mut();
+        if state.failed.is_none() {
+            state.failed = Some(reason.to_string());
+        }
+        state.wake_all();
+    }
+
     /// Whether the WAL stopped after a device error.
     pub fn failed(&self) -> Option<String> {
         self.state.borrow().failed.clone()
