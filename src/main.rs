@@ -203,17 +203,9 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
             }
         }
     }
-    let nodes: Vec<NodeAddress> = config
-        .cluster
-        .nodes
-        .iter()
-        .filter_map(|n| {
-            Some(NodeAddress {
-                id: u64::from(n.id),
-                endpoint: *n.client.first()?,
-                shards: n.shards,
-            })
-        })
+    let nodes: Vec<NodeAddress> = NodeAddress::from_config(&config)
+        .into_iter()
+        .filter(|_| !config.cluster.nodes.is_empty())
         .collect();
     if nodes.is_empty() {
         eprintln!(

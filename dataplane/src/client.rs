@@ -84,6 +84,35 @@ pub struct NodeAddress {
     pub shards: u32,
 }
 
+impl NodeAddress {
+    /// The cluster's nodes as a configuration lists them in `[cluster]` (each by its first
+    /// client listener); a configuration without a `[cluster]` section names only itself.
+    pub fn from_config(config: &crate::config::Config) -> Vec<NodeAddress> {
+        let mut nodes: Vec<NodeAddress> = config
+            .cluster
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                Some(NodeAddress {
+                    id: u64::from(n.id),
+                    endpoint: *n.client.first()?,
+                    shards: n.shards,
+                })
+            })
+            .collect();
+        if nodes.is_empty() {
+            if let Some(endpoint) = config.listen.client.first() {
+                nodes.push(NodeAddress {
+                    id: u64::from(config.node.id),
+                    endpoint: *endpoint,
+                    shards: 1,
+                });
+            }
+        }
+        nodes
+    }
+}
+
 /// A client of one cluster.
 pub struct Client {
     nodes: HashMap<u64, NodeAddress>,

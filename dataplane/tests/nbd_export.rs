@@ -2,13 +2,15 @@
 //! hand-written client for what those tools never send (bad magic, unknown exports, ranges past
 //! the end). Every server listens on 127.0.0.1 and stops when the test raises its shutdown.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{run, tool};
 use dataplane::nbd::protocol::{self, command, errno, option, reply};
 use dataplane::nbd::{bind, serve, Exports, MemExport, NbdConfig};
 use dataplane::shard::ShutdownSignal;
@@ -59,25 +61,6 @@ impl Drop for Server {
             let _ = thread.join();
         }
     }
-}
-
-fn tool(name: &str) -> bool {
-    let found = Command::new(name).arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: `{name}` is not installed (Debian package qemu-utils or fio)");
-    }
-    found
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().expect("run tool");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{stderr}"
-    );
-    stdout + &stderr
 }
 
 #[test]

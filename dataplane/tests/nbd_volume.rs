@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{addresses, config, free_ports, Node};
+use common::{addresses, config, free_ports, run, tool, Node};
 use dataplane::client::{Client, ClientConfig};
 use dataplane::ids::CopysetId;
 use dataplane::nbd::{bind, serve, Exports, NbdConfig};
@@ -76,25 +75,6 @@ fn export_volume(ports: &[u16], size: u64) -> Export {
         shutdown,
         thread: Some(thread),
     }
-}
-
-fn tool(name: &str) -> bool {
-    let found = Command::new(name).arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: `{name}` is not installed (Debian package qemu-utils or fio)");
-    }
-    found
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().expect("run tool");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{text}"
-    );
-    text
 }
 
 #[test]

@@ -218,27 +218,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut nodes: Vec<NodeAddress> = config
-        .cluster
-        .nodes
-        .iter()
-        .filter_map(|n| {
-            Some(NodeAddress {
-                id: u64::from(n.id),
-                endpoint: *n.client.first()?,
-                shards: n.shards,
-            })
-        })
-        .collect();
-    if nodes.is_empty() {
-        if let Some(endpoint) = config.listen.client.first() {
-            nodes.push(NodeAddress {
-                id: u64::from(config.node.id),
-                endpoint: *endpoint,
-                shards: 1,
-            });
-        }
-    }
+    let nodes = NodeAddress::from_config(&config);
     let outcome = LocalExecutorBuilder::new(Placement::Unbound)
         .name("chunkctl")
         .spawn(move || async move {

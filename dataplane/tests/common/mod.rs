@@ -180,3 +180,30 @@ pub fn block(value: u64) -> Bytes {
     data[..8].copy_from_slice(&value.to_le_bytes());
     Bytes::from(data)
 }
+
+/// Whether an external tool is installed; says it skips when it is not.
+pub fn tool(name: &str) -> bool {
+    let found = std::process::Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        eprintln!("SKIPPED: `{name}` is not installed (Debian package qemu-utils or fio)");
+    }
+    found
+}
+
+/// Runs a tool, failing the test with its output when it fails; returns stdout and stderr.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .expect("run tool");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{text}"
+    );
+    text
+}
