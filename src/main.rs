@@ -4,7 +4,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dataplane::config::Config;
+use std::time::Duration;
+
+use std::rc::Rc;
+
+use dataplane::client::{Client, ClientConfig, NodeAddress};
+use dataplane::config::{Backend, ByteSize, Config};
+use dataplane::demo::DemoOptions;
+use dataplane::ids::CopysetId;
+use dataplane::nbd::{Exports, NbdConfig};
+use dataplane::shard::ShutdownSignal;
+use dataplane::volume::{Volume, VolumeSpec};
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -47,15 +57,48 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
-    /// Start a three-replica cluster on loopback from the embedded configuration.
-    Demo,
+    /// Run a chunkserver from its configuration file until SIGTERM or SIGINT.
+    Run {
+        /// The TOML file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Serve volumes of a running cluster over NBD until SIGTERM or SIGINT.
+    Nbd {
+        /// A chunkserver configuration whose `[cluster]` lists the nodes.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the NBD server listens.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: std::net::SocketAddr,
+        /// A volume as NAME:COPYSET:SIZE (size with a suffix, such as 1GiB); repeatable, one
+        /// volume per copyset. The copyset is created on every node of the cluster if missing.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+    },
+    /// Start a three-replica cluster on loopback from the embedded configuration, write and
+    /// read back a region, run a short benchmark, and stop.
+    Demo {
+        /// Where the chunks live: `mem`, or `uring` for files in a temporary folder.
+        #[arg(long, default_value = "mem")]
+        backend: String,
+        /// Seconds per benchmark phase.
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Demo => demo(),
+        Command::Run { config } => run(&config),
+        Command::Nbd {
+            config,
+            listen,
+            volumes,
+        } => nbd(&config, listen, &volumes),
+        Command::Demo { backend, seconds } => demo(&backend, seconds),
     }
 }
 
@@ -80,37 +123,201 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
-fn demo() -> ExitCode {
-    dataplane::logging::init("info", false);
-    let host = dataplane::config::HostTopology::detect();
-    for (name, text) in DEMO_CONFIGS {
-        let file = Path::new(name);
-        let checked =
-            Config::parse(file, text).and_then(|c| c.validate(file, &host).map(|r| (c, r)));
-        match checked {
-            Ok((config, resolved)) => println!(
-                "demo node {}: {} shard(s) on cores {:?}, peer {}, {} {} device(s)",
-                config.node.id,
-                resolved.cores.len(),
-                resolved.cores,
-                config.listen.peer,
-                config.devices.len(),
-                config
-                    .devices
-                    .first()
-                    .map(|d| d.backend.to_string())
-                    .unwrap_or_default(),
-            ),
+fn run(file: &Path) -> ExitCode {
+    let (config, resolved) = match Config::load(file) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    dataplane::logging::init(&config.log.level, config.log.format == "json");
+    let shutdown = ShutdownSignal::new();
+    if let Err(error) = shutdown.install_signal_handlers() {
+        eprintln!("error: cannot install signal handlers: {error}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(node = config.node.id, cores = ?resolved.cores, "chunkserver starting");
+    match dataplane::server::run_node(&config, &resolved.cores, &shutdown) {
+        Ok(()) => {
+            tracing::info!(node = config.node.id, "chunkserver stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A volume named on the command line.
+fn parse_volume(text: &str, chunk_size: u64) -> Result<VolumeSpec, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [name, copyset, size] = parts[..] else {
+        return Err(format!("--volume `{text}`: expected NAME:COPYSET:SIZE"));
+    };
+    let copyset: u64 = copyset
+        .parse()
+        .map_err(|_| format!("--volume `{text}`: `{copyset}` is not a copyset id"))?;
+    let size = size
+        .parse::<ByteSize>()
+        .map_err(|e| format!("--volume `{text}`: {e}"))?
+        .bytes();
+    if size == 0 || size % dataplane::volume::PAGE != 0 {
+        return Err(format!(
+            "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok(VolumeSpec {
+        name: name.to_string(),
+        copyset: CopysetId(copyset),
+        size,
+        chunk_size,
+        first_chunk: 1,
+    })
+}
+
+fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCode {
+    let config = match std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))
+        .and_then(|text| Config::parse(file, &text).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    dataplane::logging::init(&config.log.level, config.log.format == "json");
+    let mut specs = Vec::new();
+    for text in volumes {
+        match parse_volume(text, config.storage.chunk_size.bytes()) {
+            Ok(spec) if specs.iter().any(|s: &VolumeSpec| s.copyset == spec.copyset) => {
+                eprintln!("error: --volume `{text}`: one volume per copyset");
+                return ExitCode::FAILURE;
+            }
+            Ok(spec) => specs.push(spec),
             Err(error) => {
-                eprintln!("error: embedded demo configuration: {error}");
+                eprintln!("error: {error}");
                 return ExitCode::FAILURE;
             }
         }
     }
+    let nodes: Vec<NodeAddress> = config
+        .cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            Some(NodeAddress {
+                id: u64::from(n.id),
+                endpoint: *n.client.first()?,
+                shards: n.shards,
+            })
+        })
+        .collect();
+    if nodes.is_empty() {
+        eprintln!(
+            "error: {}: [cluster] lists no nodes to serve volumes from",
+            file.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let shutdown = ShutdownSignal::new();
+    if let Err(error) = shutdown.install_signal_handlers() {
+        eprintln!("error: cannot install signal handlers: {error}");
+        return ExitCode::FAILURE;
+    }
+    let outcome = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("nbd")
+        .spawn(move || async move {
+            let client = Rc::new(Client::new(&nodes, ClientConfig::default()));
+            let peers: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+            let mut exports = Exports::new();
+            for spec in specs {
+                client
+                    .create_copyset(spec.copyset, &peers)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "nbd: volume {} ({} bytes) on copyset {}",
+                    spec.name, spec.size, spec.copyset
+                );
+                let name = spec.name.clone();
+                exports.insert(&name, Rc::new(Volume::new(spec, Rc::clone(&client))));
+            }
+            let listener = dataplane::nbd::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
+            println!("nbd: serving on nbd://{listen}/NAME until SIGTERM");
+            dataplane::nbd::serve(listener, Rc::new(exports), NbdConfig::default(), shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|handle| {
+            handle
+                .join()
+                .map_err(|_| "the NBD executor panicked".to_string())
+        })
+        .and_then(|r| r);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(backend: &str, seconds: u64) -> ExitCode {
+    dataplane::logging::init("warn", false);
+    let backend = match backend {
+        "mem" => Backend::Mem,
+        "uring" => Backend::Uring,
+        other => {
+            eprintln!("error: --backend `{other}`: expected mem or uring");
+            return ExitCode::FAILURE;
+        }
+    };
+    let data_dir = std::env::temp_dir().join(format!("chunkserver-demo-{}", std::process::id()));
+    let options = DemoOptions {
+        configs: DEMO_CONFIGS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect(),
+        backend,
+        data_dir: data_dir.clone(),
+        region_bytes: 8 << 20,
+        phase: Duration::from_secs(seconds.clamp(1, 60)),
+    };
     println!(
-        "The demo configuration is valid. Starting the cluster needs the chunkserver \
-         (shards, copysets, services), which is not built yet; this binary can check \
-         configurations (`chunkserver check-config FILE`)."
+        "demo: three chunkservers on 127.0.0.1 (peer ports 7110/7120/7130, client ports \
+         7210/7220/7230), {backend} backend, one copyset replicated on all three"
     );
-    ExitCode::SUCCESS
+    let report = dataplane::demo::run(&options);
+    // The files of the uring backend are the demo's own; nothing else lives there.
+    let _ = std::fs::remove_dir_all(&data_dir);
+    match report {
+        Ok(report) => {
+            println!(
+                "demo: wrote and read back {} MiB through the cluster; copyset leader is node {}",
+                report.verified_bytes >> 20,
+                report.leader
+            );
+            println!(
+                "demo: {:<20} {:>10} {:>10} {:>10} {:>10}",
+                "phase", "ops", "IOPS", "p50", "p99"
+            );
+            for phase in &report.phases {
+                println!(
+                    "demo: {:<20} {:>10} {:>10.0} {:>10.1?} {:>10.1?}",
+                    phase.name, phase.ops, phase.iops, phase.p50, phase.p99
+                );
+            }
+            println!("demo: done; all three nodes stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: demo failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dataplane::client::{Client, ClientConfig};
+use dataplane::server::{GeneratedCluster, LocalCluster};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::job::{Job, TargetKind};
 use crate::report::{process_cpu_time, JobStats};
+use crate::target::cluster::{ClusterTarget, CHUNK_SIZE, COPYSET};
 use crate::target::raw::RawTarget;
 use crate::target::{Target, WriteBuffer};
 use crate::workload::{verify, OpKind, Workload};
@@ -83,39 +86,129 @@ pub struct Progress {
 /// Runs `job` and returns its merged figures.
 pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
     match job.target {
-        TargetKind::Raw => {}
-        other => {
-            return Err(RunError::TargetUnavailable {
-                job: job.name.clone(),
-                target: other,
-            })
-        }
+        TargetKind::Raw => run_raw(job, progress),
+        TargetKind::Cluster => run_cluster(job, progress),
+        other => Err(RunError::TargetUnavailable {
+            job: job.name.clone(),
+            target: other,
+        }),
     }
-    let path = PathBuf::from(job.filename.clone().ok_or_else(|| RunError::Job {
-        job: job.name.clone(),
-        message: "the raw target needs `filename` (a file or block device)".into(),
-    })?);
-    lay_out(job, &path)?;
+}
 
+fn filename(job: &Job, what: &str) -> Result<PathBuf, RunError> {
+    job.filename
+        .clone()
+        .map(PathBuf::from)
+        .ok_or_else(|| RunError::Job {
+            job: job.name.clone(),
+            message: format!("the {} target needs `filename` ({what})", job.target),
+        })
+}
+
+fn run_raw(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+    let path = filename(job, "a file or block device")?;
+    lay_out(job, &path)?;
+    run_clones(job, progress, move || {
+        let path = path.clone();
+        async move { RawTarget::open(&path).await }
+    })
+}
+
+/// Starts three chunkservers whose device files sit beside `filename` (in `FILENAME.cluster/`),
+/// writes the job's region once through the cluster, runs the job on it, and stops them.
+fn run_cluster(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+    let base = filename(job, "a path; the nodes keep their files in PATH.cluster/")?;
+    let data_dir = PathBuf::from(format!("{}.cluster", base.display()));
+    let created = !data_dir.exists();
+    let region = job.offset + job.size;
+    let wal: u64 = 64 << 20;
+    let device = wal + region.div_ceil(CHUNK_SIZE) * CHUNK_SIZE + 16 * CHUNK_SIZE;
+    let options = GeneratedCluster {
+        data_dir: data_dir.clone(),
+        backend: "uring".into(),
+        device_size: device.to_string(),
+        chunk_size: CHUNK_SIZE.to_string(),
+        wal_size: wal.to_string(),
+    };
+    let setup_error = |message: String| RunError::Setup {
+        job: job.name.clone(),
+        message,
+        source: std::io::Error::other("cluster"),
+    };
+    let cluster = LocalCluster::start_generated(&options).map_err(setup_error)?;
+    let addresses = cluster.addresses().to_vec();
+
+    // Create the copyset and write the region once, as `lay_out` does for the raw target.
+    let layout_addresses = addresses.clone();
+    let layout = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("chunkbench-cluster-layout")
+        .spawn(move || async move {
+            let target = ClusterTarget::connect(&layout_addresses, region);
+            let client = Client::new(&layout_addresses, ClientConfig::default());
+            let peers: Vec<u64> = layout_addresses.iter().map(|a| a.id).collect();
+            client
+                .create_copyset(COPYSET, &peers)
+                .await
+                .map_err(|e| e.to_string())?;
+            let step: u64 = 1 << 20;
+            let mut offset = 0;
+            while offset < region {
+                let len = step.min(region - offset);
+                let mut buffer = target.alloc(len as usize);
+                buffer.as_bytes_mut().fill(0xa5);
+                target
+                    .write(offset, buffer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                offset += len;
+            }
+            Ok::<(), String>(())
+        })
+        .map_err(|e| setup_error(e.to_string()))?;
+    let laid_out = layout
+        .join()
+        .map_err(|_| setup_error("layout thread panicked".into()))?;
+    let result = laid_out.map_err(setup_error).and_then(|()| {
+        run_clones(job, progress, move || {
+            let addresses = addresses.clone();
+            async move { Ok(ClusterTarget::connect(&addresses, region)) }
+        })
+    });
+    let stopped = cluster.stop();
+    if created {
+        // The folder is this run's own: nothing else was in it.
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    let stats = result?;
+    stopped.map_err(|e| setup_error(format!("stopping the cluster: {e}")))?;
+    Ok(stats)
+}
+
+/// Runs each clone of `job` on its own pinned executor against the target `open` makes there,
+/// and merges the clones' figures.
+fn run_clones<T, F, Fut>(job: &Job, progress: &Arc<Progress>, open: F) -> Result<JobStats, RunError>
+where
+    T: Target + 'static,
+    F: Fn() -> Fut + Send + Clone + 'static,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
     let cores = online_cores();
     let cpu_before = process_cpu_time();
     let mut handles = Vec::new();
     for clone in 0..job.numjobs {
         let core = cores[clone as usize % cores.len()];
         let job_for_clone = job.clone();
-        let path = path.clone();
         let progress = Arc::clone(progress);
+        let open = open.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
             .name(&format!("chunkbench-{clone}"))
             .spawn(move || async move {
                 let job = job_for_clone;
-                let target = RawTarget::open(&path)
-                    .await
-                    .map_err(|source| RunError::Setup {
-                        job: job.name.clone(),
-                        message: format!("opening {}", path.display()),
-                        source,
-                    })?;
+                let target = open().await.map_err(|source| RunError::Setup {
+                    job: job.name.clone(),
+                    message: "opening the target".into(),
+                    source,
+                })?;
                 run_clone(&job, clone, Rc::new(target), &progress).await
             })
             .map_err(|e| RunError::Executor {
@@ -144,7 +237,8 @@ pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
         return Err(error);
     }
     if let (Some(before), Some(after)) = (cpu_before, process_cpu_time()) {
-        // CPU time of the whole run; the warm-up is a small share for runs worth reporting.
+        // CPU time of the whole run (the cluster's nodes included, for the cluster target);
+        // the warm-up is a small share for runs worth reporting.
         merged.cpu_user = after.0.saturating_sub(before.0);
         merged.cpu_system = after.1.saturating_sub(before.1);
     }

@@ -1,12 +1,16 @@
 //! The chunkserver dataplane: configuration, and (as they land) shards, copysets, the storage
 //! engine, the transports, the services, the client library and the NBD export.
 
+pub mod client;
 pub mod config;
 pub mod copyset;
+pub mod demo;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod volume;

@@ -3,3 +3,6 @@
 //!
 //! - `verbs` (feature `rdma`): ibverbs through rdma-sys.
 //! - `spdk` (feature `spdk`): SPDK through bindgen.
+
+#[cfg(feature = "rdma")]
+pub mod verbs;

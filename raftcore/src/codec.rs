@@ -385,7 +385,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
         let offset = reader.u64("snapshot offset")?;
         let total_len = reader.u64("snapshot length")?;
         let data = reader.bytes("snapshot data")?;
-        msg.snapshot = Some(SnapshotChunk {
+        msg.snapshot = Some(Box::new(SnapshotChunk {
             meta: SnapshotMeta {
                 index,
                 term,
@@ -394,7 +394,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             offset,
             total_len,
             data,
-        });
+        }));
     }
     reader.finish()?;
     Ok(msg)

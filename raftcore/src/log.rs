@@ -29,6 +29,9 @@ pub struct RaftLog<S: LogStorage> {
     pub applying: LogIndex,
     /// Highest index the state machine has applied.
     pub applied: LogIndex,
+    /// Storage answered `TemporarilyUnavailable` for entries to apply: wait for the driver's
+    /// fetch report instead of asking again at every ready.
+    apply_fetch_pending: bool,
 }
 
 /// The unpersisted part of the log that a `Ready` hands out.
@@ -58,6 +61,7 @@ impl<S: LogStorage> RaftLog<S> {
             persisted: last,
             applying: applied,
             applied,
+            apply_fetch_pending: false,
         })
     }
 
@@ -327,7 +331,14 @@ impl<S: LogStorage> RaftLog<S> {
 
     /// Whether committed entries wait to be handed for applying.
     pub fn has_next_committed(&self) -> bool {
-        self.unstable_snapshot.is_none() && self.committed.min(self.persisted) > self.applying
+        !self.apply_fetch_pending
+            && self.unstable_snapshot.is_none()
+            && self.committed.min(self.persisted) > self.applying
+    }
+
+    /// The driver fetched entries storage could not produce before.
+    pub fn on_entries_fetched(&mut self) {
+        self.apply_fetch_pending = false;
     }
 
     /// Committed, persisted entries not yet handed for applying, up to `max_bytes`; marks them
@@ -339,7 +350,10 @@ impl<S: LogStorage> RaftLog<S> {
         let high = self.committed.min(self.persisted).next();
         let entries = match self.entries(self.applying.next(), high, max_bytes) {
             Ok(entries) => entries,
-            Err(StorageError::TemporarilyUnavailable) => return Ok(Vec::new()),
+            Err(StorageError::TemporarilyUnavailable) => {
+                self.apply_fetch_pending = true;
+                return Ok(Vec::new());
+            }
             Err(other) => return Err(other),
         };
         if let Some(last) = entries.last() {

@@ -105,8 +105,8 @@ pub struct Message {
     pub transfer: bool,
     /// Heartbeat: the leader goes quiet; followers stop their election timers.
     pub quiesce: bool,
-    /// Snapshot: the piece.
-    pub snapshot: Option<SnapshotChunk>,
+    /// Snapshot: the piece. Boxed: it is rare, and a message is moved often.
+    pub snapshot: Option<Box<SnapshotChunk>>,
 }
 
 impl Message {

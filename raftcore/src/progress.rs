@@ -97,7 +97,7 @@ pub enum ProgressState {
 #[derive(Debug, Clone)]
 pub struct Progress {
     /// Highest index known to be in the follower's log.
-    /// Invariant: `matched < next`.
+    /// Invariant: `matched < next`, unless a follower lost entries it acknowledged.
     pub matched: LogIndex,
     /// Next index to send.
     pub next: LogIndex,
@@ -218,7 +218,9 @@ impl Progress {
         if self.next.0 == 0 || self.next.0 - 1 != rejected.0 {
             return false;
         }
-        self.next = LogIndex(rejected.0.min(hint.0 + 1).max(self.matched.0 + 1));
+        // Not clamped at `matched + 1`: a follower that lost what it acknowledged (a broken
+        // disk) would otherwise be probed at the same index forever.
+        self.next = LogIndex(rejected.0.min(hint.0.saturating_add(1)).max(1));
         self.probe_sent = false;
         true
     }

@@ -23,6 +23,8 @@ pub enum InjectedBug {
     CountDuplicateVotes,
     /// A voter grants its vote without checking that the candidate's log is up to date.
     SkipLogUpToDateCheck,
+    /// Votes and append acknowledgements leave before the state they promise is persisted.
+    AcknowledgeBeforePersisting,
 }
 
 /// How a peer behaves. Times are in ticks: the driver calls `tick()` at a fixed period.
@@ -411,7 +413,8 @@ impl<S: LogStorage> Raft<S> {
     }
 
     fn send(&mut self, msg: Message) {
-        let after_persist = self.state != StateRole::Leader;
+        let after_persist = self.state != StateRole::Leader
+            && self.config.fault != Some(InjectedBug::AcknowledgeBeforePersisting);
         self.outbox.push(Outgoing { msg, after_persist });
     }
 
@@ -481,7 +484,7 @@ impl<S: LogStorage> Raft<S> {
             self.state != StateRole::Leader,
             "a leader does not campaign"
         );
-        self.reset(Term(self.term.0 + 1));
+        self.reset(Term(self.term.0.saturating_add(1)));
         self.vote = Some(self.id);
         self.state = StateRole::Candidate;
     }
@@ -645,7 +648,7 @@ impl<S: LogStorage> Raft<S> {
         let vote_term = match kind {
             CampaignKind::PreElection => {
                 self.become_pre_candidate();
-                Term(self.term.0 + 1)
+                Term(self.term.0.saturating_add(1))
             }
             _ => {
                 self.become_candidate();
@@ -713,6 +716,10 @@ impl<S: LogStorage> Raft<S> {
                 to: msg.to,
                 me: self.id,
             });
+        }
+        if msg.term.0 == u64::MAX {
+            // No election can follow a term that cannot be incremented: not a real message.
+            return Ok(());
         }
         let was_quiescent = self.quiescent;
         // Answers to heartbeats (the quiescing one included) and the quiescing heartbeat itself
@@ -872,6 +879,14 @@ impl<S: LogStorage> Raft<S> {
     }
 
     fn handle_append(&mut self, msg: Message) {
+        // Entries must follow `index` one by one, in terms no later than the sender's: a
+        // message that breaks this did not come from a correct leader and is dropped.
+        let well_formed = msg.entries.iter().enumerate().all(|(i, entry)| {
+            msg.index.0.checked_add(1 + i as u64) == Some(entry.index.0) && entry.term <= msg.term
+        });
+        if !well_formed {
+            return;
+        }
         let mut reply = self.message(MessageType::AppendResponse, msg.from);
         if msg.index < self.log.committed {
             reply.index = self.log.committed;
@@ -919,6 +934,9 @@ impl<S: LogStorage> Raft<S> {
     fn handle_snapshot(&mut self, msg: Message) {
         let Some(piece) = msg.snapshot else { return };
         let meta = piece.meta.clone();
+        if meta.index.0 == u64::MAX || meta.term > msg.term || meta.conf_state.voters.is_empty() {
+            return;
+        }
         if meta.index <= self.log.committed {
             // Already have all of it.
             self.snapshot_receive = None;
@@ -1022,6 +1040,10 @@ impl<S: LogStorage> Raft<S> {
     fn handle_append_response(&mut self, msg: Message) {
         let from = msg.from;
         let last = self.log.last_index();
+        if msg.index > last || msg.commit > last {
+            // Claims entries this leader never had: not an answer to anything it sent.
+            return;
+        }
         let next_probe = if msg.reject && msg.log_term.0 > 0 {
             self.log
                 .find_conflict_by_term(msg.reject_hint, msg.log_term)
@@ -1074,6 +1096,11 @@ impl<S: LogStorage> Raft<S> {
         let Some(progress) = self.progress.get_mut(&from) else {
             return;
         };
+        // Echoes of rounds and ticks this leader has not reached yet are bogus: ignore them
+        // rather than let them confirm reads or extend the lease.
+        if msg.read_seq > self.read_seq || msg.sent_tick > self.now_tick || msg.commit > last {
+            return;
+        }
         progress.commit_acked = progress.commit_acked.max(msg.commit);
         progress.read_seq_acked = progress.read_seq_acked.max(msg.read_seq);
         if msg.sent_tick >= floor {
@@ -1104,12 +1131,13 @@ impl<S: LogStorage> Raft<S> {
             return;
         }
         progress.snapshot_idle_ticks = 0;
+        let offset = msg.snapshot_offset.min(progress.snapshot_total);
         if msg.reject {
             // The follower lost pieces (or restarted): resume from what it holds.
-            progress.snapshot_acked = msg.snapshot_offset;
-            progress.snapshot_sent = msg.snapshot_offset;
+            progress.snapshot_acked = offset;
+            progress.snapshot_sent = offset;
         } else {
-            progress.snapshot_acked = progress.snapshot_acked.max(msg.snapshot_offset);
+            progress.snapshot_acked = progress.snapshot_acked.max(offset);
             progress.snapshot_sent = progress.snapshot_sent.max(progress.snapshot_acked);
         }
         self.send_snapshot_pieces(from);
@@ -1249,14 +1277,10 @@ impl<S: LogStorage> Raft<S> {
             if nothing_left || sent - acked >= window {
                 return;
             }
-            let meta = match self.log.storage.snapshot_meta() {
-                Ok(meta) => meta,
-                Err(_) => return,
-            };
             let piece = match self.log.storage.snapshot_piece(index, sent, piece_bytes) {
-                Ok(piece) if meta.index == index => piece,
-                Ok(_) | Err(StorageError::Unavailable) => {
-                    // A newer snapshot replaced it: start over with that one.
+                Ok(piece) => piece,
+                Err(StorageError::Unavailable) => {
+                    // Storage no longer has it: start over with the latest snapshot.
                     if let Some(progress) = self.progress.get_mut(&to) {
                         progress.become_probe();
                     }
@@ -1264,25 +1288,24 @@ impl<S: LogStorage> Raft<S> {
                 }
                 Err(_) => return,
             };
+            let meta = piece.meta.clone();
             let len = piece.data.len() as u64;
             let mut msg = self.message(MessageType::Snapshot, to);
-            msg.snapshot = Some(SnapshotChunk {
+            msg.snapshot = Some(Box::new(SnapshotChunk {
                 meta,
                 offset: sent,
                 total_len: piece.total_len,
                 data: piece.data,
-            });
+            }));
             self.send(msg);
             let Some(progress) = self.progress.get_mut(&to) else {
                 return;
             };
             progress.snapshot_sent = sent + len;
             if len == 0 {
-                // The empty snapshot's single piece: mark it sent.
-                progress.snapshot_acked = 0;
-                progress.snapshot_sent = 0;
-                progress.snapshot_total = 0;
-                progress.snapshot_idle_ticks = 0;
+                // An empty snapshot travels as one empty piece; mark it sent so that only a
+                // retry (which resets `snapshot_sent` to the confirmed 0) sends it again.
+                progress.snapshot_sent = u64::MAX;
                 return;
             }
         }
@@ -1610,6 +1633,7 @@ impl<S: LogStorage> Raft<S> {
     /// The driver has fetched entries that storage answered `TemporarilyUnavailable` for:
     /// retry sending appends.
     pub fn on_entries_fetched(&mut self) {
+        self.log.on_entries_fetched();
         if self.state == StateRole::Leader {
             self.broadcast_append();
         }

@@ -56,10 +56,12 @@ pub trait LogStorage {
     fn last_index(&self) -> Result<LogIndex, StorageError>;
     /// Metadata of the latest snapshot (index 0 when there is none).
     fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError>;
-    /// Up to `max_bytes` of the snapshot at `index`, from byte `offset`, and the snapshot's
-    /// total length. The leader sends a snapshot in such pieces. When the latest snapshot is no
-    /// longer the one at `index` (a newer one replaced it), answer `Unavailable`: the leader
-    /// starts over with the new one.
+    /// Up to `max_bytes` of the snapshot at `index`, from byte `offset`, with the snapshot's
+    /// metadata and total length. The leader sends a snapshot in such pieces and sticks to the
+    /// snapshot it started with, so storage should keep serving a snapshot for a while after a
+    /// newer one replaced it (a transfer would otherwise restart at every compaction). When it
+    /// no longer has the snapshot at `index`, answer `Unavailable`: the leader starts over with
+    /// the latest one.
     fn snapshot_piece(
         &self,
         index: LogIndex,
@@ -71,11 +73,16 @@ pub trait LogStorage {
 /// A slice of a snapshot's data, as storage hands it to the leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotPiece {
+    /// What the whole snapshot covers.
+    pub meta: SnapshotMeta,
     /// The bytes from the requested offset.
     pub data: Bytes,
     /// Length of the whole snapshot's data.
     pub total_len: u64,
 }
+
+/// How many replaced snapshots `MemStorage` keeps serving to transfers under way.
+const RETAINED_SNAPSHOTS: usize = 3;
 
 /// An in-memory `LogStorage` for tests and the simulator. The driver writes through its own
 /// methods (`append`, `set_hard_state`, `apply_snapshot`, `create_snapshot`) as
@@ -85,6 +92,9 @@ pub struct MemStorage {
     hard_state: HardState,
     /// The latest snapshot; `snapshot.meta.index` is the compaction point.
     snapshot: Snapshot,
+    /// A few replaced snapshots, still served to transfers that started with them.
+    /// Invariant: at most `RETAINED_SNAPSHOTS`, oldest first.
+    retained: Vec<Snapshot>,
     /// Invariant: `entries[i].index == snapshot.meta.index + 1 + i`.
     entries: Vec<Entry>,
 }
@@ -114,6 +124,7 @@ impl MemStorage {
                 meta,
                 data: Bytes::new(),
             },
+            retained: Vec::new(),
             entries: Vec::new(),
         }
     }
@@ -174,14 +185,16 @@ impl MemStorage {
         let term = self.term(index)?;
         let drop = (index.0 - self.snapshot.meta.index.0) as usize;
         self.entries.drain(..drop.min(self.entries.len()));
-        self.snapshot = Snapshot {
-            meta: SnapshotMeta {
-                index,
-                term,
-                conf_state,
-            },
-            data,
+        let meta = SnapshotMeta {
+            index,
+            term,
+            conf_state,
         };
+        let replaced = std::mem::replace(&mut self.snapshot, Snapshot { meta, data });
+        self.retained.push(replaced);
+        if self.retained.len() > RETAINED_SNAPSHOTS {
+            self.retained.remove(0);
+        }
         Ok(())
     }
 
@@ -261,14 +274,16 @@ impl LogStorage for MemStorage {
         offset: u64,
         max_bytes: u64,
     ) -> Result<SnapshotPiece, StorageError> {
-        if index != self.snapshot.meta.index {
-            return Err(StorageError::Unavailable);
-        }
-        let total_len = self.snapshot.data.len() as u64;
+        let snapshot = std::iter::once(&self.snapshot)
+            .chain(self.retained.iter().rev())
+            .find(|s| s.meta.index == index)
+            .ok_or(StorageError::Unavailable)?;
+        let total_len = snapshot.data.len() as u64;
         let from = offset.min(total_len) as usize;
         let to = offset.saturating_add(max_bytes.max(1)).min(total_len) as usize;
         Ok(SnapshotPiece {
-            data: self.snapshot.data.slice(from..to),
+            meta: snapshot.meta.clone(),
+            data: snapshot.data.slice(from..to),
             total_len,
         })
     }
@@ -343,7 +358,12 @@ mod tests {
         let piece = store.snapshot_piece(LogIndex(2), 4, 4).unwrap();
         assert_eq!((&piece.data[..], piece.total_len), (&b"ef"[..], 6));
         assert_eq!(
-            store.snapshot_piece(LogIndex(1), 0, 4),
+            piece.meta.index,
+            LogIndex(2),
+            "replaced snapshots are still served"
+        );
+        assert_eq!(
+            store.snapshot_piece(LogIndex(7), 0, 4),
             Err(StorageError::Unavailable)
         );
     }

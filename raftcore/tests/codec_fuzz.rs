@@ -35,7 +35,7 @@ fn ids() -> impl Strategy<Value = std::collections::BTreeSet<NodeId>> {
     proptest::collection::btree_set(any::<u64>().prop_map(NodeId), 0..5)
 }
 
-fn snapshot_chunk() -> impl Strategy<Value = Option<SnapshotChunk>> {
+fn snapshot_chunk() -> impl Strategy<Value = Option<Box<SnapshotChunk>>> {
     proptest::option::of(
         (
             any::<u64>(),
@@ -49,7 +49,7 @@ fn snapshot_chunk() -> impl Strategy<Value = Option<SnapshotChunk>> {
         )
             .prop_map(
                 |(index, term, voters, outgoing, learners, auto_leave, offset, data)| {
-                    SnapshotChunk {
+                    Box::new(SnapshotChunk {
                         meta: SnapshotMeta {
                             index: LogIndex(index),
                             term: Term(term),
@@ -64,7 +64,7 @@ fn snapshot_chunk() -> impl Strategy<Value = Option<SnapshotChunk>> {
                         offset,
                         total_len: offset.wrapping_add(data.len() as u64),
                         data: Bytes::from(data),
-                    }
+                    })
                 },
             ),
     )

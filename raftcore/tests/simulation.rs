@@ -45,6 +45,7 @@ fn simulator_catches_a_candidate_counting_duplicate_votes() {
         duplicate: Some(0.3),
         partition: Some(0.004),
         safety_time: Some(4_000),
+        ..Options::default()
     };
     let caught = (0..30u64).find_map(|seed| run_seed(seed, options.clone()).err());
     let report = caught.expect("the broken vote count must be caught within 30 seeds");
@@ -62,6 +63,19 @@ fn simulator_catches_votes_granted_to_stale_logs() {
     };
     let caught = (0..30u64).find_map(|seed| run_seed(seed, options.clone()).err());
     let report = caught.expect("votes for stale logs must be caught within 30 seeds");
+    println!("caught: {report}");
+    assert!(report.contains("failed (Correctness)"), "{report}");
+}
+
+#[test]
+fn simulator_catches_acknowledgements_sent_before_persisting() {
+    let options = Options {
+        fault: Some(InjectedBug::AcknowledgeBeforePersisting),
+        crash: Some(0.01),
+        ..Options::default()
+    };
+    let caught = (0..200u64).find_map(|seed| run_seed(seed, options.clone()).err());
+    let report = caught.expect("acknowledging unpersisted state must be caught within 200 seeds");
     println!("caught: {report}");
     assert!(report.contains("failed (Correctness)"), "{report}");
 }
@@ -100,7 +114,15 @@ fn many_seeds() {
     let mut failures = Vec::new();
     let mut total = sim::Stats::default();
     for seed in first..first + count {
-        match run_seed(seed, Options::default()) {
+        let seed_started = std::time::Instant::now();
+        let outcome = run_seed(seed, Options::default());
+        if seed_started.elapsed().as_secs() >= 5 {
+            println!(
+                "raft-sim: seed {seed} took {:.1} s",
+                seed_started.elapsed().as_secs_f64()
+            );
+        }
+        match outcome {
             Ok((_, stats)) => total.add(&stats),
             Err(report) => {
                 println!("{report}");

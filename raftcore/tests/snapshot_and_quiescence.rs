@@ -151,3 +151,21 @@ fn quiescent_leader_refuses_lease_reads() {
     assert!(c.nodes[&NodeId(1)].raft().is_quiescent());
     assert!(c.node(1).lease_read(Bytes::new()).is_err());
 }
+
+#[test]
+fn restarted_peer_hands_out_only_entries_after_its_applied_index() {
+    let mut c = Cluster::new(&[1, 2, 3], common::default_config);
+    c.elect(1);
+    for i in 0..4u8 {
+        c.propose(1, &[i]);
+    }
+    let applied = c.nodes[&NodeId(2)].raft().log.applied;
+    let storage = c.nodes.remove(&NodeId(2)).unwrap().into_store();
+    // The state machine recovered everything but the last two entries.
+    let mut config = c.config(2);
+    config.applied = LogIndex(applied.0 - 2);
+    let mut node = raftcore::RawNode::new(config, storage).unwrap();
+    let ready = node.ready().unwrap();
+    let indexes: Vec<u64> = ready.committed_entries.iter().map(|e| e.index.0).collect();
+    assert_eq!(indexes, vec![applied.0 - 1, applied.0]);
+}

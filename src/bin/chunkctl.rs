@@ -1,16 +1,324 @@
-//! `chunkctl`: the admin CLI (cluster status, copysets, volumes, health).
+//! `chunkctl`: the admin CLI. It reads the cluster map from a chunkserver configuration file
+//! (its `[cluster]` section) and talks to the nodes' client listeners.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use dataplane::client::{Client, ClientConfig, NodeAddress};
+use dataplane::config::Config;
+use dataplane::ids::CopysetId;
+use glommio::{LocalExecutorBuilder, Placement};
+use serde_json::json;
 
 /// Administers a chunkserver cluster.
 #[derive(Parser, Debug)]
 #[command(name = "chunkctl", version)]
-struct Cli {}
+struct Cli {
+    /// A chunkserver configuration file whose `[cluster]` section lists the nodes.
+    #[arg(long, global = true, default_value = "configs/demo/node1.toml")]
+    config: PathBuf,
+    /// Output JSON for scripts instead of text for people.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Nodes, copysets, leaders and replication lag.
+    Status,
+    /// Exits non-zero when a node is unreachable, a copyset has no leader, or a replica lags.
+    Health {
+        /// Entries a replica may be behind its leader before it counts as lagging.
+        #[arg(long, default_value_t = 1000)]
+        max_lag: u64,
+    },
+    /// Copyset commands.
+    #[command(subcommand)]
+    Copyset(CopysetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CopysetCommand {
+    /// Creates a copyset on its initial peers.
+    Create {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node ids of the initial voters, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<u64>,
+    },
+    /// Hands a copyset's leadership to another voter.
+    TransferLeader {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node id of the new leader.
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+/// One replica as a status line shows it.
+#[derive(Debug, Clone)]
+struct Replica {
+    node: u64,
+    role: &'static str,
+    term: u64,
+    commit: u64,
+    applied: u64,
+    leader: u64,
+}
+
+#[derive(Debug, Default)]
+struct ClusterStatus {
+    unreachable: Vec<(u64, String)>,
+    copysets: BTreeMap<u64, Vec<Replica>>,
+}
+
+fn role_name(role: u8) -> &'static str {
+    match role {
+        3 => "leader",
+        2 => "candidate",
+        1 => "pre-candidate",
+        _ => "follower",
+    }
+}
+
+async fn gather(client: &Client, nodes: &[u64]) -> ClusterStatus {
+    let mut status = ClusterStatus::default();
+    for &node in nodes {
+        let copysets = match client.list_copysets(node).await {
+            Ok(copysets) => copysets,
+            Err(error) => {
+                status.unreachable.push((node, error.to_string()));
+                continue;
+            }
+        };
+        for copyset in copysets {
+            match client.copyset_status(node, copyset).await {
+                Ok(s) => status.copysets.entry(copyset.0).or_default().push(Replica {
+                    node,
+                    role: role_name(s.role),
+                    term: s.term,
+                    commit: s.commit,
+                    applied: s.applied,
+                    leader: s.leader,
+                }),
+                Err(error) => status.unreachable.push((node, error.to_string())),
+            }
+        }
+    }
+    status
+}
+
+/// Problems that make the cluster unhealthy.
+fn problems(status: &ClusterStatus, max_lag: u64) -> Vec<String> {
+    let mut found: Vec<String> = status
+        .unreachable
+        .iter()
+        .map(|(n, e)| format!("node {n} unreachable: {e}"))
+        .collect();
+    for (copyset, replicas) in &status.copysets {
+        let Some(leader) = replicas.iter().find(|r| r.role == "leader") else {
+            found.push(format!("copyset {copyset} has no leader"));
+            continue;
+        };
+        for replica in replicas {
+            let lag = leader.applied.saturating_sub(replica.applied);
+            if lag > max_lag {
+                found.push(format!(
+                    "copyset {copyset}: node {} lags by {lag} entries",
+                    replica.node
+                ));
+            }
+        }
+    }
+    found
+}
+
+fn print_status(status: &ClusterStatus, json_output: bool) {
+    if json_output {
+        let copysets: Vec<_> = status
+            .copysets
+            .iter()
+            .map(|(id, replicas)| {
+                let leader_applied = replicas
+                    .iter()
+                    .find(|r| r.role == "leader")
+                    .map(|r| r.applied)
+                    .unwrap_or(0);
+                json!({
+                    "copyset": id,
+                    "replicas": replicas.iter().map(|r| json!({
+                        "node": r.node, "role": r.role, "term": r.term, "commit": r.commit,
+                        "applied": r.applied, "leader": r.leader,
+                        "lag": leader_applied.saturating_sub(r.applied),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let unreachable: Vec<_> = status
+            .unreachable
+            .iter()
+            .map(|(n, e)| json!({"node": n, "error": e}))
+            .collect();
+        println!(
+            "{}",
+            json!({"copysets": copysets, "unreachable": unreachable})
+        );
+        return;
+    }
+    for (node, error) in &status.unreachable {
+        println!("node {node}: UNREACHABLE ({error})");
+    }
+    println!(
+        "{:>8} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
+        "copyset", "node", "role", "term", "commit", "applied", "lag"
+    );
+    for (copyset, replicas) in &status.copysets {
+        let leader_applied = replicas
+            .iter()
+            .find(|r| r.role == "leader")
+            .map(|r| r.applied)
+            .unwrap_or(0);
+        for r in replicas {
+            println!(
+                "{:>8} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
+                copyset,
+                r.node,
+                r.role,
+                r.term,
+                r.commit,
+                r.applied,
+                leader_applied.saturating_sub(r.applied)
+            );
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("chunkctl: no admin command is built yet (they come with the client library)");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    let text = match std::fs::read_to_string(&cli.config) {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("error: {}: cannot read: {error}", cli.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::parse(&cli.config, &text) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut nodes: Vec<NodeAddress> = config
+        .cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            Some(NodeAddress {
+                id: u64::from(n.id),
+                endpoint: *n.client.first()?,
+                shards: n.shards,
+            })
+        })
+        .collect();
+    if nodes.is_empty() {
+        if let Some(endpoint) = config.listen.client.first() {
+            nodes.push(NodeAddress {
+                id: u64::from(config.node.id),
+                endpoint: *endpoint,
+                shards: 1,
+            });
+        }
+    }
+    let outcome = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("chunkctl")
+        .spawn(move || async move {
+            let client_config = ClientConfig {
+                deadline: Duration::from_secs(5),
+                ..ClientConfig::default()
+            };
+            let client = Client::new(&nodes, client_config);
+            let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+            match cli.command {
+                Command::Status => {
+                    print_status(&gather(&client, &ids).await, cli.json);
+                    Ok(())
+                }
+                Command::Health { max_lag } => {
+                    let status = gather(&client, &ids).await;
+                    let found = problems(&status, max_lag);
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"healthy": found.is_empty(), "problems": found})
+                        );
+                    } else if found.is_empty() {
+                        println!(
+                            "healthy: {} copyset(s) on {} node(s)",
+                            status.copysets.len(),
+                            ids.len()
+                        );
+                    } else {
+                        for problem in &found {
+                            println!("DEGRADED: {problem}");
+                        }
+                    }
+                    if found.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("{} problem(s)", found.len()))
+                    }
+                }
+                Command::Copyset(CopysetCommand::TransferLeader { id, to }) => {
+                    client.set_peers(CopysetId(id), &ids);
+                    match client.transfer_leader(CopysetId(id), to).await {
+                        Ok(()) => {
+                            if cli.json {
+                                println!("{}", json!({"copyset": id, "transfer_to": to}));
+                            } else {
+                                println!("copyset {id}: leadership transfer to node {to} started");
+                            }
+                            Ok(())
+                        }
+                        Err(error) => Err(error.to_string()),
+                    }
+                }
+                Command::Copyset(CopysetCommand::Create { id, peers }) => {
+                    match client.create_copyset(CopysetId(id), &peers).await {
+                        Ok(()) => {
+                            if cli.json {
+                                println!("{}", json!({"created": id, "peers": peers}));
+                            } else {
+                                println!("copyset {id} created on nodes {peers:?}");
+                            }
+                            Ok(())
+                        }
+                        Err(error) => Err(error.to_string()),
+                    }
+                }
+            }
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|handle| {
+            handle
+                .join()
+                .map_err(|_| "chunkctl's executor panicked".to_string())
+        })
+        .and_then(|r| r);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

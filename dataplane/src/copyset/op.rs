@@ -2,8 +2,10 @@
 //! The client's request body for a mutating operation is exactly this encoding, so the buffer
 //! that arrived from the network is the entry raft replicates and the WAL writes — no copy.
 //!
-//! Layout (little-endian): `version u8 | op u8 | chunk u64 | sn u64 | offset u32 | len u32`,
-//! then, for writes and pastes, `len` bytes of data. 26 bytes of header.
+//! Layout (little-endian): for writes, `len` bytes of data first, then a 26-byte trailer
+//! `version u8 | op u8 | chunk u64 | sn u64 | offset u32 | len u32`. The data leads so that it
+//! starts where the receive buffer starts — page-aligned, since the transports receive
+//! payloads into aligned buffers — and the chunk write can hand it to the device as it is.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -11,7 +13,7 @@ use crate::ids::ChunkId;
 
 /// Encoding version of operations.
 pub const OP_VERSION: u8 = 1;
-/// Bytes before the data.
+/// Bytes of the trailer after the data.
 pub const OP_HEADER_LEN: usize = 26;
 
 /// A state-changing chunk operation.
@@ -95,15 +97,15 @@ impl ChunkOp {
         };
         let len = data.map_or(0, |d| d.len());
         let mut out = BytesMut::with_capacity(OP_HEADER_LEN + len);
+        if let Some(data) = data {
+            out.put_slice(data);
+        }
         out.put_u8(OP_VERSION);
         out.put_u8(code);
         out.put_u64_le(chunk.0);
         out.put_u64_le(*sn);
         out.put_u32_le(offset);
         out.put_u32_le(len as u32);
-        if let Some(data) = data {
-            out.put_slice(data);
-        }
         out.freeze()
     }
 
@@ -113,9 +115,11 @@ impl ChunkOp {
             len: bytes.len(),
             why,
         };
-        let header = bytes
-            .get(..OP_HEADER_LEN)
-            .ok_or_else(|| malformed("shorter than the header"))?;
+        let data_len = bytes
+            .len()
+            .checked_sub(OP_HEADER_LEN)
+            .ok_or_else(|| malformed("shorter than the trailer"))?;
+        let header = &bytes[data_len..];
         if header[0] != OP_VERSION {
             return Err(OpDecodeError::Version(header[0]));
         }
@@ -133,15 +137,15 @@ impl ChunkOp {
         let sn = u64_at(10);
         let offset = u32_at(18);
         let len = u32_at(22) as usize;
-        if bytes.len() - OP_HEADER_LEN != len {
-            return Err(malformed("the data length does not match the header"));
+        if data_len != len {
+            return Err(malformed("the data length does not match the trailer"));
         }
         match header[1] {
             OP_WRITE => Ok(ChunkOp::Write {
                 chunk,
                 sn,
                 offset,
-                data: bytes.slice(OP_HEADER_LEN..),
+                data: bytes.slice(..data_len),
             }),
             OP_DELETE | OP_DELETE_SNAPSHOT if len != 0 => Err(malformed("data on a delete")),
             OP_DELETE => Ok(ChunkOp::Delete { chunk, sn }),
@@ -172,8 +176,8 @@ mod tests {
         };
         assert_eq!(
             data.as_ptr(),
-            bytes[OP_HEADER_LEN..].as_ptr(),
-            "a slice, not a copy"
+            bytes.as_ptr(),
+            "a slice at the start of the body, not a copy"
         );
         for op in [
             ChunkOp::Delete {
@@ -198,7 +202,7 @@ mod tests {
         .encode();
         assert!(ChunkOp::decode(&good.slice(..10)).is_err());
         let mut bad_version = BytesMut::from(&good[..]);
-        bad_version[0] = 9;
+        bad_version[0] = 9; // a delete has no data: the trailer is the whole body
         assert_eq!(
             ChunkOp::decode(&bad_version.freeze()),
             Err(OpDecodeError::Version(9))
@@ -209,9 +213,10 @@ mod tests {
             ChunkOp::decode(&bad_code.freeze()),
             Err(OpDecodeError::Unknown(77))
         );
-        let mut long = BytesMut::from(&good[..]);
+        let mut long = BytesMut::new();
         long.put_u8(0);
-        assert!(ChunkOp::decode(&long.freeze()).is_err());
+        long.put_slice(&good);
+        assert!(ChunkOp::decode(&long.freeze()).is_err(), "data on a delete");
     }
 
     proptest! {

@@ -14,7 +14,7 @@ use futures_lite::future;
 use tracing::{debug, warn};
 
 use super::frame::{Frame, FrameCodec, FrameFlags, Opcode, DEFAULT_MAX_PAYLOAD};
-use super::queue::{oneshot, BoundedQueue, OneshotSender};
+use super::queue::{oneshot, BoundedQueue, OneshotSender, TryPushError};
 use super::NetError;
 
 /// Bounds and timeouts of one connection, taken from the configuration at start-up.
@@ -230,14 +230,15 @@ impl Connection {
 
     /// Sends a message that expects no response. Returns once it is queued for sending.
     pub async fn send(&self, message: Message) -> Result<(), NetError> {
-        let frame = Frame::new(
+        let state = &self.handle.state;
+        state.check_open()?;
+        let frame = state.frame(
             message.opcode,
             FrameFlags::ONE_WAY,
             0,
             message.copyset,
             message.payload,
-        );
-        self.handle.state.check_open()?;
+        )?;
         self.handle.state.enqueue(frame).await
     }
 
@@ -298,13 +299,13 @@ impl Incoming {
                 reason: "a one-way message cannot be answered".into(),
             });
         };
-        let frame = Frame::new(
+        let frame = self.connection.handle.state.frame(
             response.opcode,
             flags,
             request_id,
             response.copyset,
             response.payload,
-        );
+        )?;
         self.connection.handle.state.enqueue(frame).await
     }
 }
@@ -332,13 +333,13 @@ impl ConnectionState {
             state: self,
             request_id,
         };
-        let frame = Frame::new(
+        let frame = self.frame(
             request.opcode,
             FrameFlags::default(),
             request_id,
             request.copyset,
             request.payload,
-        );
+        )?;
         self.enqueue(frame).await?;
         let response = receiver.await.ok_or_else(|| self.closed_error())??;
         if response.header.flags.contains(FrameFlags::ERROR) {
@@ -347,6 +348,25 @@ impl ConnectionState {
             });
         }
         Ok(Message::from_frame(response))
+    }
+
+    /// A frame, once its payload is known to be within the bound (so `Frame::new` cannot
+    /// fail on its length).
+    fn frame(
+        &self,
+        opcode: Opcode,
+        flags: FrameFlags,
+        request_id: u64,
+        copyset: u64,
+        payload: Bytes,
+    ) -> Result<Frame, NetError> {
+        if payload.len() > self.config.max_payload as usize {
+            return Err(NetError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.config.max_payload,
+            });
+        }
+        Ok(Frame::new(opcode, flags, request_id, copyset, payload))
     }
 
     /// Queues a frame for the link. Only a closed send queue refuses it: after the peer
@@ -445,6 +465,32 @@ impl LinkSide {
             .push(frame)
             .await
             .map_err(|_| self.state.closed_error())
+    }
+
+    /// [`LinkSide::deliver`] without waiting: a frame for the server that finds its queue full
+    /// comes back (`Err`), for the link to hold and retry once [`LinkSide::wait_room`] returns.
+    /// A frame for a closed connection is dropped (`Ok`).
+    pub(crate) fn try_deliver(&self, frame: Frame) -> Result<(), Frame> {
+        if frame.header.flags.contains(FrameFlags::RESPONSE) {
+            let sender = self
+                .state
+                .pending
+                .borrow_mut()
+                .remove(&frame.header.request_id);
+            if let Some(sender) = sender {
+                sender.send(Ok(frame));
+            }
+            return Ok(());
+        }
+        match self.state.incoming.try_push(frame) {
+            Ok(()) | Err(TryPushError::Closed(_)) => Ok(()),
+            Err(TryPushError::Full(frame)) => Err(frame),
+        }
+    }
+
+    /// Waits until the server's queue has room (or is closed).
+    pub(crate) async fn wait_room(&self) {
+        self.state.incoming.wait_room().await
     }
 
     /// The peer closed its sending side cleanly: nothing more will be received, so requests

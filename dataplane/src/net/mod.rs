@@ -13,6 +13,7 @@ pub mod connection;
 pub mod frame;
 pub mod payload;
 pub mod queue;
+pub mod rdma;
 pub mod tcp;
 pub mod transport;
 pub mod verbs;

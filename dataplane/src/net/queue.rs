@@ -68,7 +68,7 @@ impl<T> BoundedQueue<T> {
                 wake_all(&mut state.pop_wakers);
                 return Poll::Ready(Ok(()));
             }
-            state.push_wakers.push(cx.waker().clone());
+            register(&mut state.push_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -101,7 +101,7 @@ impl<T> BoundedQueue<T> {
             if state.closed {
                 return Poll::Ready(None);
             }
-            state.pop_wakers.push(cx.waker().clone());
+            register(&mut state.pop_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -114,7 +114,20 @@ impl<T> BoundedQueue<T> {
             if !state.items.is_empty() || state.closed {
                 return Poll::Ready(());
             }
-            state.pop_wakers.push(cx.waker().clone());
+            register(&mut state.pop_wakers, cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Waits until the queue has room for an item or is closed.
+    pub async fn wait_room(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.items.len() < state.capacity || state.closed {
+                return Poll::Ready(());
+            }
+            register(&mut state.push_wakers, cx.waker());
             Poll::Pending
         })
         .await
@@ -169,6 +182,14 @@ pub enum TryPushError<T> {
     Full(T),
     /// The queue is closed.
     Closed(T),
+}
+
+/// Adds a waker unless one that wakes the same task is there: a future polled again and again
+/// without being woken (raced against a timer, say) must not pile up clones of its waker.
+fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
+    if !wakers.iter().any(|known| known.will_wake(waker)) {
+        wakers.push(waker.clone());
+    }
 }
 
 fn wake_all(wakers: &mut Vec<Waker>) {
@@ -279,7 +300,7 @@ impl Notify {
                 state.0 = false;
                 return Poll::Ready(());
             }
-            state.1.push(cx.waker().clone());
+            register(&mut state.1, cx.waker());
             Poll::Pending
         })
         .await
@@ -317,7 +338,7 @@ impl Latch {
             if state.0 {
                 return Poll::Ready(());
             }
-            state.1.push(cx.waker().clone());
+            register(&mut state.1, cx.waker());
             Poll::Pending
         })
         .await

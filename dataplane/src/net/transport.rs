@@ -13,6 +13,7 @@ use tracing::debug;
 
 use super::connection::{Connection, ConnectionConfig, Message};
 use super::payload::{AlignedHeapAllocator, PayloadAllocator};
+use super::rdma::{RdmaConfig, RdmaDevices, RdmaListener};
 use super::tcp::TcpTransportListener;
 use super::NetError;
 use crate::config::{Endpoint, Transport};
@@ -22,15 +23,21 @@ use crate::config::{Endpoint, Transport};
 pub struct NetContext {
     /// Bounds and timeouts of each connection.
     pub connection: ConnectionConfig,
+    /// RDMA rings and slots (for `softrdma://` and `rdma://`).
+    pub rdma: RdmaConfig,
     /// Where received payloads land.
     pub allocator: Rc<dyn PayloadAllocator>,
+    /// The verbs devices this shard opened (one per IP for softverbs, one ibverbs device).
+    pub rdma_devices: Rc<RdmaDevices>,
 }
 
 impl Default for NetContext {
     fn default() -> Self {
         NetContext {
             connection: ConnectionConfig::default(),
+            rdma: RdmaConfig::default(),
             allocator: AlignedHeapAllocator::shared_default(),
+            rdma_devices: Rc::new(RdmaDevices::default()),
         }
     }
 }
@@ -39,6 +46,8 @@ impl Default for NetContext {
 pub enum Listener {
     /// `tcp://`.
     Tcp(TcpTransportListener),
+    /// `softrdma://` or `rdma://`.
+    Rdma(RdmaListener),
 }
 
 impl Listener {
@@ -50,7 +59,9 @@ impl Listener {
                 context.connection.clone(),
                 Rc::clone(&context.allocator),
             )?)),
-            Transport::SoftRdma | Transport::Rdma => Err(rdma_not_built(endpoint)),
+            Transport::SoftRdma | Transport::Rdma => Ok(Listener::Rdma(
+                RdmaListener::bind(endpoint.transport, endpoint.addr, context).await?,
+            )),
         }
     }
 
@@ -78,6 +89,7 @@ impl Listener {
                 transport: Transport::Tcp,
                 addr: listener.local_addr()?,
             }),
+            Listener::Rdma(listener) => listener.local_endpoint(),
         }
     }
 
@@ -85,13 +97,8 @@ impl Listener {
     pub async fn accept(&self) -> Result<Connection, NetError> {
         match self {
             Listener::Tcp(listener) => listener.accept().await,
+            Listener::Rdma(listener) => listener.accept().await,
         }
-    }
-}
-
-fn rdma_not_built(endpoint: &Endpoint) -> NetError {
-    NetError::Unavailable {
-        reason: format!("{endpoint}: this build has no RDMA message transport yet"),
     }
 }
 
@@ -113,7 +120,9 @@ pub async fn connect(endpoint: &Endpoint, context: &NetContext) -> Result<Connec
             )
             .await
         }
-        Transport::SoftRdma | Transport::Rdma => Err(rdma_not_built(endpoint)),
+        Transport::SoftRdma | Transport::Rdma => {
+            super::rdma::connect(endpoint.transport, endpoint.addr, context).await
+        }
     }
 }
 

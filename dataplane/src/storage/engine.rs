@@ -310,7 +310,10 @@ impl<'a> Future for Enter<'a> {
     type Output = TurnstileGuard<'a>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TurnstileGuard<'a>> {
         if self.0.busy.get() {
-            self.0.waiters.borrow_mut().push(cx.waker().clone());
+            let mut waiters = self.0.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
             Poll::Pending
         } else {
             self.0.busy.set(true);

@@ -148,6 +148,8 @@ pub struct Options {
     pub duplicate: Option<f64>,
     /// Override the partition probability.
     pub partition: Option<f64>,
+    /// Override the crash probability.
+    pub crash: Option<f64>,
     /// Override the length of the safety phase.
     pub safety_time: Option<u64>,
 }
@@ -284,6 +286,8 @@ pub struct World {
     liveness_writes_done: u64,
     pub trace_hash: u64,
     pub stats: Stats,
+    /// Prints every delivered message from this time on (`RAFT_SIM_TRACE_FROM`).
+    trace_from: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -295,6 +299,7 @@ pub struct Stats {
     pub snapshots_installed: u64,
     pub writes_ok: u64,
     pub reads_ok: u64,
+    pub lease_reads_asked: u64,
     pub elections: u64,
 }
 
@@ -307,6 +312,7 @@ impl Stats {
         self.snapshots_installed += other.snapshots_installed;
         self.writes_ok += other.writes_ok;
         self.reads_ok += other.reads_ok;
+        self.lease_reads_asked += other.lease_reads_asked;
         self.elections += other.elections;
     }
 }
@@ -323,6 +329,9 @@ impl World {
         }
         if let Some(partition) = options.partition {
             params.partition = partition;
+        }
+        if let Some(crash) = options.crash {
+            params.crash = crash;
         }
         if let Some(safety_time) = options.safety_time {
             params.safety_time = safety_time;
@@ -359,6 +368,9 @@ impl World {
             liveness_writes_done: 0,
             trace_hash: 0xcbf2_9ce4_8422_2325,
             stats: Stats::default(),
+            trace_from: std::env::var("RAFT_SIM_TRACE_FROM")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         for id in voters {
             world.start_node(id, MemStorage::new_with_conf_state(conf.clone()));
@@ -487,6 +499,28 @@ impl World {
             })?;
             if node.retired {
                 continue;
+            }
+            if self.trace_from.is_some_and(|from| at >= from) {
+                println!(
+                    "t={at} {}->{} {:?} term {} idx {} logterm {} commit {} reject {} hint {} \
+                     off {} snap {:?}",
+                    msg.from,
+                    msg.to,
+                    msg.msg_type,
+                    msg.term,
+                    msg.index,
+                    msg.log_term,
+                    msg.commit,
+                    msg.reject,
+                    msg.reject_hint,
+                    msg.snapshot_offset,
+                    msg.snapshot.as_ref().map(|s| (
+                        s.meta.index,
+                        s.offset,
+                        s.data.len(),
+                        s.total_len
+                    ))
+                );
             }
             raw.step(msg).map_err(|e| Failure {
                 kind: FailureKind::Correctness,
@@ -652,9 +686,18 @@ impl World {
             if let Some(last) = entries.last() {
                 raw.on_applied(last.index);
             }
-            // Snapshot and compact now and then.
+            // Snapshot and compact now and then. A leader keeps the log a lagging member
+            // still needs, unless the log grew four intervals long.
             let snapshot_index = raw.store().snapshot().meta.index;
-            if node.applied.0 >= snapshot_index.0 + self.params.snapshot_interval {
+            let interval = self.params.snapshot_interval;
+            let raft = raw.raft();
+            let lagging = raft.state == StateRole::Leader
+                && raft.conf_state().all_members().iter().any(|peer| {
+                    raft.progress(*peer)
+                        .is_some_and(|p| p.matched < node.applied)
+                });
+            let due = if lagging { 4 * interval } else { interval };
+            if node.applied.0 >= snapshot_index.0 + due {
                 let conf = raw.raft().conf_state().clone();
                 let data = node.kv.encode();
                 let applied = node.applied;
@@ -936,8 +979,20 @@ impl World {
                 continue;
             }
             let live = self.live_ids();
+            // Clients route by what they last heard: any peer that believes it leads (a
+            // deposed leader in a minority partition too), sometimes any peer at all.
+            let leaders: Vec<NodeId> = live
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.nodes[id]
+                        .raw
+                        .as_ref()
+                        .is_some_and(|r| r.raft().state == StateRole::Leader)
+                })
+                .collect();
             let target = if self.rng.chance(0.8) {
-                self.current_leader()
+                self.rng.pick(&leaders)
             } else {
                 None
             };
@@ -968,6 +1023,9 @@ impl World {
             };
             if !accepted {
                 continue;
+            }
+            if !is_write && lease {
+                self.stats.lease_reads_asked += 1;
             }
             self.event_seq += 1;
             let call = self.event_seq;
@@ -1157,6 +1215,17 @@ impl World {
             self.complete_io()?;
             for id in self.live_ids() {
                 self.process_ready(id)?;
+            }
+            if self.in_flight.len() > 100_000 || self.stats.delivered > 5_000_000 {
+                return Err(self.fail(
+                    FailureKind::Liveness,
+                    format!(
+                        "message storm: {} in flight, {} delivered\n{}",
+                        self.in_flight.len(),
+                        self.stats.delivered,
+                        self.describe()
+                    ),
+                ));
             }
             self.serve_reads();
             self.expire_ops();

@@ -10,6 +10,9 @@
 
 pub mod soft;
 
+#[cfg(feature = "rdma")]
+pub mod ibverbs;
+
 #[cfg(test)]
 mod conformance;
 

@@ -32,7 +32,11 @@ pub struct UringBdev {
 /// let glommio probe a small file of real, allocated blocks in the same directory.
 async fn prime_polled_io_probe(path: &Path) {
     let Some(dir) = path.parent() else { return };
-    let probe = dir.join(format!(".uring-probe-{}", std::process::id()));
+    // Unique per call: several shards (or in-process test nodes) may open devices in one
+    // directory at once, and one's cleanup must not remove another's probe mid-open.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let sequence = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!(".uring-probe-{}-{sequence}", std::process::id()));
     let written = std::fs::write(&probe, [0x55u8; 4096])
         .and_then(|()| std::fs::File::open(&probe).and_then(|f| f.sync_all()));
     if written.is_ok() {

@@ -265,6 +265,7 @@ impl LogStorage for CopysetLog {
         let from = offset.min(total_len) as usize;
         let to = offset.saturating_add(max_bytes.max(1)).min(total_len) as usize;
         Ok(SnapshotPiece {
+            meta: self.snapshot.clone(),
             data: self.snapshot_data.slice(from..to),
             total_len,
         })

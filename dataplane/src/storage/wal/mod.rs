@@ -260,7 +260,11 @@ impl Future for Changed<'_> {
         if state.version != self.seen {
             Poll::Ready(())
         } else {
-            state.waiters.push(cx.waker().clone());
+            // Once per task: a waiter polled again while still waiting must not pile up
+            // clones of its waker (glommio counts them in 16 bits).
+            if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiters.push(cx.waker().clone());
+            }
             Poll::Pending
         }
     }

@@ -1,0 +1,406 @@
+//! The client library: talks to chunkservers over their client listeners, finds and caches
+//! each copyset's leader, follows `Redirect`s, and retries with bounded backoff until a
+//! deadline. Many requests may be in flight at once; each is answered once.
+//!
+//! Runs on a glommio executor (the connections are the shard-local ones of `net`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use raftcore::NodeId;
+
+use crate::config::Endpoint;
+use crate::copyset::ChunkOp;
+use crate::ids::{ChunkId, CopysetId};
+use crate::net::{Backoff, Message, NetContext, NetError, Opcode, PeerConnection};
+use crate::server::shard_of;
+use crate::server::wire::{self, CopysetStatus, CreateCopyset, ReadChunk, Status};
+
+/// Why a client call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// No replica answered in time; `last` is what the last attempt saw.
+    #[error("{op} on copyset {copyset} gave up after {elapsed:?}: {last}")]
+    Deadline {
+        /// The operation.
+        op: &'static str,
+        /// The copyset.
+        copyset: CopysetId,
+        /// Time spent.
+        elapsed: Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// The server refused the request for good (malformed, out of range, backward sn…).
+    #[error("{op} on copyset {copyset} refused: {status:?}")]
+    Refused {
+        /// The operation.
+        op: &'static str,
+        /// The copyset.
+        copyset: CopysetId,
+        /// What the server said.
+        status: Status,
+    },
+    /// The client knows no such node.
+    #[error("node {0} is not in the client's cluster map")]
+    UnknownNode(u64),
+    /// The answer could not be decoded.
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+}
+
+/// Limits of the client.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConfig {
+    /// How long one operation may take, retries included.
+    pub deadline: Duration,
+    /// First wait between attempts that found no leader.
+    pub backoff_initial: Duration,
+    /// Longest wait between attempts.
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            deadline: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A chunkserver as the client sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeAddress {
+    /// Its node id.
+    pub id: u64,
+    /// Its client listener (base port; shard i at port + i).
+    pub endpoint: Endpoint,
+    /// Its shard count.
+    pub shards: u32,
+}
+
+/// A client of one cluster.
+pub struct Client {
+    nodes: HashMap<u64, NodeAddress>,
+    config: ClientConfig,
+    net: NetContext,
+    leaders: RefCell<HashMap<CopysetId, u64>>,
+    peers: RefCell<HashMap<CopysetId, Vec<u64>>>,
+    connections: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
+}
+
+impl Client {
+    /// A client for the given nodes.
+    pub fn new(nodes: &[NodeAddress], config: ClientConfig) -> Client {
+        Client {
+            nodes: nodes.iter().map(|n| (n.id, *n)).collect(),
+            config,
+            net: NetContext::default(),
+            leaders: RefCell::new(HashMap::new()),
+            peers: RefCell::new(HashMap::new()),
+            connections: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Tells the client which nodes replicate `copyset` (where to look for its leader).
+    pub fn set_peers(&self, copyset: CopysetId, peers: &[u64]) {
+        self.peers.borrow_mut().insert(copyset, peers.to_vec());
+    }
+
+    /// The leader the client last saw for `copyset`.
+    pub fn cached_leader(&self, copyset: CopysetId) -> Option<u64> {
+        self.leaders.borrow().get(&copyset).copied()
+    }
+
+    fn connection(&self, node: u64, copyset: CopysetId) -> Result<Rc<PeerConnection>, ClientError> {
+        let address = self
+            .nodes
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
+        self.shard_connection(node, shard_of(copyset, address.shards))
+    }
+
+    fn shard_connection(&self, node: u64, shard: u32) -> Result<Rc<PeerConnection>, ClientError> {
+        let address = self
+            .nodes
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
+        if let Some(connection) = self.connections.borrow().get(&(node, shard)) {
+            return Ok(Rc::clone(connection));
+        }
+        let addr = address
+            .endpoint
+            .for_shard(shard)
+            .ok_or(ClientError::UnknownNode(node))?;
+        let endpoint = Endpoint {
+            transport: address.endpoint.transport,
+            addr,
+        };
+        let backoff = Backoff {
+            initial: self.config.backoff_initial,
+            max: self.config.backoff_max,
+            attempts_max: 1,
+        };
+        let connection = Rc::new(PeerConnection::new(endpoint, self.net.clone(), backoff));
+        self.connections
+            .borrow_mut()
+            .insert((node, shard), Rc::clone(&connection));
+        Ok(connection)
+    }
+
+    /// One request to one node, no retries.
+    pub async fn call_node(
+        &self,
+        node: u64,
+        copyset: CopysetId,
+        opcode: Opcode,
+        payload: Bytes,
+    ) -> Result<(Status, Bytes), String> {
+        let connection = self.connection(node, copyset).map_err(|e| e.to_string())?;
+        let answer = connection
+            .call(Message::new(opcode, copyset.0, payload))
+            .await
+            .map_err(|e: NetError| e.to_string())?;
+        wire::decode_response(&answer.payload).map_err(|e| e.to_string())
+    }
+
+    /// Every copyset `node` holds, from each of its shards.
+    pub async fn list_copysets(&self, node: u64) -> Result<Vec<CopysetId>, ClientError> {
+        let address = *self
+            .nodes
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
+        let mut all = Vec::new();
+        for shard in 0..address.shards {
+            let connection = self.shard_connection(node, shard)?;
+            let answer = connection
+                .call(Message::new(wire::LIST_COPYSETS, 0, Bytes::new()))
+                .await
+                .map_err(|e| ClientError::Malformed(format!("node {node} shard {shard}: {e}")))?;
+            let (status, body) = wire::decode_response(&answer.payload)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            if status != Status::Ok {
+                return Err(ClientError::Refused {
+                    op: "list copysets",
+                    copyset: CopysetId(0),
+                    status,
+                });
+            }
+            let ids = wire::decode_copyset_list(&body)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            all.extend(ids.into_iter().map(CopysetId));
+        }
+        all.sort_unstable();
+        Ok(all)
+    }
+
+    /// Creates `copyset` on every one of `peers` (idempotent).
+    pub async fn create_copyset(
+        &self,
+        copyset: CopysetId,
+        peers: &[u64],
+    ) -> Result<(), ClientError> {
+        self.set_peers(copyset, peers);
+        let body = CreateCopyset {
+            peers: peers.iter().map(|&p| NodeId(p)).collect(),
+        }
+        .encode();
+        for &node in peers {
+            self.with_retries(
+                "create copyset",
+                copyset,
+                Some(node),
+                wire::CREATE_COPYSET,
+                &body,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The raft status of `copyset` on `node`.
+    pub async fn copyset_status(
+        &self,
+        node: u64,
+        copyset: CopysetId,
+    ) -> Result<CopysetStatus, ClientError> {
+        let body = self
+            .with_retries(
+                "copyset status",
+                copyset,
+                Some(node),
+                wire::COPYSET_STATUS,
+                &Bytes::new(),
+            )
+            .await?;
+        CopysetStatus::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
+    /// Asks the copyset's leader to hand leadership to `to` (a voter). Returns once the leader
+    /// accepted; the transfer itself completes within an election timeout.
+    pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {
+        let body = Bytes::copy_from_slice(&to.to_le_bytes());
+        self.leader_call("transfer leader", copyset, wire::TRANSFER_LEADER, body)
+            .await?;
+        // The cached leader is about to be wrong.
+        self.leaders.borrow_mut().remove(&copyset);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of `chunk`; returns once replicated and applied.
+    pub async fn write(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        offset: u32,
+        data: Bytes,
+        sn: u64,
+    ) -> Result<(), ClientError> {
+        let body = ChunkOp::Write {
+            chunk,
+            sn,
+            offset,
+            data,
+        }
+        .encode();
+        self.leader_call("write", copyset, wire::WRITE_CHUNK, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes `chunk`.
+    pub async fn delete(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        sn: u64,
+    ) -> Result<(), ClientError> {
+        let body = ChunkOp::Delete { chunk, sn }.encode();
+        self.leader_call("delete", copyset, wire::DELETE_CHUNK, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads `len` bytes at `offset` of `chunk`, linearizably (from the leader).
+    pub async fn read(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let body = ReadChunk { chunk, offset, len }.encode();
+        self.leader_call("read", copyset, wire::READ_CHUNK, body)
+            .await
+    }
+
+    async fn leader_call(
+        &self,
+        op: &'static str,
+        copyset: CopysetId,
+        opcode: Opcode,
+        body: Bytes,
+    ) -> Result<Bytes, ClientError> {
+        self.with_retries(op, copyset, None, opcode, &body).await
+    }
+
+    /// Sends the request to `fixed` (or to the copyset's leader, found by following redirects
+    /// and trying each peer in turn) until it succeeds, is refused, or the deadline passes.
+    async fn with_retries(
+        &self,
+        op: &'static str,
+        copyset: CopysetId,
+        fixed: Option<u64>,
+        opcode: Opcode,
+        body: &Bytes,
+    ) -> Result<Bytes, ClientError> {
+        let started = Instant::now();
+        let candidates: Vec<u64> = match fixed {
+            Some(node) => vec![node],
+            None => self
+                .peers
+                .borrow()
+                .get(&copyset)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let mut all: Vec<u64> = self.nodes.keys().copied().collect();
+                    all.sort_unstable();
+                    all
+                }),
+        };
+        let mut next_candidate = 0;
+        let mut wait = self.config.backoff_initial;
+        let mut last;
+        loop {
+            let target = match fixed {
+                Some(node) => node,
+                None => match self.cached_leader(copyset) {
+                    Some(leader) => leader,
+                    None => {
+                        let node = candidates[next_candidate % candidates.len().max(1)];
+                        next_candidate += 1;
+                        node
+                    }
+                },
+            };
+            let outcome = self.call_node(target, copyset, opcode, body.clone()).await;
+            let redirect_now = match outcome {
+                Ok((Status::Ok, body)) => {
+                    if fixed.is_none() {
+                        self.leaders.borrow_mut().insert(copyset, target);
+                    }
+                    return Ok(body);
+                }
+                Ok((Status::Redirect { leader }, _)) => {
+                    last = format!("node {target} redirects to {leader}");
+                    if leader != 0 && leader != target && self.nodes.contains_key(&leader) {
+                        self.leaders.borrow_mut().insert(copyset, leader);
+                        true
+                    } else {
+                        self.leaders.borrow_mut().remove(&copyset);
+                        false
+                    }
+                }
+                Ok((Status::Retry(reason), _)) => {
+                    last = format!("node {target}: {reason}");
+                    false
+                }
+                Ok((Status::CopysetNotFound, _)) if fixed.is_none() => {
+                    // That node does not hold it (yet): look elsewhere.
+                    last = format!("node {target} does not have the copyset");
+                    self.leaders.borrow_mut().remove(&copyset);
+                    false
+                }
+                Ok((status, _)) => {
+                    return Err(ClientError::Refused {
+                        op,
+                        copyset,
+                        status,
+                    })
+                }
+                Err(error) => {
+                    last = format!("node {target}: {error}");
+                    self.leaders.borrow_mut().remove(&copyset);
+                    false
+                }
+            };
+            if started.elapsed() >= self.config.deadline {
+                return Err(ClientError::Deadline {
+                    op,
+                    copyset,
+                    elapsed: started.elapsed(),
+                    last,
+                });
+            }
+            if !redirect_now {
+                glommio::timer::sleep(wait).await;
+                wait = (wait * 2).min(self.config.backoff_max);
+            }
+        }
+    }
+}

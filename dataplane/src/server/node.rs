@@ -1,0 +1,385 @@
+//! Starting a chunkserver process from its configuration: prepare the device, start one pinned
+//! shard per core, serve until the shutdown signal, stop cleanly.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::info;
+
+use super::shard::{ClusterView, RaftTimings, ShardServer};
+use crate::config::{Backend, Config};
+use crate::net::{Listener, NetContext};
+use crate::shard::{start_shards, ShardContext, ShutdownSignal};
+use crate::storage::bdev::{self, Bdev};
+use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
+
+/// What shards say to each other.
+pub enum ShardMessage {
+    /// Send this shard's report through the channel (a scrape of the metrics endpoint).
+    Scrape(glommio::channels::shared_channel::SharedSender<ShardReport>),
+}
+
+/// One shard's figures, handed to the shard that serves the metrics endpoint.
+pub struct ShardReport {
+    /// Its metrics.
+    pub metrics: crate::metrics::Snapshot,
+    /// Its copysets' raft state.
+    pub status: Vec<serde_json::Value>,
+}
+
+/// How long a scrape waits for another shard's report.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// DMA buffer pool of each shard's device handle.
+const POOL_BYTES: usize = 64 << 20;
+
+/// Why a node could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration asks for something this build or host cannot do.
+    #[error("{0}")]
+    Config(String),
+    /// Preparing or opening the device failed.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// Which device.
+        device: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A shard failed.
+    #[error("shard {shard}: {reason}")]
+    Shard {
+        /// Which shard.
+        shard: u32,
+        /// What failed.
+        reason: String,
+    },
+    /// The shards could not be started.
+    #[error(transparent)]
+    Start(#[from] crate::shard::ShardError),
+}
+
+/// How each shard reaches its device.
+#[derive(Debug, Clone)]
+enum DevicePlan {
+    /// Every shard opens this file and uses its own region of it.
+    Shared { uri: String },
+    /// Every shard formats a private memory device of this size.
+    PerShardMemory { size: u64 },
+}
+
+/// The cluster as this node sees it (itself included).
+fn cluster_view(config: &Config, shards: u32) -> ClusterView {
+    let mut view = ClusterView::default();
+    for node in &config.cluster.nodes {
+        view.nodes
+            .insert(u64::from(node.id), (node.peer, node.shards));
+    }
+    view.nodes
+        .entry(u64::from(config.node.id))
+        .or_insert((config.listen.peer, shards));
+    view
+}
+
+fn device_uuid(seed: u64) -> [u8; 16] {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&now.to_le_bytes());
+    uuid[8..].copy_from_slice(&(seed ^ u64::from(std::process::id())).to_le_bytes());
+    uuid
+}
+
+/// Makes sure a shared device is formatted for `shards` shards: formats a file this start
+/// created, accepts a device formatted with the same geometry, refuses anything else.
+fn prepare_shared_device(
+    config: &Config,
+    path: PathBuf,
+    shards: u32,
+) -> Result<DevicePlan, NodeError> {
+    let device = path.display().to_string();
+    let fail = |reason: String| NodeError::Device {
+        device: device.clone(),
+        reason,
+    };
+    let size = config
+        .devices
+        .first()
+        .and_then(|d| d.size)
+        .map(|s| s.bytes());
+    let existed = path.exists();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let uri = match size {
+        Some(size) if !existed => format!("uring://{device}?size={size}"),
+        _ => format!("uring://{device}"),
+    };
+    let options = FormatOptions {
+        device_is_zeroed: !existed,
+        ..FormatOptions::from_config(&config.storage, shards)
+    };
+    let open_uri = uri.clone();
+    let seed = u64::from(config.node.id);
+    let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("device-prepare")
+        .spawn(move || async move {
+            let bdev = bdev::open(&open_uri, 8 << 20)
+                .await
+                .map_err(|e| e.to_string())?;
+            match read_superblock(&bdev).await {
+                Ok(superblock) => {
+                    if superblock.geometry.shard_count != shards {
+                        return Err(format!(
+                            "formatted for {} shards, but node.cores gives {shards}; use the \
+                             same cores, or reformat the device",
+                            superblock.geometry.shard_count
+                        ));
+                    }
+                    Ok(false)
+                }
+                Err(_) if !existed => {
+                    format(&bdev, &options, device_uuid(seed))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(true)
+                }
+                Err(error) => Err(format!(
+                    "{error}; the file exists but holds no chunkserver format (remove it to \
+                     let the next start format it)"
+                )),
+            }
+        })
+        .map_err(|e| fail(e.to_string()))?;
+    let formatted = handle
+        .join()
+        .map_err(|_| fail("preparation thread panicked".into()))?
+        .map_err(fail)?;
+    if formatted {
+        info!(device, shards, "device formatted");
+    }
+    Ok(DevicePlan::Shared {
+        uri: format!("uring://{device}"),
+    })
+}
+
+/// Gathers every shard's report: this shard's directly, the others' through the mesh.
+async fn gather_reports<B: crate::storage::bdev::Bdev + 'static>(
+    server: &ShardServer<B>,
+    mesh: &crate::shard::Mesh<ShardMessage>,
+) -> Vec<ShardReport> {
+    let mut reports = vec![ShardReport {
+        metrics: server.metrics_snapshot(),
+        status: server.status_json(),
+    }];
+    for shard in (0..mesh.shard_count()).filter(|&s| s != mesh.me().0) {
+        let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
+        if mesh
+            .send(crate::shard::ShardId(shard), ShardMessage::Scrape(sender))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let receiver = receiver.connect().await;
+        let report = futures_lite::future::or(receiver.recv(), async {
+            glommio::timer::sleep(SCRAPE_TIMEOUT).await;
+            None
+        })
+        .await;
+        reports.extend(report);
+    }
+    reports
+}
+
+fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
+    node: u64,
+    server: Rc<ShardServer<B>>,
+    mesh: Rc<crate::shard::Mesh<ShardMessage>>,
+) -> crate::metrics::http::Pages {
+    let (metrics_server, metrics_mesh) = (Rc::clone(&server), Rc::clone(&mesh));
+    crate::metrics::http::Pages {
+        metrics: Box::new(move || {
+            let (server, mesh) = (Rc::clone(&metrics_server), Rc::clone(&metrics_mesh));
+            Box::pin(async move {
+                let mut merged = crate::metrics::Snapshot::default();
+                for report in gather_reports(&server, &mesh).await {
+                    merged.merge(report.metrics);
+                }
+                merged.render()
+            })
+        }),
+        status: Box::new(move || {
+            let (server, mesh) = (Rc::clone(&server), Rc::clone(&mesh));
+            Box::pin(async move {
+                let reports = gather_reports(&server, &mesh).await;
+                let shards = reports.len();
+                let copysets: Vec<serde_json::Value> =
+                    reports.into_iter().flat_map(|r| r.status).collect();
+                serde_json::json!({"node": node, "shards": shards, "copysets": copysets})
+                    .to_string()
+            })
+        }),
+    }
+}
+
+/// Runs the node until `shutdown` is raised; returns once every shard has stopped.
+pub fn run_node(
+    config: &Config,
+    cores: &[u32],
+    shutdown: &ShutdownSignal,
+) -> Result<(), NodeError> {
+    let shards = cores.len() as u32;
+    let device = config
+        .devices
+        .first()
+        .ok_or_else(|| NodeError::Config("no device configured".into()))?;
+    if config.devices.len() > 1 {
+        return Err(NodeError::Config(
+            "more than one device per process is not supported yet; list one [[devices]]".into(),
+        ));
+    }
+    let plan = match device.backend {
+        Backend::Mem => {
+            let size = device.size.map(|s| s.bytes()).unwrap_or(0);
+            let page = config.storage.page_size.bytes();
+            DevicePlan::PerShardMemory {
+                size: (size / u64::from(shards)) / page * page,
+            }
+        }
+        Backend::Uring => {
+            let path = config
+                .device_path(device)
+                .ok_or_else(|| NodeError::Config("the uring device needs a path".into()))?;
+            prepare_shared_device(config, path, shards)?
+        }
+        Backend::Spdk => {
+            return Err(NodeError::Config(
+                "the spdk backend is not built into this binary".into(),
+            ))
+        }
+    };
+    let cluster = cluster_view(config, shards);
+    let tick = Duration::from_millis(config.raft.tick_ms);
+    let timings = RaftTimings {
+        tick,
+        election_ticks: (config.raft.election_timeout_ms / config.raft.tick_ms).max(2) as u32,
+        heartbeat_ticks: (config.raft.heartbeat_interval_ms / config.raft.tick_ms).max(1) as u32,
+    };
+    let node = u64::from(config.node.id);
+    let storage = config.storage.clone();
+    let peer_endpoint = config.listen.peer;
+    let client_endpoints = config.listen.client.clone();
+    let stop_all = shutdown.clone();
+    let metrics_address = config.metrics.address;
+
+    let results = start_shards(
+        cores,
+        64,
+        shutdown,
+        move |mut ctx: ShardContext<ShardMessage>| {
+            let plan = plan.clone();
+            let cluster = cluster.clone();
+            let storage = storage.clone();
+            let client_endpoints = client_endpoints.clone();
+            let stop_all = stop_all.clone();
+            async move {
+                let shard = ctx.shard.0;
+                let result = async {
+                    let (uri, device_shard, fresh_memory) = match &plan {
+                        DevicePlan::Shared { uri } => (uri.clone(), shard, false),
+                        DevicePlan::PerShardMemory { size } => {
+                            (format!("mem://?size={size}"), 0, true)
+                        }
+                    };
+                    let bdev = bdev::open(&uri, POOL_BYTES)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if fresh_memory {
+                        let options = FormatOptions {
+                            device_is_zeroed: true,
+                            ..FormatOptions::from_config(&storage, 1)
+                        };
+                        format(&bdev, &options, device_uuid(node ^ u64::from(shard)))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let capacity = bdev.capacity();
+                    let (engine, recovery) =
+                        ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    info!(
+                        node,
+                        shard,
+                        capacity,
+                        copysets = recovery.copysets.len(),
+                        wal_records = recovery.wal_records,
+                        "shard engine open"
+                    );
+                    let server =
+                        ShardServer::new(node, shard, Rc::new(engine), &recovery, cluster, timings)
+                            .map_err(|e| e.to_string())?;
+                    let net = NetContext::default();
+                    let peer = Listener::bind_shard(&peer_endpoint, shard, &net)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut clients = Vec::new();
+                    for endpoint in &client_endpoints {
+                        clients.push(
+                            Listener::bind_shard(endpoint, shard, &net)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    // Answer other shards' scrapes.
+                    for (_, receiver) in ctx.mesh.take_receivers() {
+                        let server = Rc::clone(&server);
+                        glommio::spawn_local(async move {
+                            while let Some(ShardMessage::Scrape(reply)) = receiver.recv().await {
+                                let reply = reply.connect().await;
+                                let report = ShardReport {
+                                    metrics: server.metrics_snapshot(),
+                                    status: server.status_json(),
+                                };
+                                // The scraper may have given up; nothing to do then.
+                                let _ = reply.send(report).await;
+                            }
+                        })
+                        .detach();
+                    }
+                    let mesh = Rc::new(ctx.mesh);
+                    if let (0, Some(address)) = (shard, metrics_address) {
+                        let listener = crate::metrics::http::bind(address)
+                            .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
+                        let pages = metrics_pages(node, Rc::clone(&server), Rc::clone(&mesh));
+                        let stop = ctx.shutdown.clone();
+                        glommio::spawn_local(crate::metrics::http::serve(
+                            listener,
+                            Rc::new(pages),
+                            stop,
+                        ))
+                        .detach();
+                        info!(node, %address, "metrics endpoint serving /metrics and /status");
+                    }
+                    info!(node, shard, core = ctx.core, "shard serving");
+                    server.run(peer, clients, ctx.shutdown.clone()).await;
+                    Ok::<(), String>(())
+                }
+                .await;
+                if result.is_err() {
+                    // One shard that cannot run takes the node down rather than serving partly.
+                    stop_all.raise();
+                }
+                result.map_err(|reason| NodeError::Shard { shard, reason })
+            }
+        },
+    )?;
+    results.into_iter().collect()
+}

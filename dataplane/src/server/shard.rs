@@ -1,0 +1,797 @@
+//! One shard of a running chunkserver: its storage engine, its copysets, its listeners and its
+//! connections to the shards of other nodes. Everything here runs on the shard's executor; the
+//! copysets' logic lives in [`CopysetCore`], and this module is the shell that carries out its
+//! commands — WAL appends and syncs, chunk applies, raft messages, client answers.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use raftcore::{
+    ConfState, Config as RaftConfig, HardState, LogIndex, NodeId, RawNode, Snapshot, SnapshotMeta,
+    StateRole, Term,
+};
+use tracing::{debug, error, info, warn};
+
+use super::wire::{self, CopysetStatus, CreateCopyset, RaftBatch, ReadChunk, Status};
+use crate::config::Endpoint;
+use crate::copyset::{Action, ChunkOp, CopysetCore, Refusal, Token};
+use crate::ids::{ChunkId, CopysetId};
+use crate::net::queue::{oneshot, Notify, OneshotSender};
+use crate::net::{Backoff, Connection, Incoming, Listener, Message, NetContext, PeerConnection};
+use crate::shard::ShutdownSignal;
+use crate::storage::bdev::Bdev;
+use crate::storage::engine::{CopysetStorage, Recovery, ShardEngine};
+use crate::storage::StorageError;
+
+/// Where copysets live: the same rule on every node, so a sender knows the destination shard
+/// from the copyset id and the destination's shard count alone.
+pub fn shard_of(copyset: CopysetId, shard_count: u32) -> u32 {
+    // splitmix64: a fixed, well-mixed hash (the standard library's hasher may change).
+    let mut x = copyset.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x % u64::from(shard_count.max(1))) as u32
+}
+
+/// What a shard knows of the cluster: every node's peer listener and shard count.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Node id → (peer endpoint, shard count).
+    pub nodes: HashMap<u64, (Endpoint, u32)>,
+}
+
+impl ClusterView {
+    /// The peer endpoint of the shard of `node` that owns `copyset`.
+    pub fn peer_shard(&self, node: u64, copyset: CopysetId) -> Option<(Endpoint, u32)> {
+        let (endpoint, shards) = self.nodes.get(&node)?;
+        let shard = shard_of(copyset, *shards);
+        let addr = endpoint.for_shard(shard)?;
+        Some((
+            Endpoint {
+                transport: endpoint.transport,
+                addr,
+            },
+            shard,
+        ))
+    }
+}
+
+/// Raft timings in ticks, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTimings {
+    /// Length of a tick.
+    pub tick: Duration,
+    /// Election timeout in ticks.
+    pub election_ticks: u32,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: u32,
+}
+
+type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
+
+/// A destination shard: (node, shard).
+type Destination = (u64, u32);
+/// Encoded raft messages, each with its copyset.
+type RaftMessages = Vec<(u64, Bytes)>;
+
+/// One shard's server state.
+pub struct ShardServer<B: Bdev + 'static> {
+    node: u64,
+    shard: u32,
+    engine: Rc<ShardEngine<B>>,
+    cluster: ClusterView,
+    timings: RaftTimings,
+    net: NetContext,
+    copysets: RefCell<HashMap<CopysetId, CopysetCell<B>>>,
+    /// Clients waiting for a copyset's answer.
+    waiters: RefCell<HashMap<Token, OneshotSender<(Status, Bytes)>>>,
+    /// Reads waiting for their read index, by token.
+    reads: RefCell<HashMap<Token, (CopysetId, ReadChunk)>>,
+    next_token: Cell<Token>,
+    /// Raft messages to send, per destination (node, shard), flushed as one frame each.
+    outbox: RefCell<HashMap<Destination, RaftMessages>>,
+    outbox_ready: Notify,
+    peers: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
+    /// Seeds the copysets' election randomness.
+    seed: u64,
+    /// This shard's metrics: plain cells, touched only by this shard.
+    metrics: crate::metrics::Registry,
+}
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    /// A shard server over an opened engine; `recovery` brings back its copysets.
+    pub fn new(
+        node: u64,
+        shard: u32,
+        engine: Rc<ShardEngine<B>>,
+        recovery: &Recovery,
+        cluster: ClusterView,
+        timings: RaftTimings,
+    ) -> Result<Rc<ShardServer<B>>, StorageError> {
+        let server = Rc::new(ShardServer {
+            node,
+            shard,
+            engine,
+            cluster,
+            timings,
+            net: NetContext::default(),
+            copysets: RefCell::new(HashMap::new()),
+            waiters: RefCell::new(HashMap::new()),
+            reads: RefCell::new(HashMap::new()),
+            next_token: Cell::new(1),
+            outbox: RefCell::new(HashMap::new()),
+            outbox_ready: Notify::new(),
+            peers: RefCell::new(HashMap::new()),
+            seed: node << 32 | u64::from(shard),
+            metrics: crate::metrics::Registry::new(&[
+                ("node", &node.to_string()),
+                ("shard", &shard.to_string()),
+            ]),
+        });
+        for recovered in &recovery.copysets {
+            server.open_copyset(recovered.copyset, recovered.applied)?;
+            info!(node, shard, copyset = %recovered.copyset, applied = %recovered.applied,
+                "copyset recovered");
+        }
+        Ok(server)
+    }
+
+    fn open_copyset(&self, copyset: CopysetId, applied: LogIndex) -> Result<(), StorageError> {
+        let mut config = RaftConfig::new(NodeId(self.node));
+        config.election_tick = self.timings.election_ticks;
+        config.heartbeat_tick = self.timings.heartbeat_ticks;
+        config.applied = applied;
+        config.rng_seed = self.seed ^ copyset.0.rotate_left(17);
+        let storage = self.engine.log_storage(copyset);
+        let node = RawNode::new(config, storage)
+            .map_err(|e| StorageError::Copyset(copyset.0, e.to_string()))?;
+        let core = CopysetCore::new(copyset, node, applied);
+        self.copysets
+            .borrow_mut()
+            .insert(copyset, Rc::new(RefCell::new(core)));
+        Ok(())
+    }
+
+    /// Runs the shard's tasks until `shutdown`: the raft clock, the outbox flusher, the
+    /// checkpointer, and the listeners' accept loops.
+    pub async fn run(
+        self: Rc<Self>,
+        peer_listener: Listener,
+        client_listeners: Vec<Listener>,
+        shutdown: ShutdownSignal,
+    ) {
+        let mut tasks = Vec::new();
+        let server = Rc::clone(&self);
+        tasks.push(glommio::spawn_local(async move { server.tick_loop().await }).detach());
+        let server = Rc::clone(&self);
+        tasks.push(glommio::spawn_local(async move { server.flush_loop().await }).detach());
+        let server = Rc::clone(&self);
+        tasks.push(glommio::spawn_local(async move { server.checkpoint_loop().await }).detach());
+        for listener in std::iter::once(peer_listener).chain(client_listeners) {
+            let server = Rc::clone(&self);
+            tasks.push(
+                glommio::spawn_local(async move { server.accept_loop(listener).await }).detach(),
+            );
+        }
+        shutdown.raised().await;
+        for task in tasks {
+            task.cancel();
+        }
+        // Make what was acknowledged durable before the shard goes.
+        let wal = self.engine.wal();
+        if let Err(error) = wal.sync(wal.appended()).await {
+            warn!(node = self.node, shard = self.shard, %error, "final WAL sync failed");
+        }
+        info!(node = self.node, shard = self.shard, "shard stopped");
+    }
+
+    async fn tick_loop(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(self.timings.tick).await;
+            let copysets: Vec<(CopysetId, CopysetCell<B>)> = self
+                .copysets
+                .borrow()
+                .iter()
+                .map(|(id, c)| (*id, Rc::clone(c)))
+                .collect();
+            for (id, core) in copysets {
+                core.borrow_mut().tick();
+                self.drive(id, &core);
+            }
+        }
+    }
+
+    async fn checkpoint_loop(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            if let Err(error) = self.engine.maybe_checkpoint().await {
+                error!(node = self.node, shard = self.shard, %error, "checkpoint failed");
+            }
+        }
+    }
+
+    async fn flush_loop(self: Rc<Self>) {
+        loop {
+            self.outbox_ready.notified().await;
+            let batches: Vec<(Destination, RaftMessages)> =
+                self.outbox.borrow_mut().drain().collect();
+            for ((node, shard), messages) in batches {
+                let Some(peer) = self.peer(node, shard) else {
+                    warn!(node, shard, "no address for raft peer; messages dropped");
+                    continue;
+                };
+                // One frame per destination per flush; raft retries whatever is lost.
+                let copyset = messages.first().map(|(c, _)| *c).unwrap_or(0);
+                let frame = RaftBatch { messages }.encode();
+                glommio::spawn_local(async move {
+                    if let Err(error) = peer.send(Message::new(wire::RAFT, copyset, frame)).await {
+                        debug!(%error, "raft batch not sent");
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
+    fn peer(&self, node: u64, shard: u32) -> Option<Rc<PeerConnection>> {
+        if let Some(peer) = self.peers.borrow().get(&(node, shard)) {
+            return Some(Rc::clone(peer));
+        }
+        let (endpoint, shards) = self.cluster.nodes.get(&node)?;
+        let addr = endpoint.for_shard(shard.min(shards.saturating_sub(1)))?;
+        let endpoint = Endpoint {
+            transport: endpoint.transport,
+            addr,
+        };
+        let backoff = Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            attempts_max: 1,
+        };
+        let peer = Rc::new(PeerConnection::new(endpoint, self.net.clone(), backoff));
+        self.peers
+            .borrow_mut()
+            .insert((node, shard), Rc::clone(&peer));
+        Some(peer)
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: Listener) {
+        loop {
+            match listener.accept().await {
+                Ok(connection) => {
+                    let server = Rc::clone(&self);
+                    glommio::spawn_local(async move { server.serve_connection(connection).await })
+                        .detach();
+                }
+                Err(error) => {
+                    warn!(node = self.node, shard = self.shard, %error, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(self: Rc<Self>, connection: Connection) {
+        while let Some(incoming) = connection.next_incoming().await {
+            let server = Rc::clone(&self);
+            glommio::spawn_local(async move { server.serve_request(incoming).await }).detach();
+        }
+        if let Some(reason) = connection.closed_reason() {
+            debug!(connection = connection.label(), %reason, "connection closed");
+        }
+    }
+
+    async fn serve_request(self: Rc<Self>, incoming: Incoming) {
+        let opcode = incoming.message.opcode;
+        let copyset = CopysetId(incoming.message.copyset);
+        let payload = incoming.message.payload.clone();
+        if opcode == wire::RAFT {
+            self.receive_raft(&payload);
+            return;
+        }
+        let began = std::time::Instant::now();
+        let request_bytes = payload.len() as u64;
+        let (status, body) = self.handle(opcode, copyset, payload).await;
+        self.count_request(
+            opcode,
+            &status,
+            request_bytes + body.len() as u64,
+            began.elapsed(),
+        );
+        if incoming.expects_response() {
+            let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &body));
+            if let Err(error) = incoming.respond(response).await {
+                debug!(%error, "response not sent");
+            }
+        }
+    }
+
+    fn count_request(
+        &self,
+        opcode: crate::net::Opcode,
+        status: &Status,
+        bytes: u64,
+        latency: Duration,
+    ) {
+        let op = wire::opcode_name(opcode);
+        let result = status.name();
+        self.metrics
+            .counter(
+                "chunkserver_requests_total",
+                "Client requests answered, by operation and result.",
+                &[("op", op), ("result", result)],
+            )
+            .inc();
+        self.metrics
+            .counter(
+                "chunkserver_request_bytes_total",
+                "Request and response payload bytes.",
+                &[("op", op)],
+            )
+            .add(bytes);
+        self.metrics
+            .latency(
+                "chunkserver_request_seconds",
+                "Time from a request's arrival to its answer.",
+                &[("op", op)],
+            )
+            .record(latency);
+    }
+
+    /// This shard's metrics, with the gauges read now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let copysets = self.copysets.borrow();
+        let leaders = copysets
+            .values()
+            .filter(|c| c.borrow().role() == StateRole::Leader)
+            .count();
+        self.metrics
+            .gauge("chunkserver_copysets", "Copysets on the shard.", &[])
+            .set(copysets.len() as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_copysets_leading",
+                "Copysets this shard leads.",
+                &[],
+            )
+            .set(leaders as i64);
+        let wal = self.engine.wal().stats();
+        self.metrics
+            .gauge(
+                "chunkserver_wal_batches",
+                "WAL batches written (one write and one flush each).",
+                &[],
+            )
+            .set(wal.batches as i64);
+        self.metrics
+            .gauge("chunkserver_wal_records", "WAL records appended.", &[])
+            .set(wal.records as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_wal_bytes",
+                "Bytes written to the WAL ring.",
+                &[],
+            )
+            .set(wal.bytes as i64);
+        self.metrics.snapshot()
+    }
+
+    /// The copysets' raft state, for `/status`.
+    pub fn status_json(&self) -> Vec<serde_json::Value> {
+        let copysets = self.copysets.borrow();
+        let mut ids: Vec<&CopysetId> = copysets.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|id| {
+                let core = copysets.get(id)?.borrow();
+                let raft = core.node().raft();
+                Some(serde_json::json!({
+                    "copyset": id.0,
+                    "shard": self.shard,
+                    "role": format!("{:?}", core.role()).to_lowercase(),
+                    "leader": core.leader().map_or(0, |l| l.0),
+                    "term": raft.term.0,
+                    "commit": raft.log.committed.0,
+                    "applied": core.applied().0,
+                }))
+            })
+            .collect()
+    }
+
+    fn receive_raft(self: &Rc<Self>, payload: &Bytes) {
+        let batch = match RaftBatch::decode(payload) {
+            Ok(batch) => batch,
+            Err(error) => {
+                warn!(node = self.node, shard = self.shard, %error, "bad raft batch dropped");
+                return;
+            }
+        };
+        for (copyset, bytes) in batch.messages {
+            let copyset = CopysetId(copyset);
+            let message = match raftcore::decode(bytes) {
+                Ok(message) => message,
+                Err(error) => {
+                    warn!(%copyset, %error, "undecodable raft message dropped");
+                    continue;
+                }
+            };
+            let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                debug!(%copyset, "raft message for a copyset this shard does not have");
+                continue;
+            };
+            if let Err(error) = core.borrow_mut().step(message) {
+                debug!(%copyset, %error, "raft message refused");
+            }
+            self.drive(copyset, &core);
+        }
+    }
+
+    async fn handle(
+        self: &Rc<Self>,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        match opcode {
+            wire::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
+                Ok(request) => (
+                    self.create_copyset(copyset, &request.peers).await,
+                    Bytes::new(),
+                ),
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
+            wire::TRANSFER_LEADER => {
+                let Ok(target) = <[u8; 8]>::try_from(&payload[..]) else {
+                    return (
+                        Status::Invalid("the body is a node id".into()),
+                        Bytes::new(),
+                    );
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let result = core
+                    .borrow_mut()
+                    .transfer_leader(NodeId(u64::from_le_bytes(target)));
+                self.drive(copyset, &core);
+                match result {
+                    Ok(()) => (Status::Ok, Bytes::new()),
+                    Err(raftcore::RaftError::NotLeader { leader }) => (
+                        Status::Redirect {
+                            leader: leader.map_or(0, |l| l.0),
+                        },
+                        Bytes::new(),
+                    ),
+                    Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+                }
+            }
+            wire::LIST_COPYSETS => {
+                let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
+                ids.sort_unstable();
+                (Status::Ok, wire::encode_copyset_list(&ids))
+            }
+            wire::COPYSET_STATUS => {
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let core = core.borrow();
+                let raft = core.node().raft();
+                let status = CopysetStatus {
+                    role: match core.role() {
+                        StateRole::Follower => 0,
+                        StateRole::PreCandidate => 1,
+                        StateRole::Candidate => 2,
+                        StateRole::Leader => 3,
+                    },
+                    leader: core.leader().map_or(0, |l| l.0),
+                    term: raft.term.0,
+                    commit: raft.log.committed.0,
+                    applied: core.applied().0,
+                };
+                (Status::Ok, status.encode())
+            }
+            wire::WRITE_CHUNK | wire::DELETE_CHUNK => {
+                let expected_write = opcode == wire::WRITE_CHUNK;
+                match ChunkOp::decode(&payload) {
+                    Ok(ChunkOp::Write { .. }) if expected_write => {}
+                    Ok(ChunkOp::Delete { .. }) if !expected_write => {}
+                    Ok(_) => {
+                        return (
+                            Status::Invalid("operation does not match opcode".into()),
+                            Bytes::new(),
+                        )
+                    }
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                }
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let (token, answer) = self.wait_token();
+                core.borrow_mut().propose(payload, token);
+                self.drive(copyset, &core);
+                answer.await
+            }
+            wire::READ_CHUNK => {
+                let request = match ReadChunk::decode(&payload) {
+                    Ok(request) => request,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let (token, answer) = self.wait_token();
+                self.reads.borrow_mut().insert(token, (copyset, request));
+                core.borrow_mut().read(token);
+                self.drive(copyset, &core);
+                answer.await
+            }
+            wire::GET_CHUNK_INFO => {
+                if payload.len() != 8 {
+                    return (
+                        Status::Invalid("chunk info body is a chunk id".into()),
+                        Bytes::new(),
+                    );
+                }
+                let mut word = [0u8; 8];
+                word.copy_from_slice(&payload);
+                match self.engine.chunk_info(ChunkId(u64::from_le_bytes(word))) {
+                    Ok(info) => {
+                        let mut body = Vec::with_capacity(33);
+                        body.extend_from_slice(&info.size.to_le_bytes());
+                        body.extend_from_slice(&info.sn.to_le_bytes());
+                        body.push(u8::from(info.snapshot_sn.is_some()));
+                        body.extend_from_slice(&info.snapshot_sn.unwrap_or(0).to_le_bytes());
+                        body.extend_from_slice(&info.corrected_sn.to_le_bytes());
+                        (Status::Ok, Bytes::from(body))
+                    }
+                    Err(error) => (status_of_storage(&error), Bytes::new()),
+                }
+            }
+            other => (
+                Status::Invalid(format!("unknown opcode {}", other.0)),
+                Bytes::new(),
+            ),
+        }
+    }
+
+    fn wait_token(&self) -> (Token, impl std::future::Future<Output = (Status, Bytes)>) {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let (sender, receiver) = oneshot();
+        self.waiters.borrow_mut().insert(token, sender);
+        (token, async move {
+            receiver.await.unwrap_or((
+                Status::Retry("the shard dropped the request".into()),
+                Bytes::new(),
+            ))
+        })
+    }
+
+    fn answer(&self, token: Token, status: Status, body: Bytes) {
+        if let Some(sender) = self.waiters.borrow_mut().remove(&token) {
+            sender.send((status, body));
+        }
+    }
+
+    /// Creates a copyset with `peers` as its first voters: a bootstrap snapshot (index 1,
+    /// term 1) and hard state in the WAL, made durable before the copyset starts.
+    async fn create_copyset(&self, copyset: CopysetId, peers: &[NodeId]) -> Status {
+        if !peers.contains(&NodeId(self.node)) {
+            return Status::Invalid(format!(
+                "the peers do not include this node ({})",
+                self.node
+            ));
+        }
+        if self.copysets.borrow().contains_key(&copyset) {
+            return Status::Ok;
+        }
+        let conf_state = ConfState {
+            voters: peers.iter().copied().collect(),
+            ..ConfState::default()
+        };
+        let meta = SnapshotMeta {
+            index: LogIndex(1),
+            term: Term(1),
+            conf_state,
+        };
+        let wal = self.engine.wal();
+        let written = wal
+            .install_snapshot(
+                copyset,
+                Snapshot {
+                    meta,
+                    data: Bytes::new(),
+                },
+            )
+            .and_then(|_| {
+                wal.set_hard_state(
+                    copyset,
+                    HardState {
+                        term: Term(1),
+                        vote: None,
+                        commit: LogIndex(1),
+                    },
+                )
+            });
+        let lsn = match written {
+            Ok(lsn) => lsn,
+            Err(error) => return status_of_storage(&error),
+        };
+        if let Err(error) = wal.sync(lsn).await {
+            return status_of_storage(&error);
+        }
+        // Another request may have created it while the WAL synced.
+        if self.copysets.borrow().contains_key(&copyset) {
+            return Status::Ok;
+        }
+        match self.open_copyset(copyset, LogIndex(1)) {
+            Ok(()) => {
+                info!(node = self.node, shard = self.shard, %copyset, ?peers, "copyset created");
+                Status::Ok
+            }
+            Err(error) => status_of_storage(&error),
+        }
+    }
+
+    /// Carries out every command the copyset has.
+    fn drive(self: &Rc<Self>, copyset: CopysetId, core: &CopysetCell<B>) {
+        loop {
+            let action = core.borrow_mut().next_action();
+            let Some(action) = action else { return };
+            match action {
+                Action::Send(message) => {
+                    let to = message.to.0;
+                    let Some((_, shard)) = self.cluster.peer_shard(to, copyset) else {
+                        debug!(%copyset, to, "raft message to an unknown node dropped");
+                        continue;
+                    };
+                    let bytes = raftcore::encode_to_bytes(&message);
+                    self.outbox
+                        .borrow_mut()
+                        .entry((to, shard))
+                        .or_default()
+                        .push((copyset.0, bytes));
+                    self.outbox_ready.notify();
+                }
+                Action::Persist {
+                    number,
+                    snapshot,
+                    entries,
+                    hard_state,
+                } => {
+                    if snapshot.is_some() {
+                        error!(%copyset, "snapshot install is not supported yet; copyset stalls");
+                        continue;
+                    }
+                    let wal = self.engine.wal();
+                    let mut lsn = wal.appended();
+                    let mut written = wal.append_entries(copyset, &entries).map(|end| lsn = end);
+                    if let (Ok(()), Some(hard_state)) = (&written, hard_state) {
+                        written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
+                    }
+                    if let Err(error) = written {
+                        error!(%copyset, %error, "WAL append failed; copyset stalls");
+                        continue;
+                    }
+                    let engine = Rc::clone(&self.engine);
+                    let core = Rc::clone(core);
+                    let server = Rc::clone(self);
+                    glommio::spawn_local(async move {
+                        match engine.wal().sync(lsn).await {
+                            Ok(()) => {
+                                core.borrow_mut().on_persisted(number);
+                                server.drive(copyset, &core);
+                            }
+                            Err(error) => {
+                                error!(%copyset, %error, "WAL sync failed; copyset stalls")
+                            }
+                        }
+                    })
+                    .detach();
+                }
+                Action::Apply { index, op, token } => {
+                    let engine = Rc::clone(&self.engine);
+                    let core = Rc::clone(core);
+                    let server = Rc::clone(self);
+                    glommio::spawn_local(async move {
+                        let chunk = op.chunk();
+                        let result = match op {
+                            ChunkOp::Write {
+                                chunk,
+                                sn,
+                                offset,
+                                data,
+                            } => {
+                                engine
+                                    .write_chunk_bytes(chunk, u64::from(offset), data, sn, index)
+                                    .await
+                            }
+                            ChunkOp::Delete { chunk, .. } => {
+                                engine.delete_chunk(chunk, index).await
+                            }
+                            ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+                                engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
+                            }
+                        };
+                        let status = match &result {
+                            Ok(()) => Status::Ok,
+                            Err(error) => status_of_storage(error),
+                        };
+                        if let Status::Io(reason) = &status {
+                            // The device failed: the entry is not applied, so the copyset
+                            // must not move past it.
+                            error!(%copyset, %index, %reason, "apply failed; copyset stalls");
+                        } else {
+                            core.borrow_mut().on_applied(index, chunk);
+                            let applied = core.borrow().applied();
+                            engine.set_applied(copyset, applied);
+                        }
+                        if let Some(token) = token {
+                            server.answer(token, status, Bytes::new());
+                        }
+                        server.drive(copyset, &core);
+                    })
+                    .detach();
+                }
+                Action::Refuse { token, refusal } => {
+                    self.reads.borrow_mut().remove(&token);
+                    let status = match refusal {
+                        Refusal::NotLeader { leader } => Status::Redirect {
+                            leader: leader.map_or(0, |l| l.0),
+                        },
+                        Refusal::Dropped => {
+                            Status::Retry("replaced by a new leader's entry".into())
+                        }
+                        Refusal::Invalid(reason) => Status::Invalid(reason),
+                    };
+                    self.answer(token, status, Bytes::new());
+                }
+                Action::Read { token } => {
+                    let Some((_, request)) = self.reads.borrow_mut().remove(&token) else {
+                        continue;
+                    };
+                    let engine = Rc::clone(&self.engine);
+                    let server = Rc::clone(self);
+                    glommio::spawn_local(async move {
+                        let result = engine
+                            .read_chunk(request.chunk, request.offset, u64::from(request.len))
+                            .await;
+                        match result {
+                            Ok(buffer) => {
+                                let data = Bytes::copy_from_slice(buffer.as_slice());
+                                server.answer(token, Status::Ok, data);
+                            }
+                            // A chunk never written reads as zeroes, like a fresh device.
+                            Err(StorageError::ChunkNotFound(_)) => {
+                                let zeroes = Bytes::from(vec![0u8; request.len as usize]);
+                                server.answer(token, Status::Ok, zeroes);
+                            }
+                            Err(error) => {
+                                server.answer(token, status_of_storage(&error), Bytes::new())
+                            }
+                        }
+                    })
+                    .detach();
+                }
+                Action::RoleChanged { role, leader } => {
+                    info!(node = self.node, %copyset, ?role, leader = leader.map(|l| l.0), "role changed");
+                }
+            }
+        }
+    }
+}
+
+fn status_of_storage(error: &StorageError) -> Status {
+    match error {
+        StorageError::ChunkNotFound(_) => Status::ChunkNotFound,
+        StorageError::BackwardRequest { .. } => Status::BackwardSn,
+        StorageError::Unaligned { .. } | StorageError::OutOfRange { .. } => {
+            Status::Invalid(error.to_string())
+        }
+        other => Status::Io(other.to_string()),
+    }
+}

@@ -1,0 +1,500 @@
+//! The chunk and copyset services on the frame protocol: opcodes, request bodies and the
+//! response envelope. The frame header carries the copyset id; bodies are little-endian with
+//! explicit sizes, and every decoder rejects malformed input with an error.
+//!
+//! A mutating chunk request's body is a [`ChunkOp`] encoding, so the received buffer is the
+//! raft entry as it is.
+//!
+//! [`ChunkOp`]: crate::copyset::ChunkOp
+
+use bytes::{BufMut, Bytes, BytesMut};
+use raftcore::NodeId;
+
+use crate::ids::ChunkId;
+use crate::net::Opcode;
+
+/// Raft messages between shards: one-way, many per frame (see [`RaftBatch`]).
+pub const RAFT: Opcode = Opcode(16);
+/// Write part of a chunk (body: `ChunkOp::Write`).
+pub const WRITE_CHUNK: Opcode = Opcode(17);
+/// Read part of a chunk (body: [`ReadChunk`]).
+pub const READ_CHUNK: Opcode = Opcode(18);
+/// Delete a chunk (body: `ChunkOp::Delete`).
+pub const DELETE_CHUNK: Opcode = Opcode(19);
+/// A chunk's sizes and sequence numbers (body: chunk id u64).
+pub const GET_CHUNK_INFO: Opcode = Opcode(20);
+/// Create a copyset with its initial peers (body: [`CreateCopyset`]).
+pub const CREATE_COPYSET: Opcode = Opcode(32);
+/// A copyset's raft status (empty body).
+pub const COPYSET_STATUS: Opcode = Opcode(33);
+/// The copysets of the shard that receives it (empty body; answer: count u32, ids u64).
+pub const LIST_COPYSETS: Opcode = Opcode(34);
+/// Ask the leader to hand leadership to a voter (body: node id u64).
+pub const TRANSFER_LEADER: Opcode = Opcode(35);
+
+/// Encodes a list of copyset ids: count u32, then each id u64.
+pub fn encode_copyset_list(ids: &[u64]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + 8 * ids.len());
+    out.put_u32_le(ids.len() as u32);
+    for id in ids {
+        out.put_u64_le(*id);
+    }
+    out.freeze()
+}
+
+/// Decodes a list of copyset ids.
+pub fn decode_copyset_list(bytes: &[u8]) -> Result<Vec<u64>, WireError> {
+    let mut reader = Reader::new(bytes, "copyset list");
+    let count = reader.u32()? as usize;
+    if count > bytes.len() / 8 {
+        return Err(WireError {
+            what: "copyset list",
+            why: "count exceeds the body",
+        });
+    }
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(reader.u64()?);
+    }
+    reader.finish()?;
+    Ok(ids)
+}
+
+/// A short name of a service opcode, for metrics and logs.
+pub fn opcode_name(opcode: Opcode) -> &'static str {
+    match opcode {
+        RAFT => "raft",
+        WRITE_CHUNK => "write",
+        READ_CHUNK => "read",
+        DELETE_CHUNK => "delete",
+        GET_CHUNK_INFO => "chunk_info",
+        CREATE_COPYSET => "create_copyset",
+        COPYSET_STATUS => "copyset_status",
+        LIST_COPYSETS => "list_copysets",
+        TRANSFER_LEADER => "transfer_leader",
+        _ => "unknown",
+    }
+}
+
+/// Why a body is not what its opcode needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {what}: {why}")]
+pub struct WireError {
+    /// Which message.
+    pub what: &'static str,
+    /// What is wrong.
+    pub why: &'static str,
+}
+
+/// A little-endian reader that fails instead of panicking.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Reader<'a> {
+        Reader { bytes, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < n {
+            return Err(WireError {
+                what: self.what,
+                why: "too short",
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let b = self.take(8)?;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(b);
+        Ok(u64::from_le_bytes(word))
+    }
+
+    fn finish(self) -> Result<(), WireError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError {
+                what: self.what,
+                why: "trailing bytes",
+            })
+        }
+    }
+}
+
+/// Raft messages for copysets on one destination shard, coalesced into one frame per flush.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftBatch {
+    /// (copyset, encoded raftcore message).
+    pub messages: Vec<(u64, Bytes)>,
+}
+
+/// The most messages one batch may carry.
+pub const MAX_RAFT_BATCH: usize = 4096;
+
+impl RaftBatch {
+    /// Encodes: count u32, then per message copyset u64, length u32, bytes.
+    pub fn encode(&self) -> Bytes {
+        let len: usize = self.messages.iter().map(|(_, m)| 12 + m.len()).sum();
+        let mut out = BytesMut::with_capacity(4 + len);
+        out.put_u32_le(self.messages.len() as u32);
+        for (copyset, message) in &self.messages {
+            out.put_u64_le(*copyset);
+            out.put_u32_le(message.len() as u32);
+            out.put_slice(message);
+        }
+        out.freeze()
+    }
+
+    /// Decodes; each message is a slice of `bytes`.
+    pub fn decode(bytes: &Bytes) -> Result<RaftBatch, WireError> {
+        let mut reader = Reader::new(bytes, "raft batch");
+        let count = reader.u32()? as usize;
+        if count > MAX_RAFT_BATCH {
+            return Err(WireError {
+                what: "raft batch",
+                why: "too many messages",
+            });
+        }
+        let mut messages = Vec::with_capacity(count);
+        for _ in 0..count {
+            let copyset = reader.u64()?;
+            let len = reader.u32()? as usize;
+            let start = bytes.len() - reader.bytes.len();
+            reader.take(len)?;
+            messages.push((copyset, bytes.slice(start..start + len)));
+        }
+        reader.finish()?;
+        Ok(RaftBatch { messages })
+    }
+}
+
+/// A read of `len` bytes at `offset` of `chunk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadChunk {
+    /// The chunk.
+    pub chunk: ChunkId,
+    /// Byte offset in the chunk.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: u32,
+}
+
+impl ReadChunk {
+    /// Encodes: chunk u64, offset u64, len u32.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(20);
+        out.put_u64_le(self.chunk.0);
+        out.put_u64_le(self.offset);
+        out.put_u32_le(self.len);
+        out.freeze()
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<ReadChunk, WireError> {
+        let mut reader = Reader::new(bytes, "read request");
+        let request = ReadChunk {
+            chunk: ChunkId(reader.u64()?),
+            offset: reader.u64()?,
+            len: reader.u32()?,
+        };
+        reader.finish()?;
+        Ok(request)
+    }
+}
+
+/// Creates a copyset on this node with its initial voters (this node among them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateCopyset {
+    /// The initial voters.
+    pub peers: Vec<NodeId>,
+}
+
+/// The most peers a copyset may start with.
+pub const MAX_PEERS: usize = 16;
+
+impl CreateCopyset {
+    /// Encodes: count u16, then node ids u64.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(2 + 8 * self.peers.len());
+        out.put_u16_le(self.peers.len() as u16);
+        for peer in &self.peers {
+            out.put_u64_le(peer.0);
+        }
+        out.freeze()
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<CreateCopyset, WireError> {
+        let mut reader = Reader::new(bytes, "create copyset");
+        let count = reader.u16()? as usize;
+        if count == 0 || count > MAX_PEERS {
+            return Err(WireError {
+                what: "create copyset",
+                why: "peer count out of range",
+            });
+        }
+        let mut peers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = reader.u64()?;
+            if id == 0 {
+                return Err(WireError {
+                    what: "create copyset",
+                    why: "peer id 0",
+                });
+            }
+            peers.push(NodeId(id));
+        }
+        reader.finish()?;
+        Ok(CreateCopyset { peers })
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Done; the body follows.
+    Ok,
+    /// This replica does not lead the copyset; `leader` does (0: unknown yet).
+    Redirect {
+        /// The leader's node id, or 0.
+        leader: u64,
+    },
+    /// No such copyset on this node.
+    CopysetNotFound,
+    /// No such chunk.
+    ChunkNotFound,
+    /// The request is malformed or out of range; nothing changed.
+    Invalid(String),
+    /// The write's sequence number is older than the chunk's.
+    BackwardSn,
+    /// Not carried out (a leader change replaced it, or the node is overloaded); retry.
+    Retry(String),
+    /// The device failed.
+    Io(String),
+}
+
+impl Status {
+    /// A short name, for metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Redirect { .. } => "redirect",
+            Status::CopysetNotFound => "copyset_not_found",
+            Status::ChunkNotFound => "chunk_not_found",
+            Status::Invalid(_) => "invalid",
+            Status::BackwardSn => "backward_sn",
+            Status::Retry(_) => "retry",
+            Status::Io(_) => "io_error",
+        }
+    }
+
+    fn code(&self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Redirect { .. } => 1,
+            Status::CopysetNotFound => 2,
+            Status::ChunkNotFound => 3,
+            Status::Invalid(_) => 4,
+            Status::BackwardSn => 5,
+            Status::Retry(_) => 6,
+            Status::Io(_) => 7,
+        }
+    }
+}
+
+/// A response body: status u8, then for `Redirect` the leader u64, for statuses with a
+/// message its length u16 and UTF-8 bytes, for `Ok` the operation's result.
+pub fn encode_response(status: &Status, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(1 + 8 + body.len());
+    out.put_u8(status.code());
+    match status {
+        Status::Ok => out.put_slice(body),
+        Status::Redirect { leader } => out.put_u64_le(*leader),
+        Status::Invalid(message) | Status::Retry(message) | Status::Io(message) => {
+            let message = &message.as_bytes()[..message.len().min(1024)];
+            out.put_u16_le(message.len() as u16);
+            out.put_slice(message);
+        }
+        Status::CopysetNotFound | Status::ChunkNotFound | Status::BackwardSn => {}
+    }
+    out.freeze()
+}
+
+/// Decodes a response into its status and, for `Ok`, its body (a slice, not a copy).
+pub fn decode_response(bytes: &Bytes) -> Result<(Status, Bytes), WireError> {
+    let mut reader = Reader::new(bytes, "response");
+    let code = reader.u8()?;
+    let message = |reader: &mut Reader<'_>| -> Result<String, WireError> {
+        let len = reader.u16()? as usize;
+        let text = reader.take(len)?;
+        Ok(String::from_utf8_lossy(text).into_owned())
+    };
+    let status = match code {
+        0 => return Ok((Status::Ok, bytes.slice(1..))),
+        1 => Status::Redirect {
+            leader: reader.u64()?,
+        },
+        2 => Status::CopysetNotFound,
+        3 => Status::ChunkNotFound,
+        4 => Status::Invalid(message(&mut reader)?),
+        5 => Status::BackwardSn,
+        6 => Status::Retry(message(&mut reader)?),
+        7 => Status::Io(message(&mut reader)?),
+        _ => {
+            return Err(WireError {
+                what: "response",
+                why: "unknown status",
+            })
+        }
+    };
+    reader.finish()?;
+    Ok((status, Bytes::new()))
+}
+
+/// A copyset's raft status, as `COPYSET_STATUS` answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopysetStatus {
+    /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
+    pub role: u8,
+    /// Known leader (0: none).
+    pub leader: u64,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+}
+
+impl CopysetStatus {
+    /// Encodes: role u8, leader, term, commit, applied as u64.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(33);
+        out.put_u8(self.role);
+        out.put_u64_le(self.leader);
+        out.put_u64_le(self.term);
+        out.put_u64_le(self.commit);
+        out.put_u64_le(self.applied);
+        out.freeze()
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<CopysetStatus, WireError> {
+        let mut reader = Reader::new(bytes, "copyset status");
+        let status = CopysetStatus {
+            role: reader.u8()?,
+            leader: reader.u64()?,
+            term: reader.u64()?,
+            commit: reader.u64()?,
+            applied: reader.u64()?,
+        };
+        reader.finish()?;
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bodies_round_trip() {
+        let batch = RaftBatch {
+            messages: vec![
+                (1, Bytes::from_static(b"abc")),
+                (2, Bytes::from_static(b"")),
+            ],
+        };
+        assert_eq!(RaftBatch::decode(&batch.encode()).unwrap(), batch);
+        let read = ReadChunk {
+            chunk: ChunkId(5),
+            offset: 4096,
+            len: 8192,
+        };
+        assert_eq!(ReadChunk::decode(&read.encode()).unwrap(), read);
+        let create = CreateCopyset {
+            peers: vec![NodeId(1), NodeId(2), NodeId(3)],
+        };
+        assert_eq!(CreateCopyset::decode(&create.encode()).unwrap(), create);
+        let status = CopysetStatus {
+            role: 3,
+            leader: 1,
+            term: 4,
+            commit: 9,
+            applied: 8,
+        };
+        assert_eq!(CopysetStatus::decode(&status.encode()).unwrap(), status);
+        assert_eq!(
+            decode_copyset_list(&encode_copyset_list(&[3, 9])).unwrap(),
+            vec![3, 9]
+        );
+        for status in [
+            Status::Redirect { leader: 3 },
+            Status::CopysetNotFound,
+            Status::Invalid("offset".into()),
+            Status::Retry("leader changed".into()),
+        ] {
+            assert_eq!(
+                decode_response(&encode_response(&status, &[])).unwrap().0,
+                status
+            );
+        }
+        let (status, body) = decode_response(&encode_response(&Status::Ok, b"data")).unwrap();
+        assert_eq!((status, &body[..]), (Status::Ok, &b"data"[..]));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        assert!(ReadChunk::decode(&[0; 19]).is_err());
+        assert!(ReadChunk::decode(&[0; 21]).is_err());
+        assert!(CreateCopyset::decode(&[0, 0]).is_err(), "no peers");
+        assert!(
+            CreateCopyset::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "peer 0"
+        );
+        let mut batch = BytesMut::new();
+        batch.put_u32_le(1);
+        batch.put_u64_le(1);
+        batch.put_u32_le(100);
+        assert!(
+            RaftBatch::decode(&batch.freeze()).is_err(),
+            "length past the end"
+        );
+        assert!(decode_response(&Bytes::from_static(&[99])).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let bytes = Bytes::from(bytes);
+            let _ = RaftBatch::decode(&bytes);
+            let _ = ReadChunk::decode(&bytes);
+            let _ = CreateCopyset::decode(&bytes);
+            let _ = CopysetStatus::decode(&bytes);
+            let _ = decode_response(&bytes);
+            let _ = decode_copyset_list(&bytes);
+        }
+    }
+}

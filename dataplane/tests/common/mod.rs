@@ -1,0 +1,182 @@
+//! The in-process cluster used by the integration tests: three chunkservers on loopback,
+//! each on its own executor thread, stopped by its own signal.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dataplane::client::{Client, ClientConfig, NodeAddress};
+use dataplane::config::Config;
+use dataplane::server::run_node;
+use dataplane::shard::ShutdownSignal;
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub struct Node {
+    shutdown: ShutdownSignal,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Node {
+    pub fn start(config: Config) -> Node {
+        Node::start_on(config, vec![0])
+    }
+
+    /// Starts the node with one shard per entry of `cores`.
+    pub fn start_on(config: Config, cores: Vec<u32>) -> Node {
+        let shutdown = ShutdownSignal::new();
+        let signal = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            run_node(&config, &cores, &signal).map_err(|e| e.to_string())
+        });
+        Node {
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.shutdown.raise();
+        if let Some(thread) = self.thread.take() {
+            let result = thread.join().expect("node thread");
+            result.expect("node ran cleanly");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.raise();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn free_ports(count: usize) -> Vec<u16> {
+    dataplane::server::free_ports(count).expect("free loopback ports")
+}
+
+/// The configuration of node `id` (1-based) of a three-node cluster over TCP.
+pub fn config(id: u32, ports: &[u16], dir: &Path, backend: &str) -> Config {
+    config_over(id, ports, dir, backend, "tcp")
+}
+
+/// The same, with every listener on transport `scheme` (`tcp`, `softrdma`).
+pub fn config_over(id: u32, ports: &[u16], dir: &Path, backend: &str, scheme: &str) -> Config {
+    let peer = |n: usize| ports[2 * n];
+    let client = |n: usize| ports[2 * n + 1];
+    let nodes: Vec<String> = (0..3)
+        .map(|n| {
+            format!(
+                "{{ id = {}, peer = \"{scheme}://127.0.0.1:{}\", client = [\"{scheme}://127.0.0.1:{}\"], shards = 1 }}",
+                n + 1,
+                peer(n),
+                client(n)
+            )
+        })
+        .collect();
+    let device = match backend {
+        "mem" => "backend = \"mem\"\nsize = \"96MiB\"".to_string(),
+        _ => format!("backend = \"uring\"\npath = \"node{id}.img\"\nsize = \"96MiB\""),
+    };
+    let me = id as usize - 1;
+    let text = format!(
+        r#"
+[node]
+id = {id}
+cores = [0]
+data_dir = "{dir}"
+
+[listen]
+peer = "{scheme}://127.0.0.1:{peer}"
+client = ["{scheme}://127.0.0.1:{client}"]
+
+[cluster]
+nodes = [{nodes}]
+
+[[devices]]
+{device}
+
+[storage]
+chunk_size = "1MiB"
+wal_size_per_shard = "16MiB"
+
+[raft]
+tick_ms = 10
+election_timeout_ms = 200
+heartbeat_interval_ms = 30
+lease_ms = 150
+"#,
+        dir = dir.display(),
+        peer = peer(me),
+        client = client(me),
+        nodes = nodes.join(", "),
+    );
+    Config::parse(Path::new("cluster-test.toml"), &text).expect("test config parses")
+}
+
+pub fn addresses(ports: &[u16]) -> Vec<NodeAddress> {
+    addresses_over(ports, "tcp")
+}
+
+/// The client addresses of the three nodes, over transport `scheme`.
+pub fn addresses_over(ports: &[u16], scheme: &str) -> Vec<NodeAddress> {
+    addresses_with_shards(ports, scheme, 1)
+}
+
+/// The client addresses of three nodes of `shards` shards each.
+pub fn addresses_with_shards(ports: &[u16], scheme: &str, shards: u32) -> Vec<NodeAddress> {
+    (0..3)
+        .map(|n| NodeAddress {
+            id: n as u64 + 1,
+            endpoint: format!("{scheme}://127.0.0.1:{}", ports[2 * n + 1])
+                .parse()
+                .expect("endpoint"),
+            shards,
+        })
+        .collect()
+}
+
+/// Runs `body` with a client on its own executor.
+pub fn with_client<T: Send + 'static>(
+    ports: &[u16],
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    with_client_over(ports, "tcp", body)
+}
+
+/// Runs `body` with a client over transport `scheme` on its own executor.
+pub fn with_client_over<T: Send + 'static>(
+    ports: &[u16],
+    scheme: &str,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    let addresses = addresses_over(ports, scheme);
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .name("test-client")
+        .spawn(move || async move {
+            let config = ClientConfig {
+                deadline: Duration::from_secs(20),
+                ..ClientConfig::default()
+            };
+            body(Client::new(&addresses, config)).await
+        })
+        .expect("client executor")
+        .join()
+        .expect("client thread")
+}
+
+pub fn block(value: u64) -> Bytes {
+    let mut data = vec![0u8; 4096];
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = (value as u8) ^ (i as u8);
+    }
+    data[..8].copy_from_slice(&value.to_le_bytes());
+    Bytes::from(data)
+}

@@ -1,0 +1,90 @@
+//! `chunkctl` against three real chunkserver processes: create a copyset, see its leader in
+//! `status` (text and JSON), `health` passes, and fails once a node is gone.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{free_ports, start, write_config, Cluster};
+
+fn chunkctl(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run chunkctl")
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[test]
+fn chunkctl_creates_reports_and_checks_health() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let configs: Vec<_> = (1..=3)
+        .map(|id| write_config(dir.path(), id, &ports))
+        .collect();
+    let mut cluster = Cluster {
+        children: configs.iter().map(|c| Some(start(c))).collect(),
+    };
+    let config = &configs[0];
+
+    let created = chunkctl(
+        config,
+        &["copyset", "create", "--id", "5", "--peers", "1,2,3"],
+    );
+    assert!(created.status.success(), "{}", text(&created));
+
+    // A leader is elected within a few election timeouts.
+    let started = Instant::now();
+    loop {
+        let health = chunkctl(config, &["health"]);
+        if health.status.success() {
+            assert!(
+                text(&health).contains("healthy: 1 copyset(s) on 3 node(s)"),
+                "{}",
+                text(&health)
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never healthy: {}",
+            text(&health)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = chunkctl(config, &["status"]);
+    assert!(status.status.success());
+    let out = text(&status);
+    assert_eq!(out.matches(" leader ").count(), 1, "one leader: {out}");
+    assert_eq!(out.matches(" follower ").count(), 2, "two followers: {out}");
+
+    let json = chunkctl(config, &["--json", "status"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    assert_eq!(parsed["copysets"][0]["copyset"], 5);
+    assert_eq!(
+        parsed["copysets"][0]["replicas"]
+            .as_array()
+            .map(|r| r.len()),
+        Some(3)
+    );
+
+    // Take node 3 away: health reports it and exits non-zero.
+    if let Some(mut child) = cluster.children[2].take() {
+        child.kill().expect("kill node 3");
+        child.wait().expect("reap");
+    }
+    let health = chunkctl(config, &["health"]);
+    assert!(!health.status.success(), "{}", text(&health));
+    assert!(
+        text(&health).contains("node 3 unreachable"),
+        "{}",
+        text(&health)
+    );
+}
