@@ -95,6 +95,38 @@ impl DmaPool {
     /// A zero-filled buffer of `len` bytes (rounded up to the alignment for the allocation; the
     /// buffer's length is `len`).
     pub fn alloc(&self, len: usize) -> Result<DmaBuf, DmaError> {
+        let (ptr, layout) = self.reserve(len, true)?;
+        Ok(DmaBuf {
+            storage: Storage::Owned(OwnedBlock {
+                ptr,
+                layout,
+                account: Arc::clone(&self.account),
+            }),
+            len,
+        })
+    }
+
+    /// A buffer holding a copy of `source`, without zeroing the memory first (for reads that
+    /// arrive in another buffer, as glommio's do).
+    pub fn alloc_copy(&self, source: &[u8]) -> Result<DmaBuf, DmaError> {
+        let len = source.len();
+        let (ptr, layout) = self.reserve(len, false)?;
+        // SAFETY: `ptr` points to a fresh allocation of `layout.size() >= len` bytes that
+        // nothing else references, and `source` cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), ptr.as_ptr(), len) };
+        Ok(DmaBuf {
+            storage: Storage::Owned(OwnedBlock {
+                ptr,
+                layout,
+                account: Arc::clone(&self.account),
+            }),
+            len,
+        })
+    }
+
+    /// Takes `len` bytes (rounded up to the alignment) from the pool's bound and allocates
+    /// them, zeroed or not.
+    fn reserve(&self, len: usize, zeroed: bool) -> Result<(NonNull<u8>, Layout), DmaError> {
         let align = self.align;
         let invalid = DmaError::InvalidRequest { len, align };
         if len == 0 {
@@ -123,21 +155,20 @@ impl DmaPool {
                 Err(seen) => in_use = seen,
             }
         }
-        // SAFETY: `layout` has a non-zero size (len > 0) and a power-of-two alignment, as
-        // `alloc_zeroed` requires.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            account.in_use.fetch_sub(capacity, Ordering::Relaxed);
-            return Err(DmaError::OutOfMemory { len, align });
+        let raw = if zeroed {
+            // SAFETY: `layout` has a non-zero size (len > 0) and a power-of-two alignment.
+            unsafe { std::alloc::alloc_zeroed(layout) }
+        } else {
+            // SAFETY: as above; the caller initializes the memory before anyone reads it.
+            unsafe { std::alloc::alloc(layout) }
         };
-        Ok(DmaBuf {
-            storage: Storage::Owned(OwnedBlock {
-                ptr,
-                layout,
-                account: Arc::clone(account),
-            }),
-            len,
-        })
+        match NonNull::new(raw) {
+            Some(ptr) => Ok((ptr, layout)),
+            None => {
+                account.in_use.fetch_sub(capacity, Ordering::Relaxed);
+                Err(DmaError::OutOfMemory { len, align })
+            }
+        }
     }
 
     /// A buffer holding `bytes`: the same memory when it is aligned to this pool's alignment
@@ -175,7 +206,8 @@ unsafe impl Sync for OwnedBlock {}
 
 impl Drop for OwnedBlock {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed exactly once, here.
+        // SAFETY: `ptr` came from `alloc` or `alloc_zeroed` with `self.layout` and is freed
+        // exactly once, here.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
         self.account
             .in_use
@@ -194,7 +226,7 @@ enum Storage {
 /// An aligned buffer that I/O takes by value.
 ///
 /// Invariant: the memory starts at an address aligned to the pool's (or the caller's)
-/// alignment, and `len` bytes of it are initialized.
+/// alignment, and `len` bytes of it are initialized (zeroed at allocation, or copied in).
 #[derive(Debug)]
 pub struct DmaBuf {
     storage: Storage,
@@ -238,8 +270,8 @@ impl DmaBuf {
     /// Its bytes.
     pub fn as_slice(&self) -> &[u8] {
         match &self.storage {
-            // SAFETY: the block holds at least `layout.size() >= len` initialized (zeroed at
-            // allocation) bytes, owned by `self` for the lifetime of the borrow.
+            // SAFETY: the block holds at least `len` initialized bytes (zeroed or copied in at
+            // allocation; see the invariant), owned by `self` for the lifetime of the borrow.
             Storage::Owned(block) => unsafe {
                 std::slice::from_raw_parts(block.ptr.as_ptr(), self.len)
             },
@@ -330,6 +362,19 @@ mod tests {
         drop(back);
         drop(clone);
         assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn a_copy_needs_no_zeroing_and_is_accounted() {
+        let pool = DmaPool::new(1 << 20, 4096).unwrap();
+        let source: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let copy = pool.alloc_copy(&source).unwrap();
+        assert_eq!(copy.as_slice(), &source[..]);
+        assert_eq!(copy.as_slice().as_ptr() as usize % 4096, 0);
+        assert_eq!(pool.in_use(), 8192);
+        drop(copy);
+        assert_eq!(pool.in_use(), 0);
+        assert!(pool.alloc_copy(&[]).is_err());
     }
 
     #[test]

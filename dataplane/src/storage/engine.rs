@@ -1177,10 +1177,9 @@ impl<B: Bdev> ShardEngine<B> {
             .borrow()
             .lookup(chunk)
             .ok_or(StorageError::ChunkNotFound(chunk))?;
-        let buffer = self.bdev.alloc(len as usize)?;
         let mut data = self
             .bdev
-            .read(self.layout.slot_offset(slot) + offset, buffer)
+            .read_new(self.layout.slot_offset(slot) + offset, len as usize)
             .await?;
         let missing = self.clone_pages_missing(slot, offset, len);
         if missing.is_empty() {

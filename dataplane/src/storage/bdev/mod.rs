@@ -148,6 +148,12 @@ pub trait Bdev {
     fn alloc(&self, len: usize) -> Result<DmaBuf, BdevError> {
         Ok(self.pool().alloc(len)?)
     }
+
+    /// Reads `len` bytes at `offset` into a buffer of the device's choosing (a backend whose
+    /// reads land in its own memory saves zeroing one first).
+    async fn read_new(&self, offset: u64, len: usize) -> Result<DmaBuf, BdevError> {
+        self.read(offset, self.alloc(len)?).await
+    }
 }
 
 /// Checks that `len` bytes at `offset` are block-aligned, non-empty and within the device.
@@ -328,6 +334,12 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.flush().await,
             AnyBdev::Uring(b) => b.flush().await,
+        }
+    }
+    async fn read_new(&self, offset: u64, len: usize) -> Result<DmaBuf, BdevError> {
+        match self {
+            AnyBdev::Mem(b) => b.read_new(offset, len).await,
+            AnyBdev::Uring(b) => b.read_new(offset, len).await,
         }
     }
 }

@@ -160,6 +160,27 @@ impl Bdev for UringBdev {
         Ok(buf)
     }
 
+    async fn read_new(&self, offset: u64, len: usize) -> Result<DmaBuf, BdevError> {
+        check_range(offset, len as u64, self.block_size, self.capacity)?;
+        let read =
+            self.file
+                .read_at_aligned(offset, len)
+                .await
+                .map_err(|e| BdevError::ReadFailed {
+                    status: -errno_of(e),
+                    offset,
+                    len: len as u64,
+                })?;
+        if read.len() != len {
+            return Err(BdevError::ReadFailed {
+                status: -1,
+                offset,
+                len: len as u64,
+            });
+        }
+        Ok(self.pool.alloc_copy(&read)?)
+    }
+
     async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf, BdevError> {
         let len = buf.len();
         check_range(offset, len as u64, self.block_size, self.capacity)?;
@@ -227,6 +248,8 @@ mod tests {
                 bdev.flush().await.unwrap();
                 let back = bdev.read(0, bdev.alloc(16384).unwrap()).await.unwrap();
                 assert!(back.as_slice()[..4096].iter().all(|b| *b == 0));
+                let fresh = bdev.read_new(4096, 8192).await.unwrap();
+                assert!(fresh.as_slice().iter().all(|b| *b == 0x5a));
                 assert!(back.as_slice()[4096..12288].iter().all(|b| *b == 0x5a));
                 bdev.write_zeroes(4096, 4096).await.unwrap();
                 let back = bdev.read(4096, bdev.alloc(8192).unwrap()).await.unwrap();
