@@ -18,18 +18,49 @@ use bench::report::{human_count, human_summary, job_json, JobStats};
 use bench::runner::{run_job, Progress, PROGRESS_INTERVAL};
 
 const USAGE: &str = "usage: chunkbench [JOBFILE] [--KEY=VALUE ...] [--output-format=normal|json] \
-                     [--compare=TARGET_A,TARGET_B] [--rounds=N]\n\
+                     [--compare=[TARGET_A,]TARGET_B] [--rounds=N]\n\
                      Job keys and targets: docs/benchmarking.md";
 
 struct Options {
     job_file: Option<String>,
     overrides: Vec<String>,
     json: bool,
-    compare: Option<(TargetKind, TargetKind)>,
+    /// (A, B); A `None` means each job's own target.
+    compare: Option<(Option<TargetKind>, TargetKind)>,
     rounds: u32,
 }
 
+/// Options that also take their value as the next argument (`--compare engine`).
+const SPACED: [&str; 6] = [
+    "compare",
+    "target",
+    "output-format",
+    "rounds",
+    "filename",
+    "name",
+];
+
+/// Joins `--option value` into `--option=value` for the options in `SPACED`.
+fn join_spaced(args: &[String]) -> Vec<String> {
+    let mut joined = Vec::with_capacity(args.len());
+    let mut iter = args.iter().peekable();
+    while let Some(arg) = iter.next() {
+        let spaced = arg
+            .strip_prefix("--")
+            .is_some_and(|name| SPACED.contains(&name));
+        match iter.peek() {
+            Some(value) if spaced && !value.starts_with("--") => {
+                joined.push(format!("{arg}={value}"));
+                iter.next();
+            }
+            _ => joined.push(arg.clone()),
+        }
+    }
+    joined
+}
+
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
+    let args = join_spaced(args);
     let mut options = Options {
         job_file: None,
         overrides: Vec::new(),
@@ -37,7 +68,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         compare: None,
         rounds: 2,
     };
-    for arg in args {
+    for arg in &args {
         if arg == "--help" || arg == "-h" {
             return Ok(None);
         }
@@ -52,15 +83,16 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 other => return Err(format!("--output-format: `{other}` is not normal or json")),
             };
         } else if let Some(pair) = arg.strip_prefix("--compare=") {
-            let (a, b) = pair
-                .split_once(',')
-                .ok_or_else(|| format!("--compare: `{pair}` is not TARGET_A,TARGET_B"))?;
             let target = |name: &str| {
                 TargetKind::parse(name).ok_or_else(|| {
                     format!("--compare: `{name}` is not raw, engine, cluster or nbd")
                 })
             };
-            options.compare = Some((target(a)?, target(b)?));
+            // `A,B`, or just `B`: each job's own target (after --target) against B.
+            options.compare = Some(match pair.split_once(',') {
+                Some((a, b)) => (Some(target(a)?), target(b)?),
+                None => (None, target(pair)?),
+            });
         } else if let Some(rounds) = arg.strip_prefix("--rounds=") {
             options.rounds = rounds
                 .parse()
@@ -132,6 +164,7 @@ fn run(jobs: &[Job], options: &Options) -> Result<(), String> {
                 }
             }
             Some((a, b)) => {
+                let a = a.unwrap_or(job.target);
                 let (job_a, stats_a, job_b, stats_b) = compare(job, a, b, options.rounds)?;
                 let comparison = Comparison::new(&stats_a, &stats_b);
                 if options.json {

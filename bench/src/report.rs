@@ -316,6 +316,33 @@ mod tests {
     }
 
     #[test]
+    fn the_human_summary_shows_the_json_figures() {
+        let job = crate::job::parse_jobs(Some("[j]\nrw=randrw\nsize=1m\n"), &[])
+            .unwrap()
+            .remove(0);
+        let mut stats = JobStats::default();
+        for i in 1..=1000 {
+            stats.read.record(4096, Duration::from_micros(i));
+            stats.write.record(4096, Duration::from_micros(2 * i));
+        }
+        stats.elapsed = Duration::from_millis(500);
+        let json = job_json(&job, &stats);
+        let text = serde_json::to_string(&json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["read"]["ops"], 1000);
+        let human = human_summary(&job, &stats);
+        for direction in [&json.read, &json.write] {
+            assert!(
+                human.contains(&format!("IOPS={}", human_count(direction.iops))),
+                "{human}"
+            );
+            for (p, v) in &direction.lat_us.percentiles {
+                assert!(human.contains(&format!("{p}th=[{v:.1}]")), "{human}");
+            }
+        }
+    }
+
+    #[test]
     fn cpu_time_is_readable_here() {
         assert!(process_cpu_time().is_some());
     }

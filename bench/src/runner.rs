@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 
 use dataplane::client::{Client, ClientConfig};
 use dataplane::server::{GeneratedCluster, LocalCluster};
+use dataplane::storage::engine::{format, FormatOptions};
+use dataplane::storage::layout::DEFAULT_MAX_COPYSETS;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::job::{Job, TargetKind};
 use crate::report::{process_cpu_time, JobStats};
 use crate::target::cluster::{ClusterTarget, CHUNK_SIZE, COPYSET};
+use crate::target::engine::{EngineTarget, CHUNK_SIZE as ENGINE_CHUNK, WAL_SIZE as ENGINE_WAL};
 use crate::target::raw::RawTarget;
 use crate::target::{Target, WriteBuffer};
 use crate::workload::{verify, OpKind, Workload};
@@ -88,6 +91,7 @@ pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
     match job.target {
         TargetKind::Raw => run_raw(job, progress),
         TargetKind::Cluster => run_cluster(job, progress),
+        TargetKind::Engine => run_engine(job, progress),
         other => Err(RunError::TargetUnavailable {
             job: job.name.clone(),
             target: other,
@@ -108,7 +112,7 @@ fn filename(job: &Job, what: &str) -> Result<PathBuf, RunError> {
 fn run_raw(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
     let path = filename(job, "a file or block device")?;
     lay_out(job, &path)?;
-    run_clones(job, progress, move || {
+    run_clones(job, progress, move |_clone| {
         let path = path.clone();
         async move { RawTarget::open(&path).await }
     })
@@ -169,7 +173,7 @@ fn run_cluster(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
         .join()
         .map_err(|_| setup_error("layout thread panicked".into()))?;
     let result = laid_out.map_err(setup_error).and_then(|()| {
-        run_clones(job, progress, move || {
+        run_clones(job, progress, move |_clone| {
             let addresses = addresses.clone();
             async move { Ok(ClusterTarget::connect(&addresses, region)) }
         })
@@ -184,12 +188,80 @@ fn run_cluster(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
     Ok(stats)
 }
 
+/// Formats `FILENAME.engine` with one shard per clone, writes each clone's region once
+/// through its shard (as `lay_out` does for the raw target), runs the job, and removes the file.
+fn run_engine(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+    let base = filename(job, "a path; the engine's device is the file PATH.engine")?;
+    let path = PathBuf::from(format!("{}.engine", base.display()));
+    let setup_error = |message: String| RunError::Setup {
+        job: job.name.clone(),
+        message,
+        source: std::io::Error::other("engine"),
+    };
+    let shards = job.numjobs;
+    let per_clone = Workload::new(job, 0).region_len();
+    let chunks_per_shard = per_clone.div_ceil(ENGINE_CHUNK) + 8;
+    let device = u64::from(shards) * (ENGINE_WAL + chunks_per_shard * ENGINE_CHUNK) + (64 << 20);
+    // The file is this target's own (named after the job's filename): start from a fresh one.
+    let _ = std::fs::remove_file(&path);
+    let format_path = path.clone();
+    let formatted = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("chunkbench-engine-format")
+        .spawn(move || async move {
+            let uri = format!("uring://{}?size={device}", format_path.display());
+            let bdev = dataplane::storage::bdev::open(&uri, 8 << 20)
+                .await
+                .map_err(|e| e.to_string())?;
+            let options = FormatOptions {
+                page_size: 4096,
+                chunk_size: ENGINE_CHUNK,
+                wal_size: ENGINE_WAL,
+                shard_count: shards,
+                max_copysets: DEFAULT_MAX_COPYSETS,
+                device_is_zeroed: true,
+            };
+            format(&bdev, &options, [7u8; 16])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        })
+        .map_err(|e| setup_error(e.to_string()))?
+        .join()
+        .map_err(|_| setup_error("format thread panicked".into()))?;
+    formatted.map_err(|e| setup_error(format!("formatting {}: {e}", path.display())))?;
+    let job_for_layout = job.clone();
+    let open_path = path.clone();
+    let result = run_clones(job, progress, move |clone| {
+        let path = open_path.clone();
+        let job = job_for_layout.clone();
+        async move {
+            let target = EngineTarget::open(&path, clone).await?;
+            let workload = Workload::new(&job, clone);
+            let (start, end) = (
+                workload.region_start(),
+                workload.region_start() + workload.region_len(),
+            );
+            let mut offset = start;
+            while offset < end {
+                let len = (1u64 << 20).min(end - offset);
+                let mut buffer = target.alloc(len as usize);
+                buffer.as_bytes_mut().fill(0xa5);
+                target.write(offset, buffer).await?;
+                offset += len;
+            }
+            Ok(target)
+        }
+    });
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 /// Runs each clone of `job` on its own pinned executor against the target `open` makes there,
 /// and merges the clones' figures.
 fn run_clones<T, F, Fut>(job: &Job, progress: &Arc<Progress>, open: F) -> Result<JobStats, RunError>
 where
     T: Target + 'static,
-    F: Fn() -> Fut + Send + Clone + 'static,
+    F: Fn(u32) -> Fut + Send + Clone + 'static,
     Fut: std::future::Future<Output = std::io::Result<T>>,
 {
     let cores = online_cores();
@@ -204,7 +276,7 @@ where
             .name(&format!("chunkbench-{clone}"))
             .spawn(move || async move {
                 let job = job_for_clone;
-                let target = open().await.map_err(|source| RunError::Setup {
+                let target = open(clone).await.map_err(|source| RunError::Setup {
                     job: job.name.clone(),
                     message: "opening the target".into(),
                     source,

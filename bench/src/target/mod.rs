@@ -2,6 +2,7 @@
 //! runner measures them. `raw` is the baseline every other figure is compared with.
 
 pub mod cluster;
+pub mod engine;
 pub mod raw;
 
 use std::io;
