@@ -2,6 +2,7 @@
 //! with every figure printed beside a baseline from the same run.
 
 pub mod job;
+pub mod plot;
 pub mod report;
 pub mod runner;
 pub mod target;

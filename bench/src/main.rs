@@ -18,13 +18,15 @@ use bench::report::{human_count, human_summary, job_json, JobStats};
 use bench::runner::{run_job, Progress, PROGRESS_INTERVAL};
 
 const USAGE: &str = "usage: chunkbench [JOBFILE] [--KEY=VALUE ...] [--output-format=normal|json] \
-                     [--compare=[TARGET_A,]TARGET_B] [--rounds=N]\n\
+                     [--compare=[TARGET_A,]TARGET_B] [--rounds=N] [--plot=FILE.svg]\n\
                      Job keys and targets: docs/benchmarking.md";
 
 struct Options {
     job_file: Option<String>,
     overrides: Vec<String>,
     json: bool,
+    /// Where to draw the SVG plot, if asked.
+    plot: Option<String>,
     /// (A, B); A `None` means each job's own target.
     compare: Option<(Option<TargetKind>, TargetKind)>,
     rounds: u32,
@@ -66,6 +68,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         overrides: Vec::new(),
         json: false,
         compare: None,
+        plot: None,
         rounds: 2,
     };
     for arg in &args {
@@ -93,6 +96,11 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 Some((a, b)) => (Some(target(a)?), target(b)?),
                 None => (None, target(pair)?),
             });
+        } else if let Some(file) = arg.strip_prefix("--plot=") {
+            if !file.ends_with(".svg") {
+                return Err(format!("--plot: `{file}` should name an .svg file"));
+            }
+            options.plot = Some(file.to_string());
         } else if let Some(rounds) = arg.strip_prefix("--rounds=") {
             options.rounds = rounds
                 .parse()
@@ -153,10 +161,12 @@ fn main() -> ExitCode {
 fn run(jobs: &[Job], options: &Options) -> Result<(), String> {
     let mut json_jobs = Vec::new();
     let mut json_comparisons = Vec::new();
+    let mut plotted = Vec::new();
     for job in jobs {
         match options.compare {
             None => {
                 let stats = run_with_progress(job)?;
+                plotted.push((job.clone(), stats.clone()));
                 if options.json {
                     json_jobs.push(job_json(job, &stats));
                 } else {
@@ -167,6 +177,8 @@ fn run(jobs: &[Job], options: &Options) -> Result<(), String> {
                 let a = a.unwrap_or(job.target);
                 let (job_a, stats_a, job_b, stats_b) = compare(job, a, b, options.rounds)?;
                 let comparison = Comparison::new(&stats_a, &stats_b);
+                plotted.push((job_a.clone(), stats_a.clone()));
+                plotted.push((job_b.clone(), stats_b.clone()));
                 if options.json {
                     json_comparisons.push(serde_json::json!({
                         "name": job.name,
@@ -196,6 +208,11 @@ fn run(jobs: &[Job], options: &Options) -> Result<(), String> {
                 }
             }
         }
+    }
+    if let Some(file) = &options.plot {
+        std::fs::write(file, bench::plot::render(&plotted))
+            .map_err(|e| format!("--plot: cannot write {file}: {e}"))?;
+        eprintln!("chunkbench: plot written to {file}");
     }
     if options.json {
         let document = serde_json::json!({

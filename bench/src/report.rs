@@ -73,9 +73,28 @@ pub struct JobStats {
     pub cpu_user: Duration,
     /// System CPU time of the process during the measured phase.
     pub cpu_system: Duration,
+    /// Operations completed in each `TIMELINE_STEP` of the measured phase.
+    pub timeline: Vec<u64>,
 }
 
+/// The width of one step of [`JobStats::timeline`].
+pub const TIMELINE_STEP: Duration = Duration::from_millis(100);
+/// The longest timeline kept (steps past it are not recorded).
+pub const TIMELINE_STEPS_MAX: usize = 36_000;
+
 impl JobStats {
+    /// Counts one operation completed `since_start` into the measured phase.
+    pub fn record_in_timeline(&mut self, since_start: Duration) {
+        let step = (since_start.as_millis() / TIMELINE_STEP.as_millis()) as usize;
+        if step >= TIMELINE_STEPS_MAX {
+            return;
+        }
+        if self.timeline.len() <= step {
+            self.timeline.resize(step + 1, 0);
+        }
+        self.timeline[step] += 1;
+    }
+
     /// Adds another clone's figures.
     pub fn merge(&mut self, other: &JobStats) {
         self.read.merge(&other.read);
@@ -84,6 +103,12 @@ impl JobStats {
         self.elapsed = self.elapsed.max(other.elapsed);
         self.errors += other.errors;
         self.verify_failures += other.verify_failures;
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline.resize(other.timeline.len(), 0);
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(&other.timeline) {
+            *mine += theirs;
+        }
     }
 
     /// Operations per second over both directions.

@@ -495,6 +495,7 @@ async fn run_clone<T: Target + 'static>(
                     Ok(()) => {
                         if began >= measured_from {
                             let mut stats = state.stats.borrow_mut();
+                            stats.record_in_timeline(Instant::now() - measured_from);
                             match op.kind {
                                 OpKind::Read => stats.read.record(op.len, latency),
                                 OpKind::Write => stats.write.record(op.len, latency),
