@@ -200,7 +200,7 @@ mod tests {
         let svg = render(&results);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("IOPS over time").count(), 2);
-        assert_eq!(svg.matches("<polyline points=\"").count() >= 2, true);
+        assert!(svg.matches("<polyline points=\"").count() >= 2);
         assert!(svg.contains("p99.9"));
     }
 }
