@@ -18,6 +18,7 @@ use crate::job::{Job, TargetKind};
 use crate::report::{process_cpu_time, JobStats};
 use crate::target::cluster::{ClusterTarget, CHUNK_SIZE, COPYSET};
 use crate::target::engine::{EngineTarget, CHUNK_SIZE as ENGINE_CHUNK, WAL_SIZE as ENGINE_WAL};
+use crate::target::nbd::{NbdTarget, NbdUri};
 use crate::target::raw::RawTarget;
 use crate::target::{Target, WriteBuffer};
 use crate::workload::{verify, OpKind, Workload};
@@ -25,14 +26,6 @@ use crate::workload::{verify, OpKind, Workload};
 /// Why a job could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The job names a target this build cannot drive yet.
-    #[error("job [{job}]: target `{target}` is not available in this build of chunkbench")]
-    TargetUnavailable {
-        /// The job.
-        job: String,
-        /// The target.
-        target: TargetKind,
-    },
     /// The job lacks a key its target needs.
     #[error("job [{job}]: {message}")]
     Job {
@@ -92,10 +85,7 @@ pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
         TargetKind::Raw => run_raw(job, progress),
         TargetKind::Cluster => run_cluster(job, progress),
         TargetKind::Engine => run_engine(job, progress),
-        other => Err(RunError::TargetUnavailable {
-            job: job.name.clone(),
-            target: other,
-        }),
+        TargetKind::Nbd => run_nbd(job, progress),
     }
 }
 
@@ -254,6 +244,58 @@ fn run_engine(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError>
     });
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Writes the job's region of the export once, then runs the job, one connection per clone.
+fn run_nbd(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+    let uri = job.filename.clone().ok_or_else(|| RunError::Job {
+        job: job.name.clone(),
+        message: "the nbd target needs `filename=nbd://HOST:PORT/EXPORT`".into(),
+    })?;
+    let uri = NbdUri::parse(&uri).map_err(|message| RunError::Job {
+        job: job.name.clone(),
+        message,
+    })?;
+    let setup_error = |message: String| RunError::Setup {
+        job: job.name.clone(),
+        message,
+        source: std::io::Error::other("nbd"),
+    };
+    let region_end = job.offset + job.size;
+    let layout_uri = uri.clone();
+    let laid_out = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("chunkbench-nbd-layout")
+        .spawn(move || async move {
+            let target = NbdTarget::connect(&layout_uri)
+                .await
+                .map_err(|e| e.to_string())?;
+            if target.size() < region_end {
+                return Err(format!(
+                    "the export holds {} bytes, the job needs {region_end}",
+                    target.size()
+                ));
+            }
+            let mut offset = 0;
+            while offset < region_end {
+                let len = (1u64 << 20).min(region_end - offset);
+                let mut buffer = target.alloc(len as usize);
+                buffer.as_bytes_mut().fill(0xa5);
+                target
+                    .write(offset, buffer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                offset += len;
+            }
+            Ok::<(), String>(())
+        })
+        .map_err(|e| setup_error(e.to_string()))?
+        .join()
+        .map_err(|_| setup_error("layout thread panicked".into()))?;
+    laid_out.map_err(|e| setup_error(format!("{}: {e}", uri.addr)))?;
+    run_clones(job, progress, move |_clone| {
+        let uri = uri.clone();
+        async move { NbdTarget::connect(&uri).await }
+    })
 }
 
 /// Runs each clone of `job` on its own pinned executor against the target `open` makes there,

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod nbd;
 pub mod raw;
 
 use std::io;
