@@ -157,6 +157,9 @@ pub struct Job {
     pub randseed: u64,
     /// `group_reporting`: one summary for all clones.
     pub group_reporting: bool,
+    /// `rate_iops`: open loop at this many operations per second per clone (closed loop when
+    /// unset: each worker issues as soon as its previous operation completes).
+    pub rate_iops: Option<u64>,
 }
 
 impl Job {
@@ -185,6 +188,7 @@ impl Job {
             norandommap: false,
             randseed: 0x5eed,
             group_reporting: false,
+            rate_iops: None,
         }
     }
 
@@ -262,6 +266,15 @@ impl Job {
             "norandommap" => self.norandommap = parse_flag(value)?,
             "randseed" => self.randseed = parse_int(need()?)?,
             "group_reporting" => self.group_reporting = parse_flag(value)?,
+            "rate_iops" => {
+                let v = parse_int(need()?)?;
+                if v == 0 || v > 10_000_000 {
+                    return Err(format!(
+                        "{v} is not a rate from 1 to 10000000 operations per second"
+                    ));
+                }
+                self.rate_iops = Some(v);
+            }
             other => return Err(format!("unknown or unsupported key `{other}`")),
         }
         Ok(())

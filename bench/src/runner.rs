@@ -426,6 +426,8 @@ struct CloneState {
     workload: RefCell<Workload>,
     stats: RefCell<JobStats>,
     writes_since_sync: Cell<u32>,
+    /// The next slot of the open-loop schedule.
+    next_slot: Cell<u64>,
     stop: Cell<bool>,
     error: RefCell<Option<RunError>>,
 }
@@ -442,6 +444,7 @@ async fn run_clone<T: Target + 'static>(
         workload: RefCell::new(workload),
         stats: RefCell::new(JobStats::default()),
         writes_since_sync: Cell::new(0),
+        next_slot: Cell::new(0),
         stop: Cell::new(false),
         error: RefCell::new(None),
     });
@@ -481,7 +484,22 @@ async fn run_clone<T: Target + 'static>(
                     }
                     workload.next_op()
                 };
-                let began = Instant::now();
+                // Open loop (`rate_iops`): each operation has a slot in a fixed schedule and its
+                // latency counts from that slot, so a stalled target shows as queueing delay
+                // instead of slowing the load down (no coordinated omission).
+                let began = match job.rate_iops {
+                    Some(rate) => {
+                        let slot = state.next_slot.get();
+                        state.next_slot.set(slot + 1);
+                        let at = start + Duration::from_secs_f64(slot as f64 / rate as f64);
+                        let now = Instant::now();
+                        if at > now {
+                            glommio::timer::sleep(at - now).await;
+                        }
+                        at
+                    }
+                    None => Instant::now(),
+                };
                 let fail = |op_name: &'static str, source: std::io::Error| RunError::Io {
                     job: job.name.clone(),
                     clone,

@@ -76,3 +76,18 @@ fn every_standard_profile_parses() {
     }
     assert!(count >= 6, "the standard profiles are there");
 }
+
+#[test]
+fn an_open_loop_job_never_runs_ahead_of_its_schedule() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("raw.img");
+    let stats = run(&format!(
+        "[open]\nfilename={}\nsize=4m\nbs=4k\nrw=randread\niodepth=8\nruntime=1s\ntime_based\n\
+         rate_iops=500\n",
+        file.display()
+    ));
+    // 500 per second for one second: the schedule allows at most 500 (+1 for the slot at 0).
+    assert!(stats.read.ops <= 501, "{} operations", stats.read.ops);
+    assert!(stats.read.ops > 0);
+    assert_eq!(stats.errors, 0);
+}
