@@ -36,7 +36,7 @@ fn a_job_runs_against_the_storage_engine_one_shard_per_clone_and_verifies() {
     let base = dir.path().join("bench.img");
     let text = format!(
         "[global]\ntarget=engine\nfilename={}\nsize=4m\nbs=4k\nverify=crc32c\nnumjobs=2\n\
-         [fill]\nrw=write\niodepth=4\n",
+         [fill]\nrw=write\niodepth=4\n[mixed]\nrw=randrw\niodepth=8\n",
         base.display()
     );
     let jobs = parse_jobs(Some(&text), &[]).expect("job file");
