@@ -28,6 +28,8 @@ pub mod defaults {
     pub const PAGE_SIZE: u64 = 4 << 10;
     /// Size of each shard's WAL ring.
     pub const WAL_SIZE_PER_SHARD: u64 = 256 << 20;
+    /// Copysets one shard can hold (fixed when the device is formatted).
+    pub const MAX_COPYSETS_PER_SHARD: u32 = 256;
     /// Raft logical clock tick.
     pub const TICK_MS: u64 = 10;
     /// Base election timeout; the effective timeout is randomized in [base, 2 * base).
@@ -168,6 +170,8 @@ pub struct StorageSection {
     pub page_size: ByteSize,
     /// WAL ring size per shard, a multiple of the page size.
     pub wal_size_per_shard: ByteSize,
+    /// Copysets one shard can hold; fixed when the device is formatted.
+    pub max_copysets_per_shard: u32,
 }
 
 impl Default for StorageSection {
@@ -176,6 +180,7 @@ impl Default for StorageSection {
             chunk_size: ByteSize(defaults::CHUNK_SIZE),
             page_size: ByteSize(defaults::PAGE_SIZE),
             wal_size_per_shard: ByteSize(defaults::WAL_SIZE_PER_SHARD),
+            max_copysets_per_shard: defaults::MAX_COPYSETS_PER_SHARD,
         }
     }
 }
@@ -746,6 +751,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(1..=65_536).contains(&self.storage.max_copysets_per_shard) {
+            return Err(err(
+                "storage.max_copysets_per_shard",
+                format!(
+                    "{} is not from 1 to 65536",
+                    self.storage.max_copysets_per_shard
+                ),
+            ));
         }
         if self.storage.wal_size_per_shard.bytes() < 16 * page {
             return Err(err(

@@ -32,8 +32,9 @@ pub struct ShardReport {
 /// How long a scrape waits for another shard's report.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// DMA buffer pool of each shard's device handle.
-const POOL_BYTES: usize = 64 << 20;
+/// Bound of each shard's DMA buffer pool (an accounting limit: memory is taken as used). Opening
+/// a shard reads every copyset page in one buffer, so it must hold 8 KiB per copyset.
+const POOL_BYTES: usize = 256 << 20;
 
 /// Why a node could not start or run.
 #[derive(Debug, thiserror::Error)]

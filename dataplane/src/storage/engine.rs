@@ -35,7 +35,7 @@ use crate::storage::bdev::Bdev;
 use crate::storage::dma::DmaBuf;
 use crate::storage::layout::{
     choose_copy, open_page, seal_page, Geometry, PageKind, PageRead, Reader, ShardLayout,
-    Superblock, Writer, DEFAULT_MAX_COPYSETS, FORMAT_VERSION, PAGE_HEADER_LEN,
+    Superblock, Writer, FORMAT_VERSION, PAGE_HEADER_LEN,
 };
 use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, FLAG_CLONE, NO_SLOT};
 use crate::storage::wal::log::CopysetLog;
@@ -73,7 +73,7 @@ impl FormatOptions {
             chunk_size: storage.chunk_size.bytes(),
             wal_size: storage.wal_size_per_shard.bytes(),
             shard_count,
-            max_copysets: DEFAULT_MAX_COPYSETS,
+            max_copysets: storage.max_copysets_per_shard,
             device_is_zeroed: false,
         }
     }
