@@ -253,6 +253,8 @@ impl Sim {
                 self.served_reads += 1;
             }
             Action::RoleChanged { role, .. } => self.record(node << 4 ^ role as u64),
+            // The simulation's membership is fixed.
+            Action::ConfChanged { .. } => {}
         }
     }
 
