@@ -88,3 +88,133 @@ fn chunkctl_creates_reports_and_checks_health() {
         text(&health)
     );
 }
+
+#[test]
+fn chunkctl_replaces_a_node_and_changes_peers() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let configs: Vec<_> = (1..=4)
+        .map(|id| write_config(dir.path(), id, &ports))
+        .collect();
+    let mut cluster = Cluster {
+        children: configs.iter().map(|c| Some(start(c))).collect(),
+    };
+    let config = &configs[0];
+    let created = chunkctl(
+        config,
+        &["copyset", "create", "--id", "5", "--peers", "1,2,3"],
+    );
+    assert!(created.status.success(), "{}", text(&created));
+
+    // Adding a node needs the copyset's initial peers: refused, non-zero, says why.
+    let refused = chunkctl(
+        config,
+        &["copyset", "change-peers", "--id", "5", "--peers", "1,2,4"],
+    );
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("--initial-peers"),
+        "{}",
+        text(&refused)
+    );
+
+    // Replace node 3 by node 4 (joint consensus, left automatically).
+    let replaced = chunkctl(
+        config,
+        &[
+            "copyset",
+            "change-peers",
+            "--id",
+            "5",
+            "--peers",
+            "1,2,4",
+            "--initial-peers",
+            "1,2,3",
+        ],
+    );
+    assert!(replaced.status.success(), "{}", text(&replaced));
+    assert_eq!(text(&replaced).trim(), "copyset 5: voters [1, 2, 4]");
+
+    let removed = chunkctl(
+        config,
+        &[
+            "--json",
+            "copyset",
+            "remove-peer",
+            "--id",
+            "5",
+            "--node",
+            "2",
+        ],
+    );
+    assert!(removed.status.success(), "{}", text(&removed));
+    let parsed: serde_json::Value = serde_json::from_slice(&removed.stdout).expect("JSON");
+    assert_eq!(parsed["voters"], serde_json::json!([1, 4]));
+
+    let added = chunkctl(
+        config,
+        &[
+            "copyset",
+            "add-peer",
+            "--id",
+            "5",
+            "--node",
+            "2",
+            "--initial-peers",
+            "1,2,3",
+        ],
+    );
+    assert!(added.status.success(), "{}", text(&added));
+    assert_eq!(text(&added).trim(), "copyset 5: voters [1, 2, 4]");
+
+    // Status shows the membership each replica uses; node 4 is a voter on the leader.
+    let json = chunkctl(config, &["--json", "status"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    let replicas = parsed["copysets"][0]["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let leader = replicas
+        .iter()
+        .find(|r| r["role"] == "leader")
+        .expect("a leader");
+    assert_eq!(leader["voters"], serde_json::json!([1, 2, 4]), "{parsed}");
+
+    // Node 4 is killed and restarted from its files: it knows the new membership, and it
+    // follows the membership changes made after its restart.
+    if let Some(mut child) = cluster.children[3].take() {
+        child.kill().expect("kill node 4");
+        child.wait().expect("reap");
+    }
+    cluster.children[3] = Some(start(&configs[3]));
+    let removed = chunkctl(
+        config,
+        &["copyset", "remove-peer", "--id", "5", "--node", "2"],
+    );
+    assert!(removed.status.success(), "{}", text(&removed));
+    assert_eq!(text(&removed).trim(), "copyset 5: voters [1, 4]");
+    let started = Instant::now();
+    loop {
+        let json = chunkctl(config, &["--json", "status"]);
+        let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+        let replicas = parsed["copysets"][0]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let node = |id: u64| replicas.iter().find(|r| r["node"] == id).cloned();
+        let (Some(leader), Some(four)) = (replicas.iter().find(|r| r["role"] == "leader"), node(4))
+        else {
+            assert!(started.elapsed() < Duration::from_secs(20), "{parsed}");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        if four["applied"] == leader["applied"] && four["voters"] == serde_json::json!([1, 4]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "restarted node 4 does not catch up: {parsed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

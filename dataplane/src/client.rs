@@ -10,14 +10,14 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raftcore::NodeId;
+use raftcore::{ConfChange, ConfChangeStep, NodeId};
 
 use crate::config::Endpoint;
 use crate::copyset::ChunkOp;
 use crate::ids::{ChunkId, CopysetId};
 use crate::net::{Backoff, Message, NetContext, NetError, Opcode, PeerConnection};
 use crate::server::shard_of;
-use crate::server::wire::{self, CopysetStatus, CreateCopyset, ReadChunk, Status};
+use crate::server::wire::{self, CopysetStatus, CreateCopyset, Membership, ReadChunk, Status};
 
 /// Why a client call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -237,6 +237,7 @@ impl Client {
         self.set_peers(copyset, peers);
         let body = CreateCopyset {
             peers: peers.iter().map(|&p| NodeId(p)).collect(),
+            join: false,
         }
         .encode();
         for &node in peers {
@@ -250,6 +251,160 @@ impl Client {
             .await?;
         }
         Ok(())
+    }
+
+    /// Creates a replica of an existing copyset on `node`, which is not one of its voters yet:
+    /// `initial_peers` must be the copyset's voters *at creation* (the replica starts from the
+    /// same bootstrap snapshot and takes the leader's log from index 2). A peer change then
+    /// adds it. Idempotent.
+    pub async fn create_joining_replica(
+        &self,
+        copyset: CopysetId,
+        node: u64,
+        initial_peers: &[u64],
+    ) -> Result<(), ClientError> {
+        let body = CreateCopyset {
+            peers: initial_peers.iter().map(|&p| NodeId(p)).collect(),
+            join: true,
+        }
+        .encode();
+        self.with_retries(
+            "create joining replica",
+            copyset,
+            Some(node),
+            wire::CREATE_COPYSET,
+            &body,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Proposes a membership change to the copyset's leader; returns the membership once the
+    /// change is applied there (a change of several voters: once its joint configuration is
+    /// left). A replica added as a voter must exist first ([`Client::create_joining_replica`]).
+    pub async fn change_peers(
+        &self,
+        copyset: CopysetId,
+        change: &ConfChange,
+    ) -> Result<Membership, ClientError> {
+        let answer = self
+            .leader_call("change peers", copyset, wire::CHANGE_PEERS, change.encode())
+            .await?;
+        let membership =
+            Membership::decode(&answer).map_err(|e| ClientError::Malformed(e.to_string()))?;
+        // Later calls look for the leader among the new members too.
+        let mut peers = membership.voters.clone();
+        peers.extend(membership.learners.iter().copied());
+        let mut known = self
+            .peers
+            .borrow()
+            .get(&copyset)
+            .cloned()
+            .unwrap_or_default();
+        for peer in peers {
+            if !known.contains(&peer) {
+                known.push(peer);
+            }
+        }
+        self.set_peers(copyset, &known);
+        Ok(membership)
+    }
+
+    /// The membership the copyset's leader uses, found by asking `candidates` in turn.
+    pub async fn leader_membership(
+        &self,
+        copyset: CopysetId,
+        candidates: &[u64],
+    ) -> Result<(u64, Membership), ClientError> {
+        let started = Instant::now();
+        let mut wait = self.config.backoff_initial;
+        loop {
+            let mut best: Option<(u64, CopysetStatus)> = None;
+            for &node in candidates {
+                let body = match self
+                    .call_node(node, copyset, wire::COPYSET_STATUS, Bytes::new())
+                    .await
+                {
+                    Ok((Status::Ok, body)) => body,
+                    _ => continue,
+                };
+                let Ok(status) = CopysetStatus::decode(&body) else {
+                    continue;
+                };
+                if status.role == 3 && best.as_ref().map_or(true, |(_, b)| status.term > b.term) {
+                    best = Some((node, status));
+                }
+            }
+            if let Some((node, status)) = best {
+                return Ok((node, status.membership));
+            }
+            if started.elapsed() >= self.config.deadline {
+                return Err(ClientError::Deadline {
+                    op: "find leader",
+                    copyset,
+                    elapsed: started.elapsed(),
+                    last: format!("no leader among nodes {candidates:?}"),
+                });
+            }
+            glommio::timer::sleep(wait).await;
+            wait = (wait * 2).min(self.config.backoff_max);
+        }
+    }
+
+    /// Adds `node` as a voter: creates its replica (from the bootstrap of `initial_peers`,
+    /// the copyset's voters at creation), then changes the membership.
+    pub async fn add_peer(
+        &self,
+        copyset: CopysetId,
+        node: u64,
+        initial_peers: &[u64],
+    ) -> Result<Membership, ClientError> {
+        self.create_joining_replica(copyset, node, initial_peers)
+            .await?;
+        let change = ConfChange::with_steps(vec![ConfChangeStep::AddVoter(NodeId(node))]);
+        self.change_peers(copyset, &change).await
+    }
+
+    /// Removes `node` from every role in the copyset (its replica stays on the node, idle).
+    pub async fn remove_peer(
+        &self,
+        copyset: CopysetId,
+        node: u64,
+    ) -> Result<Membership, ClientError> {
+        let change = ConfChange::with_steps(vec![ConfChangeStep::RemoveNode(NodeId(node))]);
+        self.change_peers(copyset, &change).await
+    }
+
+    /// Makes `peers` the copyset's voters: reads the leader's membership (asking `known`,
+    /// the nodes that may hold it), creates the replicas of new nodes (from the bootstrap
+    /// of `initial_peers`), and proposes every addition and removal as one change (joint
+    /// consensus when more than one voter changes).
+    pub async fn set_voters(
+        &self,
+        copyset: CopysetId,
+        known: &[u64],
+        peers: &[u64],
+        initial_peers: &[u64],
+    ) -> Result<Membership, ClientError> {
+        let (_, current) = self.leader_membership(copyset, known).await?;
+        let mut steps = Vec::new();
+        for &node in peers {
+            if !current.voters.contains(&node) {
+                self.create_joining_replica(copyset, node, initial_peers)
+                    .await?;
+                steps.push(ConfChangeStep::AddVoter(NodeId(node)));
+            }
+        }
+        for &node in &current.voters {
+            if !peers.contains(&node) {
+                steps.push(ConfChangeStep::RemoveNode(NodeId(node)));
+            }
+        }
+        if steps.is_empty() && !current.is_joint() {
+            return Ok(current);
+        }
+        self.change_peers(copyset, &ConfChange::with_steps(steps))
+            .await
     }
 
     /// The raft status of `copyset` on `node`.

@@ -6,7 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{block, config, config_over, free_ports, with_client, with_client_over, Node};
+use common::{
+    addresses_of_cluster, block, config, config_of_cluster, config_over, free_ports, with_client,
+    with_client_of, with_client_over, Node,
+};
 use dataplane::ids::{ChunkId, CopysetId};
 
 const COPYSET: CopysetId = CopysetId(7);
@@ -267,4 +270,184 @@ fn replication_and_clients_work_over_real_verbs() {
         return;
     }
     replicate_over("rdma");
+}
+
+/// Polls `node`'s status of the copyset until `done` holds (bounded).
+async fn wait_status(
+    client: &dataplane::client::Client,
+    node: u64,
+    what: &str,
+    done: impl Fn(&dataplane::server::wire::CopysetStatus) -> bool,
+) -> dataplane::server::wire::CopysetStatus {
+    let started = Instant::now();
+    loop {
+        if let Ok(status) = client.copyset_status(node, COPYSET).await {
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "node {node}: {what}: {status:?}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "node {node}: {what}: no status"
+        );
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_node_is_replaced_under_load_and_the_new_member_survives_a_restart() {
+    const WRITES: u64 = 90;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let node_config = |id: u32| config_of_cluster(id, 4, &ports, dir.path(), "uring", "tcp");
+    let mut nodes: Vec<Node> = (1..=4).map(|id| Node::start(node_config(id))).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+
+    let commit = with_client_of(addresses.clone(), |client| {
+        Box::pin(async move {
+            let client = std::rc::Rc::new(client);
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            // Writes in flight while the membership changes: two writers, each write
+            // acknowledged before that writer's next one; every one must succeed.
+            let acked = std::rc::Rc::new(std::cell::Cell::new(0u64));
+            let writers: Vec<_> = (0..2u64)
+                .map(|writer| {
+                    let client = std::rc::Rc::clone(&client);
+                    let acked = std::rc::Rc::clone(&acked);
+                    glommio::spawn_local(async move {
+                        for i in (writer..WRITES).step_by(2) {
+                            client
+                                .write(
+                                    COPYSET,
+                                    ChunkId(1 + i % 3),
+                                    (i as u32 / 3) * 4096,
+                                    block(i),
+                                    1,
+                                )
+                                .await
+                                .unwrap_or_else(|e| panic!("write {i}: {e}"));
+                            acked.set(acked.get() + 1);
+                        }
+                    })
+                })
+                .collect();
+            // Once some writes landed, replace node 3 by node 4 (joint consensus): node 4's
+            // replica starts from the copyset's bootstrap and takes the log from index 2.
+            let started = Instant::now();
+            while acked.get() < 20 {
+                assert!(started.elapsed() < Duration::from_secs(15), "writes stall");
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            let membership = client
+                .set_voters(COPYSET, &[1, 2, 3], &[1, 2, 4], &[1, 2, 3])
+                .await
+                .expect("change peers");
+            assert_eq!(membership.voters, vec![1, 2, 4]);
+            assert!(membership.voters_outgoing.is_empty(), "{membership:?}");
+            assert!(
+                acked.get() < WRITES,
+                "the change ran while writes were in flight"
+            );
+            for writer in writers {
+                writer.await;
+            }
+            for i in 0..WRITES {
+                let data = client
+                    .read(
+                        COPYSET,
+                        ChunkId(1 + i % 3),
+                        u64::from(i as u32 / 3) * 4096,
+                        4096,
+                    )
+                    .await
+                    .expect("read");
+                assert_eq!(data, block(i), "block {i}");
+            }
+            let leader = client.cached_leader(COPYSET).expect("leader");
+            assert_ne!(leader, 3, "node 3 is no longer a voter, so it cannot lead");
+            let leader_status = client
+                .copyset_status(leader, COPYSET)
+                .await
+                .expect("status");
+            assert_eq!(leader_status.membership.voters, vec![1, 2, 4]);
+            // Node 4 catches up with the leader and knows the new membership.
+            let target = leader_status.commit;
+            let status = wait_status(&client, 4, "catch up", |s| s.applied >= target).await;
+            assert_eq!(status.membership.voters, vec![1, 2, 4]);
+            assert!(status.membership.voters_outgoing.is_empty());
+            target
+        })
+    });
+
+    // Node 3 goes; node 4 restarts from its files: it re-applies its log from the
+    // checkpointed applied index, membership changes included, and ends with the new
+    // membership. Then the whole new membership restarts and commits without node 3; with
+    // node 2 stopped too, a write needs node 4's vote and acknowledgement.
+    nodes[2].stop();
+    nodes[3].stop();
+    nodes[3] = Node::start(node_config(4));
+    with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            let status = wait_status(&client, 4, "re-applied after the restart", |s| {
+                s.applied >= commit
+            })
+            .await;
+            assert_eq!(status.membership.voters, vec![1, 2, 4], "{status:?}");
+            assert!(status.membership.voters_outgoing.is_empty(), "{status:?}");
+        })
+    });
+    for id in [1, 2, 4] {
+        nodes[id - 1].stop();
+    }
+    for id in [1, 2, 4] {
+        nodes[id - 1] = Node::start(node_config(id as u32));
+    }
+    with_client_of(addresses.clone(), |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 2, 4]);
+            client
+                .write(COPYSET, ChunkId(9), 0, block(1000), 1)
+                .await
+                .expect("write after the restart, without node 3");
+            for i in 0..WRITES {
+                let data = client
+                    .read(
+                        COPYSET,
+                        ChunkId(1 + i % 3),
+                        u64::from(i as u32 / 3) * 4096,
+                        4096,
+                    )
+                    .await
+                    .expect("read after the restart");
+                assert_eq!(data, block(i), "block {i} after the restart");
+            }
+        })
+    });
+    nodes[1].stop();
+    with_client_of(addresses, |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 4]);
+            client
+                .write(COPYSET, ChunkId(9), 4096, block(1001), 1)
+                .await
+                .expect("write by nodes 1 and 4 alone");
+            assert_eq!(
+                client
+                    .read(COPYSET, ChunkId(9), 4096, 4096)
+                    .await
+                    .expect("read"),
+                block(1001)
+            );
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use dataplane::client::{Client, ClientConfig, NodeAddress};
 use dataplane::config::Config;
 use dataplane::ids::CopysetId;
+use dataplane::server::wire::Membership;
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
 
@@ -62,6 +63,66 @@ enum CopysetCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Adds a node as a voter: creates its replica from the copyset's bootstrap, then
+    /// changes the membership (answered once the change is applied on the leader).
+    AddPeer {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node id to add.
+        #[arg(long)]
+        node: u64,
+        /// The copyset's voters when it was created, comma-separated (the new replica starts
+        /// from the same bootstrap and takes the leader's log from index 2).
+        #[arg(long, value_delimiter = ',', required = true)]
+        initial_peers: Vec<u64>,
+    },
+    /// Removes a node from the copyset's membership.
+    RemovePeer {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node id to remove.
+        #[arg(long)]
+        node: u64,
+    },
+    /// Makes the given nodes the copyset's voters, adding and removing in one change (joint
+    /// consensus when more than one voter changes), e.g. to replace a node.
+    ChangePeers {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node ids of the voters wanted, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<u64>,
+        /// The copyset's voters when it was created, comma-separated; needed when a node is
+        /// added.
+        #[arg(long, value_delimiter = ',')]
+        initial_peers: Vec<u64>,
+    },
+}
+
+fn print_membership(copyset: u64, membership: &Membership, json_output: bool) {
+    if json_output {
+        println!(
+            "{}",
+            json!({
+                "copyset": copyset,
+                "voters": membership.voters,
+                "voters_outgoing": membership.voters_outgoing,
+                "learners": membership.learners,
+            })
+        );
+        return;
+    }
+    let mut line = format!("copyset {copyset}: voters {:?}", membership.voters);
+    if membership.is_joint() {
+        line += &format!(" (joint with {:?})", membership.voters_outgoing);
+    }
+    if !membership.learners.is_empty() {
+        line += &format!(", learners {:?}", membership.learners);
+    }
+    println!("{line}");
 }
 
 /// One replica as a status line shows it.
@@ -73,6 +134,7 @@ struct Replica {
     commit: u64,
     applied: u64,
     leader: u64,
+    voters: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +171,7 @@ async fn gather(client: &Client, nodes: &[u64]) -> ClusterStatus {
                     commit: s.commit,
                     applied: s.applied,
                     leader: s.leader,
+                    voters: s.membership.voters,
                 }),
                 Err(error) => status.unreachable.push((node, error.to_string())),
             }
@@ -157,7 +220,7 @@ fn print_status(status: &ClusterStatus, json_output: bool) {
                     "copyset": id,
                     "replicas": replicas.iter().map(|r| json!({
                         "node": r.node, "role": r.role, "term": r.term, "commit": r.commit,
-                        "applied": r.applied, "leader": r.leader,
+                        "applied": r.applied, "leader": r.leader, "voters": r.voters,
                         "lag": leader_applied.saturating_sub(r.applied),
                     })).collect::<Vec<_>>(),
                 })
@@ -271,6 +334,54 @@ fn main() -> ExitCode {
                         }
                         Err(error) => Err(error.to_string()),
                     }
+                }
+                Command::Copyset(CopysetCommand::AddPeer {
+                    id,
+                    node,
+                    initial_peers,
+                }) => {
+                    client.set_peers(CopysetId(id), &ids);
+                    client
+                        .add_peer(CopysetId(id), node, &initial_peers)
+                        .await
+                        .map(|membership| print_membership(id, &membership, cli.json))
+                        .map_err(|error| error.to_string())
+                }
+                Command::Copyset(CopysetCommand::RemovePeer { id, node }) => {
+                    client.set_peers(CopysetId(id), &ids);
+                    client
+                        .remove_peer(CopysetId(id), node)
+                        .await
+                        .map(|membership| print_membership(id, &membership, cli.json))
+                        .map_err(|error| error.to_string())
+                }
+                Command::Copyset(CopysetCommand::ChangePeers {
+                    id,
+                    peers,
+                    initial_peers,
+                }) => {
+                    let copyset = CopysetId(id);
+                    client.set_peers(copyset, &ids);
+                    let current = match client.leader_membership(copyset, &ids).await {
+                        Ok((_, current)) => current,
+                        Err(error) => return Err(error.to_string()),
+                    };
+                    let adds: Vec<u64> = peers
+                        .iter()
+                        .copied()
+                        .filter(|p| !current.voters.contains(p))
+                        .collect();
+                    if !adds.is_empty() && initial_peers.is_empty() {
+                        return Err(format!(
+                            "adding node(s) {adds:?} needs --initial-peers (the copyset's \
+                             voters when it was created)"
+                        ));
+                    }
+                    client
+                        .set_voters(copyset, &ids, &peers, &initial_peers)
+                        .await
+                        .map(|membership| print_membership(id, &membership, cli.json))
+                        .map_err(|error| error.to_string())
                 }
                 Command::Copyset(CopysetCommand::Create { id, peers }) => {
                     match client.create_copyset(CopysetId(id), &peers).await {

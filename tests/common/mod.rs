@@ -9,7 +9,7 @@ pub fn free_ports(count: usize) -> Vec<u16> {
 }
 
 pub fn write_config(dir: &Path, id: usize, ports: &[u16]) -> PathBuf {
-    let nodes: Vec<String> = (0..3)
+    let nodes: Vec<String> = (0..ports.len() / 2)
         .map(|n| {
             format!(
                 "{{ id = {}, peer = \"tcp://127.0.0.1:{}\", client = [\"tcp://127.0.0.1:{}\"], shards = 1 }}",

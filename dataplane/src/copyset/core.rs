@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use raftcore::{
-    ConfChange, Entry, EntryKind, HardState, LogIndex, LogStorage, Message, NodeId, RaftError,
-    RawNode, Snapshot, StateRole, Term,
+    ConfChange, ConfState, Entry, EntryKind, HardState, LogIndex, LogStorage, Message, NodeId,
+    RaftError, RawNode, Snapshot, StateRole, Term,
 };
 
 use super::op::ChunkOp;
@@ -38,6 +38,8 @@ pub enum Refusal {
     Dropped,
     /// The request is malformed or raft refused it.
     Invalid(String),
+    /// Not now: an earlier membership change is still being applied; try again.
+    Busy(String),
 }
 
 /// What the shell must do.
@@ -79,6 +81,18 @@ pub enum Action {
         /// The client.
         token: Token,
     },
+    /// The membership change at `index` is applied and everything before it too: record
+    /// `conf_state` with the applied index `index` (raft's restart reads the membership as of
+    /// the applied index). `tokens` are the clients whose change this completes: their own
+    /// entry, or, for a change that entered a joint configuration, the entry that left it.
+    ConfChanged {
+        /// Log index of the change.
+        index: LogIndex,
+        /// The membership after it.
+        conf_state: ConfState,
+        /// Clients to answer (with `conf_state`).
+        tokens: Vec<Token>,
+    },
     /// Leadership or role changed (for the status page and client redirects).
     RoleChanged {
         /// The new role.
@@ -110,6 +124,11 @@ pub struct CopysetCore<S: LogStorage> {
     persists: VecDeque<(u64, bool)>,
     /// Reads waiting for `applied` to reach their index.
     reads: Vec<(LogIndex, Token)>,
+    /// Membership changes applied to raft whose `ConfChanged` waits for `applied` to reach
+    /// their index, in log order, each with the client waiting for it.
+    conf_changes: VecDeque<(LogIndex, ConfState, Option<Token>)>,
+    /// Clients whose change entered a joint configuration: answered when it is left.
+    joint_waiters: Vec<Token>,
     actions: VecDeque<Action>,
 }
 
@@ -138,6 +157,8 @@ impl<S: LogStorage> CopysetCore<S> {
             delivered: applied,
             persists: VecDeque::new(),
             reads: Vec::new(),
+            conf_changes: VecDeque::new(),
+            joint_waiters: Vec::new(),
             actions: VecDeque::new(),
         }
     }
@@ -214,9 +235,31 @@ impl<S: LogStorage> CopysetCore<S> {
         }
     }
 
-    /// A membership change, proposed by the admin.
-    pub fn propose_conf_change(&mut self, change: &ConfChange) -> Result<LogIndex, RaftError> {
-        self.node.propose_conf_change(change)
+    /// A membership change, proposed by the admin. `token` is answered by a `ConfChanged`
+    /// once the change is applied (for a joint change, once the joint configuration is
+    /// left), or by a `Refuse`.
+    pub fn propose_conf_change(&mut self, change: &ConfChange, token: Token) {
+        if self.role != StateRole::Leader {
+            self.refuse(
+                token,
+                Refusal::NotLeader {
+                    leader: self.leader,
+                },
+            );
+            return;
+        }
+        let term = self.node.raft().term;
+        match self.node.propose_conf_change(change) {
+            Ok(index) => {
+                self.proposals.insert(index, (term, token));
+            }
+            Err(error) => self.refuse(token, refusal_of(error, self.leader)),
+        }
+    }
+
+    /// The membership raft uses now (changes take effect when applied).
+    pub fn conf_state(&self) -> &ConfState {
+        self.node.raft().conf_state()
     }
 
     /// Asks leadership to move to `to`.
@@ -316,6 +359,27 @@ impl<S: LogStorage> CopysetCore<S> {
     /// were never delivered with their own term (already refused when delivered).
     fn settle(&mut self) {
         let applied = self.applied;
+        while self
+            .conf_changes
+            .front()
+            .is_some_and(|(i, _, _)| *i <= applied)
+        {
+            let Some((index, conf_state, token)) = self.conf_changes.pop_front() else {
+                break;
+            };
+            let mut tokens = Vec::new();
+            if conf_state.voters_outgoing.is_empty() {
+                tokens.append(&mut self.joint_waiters);
+                tokens.extend(token);
+            } else {
+                self.joint_waiters.extend(token);
+            }
+            self.actions.push_back(Action::ConfChanged {
+                index,
+                conf_state,
+                tokens,
+            });
+        }
         let mut i = 0;
         while i < self.reads.len() {
             if self.reads[i].0 <= applied {
@@ -415,23 +479,31 @@ impl<S: LogStorage> CopysetCore<S> {
         }
         match entry.kind {
             EntryKind::ConfChange => {
-                match ConfChange::decode(entry.data.clone()) {
-                    Ok(change) => {
-                        if let Err(error) = self.node.apply_conf_change(&change) {
-                            tracing::error!(copyset = %self.id, %error, "conf change refused");
+                let applied = match ConfChange::decode(entry.data.clone()) {
+                    Ok(change) => self.node.apply_conf_change(&change).map_err(|error| {
+                        tracing::error!(copyset = %self.id, index = %entry.index, %error,
+                            "conf change refused");
+                        error.to_string()
+                    }),
+                    Err(error) => {
+                        tracing::error!(copyset = %self.id, %error, "undecodable conf change");
+                        Err(error.to_string())
+                    }
+                };
+                match applied {
+                    Ok(conf_state) => {
+                        self.conf_changes
+                            .push_back((entry.index, conf_state, token));
+                    }
+                    Err(reason) => {
+                        if let Some(token) = token {
+                            self.refuse(token, Refusal::Invalid(reason));
                         }
                     }
-                    Err(error) => {
-                        tracing::error!(copyset = %self.id, %error, "undecodable conf change")
-                    }
-                }
-                if let Some(token) = token {
-                    self.actions.push_back(Action::Refuse {
-                        token,
-                        refusal: Refusal::Dropped,
-                    });
                 }
                 self.complete(entry.index);
+                // `complete` settles only when `applied` moves; the change may be due now.
+                self.settle();
             }
             EntryKind::Normal if entry.data.is_empty() => self.complete(entry.index),
             EntryKind::Normal => match ChunkOp::decode(&entry.data) {
@@ -466,6 +538,7 @@ impl<S: LogStorage> CopysetCore<S> {
 fn refusal_of(error: RaftError, leader: Option<NodeId>) -> Refusal {
     match error {
         RaftError::NotLeader { .. } => Refusal::NotLeader { leader },
+        RaftError::ConfChangePending => Refusal::Busy(error.to_string()),
         other => Refusal::Invalid(other.to_string()),
     }
 }

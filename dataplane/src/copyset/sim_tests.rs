@@ -253,6 +253,8 @@ impl Sim {
                 self.served_reads += 1;
             }
             Action::RoleChanged { role, .. } => self.record(node << 4 ^ role as u64),
+            // The simulation's membership is fixed.
+            Action::ConfChanged { .. } => {}
         }
     }
 
@@ -629,4 +631,102 @@ fn replay_one_seed() {
         "{count} copyset seeds from {first} ran clean in {:.1?}",
         started.elapsed()
     );
+}
+
+/// Runs one replica's actions: persists at once, collects applies (not reported), and
+/// returns the membership records and answers it produced.
+fn run_alone(
+    core: &mut CopysetCore<MemStorage>,
+    applies: &mut Vec<(LogIndex, ChunkId)>,
+) -> Vec<Action> {
+    let mut other = Vec::new();
+    while let Some(action) = core.next_action() {
+        match action {
+            Action::Persist {
+                number,
+                entries,
+                hard_state,
+                ..
+            } => {
+                let store = core.node_mut().store_mut();
+                store.append(&entries);
+                if let Some(hard_state) = hard_state {
+                    store.set_hard_state(hard_state);
+                }
+                core.on_persisted(number);
+            }
+            Action::Apply { index, op, .. } => applies.push((index, op.chunk())),
+            Action::Send(_) | Action::RoleChanged { .. } => {}
+            action => other.push(action),
+        }
+    }
+    other
+}
+
+/// A membership change is applied to raft when delivered, but its `ConfChanged` (what the
+/// shell records with the applied index) waits until every entry before it is applied; the
+/// proposer is answered by it.
+#[test]
+fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
+    let conf = ConfState {
+        voters: [NodeId(1)].into_iter().collect(),
+        ..ConfState::default()
+    };
+    let mut core = new_core(1, MemStorage::new_with_conf_state(conf), 7);
+    let mut applies = Vec::new();
+    for _ in 0..40 {
+        core.tick();
+        run_alone(&mut core, &mut applies);
+        if core.role() == StateRole::Leader {
+            break;
+        }
+    }
+    assert_eq!(
+        core.role(),
+        StateRole::Leader,
+        "a single voter elects itself"
+    );
+    let write = ChunkOp::Write {
+        chunk: ChunkId(1),
+        sn: 1,
+        offset: 0,
+        data: Bytes::from(vec![1u8; 4096]),
+    };
+    core.propose(write.encode(), 1);
+    assert!(run_alone(&mut core, &mut applies).is_empty());
+    let (write_index, chunk) = *applies.last().expect("the write is handed out");
+    let change =
+        raftcore::ConfChange::with_steps(vec![raftcore::ConfChangeStep::AddLearner(NodeId(2))]);
+    core.propose_conf_change(&change, 2);
+    // Committed and applied to raft, but the write before it is not applied yet.
+    assert!(run_alone(&mut core, &mut applies).is_empty());
+    assert!(core.conf_state().learners.contains(&NodeId(2)));
+    // A second change is refused while the first is not applied: retry later.
+    core.propose_conf_change(&change, 3);
+    let refused = run_alone(&mut core, &mut applies);
+    assert!(
+        matches!(
+            refused.as_slice(),
+            [Action::Refuse {
+                token: 3,
+                refusal: super::core::Refusal::Busy(_)
+            }]
+        ),
+        "{refused:?}"
+    );
+    core.on_applied(write_index, chunk);
+    let recorded = run_alone(&mut core, &mut applies);
+    match recorded.as_slice() {
+        [Action::ConfChanged {
+            index,
+            conf_state,
+            tokens,
+        }] => {
+            assert_eq!(*index, write_index.next());
+            assert!(conf_state.learners.contains(&NodeId(2)));
+            assert_eq!(tokens, &vec![2]);
+            assert!(core.applied() >= *index);
+        }
+        other => panic!("expected one ConfChanged, got {other:?}"),
+    }
 }

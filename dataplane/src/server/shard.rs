@@ -15,7 +15,7 @@ use raftcore::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::wire::{self, CopysetStatus, CreateCopyset, RaftBatch, ReadChunk, Status};
+use super::wire::{self, CopysetStatus, CreateCopyset, Membership, RaftBatch, ReadChunk, Status};
 use crate::config::Endpoint;
 use crate::copyset::{Action, ChunkOp, CopysetCore, Refusal, Token};
 use crate::ids::{ChunkId, CopysetId};
@@ -133,6 +133,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
             ]),
         });
         for recovered in &recovery.copysets {
+            // Raft restarts at the checkpointed applied index (the snapshot's), and hands the
+            // entries above it out again, membership changes included. The membership must
+            // therefore be the one as of that index — the snapshot's, which the checkpoint
+            // captured together with the applied index — not the one the WAL's later
+            // membership records leave: those changes are applied (and recorded) again.
+            server.engine.wal().with_log_mut(recovered.copyset, |log| {
+                if log.snapshot.index == recovered.applied {
+                    log.conf_state = log.snapshot.conf_state.clone();
+                }
+            });
             server.open_copyset(recovered.copyset, recovered.applied)?;
             info!(node, shard, copyset = %recovered.copyset, applied = %recovered.applied,
                 "copyset recovered");
@@ -397,6 +407,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     "term": raft.term.0,
                     "commit": raft.log.committed.0,
                     "applied": core.applied().0,
+                    "voters": core.conf_state().voters.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "voters_outgoing": core.conf_state().voters_outgoing.iter().map(|n| n.0)
+                        .collect::<Vec<_>>(),
+                    "learners": core.conf_state().learners.iter().map(|n| n.0)
+                        .collect::<Vec<_>>(),
                 }))
             })
             .collect()
@@ -439,7 +454,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
         match opcode {
             wire::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
                 Ok(request) => (
-                    self.create_copyset(copyset, &request.peers).await,
+                    self.create_copyset(copyset, &request.peers, request.join)
+                        .await,
                     Bytes::new(),
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
@@ -469,6 +485,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
                 }
             }
+            wire::CHANGE_PEERS => {
+                let change = match raftcore::ConfChange::decode(payload) {
+                    Ok(change) => change,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let (token, answer) = self.wait_token();
+                core.borrow_mut().propose_conf_change(&change, token);
+                self.drive(copyset, &core);
+                answer.await
+            }
             wire::LIST_COPYSETS => {
                 let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
                 ids.sort_unstable();
@@ -491,6 +520,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     term: raft.term.0,
                     commit: raft.log.committed.0,
                     applied: core.applied().0,
+                    membership: Membership::of(core.conf_state()),
                 };
                 (Status::Ok, status.encode())
             }
@@ -578,9 +608,12 @@ impl<B: Bdev + 'static> ShardServer<B> {
     }
 
     /// Creates a copyset with `peers` as its first voters: a bootstrap snapshot (index 1,
-    /// term 1) and hard state in the WAL, made durable before the copyset starts.
-    async fn create_copyset(&self, copyset: CopysetId, peers: &[NodeId]) -> Status {
-        if !peers.contains(&NodeId(self.node)) {
+    /// term 1) and hard state in the WAL, made durable before the copyset starts. With
+    /// `join`, this node need not be among `peers` (the copyset's original voters): the replica
+    /// starts from the same bootstrap as theirs, takes the leader's log from index 2 once a
+    /// peer change adds it, and cannot campaign until it applies its own addition.
+    async fn create_copyset(&self, copyset: CopysetId, peers: &[NodeId], join: bool) -> Status {
+        if !join && !peers.contains(&NodeId(self.node)) {
             return Status::Invalid(format!(
                 "the peers do not include this node ({})",
                 self.node
@@ -747,6 +780,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             Status::Retry("replaced by a new leader's entry".into())
                         }
                         Refusal::Invalid(reason) => Status::Invalid(reason),
+                        Refusal::Busy(reason) => Status::Retry(reason),
                     };
                     self.answer(token, status, Bytes::new());
                 }
@@ -773,6 +807,46 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             Err(error) => {
                                 server.answer(token, status_of_storage(&error), Bytes::new())
                             }
+                        }
+                    })
+                    .detach();
+                }
+                Action::ConfChanged {
+                    index,
+                    conf_state,
+                    tokens,
+                } => {
+                    // Everything up to `index` is applied: the membership and the applied
+                    // index go together, so a restart's `initial_state()` is the membership
+                    // as of its applied index (raft does not hand these entries out again
+                    // once the applied index passes them).
+                    info!(node = self.node, %copyset, %index, voters = ?conf_state.voters,
+                        outgoing = ?conf_state.voters_outgoing, "membership changed");
+                    self.engine.set_applied(copyset, index);
+                    let membership = Membership::of(&conf_state).encode();
+                    let wal = self.engine.wal();
+                    let lsn = match wal.set_conf_state(copyset, conf_state) {
+                        Ok(lsn) => lsn,
+                        Err(error) => {
+                            error!(%copyset, %error, "membership not recorded in the WAL");
+                            for token in tokens {
+                                self.answer(token, status_of_storage(&error), Bytes::new());
+                            }
+                            continue;
+                        }
+                    };
+                    let engine = Rc::clone(&self.engine);
+                    let server = Rc::clone(self);
+                    glommio::spawn_local(async move {
+                        let status = match engine.wal().sync(lsn).await {
+                            Ok(()) => Status::Ok,
+                            Err(error) => {
+                                error!(%copyset, %error, "WAL sync of the membership failed");
+                                status_of_storage(&error)
+                            }
+                        };
+                        for token in tokens {
+                            server.answer(token, status.clone(), membership.clone());
                         }
                     })
                     .detach();

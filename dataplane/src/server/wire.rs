@@ -31,6 +31,10 @@ pub const COPYSET_STATUS: Opcode = Opcode(33);
 pub const LIST_COPYSETS: Opcode = Opcode(34);
 /// Ask the leader to hand leadership to a voter (body: node id u64).
 pub const TRANSFER_LEADER: Opcode = Opcode(35);
+/// Changes a copyset's membership (CliService): the body is a raftcore `ConfChange`
+/// encoding; answered with the resulting [`Membership`] once the change is applied on the
+/// leader (for a change of several voters, once its joint configuration is left).
+pub const CHANGE_PEERS: Opcode = Opcode(36);
 
 /// Encodes a list of copyset ids: count u32, then each id u64.
 pub fn encode_copyset_list(ids: &[u64]) -> Bytes {
@@ -72,6 +76,7 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",
         TRANSFER_LEADER => "transfer_leader",
+        CHANGE_PEERS => "change_peers",
         _ => "unknown",
     }
 }
@@ -128,6 +133,21 @@ impl<'a> Reader<'a> {
         let mut word = [0u8; 8];
         word.copy_from_slice(b);
         Ok(u64::from_le_bytes(word))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn ids(&mut self) -> Result<Vec<u64>, WireError> {
+        let count = self.u16()? as usize;
+        if count > MAX_PEERS {
+            return Err(WireError {
+                what: self.what,
+                why: "too many node ids",
+            });
+        }
+        (0..count).map(|_| self.u64()).collect()
     }
 
     fn finish(self) -> Result<(), WireError> {
@@ -223,23 +243,31 @@ impl ReadChunk {
     }
 }
 
-/// Creates a copyset on this node with its initial voters (this node among them).
+/// Creates a copyset on this node with its initial voters (this node among them, unless
+/// `join`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateCopyset {
     /// The initial voters.
     pub peers: Vec<NodeId>,
+    /// The replica joins an existing copyset: `peers` is the copyset's *original* voter list
+    /// (not including this node), so this replica starts from the same bootstrap snapshot
+    /// (index 1) and takes the leader's log from index 2; a peer change then adds it.
+    pub join: bool,
 }
 
 /// The most peers a copyset may start with.
 pub const MAX_PEERS: usize = 16;
 
 impl CreateCopyset {
-    /// Encodes: count u16, then node ids u64.
+    /// Encodes: count u16, then node ids u64, then (only when joining) a u8 1.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(2 + 8 * self.peers.len());
+        let mut out = BytesMut::with_capacity(3 + 8 * self.peers.len());
         out.put_u16_le(self.peers.len() as u16);
         for peer in &self.peers {
             out.put_u64_le(peer.0);
+        }
+        if self.join {
+            out.put_u8(1);
         }
         out.freeze()
     }
@@ -265,8 +293,22 @@ impl CreateCopyset {
             }
             peers.push(NodeId(id));
         }
+        let join = if reader.is_empty() {
+            false
+        } else {
+            match reader.u8()? {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Err(WireError {
+                        what: "create copyset",
+                        why: "join flag is neither 0 nor 1",
+                    })
+                }
+            }
+        };
         reader.finish()?;
-        Ok(CreateCopyset { peers })
+        Ok(CreateCopyset { peers, join })
     }
 }
 
@@ -373,7 +415,7 @@ pub fn decode_response(bytes: &Bytes) -> Result<(Status, Bytes), WireError> {
 }
 
 /// A copyset's raft status, as `COPYSET_STATUS` answers it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopysetStatus {
     /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
     pub role: u8,
@@ -385,10 +427,82 @@ pub struct CopysetStatus {
     pub commit: u64,
     /// Applied index.
     pub applied: u64,
+    /// The membership this replica uses.
+    pub membership: Membership,
+}
+
+/// A copyset's membership as a replica sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Voters (of the incoming configuration while joint).
+    pub voters: Vec<u64>,
+    /// Voters of the outgoing configuration while joint; empty otherwise.
+    pub voters_outgoing: Vec<u64>,
+    /// Learners.
+    pub learners: Vec<u64>,
+    /// Learners that become voters when the joint configuration is left.
+    pub learners_next: Vec<u64>,
+}
+
+impl Membership {
+    /// The membership of a raft `ConfState`.
+    pub fn of(conf: &raftcore::ConfState) -> Membership {
+        let ids = |set: &std::collections::BTreeSet<NodeId>| set.iter().map(|n| n.0).collect();
+        Membership {
+            voters: ids(&conf.voters),
+            voters_outgoing: ids(&conf.voters_outgoing),
+            learners: ids(&conf.learners),
+            learners_next: ids(&conf.learners_next),
+        }
+    }
+
+    /// Encodes: four lists (voters, outgoing voters, learners, next learners), each a u16
+    /// count and u64 node ids.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.put(&mut out);
+        out.freeze()
+    }
+
+    fn put(&self, out: &mut BytesMut) {
+        for list in [
+            &self.voters,
+            &self.voters_outgoing,
+            &self.learners,
+            &self.learners_next,
+        ] {
+            out.put_u16_le(list.len() as u16);
+            for id in list {
+                out.put_u64_le(*id);
+            }
+        }
+    }
+
+    fn read(reader: &mut Reader<'_>) -> Result<Membership, WireError> {
+        Ok(Membership {
+            voters: reader.ids()?,
+            voters_outgoing: reader.ids()?,
+            learners: reader.ids()?,
+            learners_next: reader.ids()?,
+        })
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<Membership, WireError> {
+        let mut reader = Reader::new(bytes, "membership");
+        let membership = Membership::read(&mut reader)?;
+        reader.finish()?;
+        Ok(membership)
+    }
+
+    /// Whether a change of several voters is under way.
+    pub fn is_joint(&self) -> bool {
+        !self.voters_outgoing.is_empty()
+    }
 }
 
 impl CopysetStatus {
-    /// Encodes: role u8, leader, term, commit, applied as u64.
+    /// Encodes: role u8, leader, term, commit, applied as u64, then the [`Membership`].
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(33);
         out.put_u8(self.role);
@@ -396,6 +510,7 @@ impl CopysetStatus {
         out.put_u64_le(self.term);
         out.put_u64_le(self.commit);
         out.put_u64_le(self.applied);
+        self.membership.put(&mut out);
         out.freeze()
     }
 
@@ -408,6 +523,7 @@ impl CopysetStatus {
             term: reader.u64()?,
             commit: reader.u64()?,
             applied: reader.u64()?,
+            membership: Membership::read(&mut reader)?,
         };
         reader.finish()?;
         Ok(status)
@@ -436,14 +552,26 @@ mod tests {
         assert_eq!(ReadChunk::decode(&read.encode()).unwrap(), read);
         let create = CreateCopyset {
             peers: vec![NodeId(1), NodeId(2), NodeId(3)],
+            join: false,
         };
         assert_eq!(CreateCopyset::decode(&create.encode()).unwrap(), create);
+        let join = CreateCopyset {
+            peers: vec![NodeId(1), NodeId(2), NodeId(3)],
+            join: true,
+        };
+        assert_eq!(CreateCopyset::decode(&join.encode()).unwrap(), join);
         let status = CopysetStatus {
             role: 3,
             leader: 1,
             term: 4,
             commit: 9,
             applied: 8,
+            membership: Membership {
+                voters: vec![1, 2, 4],
+                voters_outgoing: vec![1, 2, 3],
+                learners: vec![5],
+                learners_next: vec![],
+            },
         };
         assert_eq!(CopysetStatus::decode(&status.encode()).unwrap(), status);
         assert_eq!(

@@ -65,9 +65,21 @@ pub fn config(id: u32, ports: &[u16], dir: &Path, backend: &str) -> Config {
 
 /// The same, with every listener on transport `scheme` (`tcp`, `softrdma`).
 pub fn config_over(id: u32, ports: &[u16], dir: &Path, backend: &str, scheme: &str) -> Config {
+    config_of_cluster(id, 3, ports, dir, backend, scheme)
+}
+
+/// The configuration of node `id` of a cluster of `count` nodes (two ports each in `ports`).
+pub fn config_of_cluster(
+    id: u32,
+    count: usize,
+    ports: &[u16],
+    dir: &Path,
+    backend: &str,
+    scheme: &str,
+) -> Config {
     let peer = |n: usize| ports[2 * n];
     let client = |n: usize| ports[2 * n + 1];
-    let nodes: Vec<String> = (0..3)
+    let nodes: Vec<String> = (0..count)
         .map(|n| {
             format!(
                 "{{ id = {}, peer = \"{scheme}://127.0.0.1:{}\", client = [\"{scheme}://127.0.0.1:{}\"], shards = 1 }}",
@@ -128,7 +140,17 @@ pub fn addresses_over(ports: &[u16], scheme: &str) -> Vec<NodeAddress> {
 
 /// The client addresses of three nodes of `shards` shards each.
 pub fn addresses_with_shards(ports: &[u16], scheme: &str, shards: u32) -> Vec<NodeAddress> {
-    (0..3)
+    addresses_of_cluster(3, ports, scheme, shards)
+}
+
+/// The client addresses of `count` nodes of `shards` shards each.
+pub fn addresses_of_cluster(
+    count: usize,
+    ports: &[u16],
+    scheme: &str,
+    shards: u32,
+) -> Vec<NodeAddress> {
+    (0..count)
         .map(|n| NodeAddress {
             id: n as u64 + 1,
             endpoint: format!("{scheme}://127.0.0.1:{}", ports[2 * n + 1])
@@ -157,7 +179,16 @@ pub fn with_client_over<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
-    let addresses = addresses_over(ports, scheme);
+    with_client_of(addresses_over(ports, scheme), body)
+}
+
+/// Runs `body` with a client of the nodes at `addresses` on its own executor.
+pub fn with_client_of<T: Send + 'static>(
+    addresses: Vec<NodeAddress>,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("test-client")
         .spawn(move || async move {
