@@ -492,6 +492,11 @@ async fn run_clone<T: Target + 'static>(
                         let slot = state.next_slot.get();
                         state.next_slot.set(slot + 1);
                         let at = start + Duration::from_secs_f64(slot as f64 / rate as f64);
+                        if deadline.is_some_and(|d| at >= d) {
+                            // The schedule ends with the run: no slot past the deadline.
+                            state.stop.set(true);
+                            return;
+                        }
                         let now = Instant::now();
                         if at > now {
                             glommio::timer::sleep(at - now).await;
