@@ -451,3 +451,66 @@ fn a_node_is_replaced_under_load_and_the_new_member_survives_a_restart() {
         node.stop();
     }
 }
+
+#[test]
+fn a_stopped_follower_restarted_from_its_files_catches_up() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "uring")))
+        .collect();
+    let leader = with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            client
+                .write(COPYSET, ChunkId(6), 0, block(0), 1)
+                .await
+                .expect("write");
+            client.cached_leader(COPYSET).expect("leader")
+        })
+    });
+    // Stop a follower; the other two keep committing.
+    let follower = if leader == 3 { 2 } else { 3 };
+    nodes[follower as usize - 1].stop();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 2, 3]);
+            for i in 1..16u64 {
+                client
+                    .write(COPYSET, ChunkId(6), i as u32 * 4096, block(i), 1)
+                    .await
+                    .expect("write");
+            }
+        })
+    });
+    nodes[follower as usize - 1] =
+        Node::start(config(follower as u32, &ports, dir.path(), "uring"));
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            let started = Instant::now();
+            loop {
+                let leader_status = client
+                    .copyset_status(leader, COPYSET)
+                    .await
+                    .expect("status");
+                let status = client.copyset_status(follower, COPYSET).await;
+                if let Ok(status) = status {
+                    if status.applied >= leader_status.commit && status.applied > 0 {
+                        break;
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "node {follower} did not catch up with the leader"
+                );
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

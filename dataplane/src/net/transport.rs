@@ -227,6 +227,13 @@ impl PeerConnection {
         })
     }
 
+    /// Closes the live connection, if any (the next request dials again).
+    pub fn close(&self) {
+        if let Some(connection) = self.current.borrow_mut().take() {
+            connection.close();
+        }
+    }
+
     /// Sends a request over the live connection (reconnecting first if needed).
     pub async fn call(&self, request: Message) -> Result<Message, NetError> {
         self.connection().await?.call(request).await

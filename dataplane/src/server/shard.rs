@@ -96,6 +96,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     outbox: RefCell<HashMap<Destination, RaftMessages>>,
     outbox_ready: Notify,
     peers: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
+    /// Connections accepted from peers and clients, closed at shutdown.
+    accepted: RefCell<Vec<Connection>>,
     /// Seeds the copysets' election randomness.
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
@@ -126,6 +128,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             outbox: RefCell::new(HashMap::new()),
             outbox_ready: Notify::new(),
             peers: RefCell::new(HashMap::new()),
+            accepted: RefCell::new(Vec::new()),
             seed: node << 32 | u64::from(shard),
             metrics: crate::metrics::Registry::new(&[
                 ("node", &node.to_string()),
@@ -190,6 +193,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
         shutdown.raised().await;
         for task in tasks {
             task.cancel();
+        }
+        // Close every connection, both ways, so peers and clients see this node go.
+        for connection in self.accepted.borrow_mut().drain(..) {
+            connection.close();
+        }
+        for peer in self.peers.borrow().values() {
+            peer.close();
         }
         // Make what was acknowledged durable before the shard goes.
         let wal = self.engine.wal();
@@ -286,6 +296,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
     }
 
     async fn serve_connection(self: Rc<Self>, connection: Connection) {
+        // Remembered so that shutdown closes it (the peer then sees the node go, as it would
+        // if the process exited); closed ones are dropped from the list as new ones arrive.
+        {
+            let mut accepted = self.accepted.borrow_mut();
+            accepted.retain(|c| !c.is_closed());
+            accepted.push(connection.clone());
+        }
         while let Some(incoming) = connection.next_incoming().await {
             let server = Rc::clone(&self);
             glommio::spawn_local(async move { server.serve_request(incoming).await }).detach();
