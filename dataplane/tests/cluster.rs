@@ -514,3 +514,48 @@ fn a_stopped_follower_restarted_from_its_files_catches_up() {
         node.stop();
     }
 }
+
+#[test]
+fn a_quiescent_copyset_elects_a_new_leader_when_its_leader_stops() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "mem")))
+        .collect();
+    let leader = with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            client
+                .write(COPYSET, ChunkId(8), 0, block(0), 1)
+                .await
+                .expect("write");
+            // Idle for several election timeouts: the group stops heartbeating.
+            glommio::timer::sleep(Duration::from_millis(1500)).await;
+            client.cached_leader(COPYSET).expect("leader")
+        })
+    });
+    nodes[leader as usize - 1].stop();
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 2, 3]);
+            client
+                .write(COPYSET, ChunkId(8), 4096, block(1), 1)
+                .await
+                .expect("write after");
+            assert_ne!(client.cached_leader(COPYSET), Some(leader));
+            assert_eq!(
+                client
+                    .read(COPYSET, ChunkId(8), 0, 4096)
+                    .await
+                    .expect("read"),
+                block(0)
+            );
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

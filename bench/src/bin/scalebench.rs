@@ -92,8 +92,9 @@ fn run() -> Result<(), String> {
                 task.await?;
             }
             let created_in = started.elapsed();
-            // Let the single-voter groups elect themselves and settle.
-            glommio::timer::sleep(Duration::from_secs(2)).await;
+            // Let the single-voter groups elect themselves and settle: quiescence starts after
+            // two election timeouts (2 s with the default timings).
+            glommio::timer::sleep(Duration::from_secs(4)).await;
             let after = resident_bytes().unwrap_or(0);
             let cpu_before = cpu_seconds().unwrap_or(0.0);
             let idle_started = Instant::now();

@@ -201,6 +201,11 @@ impl<S: LogStorage> CopysetCore<S> {
         self.actions.pop_front()
     }
 
+    /// Whether the group is quiescent (idle: no heartbeats, nothing to tick for).
+    pub fn is_quiescent(&self) -> bool {
+        self.node.raft().is_quiescent()
+    }
+
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
         self.node.tick();
@@ -214,6 +219,9 @@ impl<S: LogStorage> CopysetCore<S> {
     /// A client's state-changing request: `encoded` is a [`ChunkOp`] encoding.
     pub fn propose(&mut self, encoded: Bytes, token: Token) {
         if self.role != StateRole::Leader {
+            // A client came to this replica: maybe its leader is gone. A quiescent follower
+            // does not time out by itself, so restart its election timer.
+            self.node.wake();
             self.refuse(
                 token,
                 Refusal::NotLeader {
@@ -270,6 +278,9 @@ impl<S: LogStorage> CopysetCore<S> {
     /// A linearizable read: served through the lease when it holds, else by ReadIndex.
     pub fn read(&mut self, token: Token) {
         if self.role != StateRole::Leader {
+            // A client came to this replica: maybe its leader is gone. A quiescent follower
+            // does not time out by itself, so restart its election timer.
+            self.node.wake();
             self.refuse(
                 token,
                 Refusal::NotLeader {

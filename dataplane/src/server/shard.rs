@@ -159,6 +159,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
         config.heartbeat_tick = self.timings.heartbeat_ticks;
         config.applied = applied;
         config.rng_seed = self.seed ^ copyset.0.rotate_left(17);
+        // An idle group stops heartbeating after two election timeouts; any message, proposal
+        // or client request wakes it (clients reaching a follower wake it too, see
+        // `CopysetCore::propose`), so thousands of idle copysets cost almost nothing.
+        config.quiesce_after_ticks = 2 * self.timings.election_ticks;
         let storage = self.engine.log_storage(copyset);
         let node = RawNode::new(config, storage)
             .map_err(|e| StorageError::Copyset(copyset.0, e.to_string()))?;
@@ -212,13 +216,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
     async fn tick_loop(self: Rc<Self>) {
         loop {
             glommio::timer::sleep(self.timings.tick).await;
-            let copysets: Vec<(CopysetId, CopysetCell<B>)> = self
+            // Quiescent groups are skipped without being touched further: thousands of idle
+            // copysets cost one flag check each per tick.
+            let awake: Vec<(CopysetId, CopysetCell<B>)> = self
                 .copysets
                 .borrow()
                 .iter()
+                .filter(|(_, c)| !c.borrow().is_quiescent())
                 .map(|(id, c)| (*id, Rc::clone(c)))
                 .collect();
-            for (id, core) in copysets {
+            for (id, core) in awake {
                 core.borrow_mut().tick();
                 self.drive(id, &core);
             }
