@@ -7,14 +7,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use dataplane::nbd::protocol::{self, command, option, reply};
 use dataplane::net::queue::{oneshot, OneshotSender};
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
@@ -46,38 +44,7 @@ impl NbdUri {
     }
 }
 
-/// The socket, shared by the request writers and the reply reader of one connection; each
-/// borrow lasts one synchronous poll, all on one executor.
-#[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream>>);
-
-impl AsyncRead for SharedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SharedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
-    }
-}
+type SharedStream = dataplane::net::shared_stream::SharedStream<TcpStream>;
 
 /// A reply: the error code and, for a successful read, the data.
 type Reply = io::Result<(u32, Bytes)>;
@@ -127,7 +94,7 @@ impl NbdTarget {
             .await
             .map_err(io::Error::from)?;
         drop(stream.set_nodelay(true));
-        let mut stream = SharedStream(Rc::new(RefCell::new(stream)));
+        let mut stream = SharedStream::new(stream);
         let mut greeting = [0u8; 18];
         stream.read_exact(&mut greeting).await?;
         if greeting[0..8] != protocol::NBD_MAGIC.to_be_bytes()

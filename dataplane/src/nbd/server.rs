@@ -2,16 +2,13 @@
 //! requests in flight per connection. A malformed message closes that one connection with a
 //! logged reason; it never panics the shard.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
@@ -123,38 +120,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(io::Error::from)
 }
 
-/// The socket, shared by the reading task and the reply writer of one connection. A RefCell
-/// suffices: both run on one executor and each borrow lasts one synchronous poll.
-#[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream>>);
-
-impl AsyncRead for SharedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SharedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
-    }
-}
+type SharedStream = crate::net::shared_stream::SharedStream<TcpStream>;
 
 /// Runs one connection: handshake, then transmission until the client disconnects.
 pub async fn serve_connection(
@@ -164,7 +130,7 @@ pub async fn serve_connection(
 ) -> Result<(), NbdError> {
     // Replies are small and latency matters more than packet count.
     drop(stream.set_nodelay(true));
-    let mut stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let mut stream = SharedStream::new(stream);
     let Some(negotiated) = handshake(&mut stream, exports, config).await? else {
         return Ok(());
     };

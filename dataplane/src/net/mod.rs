@@ -14,6 +14,7 @@ pub mod frame;
 pub mod payload;
 pub mod queue;
 pub mod rdma;
+pub mod shared_stream;
 pub mod tcp;
 pub mod transport;
 pub mod verbs;

@@ -3,17 +3,14 @@
 //! into payload buffers from the shard's allocator, and a writer that gathers every queued
 //! frame (up to `coalesce_bytes_max`) into one send.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::future;
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{Preallocated, TcpListener, TcpStream};
 
 use super::connection::{new_connection, Connection, ConnectionConfig, LinkSide};
@@ -99,7 +96,7 @@ fn start_connection(
         .map_err(|e| NetError::io("set TCP_NODELAY", &e))?;
     let label = format!("tcp {local} -> {peer}");
     let (connection, link) = new_connection(label, config);
-    let stream = SharedStream::new(stream);
+    let stream = SharedStream::new(stream.buffered());
     let stop = Latch::new();
     glommio::spawn_local(read_loop(
         stream.clone(),
@@ -112,49 +109,9 @@ fn start_connection(
     Ok(connection)
 }
 
-/// One socket shared by the reader and writer tasks of its connection. A `RefCell` suffices:
-/// both tasks run on one shard, and each borrow lasts one synchronous poll.
-#[derive(Clone)]
-pub(crate) struct SharedStream(Rc<RefCell<TcpStream<Preallocated>>>);
-
-impl SharedStream {
-    /// Shares `stream`, read through glommio's preallocated receive buffer.
-    pub(crate) fn new(stream: TcpStream) -> SharedStream {
-        SharedStream(Rc::new(RefCell::new(stream.buffered())))
-    }
-}
-
-impl AsyncRead for SharedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut stream = self.0.borrow_mut();
-        Pin::new(&mut *stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SharedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut stream = self.0.borrow_mut();
-        Pin::new(&mut *stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut stream = self.0.borrow_mut();
-        Pin::new(&mut *stream).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut stream = self.0.borrow_mut();
-        Pin::new(&mut *stream).poll_close(cx)
-    }
-}
+/// One socket shared by the reader and writer tasks of its connection, read through glommio's
+/// preallocated receive buffer.
+pub(crate) type SharedStream = super::shared_stream::SharedStream<TcpStream<Preallocated>>;
 
 /// Runs `operation`, failing with a timeout error if it takes longer than `limit`.
 pub(crate) async fn within<T>(

@@ -668,7 +668,7 @@ impl QpInner {
             return;
         }
         let _ = stream.set_nodelay(true);
-        let stream = SharedStream::new(stream);
+        let stream = SharedStream::new(stream.buffered());
         glommio::spawn_local(read_wire(Rc::clone(self), stream.clone())).detach();
         glommio::spawn_local(write_wire(Rc::clone(self), stream)).detach();
     }
