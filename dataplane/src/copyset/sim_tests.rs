@@ -455,8 +455,19 @@ impl Sim {
         }
     }
 
+    /// One step of the safety phase: faults and clients, then the clock and the network.
     fn step(&mut self) {
         self.now += 1;
+        self.tick_all();
+        if self.faults {
+            self.fault_step();
+        }
+        self.client_step();
+        self.drain();
+        self.complete_due();
+    }
+
+    fn tick_all(&mut self) {
         if self.now % 2 == 0 {
             for replica in &mut self.replicas {
                 if let Some(core) = replica.core.as_mut() {
@@ -464,11 +475,10 @@ impl Sim {
                 }
             }
         }
-        if self.faults {
-            self.fault_step();
-        }
-        self.client_step();
-        self.drain();
+    }
+
+    /// Completes every piece of work due now, in (due, sequence) order.
+    fn complete_due(&mut self) {
         let now = self.now;
         let mut due: Vec<(u64, u64, Work)> = Vec::new();
         let mut i = 0;
@@ -520,27 +530,10 @@ impl Sim {
             // Clients stop issuing in the liveness phase; only what is in flight finishes.
             let pending_before = self.pending.len();
             self.now += 1;
-            if self.now % 2 == 0 {
-                for replica in &mut self.replicas {
-                    if let Some(core) = replica.core.as_mut() {
-                        core.tick();
-                    }
-                }
-            }
+            self.tick_all();
             self.drain();
+            self.complete_due();
             let now = self.now;
-            let due: Vec<usize> = (0..self.queue.len())
-                .filter(|&i| self.queue[i].0 <= now)
-                .collect();
-            let mut ready: Vec<(u64, u64, Work)> = Vec::new();
-            for i in due.into_iter().rev() {
-                ready.push(self.queue.swap_remove(i));
-            }
-            ready.sort_by_key(|(at, sequence, _)| (*at, *sequence));
-            for (_, _, work) in ready {
-                self.complete(work);
-                self.drain();
-            }
             let expired: Vec<Token> = self
                 .pending
                 .iter()
