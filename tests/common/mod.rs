@@ -85,13 +85,15 @@ impl Drop for Cluster {
 
 /// Like [`write_config`], but node `n` (1-based) listens on `hosts[n - 1]` instead of
 /// 127.0.0.1 (the fault suite puts each node in its own network namespace), with a device of
-/// `device_size` and the test timings of `write_config`. Logs go to stderr at `warn`.
+/// `device_size`, a WAL ring of `wal_size` and the test timings of `write_config`. Logs go
+/// to stderr at `warn`.
 pub fn write_config_on_hosts(
     dir: &Path,
     id: usize,
     hosts: &[String],
     ports: &[u16],
     device_size: &str,
+    wal_size: &str,
 ) -> PathBuf {
     let nodes: Vec<String> = (0..hosts.len())
         .map(|n| {
@@ -125,7 +127,7 @@ size = "{device_size}"
 
 [storage]
 chunk_size = "1MiB"
-wal_size_per_shard = "16MiB"
+wal_size_per_shard = "{wal_size}"
 
 [raft]
 tick_ms = 10

@@ -22,6 +22,34 @@ fn ip(args: &[&str]) -> Result<Output, String> {
     }
 }
 
+/// Removes the namespaces and bridge of earlier runs whose process is gone (a run killed with
+/// SIGKILL cannot clean up after itself). Names are `fs<pid>n<node>` and `fs<pid>b`.
+fn remove_leftovers() {
+    let Ok(listing) = ip(&["netns", "list"]) else {
+        return;
+    };
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    for name in listing.split_whitespace() {
+        let Some(rest) = name.strip_prefix("fs") else {
+            continue;
+        };
+        let Some((pid, node)) = rest.split_once('n') else {
+            continue;
+        };
+        let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !numeric(pid) || !numeric(node) || std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            continue;
+        }
+        eprintln!("fault suite: removing namespace {name} left by process {pid}");
+        let _ = ip(&["netns", "del", name]);
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("fs{pid}b")])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// The namespaces, links and addresses of one run.
 pub struct Network {
     bridge: String,
@@ -38,11 +66,15 @@ pub struct Network {
 impl Network {
     /// Creates `count` namespaces joined by a bridge, or says why it cannot.
     pub fn create(count: usize) -> Result<Network, String> {
-        let tag = std::process::id() % 100_000;
+        if std::env::var_os("FAULT_LOOPBACK").is_some() {
+            return Err("FAULT_LOOPBACK is set".into());
+        }
+        remove_leftovers();
+        let tag = std::process::id();
         let existing = String::from_utf8_lossy(&ip(&["-o", "addr"])?.stdout).into_owned()
             + &String::from_utf8_lossy(&ip(&["route"])?.stdout);
         let third = (0..200u32)
-            .map(|k| 20 + (tag + k) % 200)
+            .map(|k| 20 + (tag % 200 + k) % 200)
             .find(|k| !existing.contains(&format!("198.18.{k}.")))
             .ok_or("no free /24 in 198.18.0.0/16")?;
         let mut network = Network {

@@ -36,6 +36,8 @@ pub struct OnceWrite {
 pub struct Record {
     pub ops: Vec<Op>,
     pub once: Vec<OnceWrite>,
+    /// When the writers stopped because the write budget was spent.
+    pub budget_reached_us: Option<u64>,
 }
 
 /// Page contents for `value` of register (or area) `tag`: decodable and checkable whole.
@@ -188,7 +190,12 @@ struct Shared {
     base: Instant,
     stop: Arc<AtomicBool>,
     leader: Arc<AtomicU64>,
+    /// Operations finished so far, for the progress lines of long runs.
+    completed: Arc<AtomicU64>,
     next_value: RefCell<u64>,
+    /// Writes left before the writers stop (`None`: no limit).
+    budget: RefCell<Option<u64>>,
+    budget_reached_us: RefCell<Option<u64>>,
     ops: RefCell<Vec<Op>>,
     once: RefCell<Vec<OnceWrite>>,
 }
@@ -198,6 +205,24 @@ impl Shared {
         let mut next = self.next_value.borrow_mut();
         *next += 1;
         *next
+    }
+
+    /// Takes one write from the budget; false once it is spent.
+    fn may_write(&self) -> bool {
+        let mut budget = self.budget.borrow_mut();
+        match budget.as_mut() {
+            None => true,
+            Some(0) => {
+                self.budget_reached_us
+                    .borrow_mut()
+                    .get_or_insert_with(|| micros(self.base));
+                false
+            }
+            Some(left) => {
+                *left -= 1;
+                true
+            }
+        }
     }
 
     fn note_leader(&self) {
@@ -230,6 +255,8 @@ pub async fn run(
     base: Instant,
     stop: Arc<AtomicBool>,
     leader: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+    write_budget: u64,
     ready: std::sync::mpsc::Sender<()>,
 ) -> Record {
     let client = client(&addresses, OP_DEADLINE);
@@ -240,7 +267,10 @@ pub async fn run(
         base,
         stop,
         leader,
+        completed,
         next_value: RefCell::new(last),
+        budget: RefCell::new((write_budget > 0).then_some(write_budget)),
+        budget_reached_us: RefCell::new(None),
         ops,
         once: RefCell::new(Vec::new()),
     });
@@ -250,13 +280,14 @@ pub async fn run(
     for register in 0..REGISTERS {
         let writer = Rc::clone(&shared);
         tasks.push(glommio::spawn_local(async move {
-            while !writer.stop.load(Ordering::Relaxed) {
+            while !writer.stop.load(Ordering::Relaxed) && writer.may_write() {
                 let value = writer.value();
                 let outcome =
                     write_register(&writer.client, writer.base, &writer.ops, register, value).await;
                 if let Outcome::Ok(_) = outcome {
                     writer.note_leader();
                 }
+                writer.completed.fetch_add(1, Ordering::Relaxed);
                 glommio::timer::sleep(Duration::from_millis(2)).await;
             }
         }));
@@ -265,6 +296,7 @@ pub async fn run(
             tasks.push(glommio::spawn_local(async move {
                 while !reader.stop.load(Ordering::Relaxed) {
                     read_register(&reader.client, reader.base, &reader.ops, register).await;
+                    reader.completed.fetch_add(1, Ordering::Relaxed);
                     glommio::timer::sleep(Duration::from_millis(3)).await;
                 }
             }));
@@ -273,7 +305,10 @@ pub async fn run(
     let once_writer = Rc::clone(&shared);
     tasks.push(glommio::spawn_local(async move {
         let mut page_index = 0;
-        while !once_writer.stop.load(Ordering::Relaxed) && page_index < ONCE_PAGES {
+        while !once_writer.stop.load(Ordering::Relaxed)
+            && page_index < ONCE_PAGES
+            && once_writer.may_write()
+        {
             let value = once_writer.value();
             let (chunk, offset) = once_location(page_index);
             let result = once_writer
@@ -285,6 +320,7 @@ pub async fn run(
                 value,
                 outcome: write_outcome(&result),
             });
+            once_writer.completed.fetch_add(1, Ordering::Relaxed);
             page_index += 1;
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
@@ -295,5 +331,6 @@ pub async fn run(
     Record {
         ops: shared.ops.take(),
         once: shared.once.take(),
+        budget_reached_us: shared.budget_reached_us.take(),
     }
 }
