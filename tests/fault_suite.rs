@@ -121,3 +121,88 @@ fn checker_handles_long_histories() {
 fn seeded_faults_lose_no_acknowledged_write_and_stay_linearizable() {
     fault::run(fault::Settings::from_env(30, 11));
 }
+
+/// Found by the fault suite: once the leader's WAL is half full it checkpoints and compacts
+/// its log up to its own applied index, so a follower that was down meanwhile needs a
+/// snapshot, and the chunkserver cannot install one yet ("snapshot install is not supported
+/// yet; copyset stalls"): the follower never catches up. Run with `--ignored`; it passes once
+/// snapshot install exists.
+#[test]
+#[ignore = "fails until the chunkserver installs snapshots (a follower behind a compaction stalls)"]
+fn a_follower_down_across_a_log_compaction_catches_up() {
+    use std::time::{Duration, Instant};
+
+    use fault::workload::{self, COPYSET};
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hosts = vec!["127.0.0.1".to_string(); 3];
+    let ports = common::free_ports(6);
+    let configs = (1..=3)
+        .map(|id| common::write_config_on_hosts(dir.path(), id, &hosts, &ports, "96MiB", "16MiB"))
+        .collect();
+    let mut nodes = fault::nodes::Nodes::start(configs, dir.path(), vec![Vec::new(); 3]);
+    let addresses = workload::addresses(&hosts, &ports);
+    let run = |addresses: Vec<dataplane::client::NodeAddress>, writes: u64, down: Option<u64>| {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let client = workload::client(&addresses, Duration::from_secs(10));
+                if down.is_none() {
+                    client
+                        .create_copyset(COPYSET, &[1, 2, 3])
+                        .await
+                        .expect("create copyset");
+                }
+                for i in 0..writes {
+                    let (chunk, offset) = workload::once_location(i % 64);
+                    client
+                        .write(COPYSET, chunk, offset, workload::page(0, i + 1), 1)
+                        .await
+                        .expect("write with a majority up");
+                }
+                let leader = client.cached_leader(COPYSET).unwrap_or(1);
+                // Wait for the catch-up of every node but `down`.
+                let started = Instant::now();
+                loop {
+                    let mut applied = Vec::new();
+                    for node in (1..=3u64).filter(|&n| Some(n) != down) {
+                        applied.push(
+                            client
+                                .copyset_status(node, COPYSET)
+                                .await
+                                .map(|s| s.applied),
+                        );
+                    }
+                    let first = applied.first().cloned();
+                    if applied
+                        .iter()
+                        .all(|a| a.is_ok() && Some(a.clone()) == first)
+                    {
+                        return Ok(leader);
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        return Err(format!("applied indexes did not converge: {applied:?}"));
+                    }
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .expect("client executor")
+            .join()
+            .expect("client thread")
+    };
+    let leader = run(addresses.clone(), 16, None).expect("a healthy start");
+    let follower = (leader % 3) + 1;
+    nodes.kill(follower as usize - 1);
+    // 3000 writes of 4 KiB fill more than half of a 16 MiB WAL ring: the others checkpoint.
+    run(addresses.clone(), 3000, Some(follower)).expect("the majority serves");
+    std::thread::sleep(Duration::from_secs(1));
+    nodes.restart(follower as usize - 1);
+    let outcome = run(addresses, 0, None);
+    let panics = nodes.panics();
+    let tail = nodes.log_tail(follower as usize - 1, 5);
+    drop(nodes);
+    assert!(panics.is_empty(), "{panics:?}");
+    assert!(
+        outcome.is_ok(),
+        "node {follower} did not catch up after a compaction: {outcome:?}; its log:\n{tail}"
+    );
+}
