@@ -566,8 +566,10 @@ pub fn run(settings: Settings) {
         faults_end as f64 / 1e6,
         match last.recovered_after {
             Some(d) => format!(
-                "one leader and equal applied indexes {:.1} s later",
-                d.as_secs_f64()
+                "one leader and equal applied indexes {:.1} s later (the workload ran on \
+                 for the first {:.0} s of that)",
+                d.as_secs_f64(),
+                CALM_AFTER_FAULTS.as_secs_f64()
             ),
             None => "NOT recovered".to_string(),
         }
