@@ -41,6 +41,8 @@ pub struct Settings {
     pub seed: u64,
     /// Writes the workload issues at most (0: no limit); see [`DEFAULT_WRITE_BUDGET`].
     pub write_budget: u64,
+    /// Concurrent writers per register.
+    pub writers: usize,
 }
 
 /// Each node's WAL ring. The engine checkpoints (and compacts each copyset's log up to its
@@ -67,6 +69,7 @@ impl Settings {
             seconds: read("FAULT_SECONDS", seconds),
             seed: read("FAULT_SEED", seed),
             write_budget: read("FAULT_WRITE_BUDGET", DEFAULT_WRITE_BUDGET),
+            writers: read("FAULT_WRITERS", 1).max(1) as usize,
         }
     }
 }
@@ -333,9 +336,12 @@ pub fn run(settings: Settings) {
         seconds,
         seed,
         write_budget,
+        writers,
     } = settings;
-    let replay =
-        format!("replay: FAULT_WRITE_BUDGET={write_budget} scripts/fault-suite {seconds} {seed}");
+    let replay = format!(
+        "replay: FAULT_WRITE_BUDGET={write_budget} FAULT_WRITERS={writers} \
+         scripts/fault-suite {seconds} {seed}"
+    );
     println!(
         "fault suite: seed {seed}, {seconds} s of faults, write budget {write_budget} ({replay})"
     );
@@ -389,6 +395,7 @@ pub fn run(settings: Settings) {
                     leader,
                     completed,
                     write_budget,
+                    writers,
                     ready_tx,
                 )
             })

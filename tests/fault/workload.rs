@@ -1,5 +1,5 @@
 //! The client workload: per register (one 4 KiB page of chunk 1) one writer of unique values
-//! and two readers, plus one writer that writes each value to a fresh page (chunks 2..) and
+//! (`FAULT_WRITERS` of them if set) and two readers, plus one writer that writes each value to a fresh page (chunks 2..) and
 //! never overwrites it. Every operation is recorded with its start, end and outcome.
 
 use std::cell::RefCell;
@@ -257,6 +257,7 @@ pub async fn run(
     leader: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
     write_budget: u64,
+    writers: usize,
     ready: std::sync::mpsc::Sender<()>,
 ) -> Record {
     let client = client(&addresses, OP_DEADLINE);
@@ -277,7 +278,7 @@ pub async fn run(
     shared.note_leader();
     let _ = ready.send(());
     let mut tasks = Vec::new();
-    for register in 0..REGISTERS {
+    for (register, _) in (0..REGISTERS).flat_map(|r| (0..writers).map(move |w| (r, w))) {
         let writer = Rc::clone(&shared);
         tasks.push(glommio::spawn_local(async move {
             while !writer.stop.load(Ordering::Relaxed) && writer.may_write() {
@@ -291,6 +292,8 @@ pub async fn run(
                 glommio::timer::sleep(Duration::from_millis(2)).await;
             }
         }));
+    }
+    for register in 0..REGISTERS {
         for _ in 0..2 {
             let reader = Rc::clone(&shared);
             tasks.push(glommio::spawn_local(async move {
