@@ -388,16 +388,15 @@ pub fn run(settings: Settings) {
         LocalExecutorBuilder::new(Placement::Unbound)
             .name("fault-workload")
             .spawn(move || {
-                workload::run(
-                    addresses,
-                    base,
+                let controls = workload::Controls {
                     stop,
                     leader,
                     completed,
                     write_budget,
                     writers,
-                    ready_tx,
-                )
+                    ready: ready_tx,
+                };
+                workload::run(addresses, base, controls)
             })
             .expect("workload executor")
     };

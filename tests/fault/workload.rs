@@ -249,17 +249,32 @@ pub async fn prepare(client: &Client, base: Instant, ops: &RefCell<Vec<Op>>) -> 
     REGISTERS as u64
 }
 
-/// Runs the workload until `stop` is set; returns the record.
-pub async fn run(
-    addresses: Vec<NodeAddress>,
-    base: Instant,
-    stop: Arc<AtomicBool>,
-    leader: Arc<AtomicU64>,
-    completed: Arc<AtomicU64>,
-    write_budget: u64,
-    writers: usize,
-    ready: std::sync::mpsc::Sender<()>,
-) -> Record {
+/// How the test's thread steers the workload and what it sees of it.
+pub struct Controls {
+    /// Set to stop the workload.
+    pub stop: Arc<AtomicBool>,
+    /// The leader the client last saw (0: none yet).
+    pub leader: Arc<AtomicU64>,
+    /// Operations finished so far.
+    pub completed: Arc<AtomicU64>,
+    /// Writes at most (0: no limit).
+    pub write_budget: u64,
+    /// Concurrent writers per register.
+    pub writers: usize,
+    /// Told once the copyset exists and every register has its first value.
+    pub ready: std::sync::mpsc::Sender<()>,
+}
+
+/// Runs the workload until `controls.stop` is set; returns the record.
+pub async fn run(addresses: Vec<NodeAddress>, base: Instant, controls: Controls) -> Record {
+    let Controls {
+        stop,
+        leader,
+        completed,
+        write_budget,
+        writers,
+        ready,
+    } = controls;
     let client = client(&addresses, OP_DEADLINE);
     let ops = RefCell::new(Vec::new());
     let last = prepare(&client, base, &ops).await;
