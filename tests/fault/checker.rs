@@ -157,7 +157,6 @@ fn search(ops: &[Op]) -> Result<(), String> {
     let mut stack: Vec<(usize, Option<u64>)> = Vec::new();
     let mut entry = next[HEAD];
     let mut steps = 0u64;
-    // The op whose return the search reached with nothing left to undo, for the message.
     while next[HEAD] != NIL {
         steps += 1;
         if steps > STEP_LIMIT {
@@ -188,7 +187,7 @@ fn search(ops: &[Op]) -> Result<(), String> {
             }
         } else {
             let Some((call, before)) = stack.pop() else {
-                return Err(describe(ops, index, &events));
+                return Err(describe(ops, index));
             };
             let (_, _, undone) = event(call);
             state = before;
@@ -203,7 +202,7 @@ fn search(ops: &[Op]) -> Result<(), String> {
 }
 
 /// Names the operation that cannot be linearized and the operations around it.
-fn describe(ops: &[Op], index: usize, _events: &[(u64, bool, usize)]) -> String {
+fn describe(ops: &[Op], index: usize) -> String {
     let op = &ops[index];
     let mut around: Vec<&Op> = ops
         .iter()
