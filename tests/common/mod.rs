@@ -82,3 +82,68 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Like [`write_config`], but node `n` (1-based) listens on `hosts[n - 1]` instead of
+/// 127.0.0.1 (the fault suite puts each node in its own network namespace), with a device of
+/// `device_size`, a WAL ring of `wal_size` and the test timings of `write_config`. Logs go
+/// to stderr at `warn`.
+pub fn write_config_on_hosts(
+    dir: &Path,
+    id: usize,
+    hosts: &[String],
+    ports: &[u16],
+    device_size: &str,
+    wal_size: &str,
+) -> PathBuf {
+    let nodes: Vec<String> = (0..hosts.len())
+        .map(|n| {
+            format!(
+                "{{ id = {}, peer = \"tcp://{host}:{}\", client = [\"tcp://{host}:{}\"], shards = 1 }}",
+                n + 1,
+                ports[2 * n],
+                ports[2 * n + 1],
+                host = hosts[n],
+            )
+        })
+        .collect();
+    let host = &hosts[id - 1];
+    let text = format!(
+        r#"[node]
+id = {id}
+cores = [0]
+data_dir = "{dir}/node{id}"
+
+[listen]
+peer = "tcp://{host}:{peer}"
+client = ["tcp://{host}:{client}"]
+
+[cluster]
+nodes = [{nodes}]
+
+[[devices]]
+backend = "uring"
+path = "chunks.img"
+size = "{device_size}"
+
+[storage]
+chunk_size = "1MiB"
+wal_size_per_shard = "{wal_size}"
+
+[raft]
+tick_ms = 10
+election_timeout_ms = 200
+heartbeat_interval_ms = 30
+lease_ms = 150
+
+[log]
+level = "warn"
+"#,
+        dir = dir.display(),
+        peer = ports[2 * (id - 1)],
+        client = ports[2 * (id - 1) + 1],
+        nodes = nodes.join(", "),
+    );
+    let path = dir.join(format!("node{id}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
