@@ -61,6 +61,9 @@ pub struct ClientConfig {
     pub backoff_initial: Duration,
     /// Longest wait between attempts.
     pub backoff_max: Duration,
+    /// How long one attempt against one replica may take before the client tries another: a
+    /// paused or cut-off leader must not hold a request for the transport's whole timeout.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +72,7 @@ impl Default for ClientConfig {
             deadline: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(200),
+            attempt_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -532,7 +536,20 @@ impl Client {
                     }
                 },
             };
-            let outcome = self.call_node(target, copyset, opcode, body.clone()).await;
+            let remaining = self.config.deadline.saturating_sub(started.elapsed());
+            let limit = self
+                .config
+                .attempt_timeout
+                .min(remaining)
+                .max(Duration::from_millis(1));
+            let outcome = futures_lite::future::or(
+                self.call_node(target, copyset, opcode, body.clone()),
+                async {
+                    glommio::timer::sleep(limit).await;
+                    Err(format!("no answer within {limit:?}"))
+                },
+            )
+            .await;
             let redirect_now = match outcome {
                 Ok((Status::Ok, body)) => {
                     if fixed.is_none() {

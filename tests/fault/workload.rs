@@ -234,10 +234,15 @@ impl Shared {
 
 /// Creates the copyset and gives every register a first value (recorded). Before any fault.
 pub async fn prepare(client: &Client, base: Instant, ops: &RefCell<Vec<Op>>) -> u64 {
-    client
-        .create_copyset(COPYSET, &[1, 2, 3])
-        .await
-        .expect("create the copyset before any fault");
+    // The nodes may still be starting (formatting their devices): keep trying for a while.
+    let started = Instant::now();
+    while let Err(error) = client.create_copyset(COPYSET, &[1, 2, 3]).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "create the copyset before any fault: {error}"
+        );
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+    }
     for register in 0..REGISTERS {
         let outcome = write_register(client, base, ops, register, register as u64 + 1).await;
         assert_eq!(
