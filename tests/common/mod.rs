@@ -8,56 +8,11 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     dataplane::server::free_ports(count).expect("free loopback ports")
 }
 
+/// The configuration file of node `id` (1-based) of a loopback cluster of `ports.len() / 2`
+/// nodes (each a peer and a client port), with a 96 MiB device and a 16 MiB WAL ring.
 pub fn write_config(dir: &Path, id: usize, ports: &[u16]) -> PathBuf {
-    let nodes: Vec<String> = (0..ports.len() / 2)
-        .map(|n| {
-            format!(
-                "{{ id = {}, peer = \"tcp://127.0.0.1:{}\", client = [\"tcp://127.0.0.1:{}\"], shards = 1 }}",
-                n + 1,
-                ports[2 * n],
-                ports[2 * n + 1]
-            )
-        })
-        .collect();
-    let text = format!(
-        r#"[node]
-id = {id}
-cores = [0]
-data_dir = "{dir}/node{id}"
-
-[listen]
-peer = "tcp://127.0.0.1:{peer}"
-client = ["tcp://127.0.0.1:{client}"]
-
-[cluster]
-nodes = [{nodes}]
-
-[[devices]]
-backend = "uring"
-path = "chunks.img"
-size = "96MiB"
-
-[storage]
-chunk_size = "1MiB"
-wal_size_per_shard = "16MiB"
-
-[raft]
-tick_ms = 10
-election_timeout_ms = 200
-heartbeat_interval_ms = 30
-lease_ms = 150
-
-[log]
-level = "warn"
-"#,
-        dir = dir.display(),
-        peer = ports[2 * (id - 1)],
-        client = ports[2 * (id - 1) + 1],
-        nodes = nodes.join(", "),
-    );
-    let path = dir.join(format!("node{id}.toml"));
-    std::fs::write(&path, text).expect("write config");
-    path
+    let hosts = vec!["127.0.0.1".to_string(); ports.len() / 2];
+    write_config_on_hosts(dir, id, &hosts, ports, "96MiB", "16MiB")
 }
 
 pub fn start(config: &Path) -> Child {
@@ -83,10 +38,10 @@ impl Drop for Cluster {
     }
 }
 
-/// Like [`write_config`], but node `n` (1-based) listens on `hosts[n - 1]` instead of
-/// 127.0.0.1 (the fault suite puts each node in its own network namespace), with a device of
-/// `device_size`, a WAL ring of `wal_size` and the test timings of `write_config`. Logs go
-/// to stderr at `warn`.
+/// The configuration file of node `id` (1-based) of a cluster whose node `n` listens on
+/// `hosts[n - 1]` (the fault suite puts each node in its own network namespace), with a device
+/// of `device_size`, a WAL ring of `wal_size`, and test timings (10 ms ticks, 200 ms election
+/// timeout). Logs go to stderr at `warn`.
 pub fn write_config_on_hosts(
     dir: &Path,
     id: usize,
