@@ -559,3 +559,153 @@ fn a_quiescent_copyset_elects_a_new_leader_when_its_leader_stops() {
         node.stop();
     }
 }
+
+/// A follower that is down while the others write more than half their WAL comes back behind
+/// the leader's log compaction: it installs the copyset's snapshot by copying the chunks
+/// (a deleted chunk goes, a chunk's copy-on-write snapshot comes along), then follows the log;
+/// once it leads, every acknowledged write reads back from it.
+#[test]
+fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "uring")))
+        .collect();
+    let leader = with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            for chunk in 1..=3u64 {
+                client
+                    .write(COPYSET, ChunkId(chunk), 0, block(chunk), 1)
+                    .await
+                    .expect("write");
+            }
+            client.cached_leader(COPYSET).expect("leader")
+        })
+    });
+    let follower = if leader == 3 { 2 } else { 3 };
+    nodes[follower as usize - 1].stop();
+    // 64 KiB writes: 300 of them pass a 16 MiB WAL ring, so the others checkpoint and
+    // compact their logs past everything the follower has.
+    let big = |seed: u64| -> bytes::Bytes {
+        let mut data = vec![0u8; 64 << 10];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (seed.wrapping_mul(31).wrapping_add(i as u64 / 4096)) as u8;
+        }
+        bytes::Bytes::from(data)
+    };
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 2, 3]);
+            client.delete(COPYSET, ChunkId(2), 1).await.expect("delete");
+            // Chunk 3 gets a snapshot at sn 1 when a write with sn 2 reaches it.
+            client
+                .write(COPYSET, ChunkId(3), 4096, block(33), 2)
+                .await
+                .expect("write with a newer sn");
+            for i in 0..300u64 {
+                let chunk = 10 + i % 6;
+                let offset = ((i / 6) % 16) as u32 * (64 << 10);
+                client
+                    .write(COPYSET, ChunkId(chunk), offset, big(i), 1)
+                    .await
+                    .expect("write while the follower is down");
+            }
+        })
+    });
+    let metrics_port = free_ports(1)[0];
+    let mut restarted = config(follower as u32, &ports, dir.path(), "uring");
+    restarted.metrics.address = Some(
+        format!("127.0.0.1:{metrics_port}")
+            .parse()
+            .expect("address"),
+    );
+    nodes[follower as usize - 1] = Node::start(restarted);
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            client.set_peers(COPYSET, &[1, 2, 3]);
+            let commit = client
+                .copyset_status(leader, COPYSET)
+                .await
+                .expect("leader status")
+                .commit;
+            wait_status(&client, follower, "catch up after the compaction", |s| {
+                s.applied >= commit
+            })
+            .await;
+            let metrics = common::http_get(metrics_port, "/metrics");
+            let installs = metrics
+                .lines()
+                .find(|l| l.starts_with("chunkserver_snapshot_installs_total"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok());
+            assert!(
+                installs.is_some_and(|n| n >= 1.0),
+                "the follower caught up without installing a snapshot: {installs:?}"
+            );
+            // The follower's own view of chunk 3: sn 2 with the snapshot at sn 1.
+            let (status, body) = client
+                .call_node(
+                    follower,
+                    COPYSET,
+                    dataplane::server::wire::GET_CHUNK_INFO,
+                    bytes::Bytes::copy_from_slice(&3u64.to_le_bytes()),
+                )
+                .await
+                .expect("chunk info");
+            assert_eq!(status, dataplane::server::wire::Status::Ok);
+            assert_eq!(&body[8..16], &2u64.to_le_bytes(), "chunk 3's sn");
+            assert_eq!(body[16], 1, "chunk 3 has a snapshot");
+            assert_eq!(&body[17..25], &1u64.to_le_bytes(), "its snapshot's sn");
+            let (status, _) = client
+                .call_node(
+                    follower,
+                    COPYSET,
+                    dataplane::server::wire::GET_CHUNK_INFO,
+                    bytes::Bytes::copy_from_slice(&2u64.to_le_bytes()),
+                )
+                .await
+                .expect("chunk info");
+            assert_eq!(
+                status,
+                dataplane::server::wire::Status::ChunkNotFound,
+                "chunk 2 was deleted while the follower was down"
+            );
+            // Lead from the follower and read everything back from its chunks.
+            client
+                .transfer_leader(COPYSET, follower)
+                .await
+                .expect("transfer accepted");
+            wait_status(&client, follower, "lead", |s| s.role == 3).await;
+            let client = &client;
+            let read = |chunk: u64, offset: u32, len: u32| async move {
+                client
+                    .read(COPYSET, ChunkId(chunk), u64::from(offset), len)
+                    .await
+                    .expect("read")
+            };
+            assert_eq!(read(1, 0, 4096).await, block(1));
+            assert_eq!(read(2, 0, 4096).await, bytes::Bytes::from(vec![0u8; 4096]));
+            assert_eq!(read(3, 0, 4096).await, block(3));
+            assert_eq!(read(3, 4096, 4096).await, block(33));
+            // Write i and i + 96 hit the same place: the last 96 are what the chunks hold.
+            for i in 204..300u64 {
+                let chunk = 10 + i % 6;
+                let offset = ((i / 6) % 16) as u32 * (64 << 10);
+                assert_eq!(read(chunk, offset, 64 << 10).await, big(i), "write {i}");
+            }
+            // And it takes new writes as the leader.
+            client
+                .write(COPYSET, ChunkId(1), 8192, block(77), 1)
+                .await
+                .expect("write to the new leader");
+            assert_eq!(read(1, 8192, 4096).await, block(77));
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

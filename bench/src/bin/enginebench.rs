@@ -250,7 +250,7 @@ impl Engine {
         };
         wal.sync(lsn).await?;
         self.engine
-            .write_chunk_bytes(ChunkId(chunk), offset, data, 1, LogIndex(index))
+            .write_chunk_bytes(id, ChunkId(chunk), offset, data, 1, LogIndex(index))
             .await?;
         self.engine.set_applied(id, LogIndex(index));
         self.engine.maybe_checkpoint().await?;

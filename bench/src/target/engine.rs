@@ -119,7 +119,7 @@ impl EngineTarget {
         wal.sync(lsn).await?;
         let (chunk, within) = Self::locate(offset);
         self.engine
-            .write_chunk_bytes(chunk, within, entry.data, 1, LogIndex(index))
+            .write_chunk_bytes(self.copyset, chunk, within, entry.data, 1, LogIndex(index))
             .await?;
         self.engine.set_applied(self.copyset, LogIndex(index));
         self.engine.maybe_checkpoint().await?;

@@ -335,6 +335,12 @@ impl<S: LogStorage> CopysetCore<S> {
         self.complete(index);
     }
 
+    /// Whether applies were handed out and are not done yet (a snapshot install waits for
+    /// them: an apply finishing after the image was copied would overwrite it).
+    pub fn applies_in_flight(&self) -> bool {
+        !self.chunk_queues.is_empty()
+    }
+
     /// The snapshot of an earlier `Persist` is installed in the state machine: everything up
     /// to its index counts as applied.
     pub fn on_snapshot_installed(&mut self, index: LogIndex) {

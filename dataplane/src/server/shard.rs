@@ -71,6 +71,10 @@ pub struct RaftTimings {
     pub heartbeat_ticks: u32,
 }
 
+#[path = "shard_install.rs"]
+mod install;
+pub use install::IMAGE_PIECE_BYTES;
+
 type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
 
 /// A destination shard: (node, shard).
@@ -98,6 +102,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     peers: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
     /// Connections accepted from peers and clients, closed at shutdown.
     accepted: RefCell<Vec<Connection>>,
+    /// Copysets installing a snapshot, with the persists waiting behind the install.
+    installing: RefCell<HashMap<CopysetId, install::Installing>>,
     /// Seeds the copysets' election randomness.
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
@@ -129,6 +135,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             outbox_ready: Notify::new(),
             peers: RefCell::new(HashMap::new()),
             accepted: RefCell::new(Vec::new()),
+            installing: RefCell::new(HashMap::new()),
             seed: node << 32 | u64::from(shard),
             metrics: crate::metrics::Registry::new(&[
                 ("node", &node.to_string()),
@@ -522,6 +529,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.drive(copyset, &core);
                 answer.await
             }
+            wire::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
+            wire::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
             wire::LIST_COPYSETS => {
                 let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
                 ids.sort_unstable();
@@ -720,10 +729,23 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     entries,
                     hard_state,
                 } => {
-                    if snapshot.is_some() {
-                        error!(%copyset, "snapshot install is not supported yet; copyset stalls");
+                    let persist = install::PendingPersist {
+                        number,
+                        entries,
+                        hard_state,
+                    };
+                    let Some(persist) = self.queue_behind_install(copyset, persist) else {
+                        continue; // an install runs: this waits behind it, in order
+                    };
+                    if let Some(snapshot) = snapshot {
+                        self.start_install(copyset, core, snapshot, persist);
                         continue;
                     }
+                    let install::PendingPersist {
+                        number,
+                        entries,
+                        hard_state,
+                    } = persist;
                     let wal = self.engine.wal();
                     let mut lsn = wal.appended();
                     let mut written = wal.append_entries(copyset, &entries).map(|end| lsn = end);
@@ -764,14 +786,29 @@ impl<B: Bdev + 'static> ShardServer<B> {
                                 data,
                             } => {
                                 engine
-                                    .write_chunk_bytes(chunk, u64::from(offset), data, sn, index)
+                                    .write_chunk_bytes(
+                                        copyset,
+                                        chunk,
+                                        u64::from(offset),
+                                        data,
+                                        sn,
+                                        index,
+                                    )
                                     .await
                             }
                             ChunkOp::Delete { chunk, .. } => {
-                                engine.delete_chunk(chunk, index).await
+                                match engine.check_owner(chunk, copyset) {
+                                    Ok(()) => engine.delete_chunk(chunk, index).await,
+                                    Err(error) => Err(error),
+                                }
                             }
                             ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
-                                engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
+                                match engine.check_owner(chunk, copyset) {
+                                    Ok(()) => {
+                                        engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
+                                    }
+                                    Err(error) => Err(error),
+                                }
                             }
                         };
                         let status = match &result {
@@ -887,9 +924,12 @@ fn status_of_storage(error: &StorageError) -> Status {
     match error {
         StorageError::ChunkNotFound(_) => Status::ChunkNotFound,
         StorageError::BackwardRequest { .. } => Status::BackwardSn,
-        StorageError::Unaligned { .. } | StorageError::OutOfRange { .. } => {
-            Status::Invalid(error.to_string())
-        }
+        // Refusals decided by the chunk's state: the same on every replica, so the entry
+        // counts as applied (it changed nothing) and the copyset moves on.
+        StorageError::Unaligned { .. }
+        | StorageError::OutOfRange { .. }
+        | StorageError::Conflict { .. }
+        | StorageError::SnapshotNotFound { .. } => Status::Invalid(error.to_string()),
         other => Status::Io(other.to_string()),
     }
 }

@@ -863,6 +863,21 @@ impl<B: Bdev> ShardEngine<B> {
         sn: u64,
         index: LogIndex,
     ) -> Result<(), StorageError> {
+        self.write_chunk_in(CopysetId(0), chunk, offset, data, sn, index)
+            .await
+    }
+
+    /// [`write_chunk`](Self::write_chunk) for `copyset`'s log: a chunk it creates is recorded
+    /// as that copyset's, and a chunk another copyset wrote is refused.
+    pub async fn write_chunk_in(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        offset: u64,
+        data: DmaBuf,
+        sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let existing = self.table.borrow().lookup(chunk);
         let slot = match existing {
@@ -870,6 +885,7 @@ impl<B: Bdev> ShardEngine<B> {
                 if self.already_applied(slot, index)? {
                     return Ok(());
                 }
+                self.check_owner(chunk, copyset)?;
                 self.check_not_a_clone_source(chunk)?;
                 let meta = self.slot_meta(slot)?;
                 if sn < meta.sn {
@@ -899,6 +915,7 @@ impl<B: Bdev> ShardEngine<B> {
                     chunk,
                     sn,
                     state: SlotState::Chunk,
+                    copyset: copyset.0,
                     ..SlotMeta::FREE
                 })
                 .await?
@@ -1145,6 +1162,7 @@ impl<B: Bdev> ShardEngine<B> {
     /// received into a DMA buffer) is written without a copy.
     pub async fn write_chunk_bytes(
         &self,
+        copyset: CopysetId,
         chunk: ChunkId,
         offset: u64,
         data: Bytes,
@@ -1153,7 +1171,8 @@ impl<B: Bdev> ShardEngine<B> {
     ) -> Result<(), StorageError> {
         self.check_request(offset, data.len() as u64)?;
         let buffer = self.bdev.pool().from_bytes_or_copy(data)?;
-        self.write_chunk(chunk, offset, buffer, sn, index).await
+        self.write_chunk_in(copyset, chunk, offset, buffer, sn, index)
+            .await
     }
 
     fn slot_meta(&self, slot: u32) -> Result<SlotMeta, StorageError> {
@@ -1314,6 +1333,7 @@ impl<B: Bdev> ShardEngine<B> {
                     sn: meta.sn,
                     link: slot,
                     state: SlotState::Snapshot,
+                    copyset: meta.copyset,
                     ..SlotMeta::FREE
                 })
                 .await?;
@@ -1784,6 +1804,10 @@ impl<B: Bdev> LogStorage for CopysetStorage<B> {
         self.with(|log| log.snapshot_piece(index, offset, max_bytes))
     }
 }
+
+#[path = "engine_image.rs"]
+mod image;
+pub use image::{ChunkImageMeta, ImagePart, ImagePiece};
 
 #[cfg(test)]
 #[path = "engine_tests.rs"]

@@ -175,7 +175,7 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
             wal.sync(lsn).await.unwrap();
             if index <= 4 {
                 engine
-                    .write_chunk_bytes(ChunkId(index), 0, payload, 1, LogIndex(0))
+                    .write_chunk_bytes(copyset, ChunkId(index), 0, payload, 1, LogIndex(0))
                     .await
                     .unwrap();
                 engine.set_applied(copyset, LogIndex(index));
@@ -205,6 +205,7 @@ fn a_checkpoint_and_the_wal_bring_everything_back_after_a_restart() {
         for entry in &recovered.to_apply {
             engine
                 .write_chunk_bytes(
+                    copyset,
                     ChunkId(entry.index.0),
                     0,
                     entry.data.clone(),

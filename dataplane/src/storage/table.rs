@@ -1,7 +1,7 @@
 //! The chunk table of one shard: which slot holds which chunk, the free slots (the chunk
 //! pool), and the encoding of the on-disk metadata pages. Pure: no I/O.
 //!
-//! Memory is fixed at open, sized from the slot count: 40 bytes of [`SlotMeta`] per slot, an
+//! Memory is fixed at open, sized from the slot count: 48 bytes of [`SlotMeta`] per slot, an
 //! open-addressing index of 4-byte slot numbers at a load of at most 3/4, and one bit per slot
 //! of free map — at most 51 bytes per chunk (see [`ChunkTable::memory_bytes`]).
 
@@ -59,6 +59,9 @@ pub struct SlotMeta {
     pub state: SlotState,
     /// [`FLAG_CLONE`].
     pub flags: u8,
+    /// The copyset whose log writes the chunk (0: not recorded — a chunk written outside a
+    /// copyset, or by an image from before this field). A snapshot slot carries its chunk's.
+    pub copyset: u64,
 }
 
 impl SlotMeta {
@@ -71,6 +74,7 @@ impl SlotMeta {
         link: NO_SLOT,
         state: SlotState::Free,
         flags: 0,
+        copyset: 0,
     };
 
     fn encode(&self, out: &mut [u8]) {
@@ -84,6 +88,7 @@ impl SlotMeta {
         w.u64(self.sn);
         w.u64(self.aux);
         w.u64(self.applied);
+        w.u64(self.copyset);
     }
 
     fn decode(bytes: &[u8]) -> Result<SlotMeta, String> {
@@ -102,6 +107,7 @@ impl SlotMeta {
         let sn = r.u64();
         let aux = r.u64();
         let applied = r.u64();
+        let copyset = r.u64();
         if r.overrun() {
             return Err("entry shorter than its fields".into());
         }
@@ -122,6 +128,7 @@ impl SlotMeta {
             link,
             state,
             flags,
+            copyset,
         })
     }
 }

@@ -1,0 +1,471 @@
+//! Raft snapshots of a copyset: its chunks. A replica that fell behind the leader's log
+//! compaction receives a snapshot whose data is empty (the engine compacts to its applied
+//! index, so the chunks are the image); it then copies the chunks themselves from a replica
+//! that has applied at least the snapshot's index, piece by piece, while that replica keeps
+//! serving writes. `storage::engine::image` says why a copy made under writes is sound.
+//!
+//! Order on the receiving replica: applies already handed out finish; the chunks are copied
+//! (chunks the image lacks are deleted); a checkpoint makes the chunk data and metadata
+//! durable; only then is the snapshot record appended to the WAL and synced, and raft told.
+//! A crash before the record leaves the copyset at its old applied index with some chunks
+//! newer than it, which re-applying the log (or a new install) corrects: every copied chunk
+//! records the applied index its copy started from. Persists that raft hands out meanwhile
+//! wait behind the install, so the WAL keeps readies in order.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use raftcore::{Entry, HardState, NodeId, Snapshot, SnapshotMeta};
+use tracing::{debug, error, info, warn};
+
+use super::{status_of_storage, CopysetCell, ShardServer};
+use crate::ids::{ChunkId, CopysetId};
+use crate::net::Message;
+use crate::server::wire::{
+    self, ImageList, ImagePieceHeader, ReadImagePiece, Status, IMAGE_PIECE_HEADER_LEN,
+};
+use crate::storage::bdev::Bdev;
+use crate::storage::engine::{ChunkImageMeta, ImagePart};
+use crate::storage::StorageError;
+
+/// Bytes of chunk data per `READ_CHUNK_IMAGE` (well under the frame's payload bound).
+pub const IMAGE_PIECE_BYTES: u64 = 1 << 20;
+
+/// Times one chunk's copy starts over because its versions changed under it, before the
+/// attempt gives up (and the install tries again later, from a fresh list).
+const CHUNK_RESTARTS_MAX: u32 = 8;
+
+/// A `Persist` raft handed out while an install of the same copyset runs (or the install's
+/// own entries and hard state).
+pub(super) struct PendingPersist {
+    pub number: u64,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+}
+
+/// Persists waiting behind an install, per copyset.
+pub(super) type Installing = VecDeque<PendingPersist>;
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    /// Queues `persist` behind a running install of `copyset`; gives it back when none runs.
+    pub(super) fn queue_behind_install(
+        &self,
+        copyset: CopysetId,
+        persist: PendingPersist,
+    ) -> Option<PendingPersist> {
+        match self.installing.borrow_mut().get_mut(&copyset) {
+            Some(queue) => {
+                queue.push_back(persist);
+                None
+            }
+            None => Some(persist),
+        }
+    }
+
+    /// Starts installing the snapshot of a `Persist` (with that ready's entries and hard state).
+    pub(super) fn start_install(
+        self: &Rc<Self>,
+        copyset: CopysetId,
+        core: &CopysetCell<B>,
+        snapshot: Snapshot,
+        persist: PendingPersist,
+    ) {
+        self.installing
+            .borrow_mut()
+            .insert(copyset, VecDeque::from([persist]));
+        let server = Rc::clone(self);
+        let core = Rc::clone(core);
+        glommio::spawn_local(async move { server.install(copyset, core, snapshot.meta).await })
+            .detach();
+    }
+
+    async fn install(self: Rc<Self>, copyset: CopysetId, core: CopysetCell<B>, meta: SnapshotMeta) {
+        let began = std::time::Instant::now();
+        info!(node = self.node, %copyset, index = %meta.index, "installing a snapshot: copying the chunks");
+        while core.borrow().applies_in_flight() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let mut copied = BTreeSet::new();
+        let mut pause = Duration::from_millis(20);
+        let mut bytes = 0u64;
+        'copy: loop {
+            for source in self.image_sources(copyset, &core, &meta) {
+                match self
+                    .copy_image(copyset, source, &meta, &mut copied, &mut bytes)
+                    .await
+                {
+                    Ok(()) => break 'copy,
+                    Err(reason) => {
+                        warn!(node = self.node, %copyset, source = source.0, %reason,
+                            "copyset image copy interrupted; trying again");
+                    }
+                }
+            }
+            glommio::timer::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        // The chunks and their metadata are durable before the record that says they are.
+        if let Err(error) = self.engine.checkpoint().await {
+            error!(%copyset, %error, "checkpoint after copying an image failed; copyset stalls");
+            return;
+        }
+        let wal = self.engine.wal();
+        let snapshot = Snapshot {
+            meta: meta.clone(),
+            data: Bytes::new(),
+        };
+        if let Err(error) = wal.install_snapshot(copyset, snapshot) {
+            error!(%copyset, %error, "snapshot record not appended; copyset stalls");
+            return;
+        }
+        self.engine.set_applied(copyset, meta.index);
+        let mut first = true;
+        loop {
+            let next = self
+                .installing
+                .borrow_mut()
+                .get_mut(&copyset)
+                .and_then(VecDeque::pop_front);
+            let Some(persist) = next else {
+                self.installing.borrow_mut().remove(&copyset);
+                break;
+            };
+            let mut lsn = wal.appended();
+            let mut written = wal
+                .append_entries(copyset, &persist.entries)
+                .map(|end| lsn = end);
+            if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
+                written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
+            }
+            let synced = match written {
+                Ok(()) => wal.sync(lsn).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = synced {
+                error!(%copyset, %error, "WAL write after a snapshot install failed; copyset stalls");
+                return;
+            }
+            core.borrow_mut().on_persisted(persist.number);
+            if first {
+                core.borrow_mut().on_snapshot_installed(meta.index);
+                first = false;
+                self.metrics
+                    .counter(
+                        "chunkserver_snapshot_installs_total",
+                        "Copyset snapshots installed by copying the chunks from a replica.",
+                        &[],
+                    )
+                    .inc();
+                self.metrics
+                    .counter(
+                        "chunkserver_snapshot_install_bytes_total",
+                        "Chunk bytes copied by snapshot installs (all-zero pieces excluded).",
+                        &[],
+                    )
+                    .add(bytes);
+                info!(node = self.node, %copyset, index = %meta.index, chunks = copied.len(),
+                    bytes, seconds = began.elapsed().as_secs_f64(), "snapshot installed");
+            }
+            self.drive(copyset, &core);
+        }
+    }
+
+    /// Replicas to copy from: the leader first, then the other voters of the snapshot's
+    /// membership and of the current one.
+    fn image_sources(
+        &self,
+        copyset: CopysetId,
+        core: &CopysetCell<B>,
+        meta: &SnapshotMeta,
+    ) -> Vec<NodeId> {
+        let core = core.borrow();
+        let mut sources: Vec<NodeId> = core.leader().into_iter().collect();
+        let conf = core.conf_state();
+        let voters = meta
+            .conf_state
+            .voters
+            .iter()
+            .chain(&meta.conf_state.voters_outgoing)
+            .chain(&conf.voters)
+            .chain(&conf.voters_outgoing);
+        for voter in voters {
+            if !sources.contains(voter) {
+                sources.push(*voter);
+            }
+        }
+        sources.retain(|n| n.0 != self.node);
+        debug!(%copyset, ?sources, "image sources");
+        sources
+    }
+
+    async fn image_call(
+        &self,
+        copyset: CopysetId,
+        source: NodeId,
+        opcode: crate::net::Opcode,
+        body: Bytes,
+    ) -> Result<(Status, Bytes), String> {
+        let (_, shard) = self
+            .cluster
+            .peer_shard(source.0, copyset)
+            .ok_or_else(|| format!("no address for node {}", source.0))?;
+        let peer = self
+            .peer(source.0, shard)
+            .ok_or_else(|| format!("no address for node {}", source.0))?;
+        let connection = peer.connection().await.map_err(|e| e.to_string())?;
+        let response = connection
+            .call(Message::new(opcode, copyset.0, body))
+            .await
+            .map_err(|e| e.to_string())?;
+        wire::decode_response(&response.payload).map_err(|e| e.to_string())
+    }
+
+    /// Copies the image of `copyset` from `source`, skipping the chunks in `copied` (done by
+    /// an earlier attempt).
+    async fn copy_image(
+        &self,
+        copyset: CopysetId,
+        source: NodeId,
+        meta: &SnapshotMeta,
+        copied: &mut BTreeSet<ChunkId>,
+        bytes: &mut u64,
+    ) -> Result<(), String> {
+        let (status, body) = self
+            .image_call(copyset, source, wire::LIST_CHUNK_IMAGE, Bytes::new())
+            .await?;
+        if status != Status::Ok {
+            return Err(format!("list refused: {status:?}"));
+        }
+        let list = ImageList::decode(&body).map_err(|e| e.to_string())?;
+        if list.applied < meta.index.0 {
+            return Err(format!(
+                "the source applied only {} of the snapshot's {}",
+                list.applied, meta.index
+            ));
+        }
+        let chunk_size = self.engine.layout().geometry.chunk_size;
+        if list.chunk_size != chunk_size {
+            return Err(format!(
+                "the source's chunks are {} bytes, this shard's {chunk_size}",
+                list.chunk_size
+            ));
+        }
+        let keep: BTreeSet<ChunkId> = list.chunks.iter().copied().collect();
+        self.engine
+            .remove_chunks_except(copyset, &keep)
+            .await
+            .map_err(|e| e.to_string())?;
+        for chunk in list.chunks {
+            if copied.contains(&chunk) {
+                continue;
+            }
+            *bytes += self.copy_chunk(copyset, source, meta, chunk).await?;
+            copied.insert(chunk);
+        }
+        Ok(())
+    }
+
+    /// Copies one chunk; returns the bytes that travelled.
+    async fn copy_chunk(
+        &self,
+        copyset: CopysetId,
+        source: NodeId,
+        meta: &SnapshotMeta,
+        chunk: ChunkId,
+    ) -> Result<u64, String> {
+        let chunk_size = self.engine.layout().geometry.chunk_size;
+        let engine = &self.engine;
+        'restart: for _ in 0..CHUNK_RESTARTS_MAX {
+            engine
+                .begin_chunk_image(chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The versions and the applied index, before any byte is read.
+            let Some((first, _)) = self
+                .image_piece(copyset, source, meta, chunk, ImagePart::Current, 0, 0)
+                .await?
+            else {
+                return Ok(0); // deleted since the list: re-applying the log deletes it too
+            };
+            let mut bytes = 0;
+            let mut parts = Vec::new();
+            if let Some(snapshot_sn) = first.snapshot_sn {
+                parts.push((ImagePart::Snapshot, snapshot_sn));
+            }
+            parts.push((ImagePart::Current, first.sn));
+            for (part, sn) in parts {
+                let mut offset = 0;
+                while offset < chunk_size {
+                    let len = IMAGE_PIECE_BYTES.min(chunk_size - offset);
+                    let Some((header, data)) = self
+                        .image_piece(copyset, source, meta, chunk, part, offset, len)
+                        .await?
+                    else {
+                        engine
+                            .begin_chunk_image(chunk)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        return Ok(bytes);
+                    };
+                    if !header.same_versions(&first) {
+                        debug!(%copyset, %chunk, "chunk versions changed during its copy; again");
+                        continue 'restart;
+                    }
+                    bytes += data.len() as u64;
+                    // Zero pages need no write in a fresh slot, except the first (it makes
+                    // the chunk) and, when the chunk has a snapshot, the current part's (their
+                    // writes rebuild the snapshot by copy-on-write).
+                    let must_write =
+                        offset == 0 || (part == ImagePart::Current && first.snapshot_sn.is_some());
+                    if !data.is_empty() || must_write {
+                        let data = if data.is_empty() {
+                            Bytes::from(vec![0u8; len as usize])
+                        } else {
+                            data
+                        };
+                        engine
+                            .write_image_piece(copyset, chunk, sn, offset, data)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    offset += len;
+                }
+            }
+            engine
+                .finish_chunk_image(chunk, &first)
+                .map_err(|e| e.to_string())?;
+            return Ok(bytes);
+        }
+        Err(format!(
+            "chunk {chunk} changed versions {CHUNK_RESTARTS_MAX} times during its copy"
+        ))
+    }
+
+    /// One piece from the source; `None` when the chunk no longer exists there.
+    #[allow(clippy::too_many_arguments)]
+    async fn image_piece(
+        &self,
+        copyset: CopysetId,
+        source: NodeId,
+        meta: &SnapshotMeta,
+        chunk: ChunkId,
+        part: ImagePart,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(ChunkImageMeta, Bytes)>, String> {
+        let request = ReadImagePiece {
+            chunk,
+            part: match part {
+                ImagePart::Current => 0,
+                ImagePart::Snapshot => 1,
+            },
+            offset,
+            len: len as u32,
+        };
+        let (status, body) = self
+            .image_call(copyset, source, wire::READ_CHUNK_IMAGE, request.encode())
+            .await?;
+        match status {
+            Status::Ok => {}
+            Status::ChunkNotFound => return Ok(None),
+            other => return Err(format!("piece of chunk {chunk} refused: {other:?}")),
+        }
+        let (header, data) = ImagePieceHeader::decode(&body).map_err(|e| e.to_string())?;
+        if header.source_applied < meta.index.0 {
+            return Err(format!(
+                "the source applied only {} of the snapshot's {} (restarted?)",
+                header.source_applied, meta.index
+            ));
+        }
+        let expected = if header.zero { 0 } else { len as usize };
+        if data.len() != expected {
+            return Err(format!(
+                "piece of chunk {chunk} at {offset}: {} bytes, expected {expected}",
+                data.len()
+            ));
+        }
+        let meta = ChunkImageMeta {
+            sn: header.sn,
+            corrected_sn: header.corrected_sn,
+            snapshot_sn: header.snapshot_sn,
+            applied: header.applied,
+        };
+        Ok(Some((meta, data)))
+    }
+
+    /// Answers `LIST_CHUNK_IMAGE` as the source of an image.
+    pub(super) fn serve_image_list(&self, copyset: CopysetId) -> (Status, Bytes) {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        if self.installing.borrow().contains_key(&copyset) {
+            return (
+                Status::Retry("this replica is installing an image itself".into()),
+                Bytes::new(),
+            );
+        }
+        let list = ImageList {
+            applied: core.borrow().applied().0,
+            chunk_size: self.engine.layout().geometry.chunk_size,
+            chunks: self.engine.chunks_of(copyset),
+        };
+        (Status::Ok, list.encode())
+    }
+
+    /// Answers `READ_CHUNK_IMAGE` as the source of an image.
+    pub(super) async fn serve_image_piece(
+        &self,
+        copyset: CopysetId,
+        payload: &[u8],
+    ) -> (Status, Bytes) {
+        let request = match ReadImagePiece::decode(payload) {
+            Ok(request) => request,
+            Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+        };
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        if self.installing.borrow().contains_key(&copyset) {
+            return (
+                Status::Retry("this replica is installing an image itself".into()),
+                Bytes::new(),
+            );
+        }
+        if let Err(error) = self.engine.check_owner(request.chunk, copyset) {
+            return (status_of_storage(&error), Bytes::new());
+        }
+        // Read before the piece: the piece holds at least this state.
+        let source_applied = core.borrow().applied().0;
+        let part = if request.part == 1 {
+            ImagePart::Snapshot
+        } else {
+            ImagePart::Current
+        };
+        let piece = match self
+            .engine
+            .read_image_piece(request.chunk, part, request.offset, u64::from(request.len))
+            .await
+        {
+            Ok(piece) => piece,
+            Err(error @ StorageError::Conflict { .. }) => {
+                return (Status::Invalid(error.to_string()), Bytes::new())
+            }
+            Err(error) => return (status_of_storage(&error), Bytes::new()),
+        };
+        let data = piece.data.as_ref().map_or(&[][..], |d| d.as_slice());
+        let header = ImagePieceHeader {
+            source_applied,
+            sn: piece.meta.sn,
+            corrected_sn: piece.meta.corrected_sn,
+            snapshot_sn: piece.meta.snapshot_sn,
+            applied: piece.meta.applied,
+            zero: piece.data.is_none(),
+        };
+        let mut body = BytesMut::with_capacity(IMAGE_PIECE_HEADER_LEN + data.len());
+        header.encode(&mut body);
+        body.extend_from_slice(data);
+        (Status::Ok, body.freeze())
+    }
+}

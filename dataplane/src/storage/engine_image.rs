@@ -1,0 +1,222 @@
+//! Copyset images: how a replica that fell behind the leader's log compaction gets the chunks
+//! instead of the entries it missed (the chunks are the copyset's raft snapshot).
+//!
+//! The source keeps writing while an image is copied, so the copy is *fuzzy*, as ZooKeeper's
+//! snapshots are: each chunk travels in pieces read at different moments. That is sound here
+//! because of three facts the engine already keeps:
+//!
+//! - a chunk records the log index of the last entry applied to it, and an entry at or below
+//!   it changes nothing when applied again;
+//! - the receiver records, for each copied chunk, the index the source reported *before* its
+//!   first piece was read, so every piece holds at least that state;
+//! - the entries after it that touch the chunk are whole-page writes, deletes and sequence-
+//!   number changes; the receiver applies them again in log order, and writes and deletes set
+//!   what they touch regardless of what was there.
+//!
+//! Only an operation whose outcome depends on the chunk's earlier content — a write that
+//! opens a copy-on-write snapshot, a snapshot's deletion, a corrected sn — could make a fuzzy
+//! copy wrong; such operations change the chunk's sequence numbers, every piece carries them,
+//! and a change between pieces makes the receiver start that chunk again. A chunk with a
+//! snapshot travels as two parts, the snapshot's version first, then the current one, which
+//! the receiver writes with the newer sn so that the engine's own copy-on-write rebuilds the
+//! snapshot. Lazy clones are not carried (clone operations are not on the wire yet).
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use raftcore::LogIndex;
+
+use super::ShardEngine;
+use crate::storage::bdev::Bdev;
+use crate::storage::dma::DmaBuf;
+use crate::storage::table::{ChunkId, SlotState, FLAG_CLONE, NO_SLOT};
+use crate::storage::wal::record::CopysetId;
+use crate::storage::StorageError;
+
+/// Which version of a chunk an image piece holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePart {
+    /// The chunk's current data.
+    Current,
+    /// The data of its copy-on-write snapshot.
+    Snapshot,
+}
+
+/// A chunk's metadata, as an image carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkImageMeta {
+    /// The chunk's sequence number.
+    pub sn: u64,
+    /// Curve's corrected sn.
+    pub corrected_sn: u64,
+    /// The snapshot's sequence number, when the chunk has one.
+    pub snapshot_sn: Option<u64>,
+    /// The log index of the last entry applied to the chunk (0: none recorded).
+    pub applied: u64,
+}
+
+impl ChunkImageMeta {
+    /// Whether `other` has the same versions (sequence numbers and snapshot): pieces read
+    /// under both belong to one copy.
+    pub fn same_versions(&self, other: &ChunkImageMeta) -> bool {
+        self.sn == other.sn
+            && self.corrected_sn == other.corrected_sn
+            && self.snapshot_sn == other.snapshot_sn
+    }
+}
+
+/// One piece of a chunk's image.
+#[derive(Debug)]
+pub struct ImagePiece {
+    /// The chunk's metadata, read before the data.
+    pub meta: ChunkImageMeta,
+    /// The bytes; `None` when the piece is all zeroes or was asked with length 0.
+    pub data: Option<DmaBuf>,
+}
+
+impl<B: Bdev> ShardEngine<B> {
+    /// The chunks that `copyset`'s log wrote, in id order.
+    pub fn chunks_of(&self, copyset: CopysetId) -> Vec<ChunkId> {
+        let table = self.table.borrow();
+        let mut ids: Vec<ChunkId> = table
+            .chunks()
+            .filter(|(_, slot)| {
+                table
+                    .slot(*slot)
+                    .is_some_and(|m| m.state == SlotState::Chunk && m.copyset == copyset.0)
+            })
+            .map(|(chunk, _)| chunk)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Refuses an operation of `copyset` on a chunk that another copyset's log wrote (chunk
+    /// ids are shard-wide; two copysets must not share one).
+    pub fn check_owner(&self, chunk: ChunkId, copyset: CopysetId) -> Result<(), StorageError> {
+        let table = self.table.borrow();
+        let Some(meta) = table.lookup(chunk).and_then(|slot| table.slot(slot)) else {
+            return Ok(());
+        };
+        if copyset.0 != 0 && meta.copyset != 0 && meta.copyset != copyset.0 {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!(
+                    "the chunk belongs to copyset {}, not {}",
+                    meta.copyset, copyset.0
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The metadata an image of `chunk` carries.
+    pub fn chunk_image_meta(&self, chunk: ChunkId) -> Result<ChunkImageMeta, StorageError> {
+        let table = self.table.borrow();
+        let meta = table
+            .lookup(chunk)
+            .and_then(|slot| table.slot(slot))
+            .copied()
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        if meta.flags & FLAG_CLONE != 0 {
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: "a lazy clone cannot be copied into a copyset image".into(),
+            });
+        }
+        let snapshot_sn = if meta.link == NO_SLOT {
+            None
+        } else {
+            table.slot(meta.link).map(|m| m.sn)
+        };
+        Ok(ChunkImageMeta {
+            sn: meta.sn,
+            corrected_sn: meta.aux,
+            snapshot_sn,
+            applied: meta.applied,
+        })
+    }
+
+    /// Reads one piece of `chunk`'s image: its metadata, then `len` bytes at `offset` of the
+    /// `part` asked for (no bytes when `len` is 0).
+    pub async fn read_image_piece(
+        &self,
+        chunk: ChunkId,
+        part: ImagePart,
+        offset: u64,
+        len: u64,
+    ) -> Result<ImagePiece, StorageError> {
+        let meta = self.chunk_image_meta(chunk)?;
+        if len == 0 {
+            return Ok(ImagePiece { meta, data: None });
+        }
+        let data = match part {
+            ImagePart::Current => self.read_chunk(chunk, offset, len).await?,
+            ImagePart::Snapshot => {
+                let sn = meta
+                    .snapshot_sn
+                    .ok_or(StorageError::SnapshotNotFound { chunk, sn: 0 })?;
+                self.read_snapshot(chunk, sn, offset, len).await?
+            }
+        };
+        let zero = data.as_slice().iter().all(|b| *b == 0);
+        Ok(ImagePiece {
+            meta,
+            data: (!zero).then_some(data),
+        })
+    }
+
+    /// Starts copying `chunk` into this shard: whatever the shard held under that id goes.
+    pub async fn begin_chunk_image(&self, chunk: ChunkId) -> Result<(), StorageError> {
+        self.delete_chunk(chunk, LogIndex(0)).await
+    }
+
+    /// Writes one piece of a chunk's image: the snapshot part with the snapshot's sn first,
+    /// then the current part with the chunk's sn (which rebuilds the snapshot by copy-on-write).
+    pub async fn write_image_piece(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        sn: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        self.write_chunk_bytes(copyset, chunk, offset, data, sn, LogIndex(0))
+            .await
+    }
+
+    /// Finishes copying `chunk`: its corrected sn and the applied index the source reported
+    /// before the first piece, so that entries at or below it are not applied again.
+    pub fn finish_chunk_image(
+        &self,
+        chunk: ChunkId,
+        meta: &ChunkImageMeta,
+    ) -> Result<(), StorageError> {
+        let mut table = self.table.borrow_mut();
+        let slot = table
+            .lookup(chunk)
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        let mut slot_meta = table
+            .slot(slot)
+            .copied()
+            .ok_or(StorageError::ChunkNotFound(chunk))?;
+        slot_meta.aux = meta.corrected_sn;
+        slot_meta.applied = meta.applied;
+        table.update(slot, slot_meta);
+        Ok(())
+    }
+
+    /// Deletes the chunks of `copyset` that an image does not hold.
+    pub async fn remove_chunks_except(
+        &self,
+        copyset: CopysetId,
+        keep: &BTreeSet<ChunkId>,
+    ) -> Result<(), StorageError> {
+        for chunk in self.chunks_of(copyset) {
+            if !keep.contains(&chunk) {
+                self.delete_chunk(chunk, LogIndex(0)).await?;
+            }
+        }
+        Ok(())
+    }
+}
