@@ -777,6 +777,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     let core = Rc::clone(core);
                     let server = Rc::clone(self);
                     glommio::spawn_local(async move {
+                        // glommio runs a spawned task at once; an apply that finishes without
+                        // waiting (memory device, or an entry the chunk already holds) would
+                        // drive the next one inside this call, and a long run of them would
+                        // overflow the stack. Yielding first makes each its own turn.
+                        futures_lite::future::yield_now().await;
                         let chunk = op.chunk();
                         let result = match op {
                             ChunkOp::Write {
