@@ -590,13 +590,6 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
     nodes[follower as usize - 1].stop();
     // 64 KiB writes: 300 of them pass a 16 MiB WAL ring, so the others checkpoint and
     // compact their logs past everything the follower has.
-    let big = |seed: u64| -> bytes::Bytes {
-        let mut data = vec![0u8; 64 << 10];
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (seed.wrapping_mul(31).wrapping_add(i as u64 / 4096)) as u8;
-        }
-        bytes::Bytes::from(data)
-    };
     with_client(&ports, move |client| {
         Box::pin(async move {
             client.set_peers(COPYSET, &[1, 2, 3]);
@@ -606,14 +599,7 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
                 .write(COPYSET, ChunkId(3), 4096, block(33), 2)
                 .await
                 .expect("write with a newer sn");
-            for i in 0..300u64 {
-                let chunk = 10 + i % 6;
-                let offset = ((i / 6) % 16) as u32 * (64 << 10);
-                client
-                    .write(COPYSET, ChunkId(chunk), offset, big(i), 1)
-                    .await
-                    .expect("write while the follower is down");
-            }
+            write_past_the_wal(&client).await;
         })
     });
     let metrics_port = free_ports(1)[0];
@@ -691,18 +677,94 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
             assert_eq!(read(2, 0, 4096).await, bytes::Bytes::from(vec![0u8; 4096]));
             assert_eq!(read(3, 0, 4096).await, block(3));
             assert_eq!(read(3, 4096, 4096).await, block(33));
-            // Write i and i + 96 hit the same place: the last 96 are what the chunks hold.
-            for i in 204..300u64 {
-                let chunk = 10 + i % 6;
-                let offset = ((i / 6) % 16) as u32 * (64 << 10);
-                assert_eq!(read(chunk, offset, 64 << 10).await, big(i), "write {i}");
-            }
+            check_past_the_wal(client).await;
             // And it takes new writes as the leader.
             client
                 .write(COPYSET, ChunkId(1), 8192, block(77), 1)
                 .await
                 .expect("write to the new leader");
             assert_eq!(read(1, 8192, 4096).await, block(77));
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// 64 KiB of a pattern drawn from `seed`.
+fn big(seed: u64) -> bytes::Bytes {
+    let mut data = vec![0u8; 64 << 10];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (seed.wrapping_mul(31).wrapping_add(i as u64 / 4096)) as u8;
+    }
+    bytes::Bytes::from(data)
+}
+
+/// Where write `i` of [`write_past_the_wal`] lands: six chunks, sixteen places each, so write
+/// `i` and write `i + 96` hit the same place.
+fn past_the_wal_place(i: u64) -> (ChunkId, u32) {
+    (ChunkId(10 + i % 6), ((i / 6) % 16) as u32 * (64 << 10))
+}
+
+/// 300 writes of 64 KiB: more than a 16 MiB WAL ring holds, so the replicas that take them
+/// checkpoint and compact their logs.
+async fn write_past_the_wal(client: &dataplane::client::Client) {
+    for i in 0..300u64 {
+        let (chunk, offset) = past_the_wal_place(i);
+        client
+            .write(COPYSET, chunk, offset, big(i), 1)
+            .await
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+}
+
+/// Reads back what [`write_past_the_wal`] left: the last 96 writes.
+async fn check_past_the_wal(client: &dataplane::client::Client) {
+    for i in 204..300u64 {
+        let (chunk, offset) = past_the_wal_place(i);
+        let data = client
+            .read(COPYSET, chunk, u64::from(offset), 64 << 10)
+            .await
+            .expect("read");
+        assert_eq!(data, big(i), "write {i}");
+    }
+}
+
+/// A member added once the leader compacted its log past index 2 installs the copyset's
+/// snapshot (the chunks) before it takes the log, and serves every write once it leads.
+#[test]
+fn a_member_added_after_the_log_compaction_installs_the_chunks() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let node_config = |id: u32| config_of_cluster(id, 4, &ports, dir.path(), "uring", "tcp");
+    let mut nodes: Vec<Node> = (1..=4).map(|id| Node::start(node_config(id))).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+    with_client_of(addresses, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            write_past_the_wal(&client).await;
+            let membership = client
+                .set_voters(COPYSET, &[1, 2, 3], &[1, 2, 4], &[1, 2, 3])
+                .await
+                .expect("change peers");
+            assert_eq!(membership.voters, vec![1, 2, 4]);
+            let leader = client.cached_leader(COPYSET).expect("leader");
+            let commit = client
+                .copyset_status(leader, COPYSET)
+                .await
+                .expect("leader status")
+                .commit;
+            wait_status(&client, 4, "catch up", |s| s.applied >= commit).await;
+            client
+                .transfer_leader(COPYSET, 4)
+                .await
+                .expect("transfer accepted");
+            wait_status(&client, 4, "lead", |s| s.role == 3).await;
+            check_past_the_wal(&client).await;
+            assert_eq!(client.cached_leader(COPYSET), Some(4));
         })
     });
     for node in &mut nodes {

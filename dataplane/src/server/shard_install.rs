@@ -276,71 +276,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
         chunk: ChunkId,
     ) -> Result<u64, String> {
         let chunk_size = self.engine.layout().geometry.chunk_size;
-        let engine = &self.engine;
-        'restart: for _ in 0..CHUNK_RESTARTS_MAX {
-            engine
-                .begin_chunk_image(chunk)
-                .await
-                .map_err(|e| e.to_string())?;
-            // The versions and the applied index, before any byte is read.
-            let Some((first, _)) = self
-                .image_piece(copyset, source, meta, chunk, ImagePart::Current, 0, 0)
-                .await?
-            else {
-                return Ok(0); // deleted since the list: re-applying the log deletes it too
-            };
-            let mut bytes = 0;
-            let mut parts = Vec::new();
-            if let Some(snapshot_sn) = first.snapshot_sn {
-                parts.push((ImagePart::Snapshot, snapshot_sn));
-            }
-            parts.push((ImagePart::Current, first.sn));
-            for (part, sn) in parts {
-                let mut offset = 0;
-                while offset < chunk_size {
-                    let len = IMAGE_PIECE_BYTES.min(chunk_size - offset);
-                    let Some((header, data)) = self
-                        .image_piece(copyset, source, meta, chunk, part, offset, len)
-                        .await?
-                    else {
-                        engine
-                            .begin_chunk_image(chunk)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        return Ok(bytes);
-                    };
-                    if !header.same_versions(&first) {
-                        debug!(%copyset, %chunk, "chunk versions changed during its copy; again");
-                        continue 'restart;
-                    }
-                    bytes += data.len() as u64;
-                    // Zero pages need no write in a fresh slot, except the first (it makes
-                    // the chunk) and, when the chunk has a snapshot, the current part's (their
-                    // writes rebuild the snapshot by copy-on-write).
-                    let must_write =
-                        offset == 0 || (part == ImagePart::Current && first.snapshot_sn.is_some());
-                    if !data.is_empty() || must_write {
-                        let data = if data.is_empty() {
-                            Bytes::from(vec![0u8; len as usize])
-                        } else {
-                            data
-                        };
-                        engine
-                            .write_image_piece(copyset, chunk, sn, offset, data)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    offset += len;
-                }
-            }
-            engine
-                .finish_chunk_image(chunk, &first)
-                .map_err(|e| e.to_string())?;
-            return Ok(bytes);
-        }
-        Err(format!(
-            "chunk {chunk} changed versions {CHUNK_RESTARTS_MAX} times during its copy"
-        ))
+        self.engine
+            .copy_chunk_image(
+                copyset,
+                chunk,
+                chunk_size,
+                IMAGE_PIECE_BYTES,
+                CHUNK_RESTARTS_MAX,
+                async |part, offset, len| {
+                    self.image_piece(copyset, source, meta, chunk, part, offset, len)
+                        .await
+                },
+            )
+            .await
     }
 
     /// One piece from the source; `None` when the chunk no longer exists there.

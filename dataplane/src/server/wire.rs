@@ -792,6 +792,54 @@ mod tests {
             let _ = CopysetStatus::decode(&bytes);
             let _ = decode_response(&bytes);
             let _ = decode_copyset_list(&bytes);
+            let _ = ImageList::decode(&bytes);
+            let _ = ReadImagePiece::decode(&bytes);
+            let _ = ImagePieceHeader::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn image_messages_round_trip_and_refuse_bad_flags() {
+        let list = ImageList {
+            applied: 77,
+            chunk_size: 1 << 20,
+            chunks: vec![ChunkId(3), ChunkId(9)],
+        };
+        assert_eq!(ImageList::decode(&list.encode()), Ok(list));
+        let request = ReadImagePiece {
+            chunk: ChunkId(5),
+            part: 1,
+            offset: 1 << 20,
+            len: 4096,
+        };
+        assert_eq!(ReadImagePiece::decode(&request.encode()), Ok(request));
+        let mut bad = request.encode().to_vec();
+        bad[8] = 2;
+        assert!(ReadImagePiece::decode(&bad).is_err(), "part 2");
+        let header = ImagePieceHeader {
+            source_applied: 10,
+            sn: 2,
+            corrected_sn: 0,
+            snapshot_sn: Some(1),
+            applied: 9,
+            zero: false,
+        };
+        let mut body = BytesMut::new();
+        header.encode(&mut body);
+        assert_eq!(body.len(), IMAGE_PIECE_HEADER_LEN);
+        body.extend_from_slice(b"page");
+        let (decoded, data) = ImagePieceHeader::decode(&body.clone().freeze()).unwrap();
+        assert_eq!((decoded, &data[..]), (header, &b"page"[..]));
+        let mut zero = BytesMut::new();
+        ImagePieceHeader {
+            zero: true,
+            ..header
+        }
+        .encode(&mut zero);
+        zero.extend_from_slice(b"x");
+        assert!(
+            ImagePieceHeader::decode(&zero.freeze()).is_err(),
+            "a zero piece with bytes"
+        );
     }
 }

@@ -153,9 +153,10 @@ impl<B: Bdev> ShardEngine<B> {
         let data = match part {
             ImagePart::Current => self.read_chunk(chunk, offset, len).await?,
             ImagePart::Snapshot => {
-                let sn = meta
-                    .snapshot_sn
-                    .ok_or(StorageError::SnapshotNotFound { chunk, sn: 0 })?;
+                // Gone since the copy began: the versions say so, and the copy starts over.
+                let Some(sn) = meta.snapshot_sn else {
+                    return Ok(ImagePiece { meta, data: None });
+                };
                 self.read_snapshot(chunk, sn, offset, len).await?
             }
         };
@@ -204,6 +205,79 @@ impl<B: Bdev> ShardEngine<B> {
         slot_meta.applied = meta.applied;
         table.update(slot, slot_meta);
         Ok(())
+    }
+
+    /// Copies one chunk of `copyset`'s image into this shard; `fetch(part, offset, len)`
+    /// reads a piece at the source (`len` 0: metadata only) and answers `None` once the chunk
+    /// is gone there. Starts the chunk over when its versions change between pieces (at most
+    /// `restarts_max` times). Returns the bytes that travelled.
+    pub async fn copy_chunk_image<F>(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        chunk_size: u64,
+        piece_bytes: u64,
+        restarts_max: u32,
+        mut fetch: F,
+    ) -> Result<u64, String>
+    where
+        F: AsyncFnMut(ImagePart, u64, u64) -> Result<Option<(ChunkImageMeta, Bytes)>, String>,
+    {
+        let local = |e: StorageError| e.to_string();
+        'restart: for _ in 0..restarts_max {
+            self.begin_chunk_image(chunk).await.map_err(local)?;
+            // The versions and the applied index, before any byte is read.
+            let Some((first, _)) = fetch(ImagePart::Current, 0, 0).await? else {
+                return Ok(0); // deleted since the list: re-applying the log deletes it too
+            };
+            let mut bytes = 0;
+            let mut parts = Vec::new();
+            if let Some(snapshot_sn) = first.snapshot_sn {
+                parts.push((ImagePart::Snapshot, snapshot_sn));
+            }
+            parts.push((ImagePart::Current, first.sn));
+            for (part, sn) in parts {
+                let mut offset = 0;
+                while offset < chunk_size {
+                    let len = piece_bytes.min(chunk_size - offset);
+                    let Some((meta, data)) = fetch(part, offset, len).await? else {
+                        self.begin_chunk_image(chunk).await.map_err(local)?;
+                        return Ok(bytes);
+                    };
+                    if !meta.same_versions(&first) {
+                        continue 'restart;
+                    }
+                    if !data.is_empty() && data.len() as u64 != len {
+                        return Err(format!(
+                            "piece of chunk {chunk} at {offset}: {} bytes, expected {len}",
+                            data.len()
+                        ));
+                    }
+                    bytes += data.len() as u64;
+                    // Zero pages need no write in a fresh slot, except the first (it makes
+                    // the chunk) and, when the chunk has a snapshot, the current part's (their
+                    // writes rebuild the snapshot by copy-on-write).
+                    let must_write =
+                        offset == 0 || (part == ImagePart::Current && first.snapshot_sn.is_some());
+                    if !data.is_empty() || must_write {
+                        let data = if data.is_empty() {
+                            Bytes::from(vec![0u8; len as usize])
+                        } else {
+                            data
+                        };
+                        self.write_image_piece(copyset, chunk, sn, offset, data)
+                            .await
+                            .map_err(local)?;
+                    }
+                    offset += len;
+                }
+            }
+            self.finish_chunk_image(chunk, &first).map_err(local)?;
+            return Ok(bytes);
+        }
+        Err(format!(
+            "chunk {chunk} changed versions {restarts_max} times during its copy"
+        ))
     }
 
     /// Deletes the chunks of `copyset` that an image does not hold.

@@ -749,3 +749,187 @@ fn a_clone_refuses_a_snapshot_and_a_clone_of_a_clone() {
         );
     });
 }
+
+/// An operation of the image test's copyset log.
+#[derive(Debug, Clone, Copy)]
+enum ImageOp {
+    Write {
+        chunk: u64,
+        page: u64,
+        pages: u64,
+        fill: u8,
+        sn: u64,
+    },
+    Delete {
+        chunk: u64,
+    },
+    DeleteSnapshotOrCorrectSn {
+        chunk: u64,
+        sn: u64,
+    },
+}
+
+fn random_image_op(rng: &mut SmallRng) -> ImageOp {
+    let chunk = rng.gen_range(1..=5);
+    match rng.gen_range(0..20) {
+        0 => ImageOp::Delete { chunk },
+        1 => ImageOp::DeleteSnapshotOrCorrectSn {
+            chunk,
+            sn: rng.gen_range(1..=4),
+        },
+        _ => {
+            let page = rng.gen_range(0..CHUNK / PAGE);
+            ImageOp::Write {
+                chunk,
+                page,
+                pages: rng.gen_range(1..=(CHUNK / PAGE - page).min(4)),
+                fill: rng.gen(),
+                // Mostly the current sn; now and then a newer one (a snapshot).
+                sn: if rng.gen_range(0..8) == 0 { 2 } else { 1 },
+            }
+        }
+    }
+}
+
+/// Applies `op` as the entry at `index` of `copyset`; refusals (an older sn, a second
+/// snapshot) change nothing, as on every replica.
+async fn apply_image_op(
+    engine: &ShardEngine<MemBdev>,
+    copyset: CopysetId,
+    index: u64,
+    op: ImageOp,
+) {
+    let index = LogIndex(index);
+    let result = match op {
+        ImageOp::Write {
+            chunk,
+            page,
+            pages,
+            fill,
+            sn,
+        } => {
+            let data = buffer(engine, pages * PAGE, fill);
+            engine
+                .write_chunk_in(copyset, ChunkId(chunk), page * PAGE, data, sn, index)
+                .await
+        }
+        ImageOp::Delete { chunk } => engine.delete_chunk(ChunkId(chunk), index).await,
+        ImageOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+            engine
+                .delete_snapshot_or_correct_sn(ChunkId(chunk), sn, index)
+                .await
+        }
+    };
+    match result {
+        Ok(()) | Err(StorageError::BackwardRequest { .. } | StorageError::Conflict { .. }) => {}
+        Err(error) => panic!("entry {index}: {op:?}: {error}"),
+    }
+}
+
+/// The source keeps applying entries while a replica copies the copyset's image piece by
+/// piece; the replica then applies the entries above the snapshot's index. Whatever the
+/// interleaving, the replica ends equal to the source — data, snapshots, sequence numbers —
+/// chunks the source deleted are gone, and a chunk of another copyset is untouched.
+#[test]
+fn a_copyset_image_copied_under_writes_plus_the_log_equals_the_source() {
+    for seed in 0..24u64 {
+        block_on(async {
+            let copyset = CopysetId(3);
+            let other = CopysetId(4);
+            let (source, _) = open(&formatted(16 << 20).await).await;
+            let (replica, _) = open(&formatted(16 << 20).await).await;
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut log = Vec::new();
+            // The replica applied the first entries, then fell behind.
+            let behind = rng.gen_range(0..20u64);
+            for index in 1..=60u64 {
+                let op = random_image_op(&mut rng);
+                apply_image_op(&source, copyset, index, op).await;
+                if index <= behind {
+                    apply_image_op(&replica, copyset, index, op).await;
+                }
+                log.push((index, op));
+            }
+            replica
+                .write_chunk_in(
+                    other,
+                    ChunkId(9),
+                    0,
+                    buffer(&replica, PAGE, 9),
+                    1,
+                    LogIndex(1),
+                )
+                .await
+                .unwrap();
+            let snapshot_index = 60u64;
+            let mut next = snapshot_index + 1;
+
+            // The copy, with the source applying more entries between pieces.
+            let list = source.chunks_of(copyset);
+            let keep: BTreeSet<ChunkId> = list.iter().copied().collect();
+            replica.remove_chunks_except(copyset, &keep).await.unwrap();
+            for chunk in list {
+                let fetch = async |part, offset, len| {
+                    if rng.gen_range(0..3) == 0 {
+                        let op = random_image_op(&mut rng);
+                        apply_image_op(&source, copyset, next, op).await;
+                        log.push((next, op));
+                        next += 1;
+                    }
+                    match source.read_image_piece(chunk, part, offset, len).await {
+                        Ok(piece) => {
+                            let data = piece
+                                .data
+                                .map_or_else(Bytes::new, |d| Bytes::copy_from_slice(d.as_slice()));
+                            Ok(Some((piece.meta, data)))
+                        }
+                        Err(StorageError::ChunkNotFound(_)) => Ok(None),
+                        Err(error) => Err(error.to_string()),
+                    }
+                };
+                replica
+                    .copy_chunk_image(copyset, chunk, CHUNK, 4 * PAGE, 64, fetch)
+                    .await
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            }
+            // The log above the snapshot, applied again.
+            for (index, op) in &log {
+                if *index > snapshot_index {
+                    apply_image_op(&replica, copyset, *index, *op).await;
+                }
+            }
+
+            assert_eq!(
+                replica.chunks_of(copyset),
+                source.chunks_of(copyset),
+                "seed {seed}"
+            );
+            assert_eq!(replica.chunks_of(other), vec![ChunkId(9)], "seed {seed}");
+            for chunk in source.chunks_of(copyset) {
+                let expected = source.chunk_info(chunk).unwrap();
+                let got = replica.chunk_info(chunk).unwrap();
+                assert_eq!(got.sn, expected.sn, "seed {seed} chunk {chunk}");
+                assert_eq!(
+                    got.snapshot_sn, expected.snapshot_sn,
+                    "seed {seed} chunk {chunk}"
+                );
+                assert_eq!(
+                    got.corrected_sn, expected.corrected_sn,
+                    "seed {seed} chunk {chunk}"
+                );
+                assert_eq!(
+                    pages_of(&replica.read_chunk(chunk, 0, CHUNK).await.unwrap()),
+                    pages_of(&source.read_chunk(chunk, 0, CHUNK).await.unwrap()),
+                    "seed {seed} chunk {chunk}: data"
+                );
+                if let Some(sn) = expected.snapshot_sn {
+                    assert_eq!(
+                        pages_of(&replica.read_snapshot(chunk, sn, 0, CHUNK).await.unwrap()),
+                        pages_of(&source.read_snapshot(chunk, sn, 0, CHUNK).await.unwrap()),
+                        "seed {seed} chunk {chunk}: snapshot"
+                    );
+                }
+            }
+        });
+    }
+}
