@@ -3,7 +3,7 @@
 //!
 //! Memory is fixed at open, sized from the slot count: 48 bytes of [`SlotMeta`] per slot, an
 //! open-addressing index of 4-byte slot numbers at a load of at most 3/4, and one bit per slot
-//! of free map — at most 51 bytes per chunk (see [`ChunkTable::memory_bytes`]).
+//! of free map — at most 59 bytes per chunk (see [`ChunkTable::memory_bytes`]).
 
 use std::collections::BTreeSet;
 
