@@ -45,15 +45,13 @@ pub struct Settings {
     pub writers: usize,
 }
 
-/// Each node's WAL ring. The engine checkpoints (and compacts each copyset's log up to its
-/// own applied index) once the ring is half full, and a follower that then needs compacted
-/// entries needs a snapshot, which the chunkserver cannot install yet (it logs "snapshot
-/// install is not supported yet; copyset stalls"). So the default run caps its writes at
-/// [`DEFAULT_WRITE_BUDGET`], well under half this ring even at 8 KiB of WAL per 4 KiB write;
-/// `FAULT_WRITE_BUDGET=0` lifts the cap and exercises compaction.
-const WAL_SIZE: &str = "512MiB";
+/// Each node's WAL ring: small, so that the engine checkpoints (and compacts each copyset's
+/// log up to its own applied index) every few seconds under the workload, and a node that was
+/// killed, paused or cut off across a compaction comes back through a snapshot install.
+const WAL_SIZE: &str = "16MiB";
 const DEVICE_SIZE: &str = "640MiB";
-pub const DEFAULT_WRITE_BUDGET: u64 = 16_000;
+/// No cap on writes by default (0); `FAULT_WRITE_BUDGET=N` stops the writers after N writes.
+pub const DEFAULT_WRITE_BUDGET: u64 = 0;
 
 impl Settings {
     /// `FAULT_SECONDS` and `FAULT_SEED` from the environment, else the given defaults.
