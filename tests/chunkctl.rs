@@ -217,4 +217,53 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The replicas of the removed nodes go, chunks and all.
+    for node in ["2", "3"] {
+        let deleted = chunkctl(config, &["copyset", "delete", "--id", "5", "--node", node]);
+        assert!(deleted.status.success(), "{}", text(&deleted));
+        assert_eq!(
+            text(&deleted).trim(),
+            format!("copyset 5: replica on node {node} deleted")
+        );
+    }
+    let again = chunkctl(config, &["copyset", "delete", "--id", "5", "--node", "3"]);
+    assert!(!again.status.success(), "{}", text(&again));
+    assert_eq!(
+        text(&again).trim(),
+        "error: delete copyset on copyset 5 refused: CopysetNotFound"
+    );
+
+    // Node 4 dies for good: {1, 4} has no quorum. Reset node 1's peers to itself.
+    if let Some(mut child) = cluster.children[3].take() {
+        child.kill().expect("kill node 4");
+        child.wait().expect("reap");
+    }
+    let reset = chunkctl(
+        config,
+        &["copyset", "reset-peers", "--id", "5", "--peers", "1"],
+    );
+    assert!(reset.status.success(), "{}", text(&reset));
+    assert_eq!(
+        text(&reset).trim(),
+        "copyset 5: voters reset to [1] (without consensus)"
+    );
+    let started = Instant::now();
+    loop {
+        let json = chunkctl(config, &["--json", "status"]);
+        let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+        let replicas = parsed["copysets"][0]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let one = replicas.iter().find(|r| r["node"] == 1).cloned();
+        if one.is_some_and(|r| r["role"] == "leader" && r["voters"] == serde_json::json!([1])) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "node 1 does not lead alone after the reset: {parsed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -257,6 +257,38 @@ impl Client {
         Ok(())
     }
 
+    /// Deletes `node`'s replica of `copyset` and its chunks (remove the node from the
+    /// membership first). Deleting a replica that is not there answers `CopysetNotFound`.
+    pub async fn delete_copyset(&self, copyset: CopysetId, node: u64) -> Result<(), ClientError> {
+        self.with_retries(
+            "delete copyset",
+            copyset,
+            Some(node),
+            wire::DELETE_COPYSET,
+            &Bytes::new(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Forces `node`'s replica of `copyset` to take `voters` as its membership, without
+    /// consensus: disaster recovery for a copyset that lost its quorum for good. Send it to
+    /// every surviving replica named in `voters`.
+    pub async fn reset_peers(
+        &self,
+        copyset: CopysetId,
+        node: u64,
+        voters: &[u64],
+    ) -> Result<(), ClientError> {
+        let body = wire::ResetPeers {
+            peers: voters.iter().map(|&p| NodeId(p)).collect(),
+        }
+        .encode();
+        self.with_retries("reset peers", copyset, Some(node), wire::RESET_PEERS, &body)
+            .await
+            .map(|_| ())
+    }
+
     /// Creates a replica of an existing copyset on `node`, which is not one of its voters yet:
     /// `initial_peers` must be the copyset's voters *at creation* (the replica starts from the
     /// same bootstrap snapshot and takes the leader's log from index 2). A peer change then

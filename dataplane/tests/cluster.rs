@@ -771,3 +771,100 @@ fn a_member_added_after_the_log_compaction_installs_the_chunks() {
         node.stop();
     }
 }
+
+/// CopysetService delete and CliService reset peers: a replica removed from the membership
+/// is deleted with its chunks and stays deleted across a restart; when the copyset then loses
+/// its quorum for good, resetting the survivor's peers to itself lets it serve again with
+/// every acknowledged write.
+#[test]
+fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
+    use dataplane::server::wire::{Status, GET_CHUNK_INFO};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "uring")))
+        .collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            for i in 0..8u64 {
+                client
+                    .write(
+                        COPYSET,
+                        ChunkId(40 + i % 2),
+                        (i / 2) as u32 * 4096,
+                        block(i),
+                        1,
+                    )
+                    .await
+                    .expect("write");
+            }
+            let membership = client.remove_peer(COPYSET, 3).await.expect("remove node 3");
+            assert_eq!(membership.voters, vec![1, 2]);
+            client
+                .delete_copyset(COPYSET, 3)
+                .await
+                .expect("delete on node 3");
+            assert!(!client
+                .list_copysets(3)
+                .await
+                .expect("list")
+                .contains(&COPYSET));
+            let (status, _) = client
+                .call_node(
+                    3,
+                    COPYSET,
+                    GET_CHUNK_INFO,
+                    bytes::Bytes::copy_from_slice(&40u64.to_le_bytes()),
+                )
+                .await
+                .expect("chunk info");
+            assert_eq!(status, Status::ChunkNotFound, "the chunks went with it");
+        })
+    });
+    nodes[2].stop();
+    nodes[2] = Node::start(config(3, &ports, dir.path(), "uring"));
+    // Node 2 goes for good: {1, 2} has no quorum left.
+    nodes[1].stop();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            let started = Instant::now();
+            let listed = loop {
+                match client.list_copysets(3).await {
+                    Ok(listed) => break listed,
+                    Err(error) => assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "node 3 did not come back: {error}"
+                    ),
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(
+                !listed.contains(&COPYSET),
+                "a deleted replica stays deleted across a restart"
+            );
+            client.reset_peers(COPYSET, 1, &[1]).await.expect("reset");
+            client.set_peers(COPYSET, &[1]);
+            wait_status(&client, 1, "lead alone", |s| s.role == 3).await;
+            client
+                .write(COPYSET, ChunkId(42), 0, block(99), 1)
+                .await
+                .expect("write after the reset");
+            for i in 0..8u64 {
+                let data = client
+                    .read(COPYSET, ChunkId(40 + i % 2), (i / 2) * 4096, 4096)
+                    .await
+                    .expect("read");
+                assert_eq!(data, block(i), "block {i}");
+            }
+            let status = client.copyset_status(1, COPYSET).await.expect("status");
+            assert_eq!(status.membership.voters, vec![1]);
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -86,6 +86,28 @@ enum CopysetCommand {
         #[arg(long)]
         node: u64,
     },
+    /// Deletes a node's replica of a copyset, and its chunks (remove the node from the
+    /// membership first).
+    Delete {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// Node whose replica goes.
+        #[arg(long)]
+        node: u64,
+    },
+    /// Disaster recovery: forces the membership of the replicas on the given nodes to exactly
+    /// those nodes, without consensus, for a copyset whose quorum is lost for good. Every
+    /// node named must be up; writes a majority acknowledged but that none of them holds are
+    /// lost.
+    ResetPeers {
+        /// Copyset id.
+        #[arg(long)]
+        id: u64,
+        /// The surviving nodes that become the voters, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<u64>,
+    },
     /// Makes the given nodes the copyset's voters, adding and removing in one change (joint
     /// consensus when more than one voter changes), e.g. to replace a node.
     ChangePeers {
@@ -382,6 +404,32 @@ fn main() -> ExitCode {
                         .await
                         .map(|membership| print_membership(id, &membership, cli.json))
                         .map_err(|error| error.to_string())
+                }
+                Command::Copyset(CopysetCommand::Delete { id, node }) => {
+                    match client.delete_copyset(CopysetId(id), node).await {
+                        Ok(()) => {
+                            if cli.json {
+                                println!("{}", json!({"copyset": id, "deleted_on": node}));
+                            } else {
+                                println!("copyset {id}: replica on node {node} deleted");
+                            }
+                            Ok(())
+                        }
+                        Err(error) => Err(error.to_string()),
+                    }
+                }
+                Command::Copyset(CopysetCommand::ResetPeers { id, peers }) => {
+                    for &node in &peers {
+                        if let Err(error) = client.reset_peers(CopysetId(id), node, &peers).await {
+                            return Err(format!("node {node}: {error}"));
+                        }
+                    }
+                    if cli.json {
+                        println!("{}", json!({"copyset": id, "voters": peers}));
+                    } else {
+                        println!("copyset {id}: voters reset to {peers:?} (without consensus)");
+                    }
+                    Ok(())
                 }
                 Command::Copyset(CopysetCommand::Create { id, peers }) => {
                     match client.create_copyset(CopysetId(id), &peers).await {

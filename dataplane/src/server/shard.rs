@@ -15,7 +15,9 @@ use raftcore::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::wire::{self, CopysetStatus, CreateCopyset, Membership, RaftBatch, ReadChunk, Status};
+use super::wire::{
+    self, CopysetStatus, CreateCopyset, Membership, RaftBatch, ReadChunk, ResetPeers, Status,
+};
 use crate::config::Endpoint;
 use crate::copyset::{Action, ChunkOp, CopysetCore, Refusal, Token};
 use crate::ids::{ChunkId, CopysetId};
@@ -188,6 +190,18 @@ impl<B: Bdev + 'static> ShardServer<B> {
         client_listeners: Vec<Listener>,
         shutdown: ShutdownSignal,
     ) {
+        // Chunks of a copyset whose deletion a crash interrupted.
+        match self.engine.remove_orphan_chunks().await {
+            Ok(0) => {}
+            Ok(count) => info!(
+                node = self.node,
+                shard = self.shard,
+                count,
+                "chunks of deleted copysets removed"
+            ),
+            Err(error) => warn!(node = self.node, shard = self.shard, %error,
+                "chunks of deleted copysets not removed"),
+        }
         let mut tasks = Vec::new();
         let server = Rc::clone(&self);
         tasks.push(glommio::spawn_local(async move { server.tick_loop().await }).detach());
@@ -529,6 +543,14 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.drive(copyset, &core);
                 answer.await
             }
+            wire::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
+            wire::RESET_PEERS => match ResetPeers::decode(&payload) {
+                Ok(request) => (
+                    self.reset_peers(copyset, &request.peers).await,
+                    Bytes::new(),
+                ),
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
             wire::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
             wire::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
             wire::LIST_COPYSETS => {
@@ -646,6 +668,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
     /// starts from the same bootstrap as theirs, takes the leader's log from index 2 once a
     /// peer change adds it, and cannot campaign until it applies its own addition.
     async fn create_copyset(&self, copyset: CopysetId, peers: &[NodeId], join: bool) -> Status {
+        if copyset.0 == 0 {
+            return Status::Invalid("copyset id 0 is reserved".into());
+        }
         if !join && !peers.contains(&NodeId(self.node)) {
             return Status::Invalid(format!(
                 "the peers do not include this node ({})",
@@ -697,6 +722,110 @@ impl<B: Bdev + 'static> ShardServer<B> {
         match self.open_copyset(copyset, LogIndex(1)) {
             Ok(()) => {
                 info!(node = self.node, shard = self.shard, %copyset, ?peers, "copyset created");
+                Status::Ok
+            }
+            Err(error) => status_of_storage(&error),
+        }
+    }
+
+    /// Waits (bounded) until the copyset has no apply in flight and no install running, so
+    /// that nothing writes its chunks behind the caller's back.
+    async fn quiet(&self, copyset: CopysetId, core: &CopysetCell<B>) -> Result<(), Status> {
+        let started = std::time::Instant::now();
+        loop {
+            let busy = core.borrow().applies_in_flight()
+                || self.installing.borrow().contains_key(&copyset);
+            if !busy {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                return Err(Status::Retry(
+                    "the copyset is applying or installing a snapshot".into(),
+                ));
+            }
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Deletes this node's replica of `copyset` (CopysetService delete): raft stops, a WAL
+    /// record makes the deletion durable, then the chunks go.
+    async fn delete_copyset(&self, copyset: CopysetId) -> Status {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return Status::CopysetNotFound;
+        };
+        if let Err(status) = self.quiet(copyset, &core).await {
+            return status;
+        }
+        if self.copysets.borrow_mut().remove(&copyset).is_none() {
+            return Status::CopysetNotFound; // deleted meanwhile
+        }
+        // Reads waiting on this copyset are answered now; proposals are answered by their
+        // clients' timeouts (the core that held their tokens is gone).
+        let tokens: Vec<Token> = self
+            .reads
+            .borrow()
+            .iter()
+            .filter(|(_, (c, _))| *c == copyset)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in tokens {
+            self.reads.borrow_mut().remove(&token);
+            self.answer(token, Status::CopysetNotFound, Bytes::new());
+        }
+        match self.engine.remove_copyset(copyset).await {
+            Ok(()) => {
+                info!(node = self.node, shard = self.shard, %copyset, "copyset deleted");
+                Status::Ok
+            }
+            Err(error) => {
+                error!(%copyset, %error, "copyset deletion failed");
+                status_of_storage(&error)
+            }
+        }
+    }
+
+    /// Forces this replica's membership to `peers` (CliService reset peers), for a copyset
+    /// whose quorum is gone for good: the membership is recorded with the applied index and
+    /// checkpointed, and raft restarts on it. Entries above the applied index that the log
+    /// still holds are applied again, membership changes among them.
+    async fn reset_peers(&self, copyset: CopysetId, peers: &[NodeId]) -> Status {
+        if !peers.contains(&NodeId(self.node)) {
+            return Status::Invalid(format!(
+                "the new voters do not include this node ({})",
+                self.node
+            ));
+        }
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return Status::CopysetNotFound;
+        };
+        if let Err(status) = self.quiet(copyset, &core).await {
+            return status;
+        }
+        let applied = core.borrow().applied();
+        let conf_state = ConfState {
+            voters: peers.iter().copied().collect(),
+            ..ConfState::default()
+        };
+        self.engine.set_applied(copyset, applied);
+        let wal = self.engine.wal();
+        let written = match wal.set_conf_state(copyset, conf_state.clone()) {
+            Ok(lsn) => wal.sync(lsn).await,
+            Err(error) => Err(error),
+        };
+        // The checkpoint captures the membership with the applied index, which is what a
+        // restart believes (see `new`).
+        let result = match written {
+            Ok(()) => self.engine.checkpoint().await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            return status_of_storage(&error);
+        }
+        self.copysets.borrow_mut().remove(&copyset);
+        match self.open_copyset(copyset, applied) {
+            Ok(()) => {
+                warn!(node = self.node, %copyset, voters = ?conf_state.voters,
+                    "membership reset without consensus");
                 Status::Ok
             }
             Err(error) => status_of_storage(&error),

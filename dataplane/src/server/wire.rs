@@ -35,6 +35,13 @@ pub const TRANSFER_LEADER: Opcode = Opcode(35);
 /// encoding; answered with the resulting [`Membership`] once the change is applied on the
 /// leader (for a change of several voters, once its joint configuration is left).
 pub const CHANGE_PEERS: Opcode = Opcode(36);
+/// Deletes the receiving node's replica of a copyset, its chunks with it (empty body). Meant
+/// for a replica already removed from the membership.
+pub const DELETE_COPYSET: Opcode = Opcode(37);
+/// Disaster recovery (CliService reset peers): forces the receiving replica's membership to
+/// the given voters without consensus, for a copyset that lost its quorum for good (body:
+/// [`ResetPeers`]).
+pub const RESET_PEERS: Opcode = Opcode(38);
 /// A copyset's image, first step (peers only, empty body): the answer is the replica's
 /// applied index and the chunks its log wrote ([`ImageList`]).
 pub const LIST_CHUNK_IMAGE: Opcode = Opcode(48);
@@ -83,6 +90,8 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         LIST_COPYSETS => "list_copysets",
         TRANSFER_LEADER => "transfer_leader",
         CHANGE_PEERS => "change_peers",
+        DELETE_COPYSET => "delete_copyset",
+        RESET_PEERS => "reset_peers",
         LIST_CHUNK_IMAGE => "list_chunk_image",
         READ_CHUNK_IMAGE => "read_chunk_image",
         _ => "unknown",
@@ -248,6 +257,41 @@ impl ReadChunk {
         };
         reader.finish()?;
         Ok(request)
+    }
+}
+
+/// The voters a `RESET_PEERS` forces on a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetPeers {
+    /// The new voters (1 to [`MAX_PEERS`], none 0).
+    pub peers: Vec<NodeId>,
+}
+
+impl ResetPeers {
+    /// Encodes: count u16, then node ids u64.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(2 + 8 * self.peers.len());
+        out.put_u16_le(self.peers.len() as u16);
+        for peer in &self.peers {
+            out.put_u64_le(peer.0);
+        }
+        out.freeze()
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<ResetPeers, WireError> {
+        let mut reader = Reader::new(bytes, "reset peers");
+        let ids = reader.ids()?;
+        reader.finish()?;
+        if ids.is_empty() || ids.contains(&0) {
+            return Err(WireError {
+                what: "reset peers",
+                why: "no voters, or node id 0",
+            });
+        }
+        Ok(ResetPeers {
+            peers: ids.into_iter().map(NodeId).collect(),
+        })
     }
 }
 
@@ -793,9 +837,20 @@ mod tests {
             let _ = decode_response(&bytes);
             let _ = decode_copyset_list(&bytes);
             let _ = ImageList::decode(&bytes);
+            let _ = ResetPeers::decode(&bytes);
             let _ = ReadImagePiece::decode(&bytes);
             let _ = ImagePieceHeader::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn reset_peers_round_trips_and_refuses_an_empty_list() {
+        let reset = ResetPeers {
+            peers: vec![NodeId(1), NodeId(4)],
+        };
+        assert_eq!(ResetPeers::decode(&reset.encode()), Ok(reset));
+        assert!(ResetPeers::decode(&[0, 0]).is_err());
+        assert!(ResetPeers::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -332,6 +332,10 @@ struct CheckpointState {
     meta_copy: Vec<u8>,
     /// Per copyset, its page and the copy holding its current version.
     copyset_pages: BTreeMap<CopysetId, (u32, u8)>,
+    /// Pages of deleted copysets, free again, with the copy that holds the tombstone (a page
+    /// whose copyset id is 0): a new copyset there writes the other copy first, so a torn
+    /// write cannot bring back the deleted copyset's older copy.
+    tombstones: BTreeMap<u32, u8>,
     /// Slots taken from the pool since the last checkpoint.
     /// Invariant: at most `RECOVERY_ZERO_SLOTS`.
     allocations: u32,
@@ -504,6 +508,7 @@ impl<B: Bdev> ShardEngine<B> {
             .await?;
         let mut logs = BTreeMap::new();
         let mut copyset_pages = BTreeMap::new();
+        let mut tombstones = BTreeMap::new();
         let mut wipe = Vec::new();
         for index in 0..geometry.max_copysets {
             let offset = layout.copyset_page(index, 0);
@@ -524,6 +529,10 @@ impl<B: Bdev> ShardEngine<B> {
             let Some(body) = body else { continue };
             let state = decode_copyset_page(body)
                 .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
+            if state.copyset.0 == 0 {
+                tombstones.insert(index, copy);
+                continue;
+            }
             copyset_pages.insert(state.copyset, (index, copy));
             let mut log = CopysetLog::from_checkpoint(
                 state.hard_state,
@@ -722,6 +731,7 @@ impl<B: Bdev> ShardEngine<B> {
                 anchor_copy,
                 meta_copy,
                 copyset_pages,
+                tombstones,
                 allocations: 0,
                 maybe_dirty,
                 failed: None,
@@ -1289,6 +1299,43 @@ impl<B: Bdev> ShardEngine<B> {
         })
     }
 
+    /// Deletes `copyset` from the shard: a durable WAL record first (a restart no longer
+    /// brings the copyset back; the next checkpoint frees its page), then its chunks. A crash
+    /// between the two leaves chunks of a copyset that no longer exists, which
+    /// [`remove_orphan_chunks`](Self::remove_orphan_chunks) deletes at the next start.
+    pub async fn remove_copyset(&self, copyset: CopysetId) -> Result<(), StorageError> {
+        let lsn = self.wal.remove_copyset(copyset)?;
+        self.wal.sync(lsn).await?;
+        for chunk in self.chunks_of(copyset) {
+            self.delete_chunk(chunk, LogIndex(0)).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the chunks whose copyset is not on the shard (left by a deletion that a crash
+    /// interrupted). Returns how many went.
+    pub async fn remove_orphan_chunks(&self) -> Result<usize, StorageError> {
+        let copysets: BTreeSet<u64> = self.wal.copysets().iter().map(|c| c.0).collect();
+        let orphans: Vec<ChunkId> = {
+            let table = self.table.borrow();
+            table
+                .chunks()
+                .filter(|(_, slot)| {
+                    table.slot(*slot).is_some_and(|m| {
+                        m.state == SlotState::Chunk
+                            && m.copyset != 0
+                            && !copysets.contains(&m.copyset)
+                    })
+                })
+                .map(|(chunk, _)| chunk)
+                .collect()
+        };
+        for chunk in &orphans {
+            self.delete_chunk(*chunk, LogIndex(0)).await?;
+        }
+        Ok(orphans.len())
+    }
+
     /// Every chunk in the table.
     pub fn chunk_ids(&self) -> Vec<ChunkId> {
         let mut ids: Vec<ChunkId> = self.table.borrow().chunks().map(|(c, _)| c).collect();
@@ -1544,6 +1591,7 @@ impl<B: Bdev> ShardEngine<B> {
         let logs = self.wal.logs();
         let mut head = self.wal.durable();
         let mut copyset_pages = Vec::new();
+        let mut removed = Vec::new();
         {
             let mut state = self.checkpoint.borrow_mut();
             let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
@@ -1564,8 +1612,9 @@ impl<B: Bdev> ShardEngine<B> {
                                 ),
                             )
                         })?;
-                        state.copyset_pages.insert(*copyset, (index, 1));
-                        (index, 1)
+                        let copy = state.tombstones.remove(&index).unwrap_or(1);
+                        state.copyset_pages.insert(*copyset, (index, copy));
+                        (index, copy)
                     }
                 };
                 let mut snapshot = log.snapshot.clone();
@@ -1596,6 +1645,25 @@ impl<B: Bdev> ShardEngine<B> {
                         hard_state: log.hard_state,
                         snapshot,
                         data,
+                    },
+                ));
+            }
+            // Deleted copysets: a tombstone over their page, in the same generation as the
+            // WAL head that forgets their records.
+            for (copyset, (index, copy)) in &state.copyset_pages {
+                if logs.contains_key(copyset) {
+                    continue;
+                }
+                removed.push((*copyset, *index, copy ^ 1));
+                copyset_pages.push((
+                    CopysetId(0),
+                    *index,
+                    copy ^ 1,
+                    CopysetPage {
+                        copyset: CopysetId(0),
+                        hard_state: HardState::default(),
+                        snapshot: SnapshotMeta::default(),
+                        data: Bytes::new(),
                     },
                 ));
             }
@@ -1652,7 +1720,13 @@ impl<B: Bdev> ShardEngine<B> {
                 }
             }
             for (copyset, index, copy, _) in &copyset_pages {
-                state.copyset_pages.insert(*copyset, (*index, *copy));
+                if copyset.0 != 0 {
+                    state.copyset_pages.insert(*copyset, (*index, *copy));
+                }
+            }
+            for (copyset, index, copy) in &removed {
+                state.copyset_pages.remove(copyset);
+                state.tombstones.insert(*index, *copy);
             }
             state.allocations = 0;
         }

@@ -933,3 +933,83 @@ fn a_copyset_image_copied_under_writes_plus_the_log_equals_the_source() {
         });
     }
 }
+
+/// A deleted copyset stays deleted across restarts (its page gets a tombstone, its chunks go),
+/// a new copyset can take its page, and chunks left by a deletion a crash interrupted are
+/// removed at the next start.
+#[test]
+fn a_deleted_copyset_stays_deleted_and_its_page_is_reused() {
+    block_on(async {
+        let bdev = formatted(16 << 20).await;
+        let create = |engine: &ShardEngine<MemBdev>, copyset: CopysetId| {
+            engine
+                .wal()
+                .install_snapshot(
+                    copyset,
+                    raftcore::Snapshot {
+                        meta: SnapshotMeta {
+                            index: LogIndex(1),
+                            term: Term(1),
+                            conf_state: ConfState::default(),
+                        },
+                        data: Bytes::new(),
+                    },
+                )
+                .unwrap()
+        };
+        let (engine, _) = open(&bdev).await;
+        for copyset in [CopysetId(1), CopysetId(2)] {
+            let lsn = create(&engine, copyset);
+            engine.wal().sync(lsn).await.unwrap();
+            let chunk = ChunkId(copyset.0 * 10);
+            let data = buffer(&engine, PAGE, copyset.0 as u8);
+            engine
+                .write_chunk_in(copyset, chunk, 0, data, 1, LogIndex(2))
+                .await
+                .unwrap();
+        }
+        engine.checkpoint().await.unwrap();
+        engine.remove_copyset(CopysetId(1)).await.unwrap();
+        assert!(engine.chunks_of(CopysetId(1)).is_empty());
+        drop(engine);
+
+        // Without a checkpoint, the WAL record removes it; after one, the tombstone does.
+        for checkpoint in [false, true] {
+            let (engine, recovery) = open(&bdev).await;
+            let ids: Vec<u64> = recovery.copysets.iter().map(|c| c.copyset.0).collect();
+            assert_eq!(ids, vec![2], "checkpoint {checkpoint}");
+            // The chunk's deletion was not checkpointed before the first restart (a crash):
+            // it comes back as an orphan, and goes.
+            let orphans = engine.remove_orphan_chunks().await.unwrap();
+            assert_eq!(orphans, usize::from(!checkpoint), "checkpoint {checkpoint}");
+            assert_eq!(engine.chunk_ids(), vec![ChunkId(20)]);
+            if checkpoint {
+                engine.checkpoint().await.unwrap();
+            }
+            engine.checkpoint().await.unwrap();
+        }
+
+        // A new copyset takes the free page; a deletion cut short by a crash leaves orphans.
+        let (engine, _) = open(&bdev).await;
+        let lsn = create(&engine, CopysetId(3));
+        engine.wal().sync(lsn).await.unwrap();
+        let data = buffer(&engine, PAGE, 3);
+        engine
+            .write_chunk_in(CopysetId(3), ChunkId(30), 0, data, 1, LogIndex(2))
+            .await
+            .unwrap();
+        engine.checkpoint().await.unwrap();
+        let lsn = engine.wal().remove_copyset(CopysetId(2)).unwrap();
+        engine.wal().sync(lsn).await.unwrap();
+        engine.checkpoint().await.unwrap();
+        drop(engine);
+        let (engine, recovery) = open(&bdev).await;
+        let ids: Vec<u64> = recovery.copysets.iter().map(|c| c.copyset.0).collect();
+        assert_eq!(ids, vec![3]);
+        assert_eq!(engine.chunk_ids(), vec![ChunkId(20), ChunkId(30)]);
+        assert_eq!(engine.remove_orphan_chunks().await.unwrap(), 1);
+        assert_eq!(engine.chunk_ids(), vec![ChunkId(30)]);
+        let read = engine.read_chunk(ChunkId(30), 0, PAGE).await.unwrap();
+        assert_eq!(pages_of(&read), vec![3]);
+    });
+}

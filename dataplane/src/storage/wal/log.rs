@@ -97,7 +97,8 @@ impl CopysetLog {
                     self.snapshot_lsn = Some(lsn);
                 }
             }
-            RecordBody::Pad(_) => {}
+            // The WAL drops the whole log on this record; nothing to do in it.
+            RecordBody::Pad(_) | RecordBody::Removed => {}
         }
         Ok(())
     }

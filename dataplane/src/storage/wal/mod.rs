@@ -289,6 +289,10 @@ impl<B: Bdev> ShardWal<B> {
         let mut skipped = 0;
         let records = scan.records.len();
         for record in scan.records {
+            if record.body == RecordBody::Removed {
+                logs.remove(&record.copyset);
+                continue;
+            }
             let log = logs.entry(record.copyset).or_default();
             if log.take(&record.body, record.lsn).is_err() {
                 skipped += 1;
@@ -344,16 +348,20 @@ impl<B: Bdev> ShardWal<B> {
         let len = record.encoded_len() as u64;
         let lsn = state.place(len)?;
         record.lsn = lsn;
-        let log = state.logs.entry(copyset).or_default();
-        log.take(&record.body, lsn).map_err(|gap| {
-            StorageError::Copyset(
-                copyset.0,
-                format!(
-                    "entry {} does not follow the log's last index {}",
-                    gap.index, gap.last
-                ),
-            )
-        })?;
+        if record.body == RecordBody::Removed {
+            state.logs.remove(&copyset);
+        } else {
+            let log = state.logs.entry(copyset).or_default();
+            log.take(&record.body, lsn).map_err(|gap| {
+                StorageError::Copyset(
+                    copyset.0,
+                    format!(
+                        "entry {} does not follow the log's last index {}",
+                        gap.index, gap.last
+                    ),
+                )
+            })?;
+        }
         state.stats.records += 1;
         let batch = state
             .open
@@ -394,6 +402,12 @@ impl<B: Bdev> ShardWal<B> {
         snapshot: Snapshot,
     ) -> Result<u64, StorageError> {
         self.append_record(copyset, RecordBody::Snapshot(snapshot))
+    }
+
+    /// Records that `copyset` was deleted from the shard: its log goes now, and a replay of
+    /// the ring drops it at this record. Returns the position to [`ShardWal::sync`] to.
+    pub fn remove_copyset(&self, copyset: CopysetId) -> Result<u64, StorageError> {
+        self.append_record(copyset, RecordBody::Removed)
     }
 
     /// Records a snapshot the state machine made at `index` (applied, so in the log) and

@@ -47,6 +47,9 @@ pub enum RecordBody {
     Snapshot(Snapshot),
     /// Filler to the end of a batch; `len` bytes in all, header included.
     Pad(u32),
+    /// The copyset was deleted from this shard: its log is gone (a later record of the same
+    /// id starts a new one).
+    Removed,
 }
 
 /// One record.
@@ -66,6 +69,7 @@ const KIND_HARD_STATE: u8 = 3;
 const KIND_CONF_STATE: u8 = 4;
 const KIND_SNAPSHOT: u8 = 5;
 const KIND_PAD: u8 = 6;
+const KIND_REMOVED: u8 = 7;
 
 fn conf_state_len(cs: &ConfState) -> usize {
     4 * 4
@@ -142,7 +146,7 @@ impl Record {
             RecordBody::Snapshot(snapshot) => {
                 16 + conf_state_len(&snapshot.meta.conf_state) + 4 + snapshot.data.len()
             }
-            RecordBody::Pad(_) => 0,
+            RecordBody::Pad(_) | RecordBody::Removed => 0,
         }
     }
 
@@ -167,6 +171,7 @@ impl Record {
                 (s.meta.term.0, s.meta.index.0, KIND_SNAPSHOT, payload as u32)
             }
             RecordBody::Pad(len) => (0, 0, KIND_PAD, *len),
+            RecordBody::Removed => (0, 0, KIND_REMOVED, 0),
         };
         let record = &mut out[start..];
         {
@@ -199,7 +204,7 @@ impl Record {
                     w.u32(s.data.len() as u32);
                     w.bytes(&s.data);
                 }
-                RecordBody::Pad(_) => {}
+                RecordBody::Pad(_) | RecordBody::Removed => {}
             }
         }
         let crc = crc32c::crc32c(&record[8..]);
@@ -305,6 +310,7 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
             })
         }
         KIND_PAD => RecordBody::Pad(len as u32),
+        KIND_REMOVED => RecordBody::Removed,
         other => return Decoded::End(format!("unknown record kind {other}")),
     };
     if p.overrun() {
