@@ -290,8 +290,9 @@ impl Client {
     }
 
     /// Creates a replica of an existing copyset on `node`, which is not one of its voters yet:
-    /// `initial_peers` must be the copyset's voters *at creation* (the replica starts from the
-    /// same bootstrap snapshot and takes the leader's log from index 2). A peer change then
+    /// `initial_peers` are the copyset's voters *at creation* (the replica starts from the
+    /// same bootstrap snapshot and may take the leader's log from index 2), or empty (the
+    /// replica starts empty and installs the leader's snapshot). A peer change then
     /// adds it. Idempotent.
     pub async fn create_joining_replica(
         &self,
@@ -387,7 +388,8 @@ impl Client {
         }
     }
 
-    /// Adds `node` as a voter: creates its replica (from the bootstrap of `initial_peers`,
+    /// Adds `node` as a voter: creates its replica (from the bootstrap of `initial_peers`, or
+    /// empty when that is empty,
     /// the copyset's voters at creation), then changes the membership.
     pub async fn add_peer(
         &self,
@@ -413,7 +415,7 @@ impl Client {
 
     /// Makes `peers` the copyset's voters: reads the leader's membership (asking `known`,
     /// the nodes that may hold it), creates the replicas of new nodes (from the bootstrap
-    /// of `initial_peers`), and proposes every addition and removal as one change (joint
+    /// of `initial_peers`, or empty), and proposes every addition and removal as one change (joint
     /// consensus when more than one voter changes).
     pub async fn set_voters(
         &self,

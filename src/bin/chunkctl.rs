@@ -63,8 +63,9 @@ enum CopysetCommand {
         #[arg(long)]
         to: u64,
     },
-    /// Adds a node as a voter: creates its replica from the copyset's bootstrap, then
-    /// changes the membership (answered once the change is applied on the leader).
+    /// Adds a node as a voter: creates its replica, then changes the membership (answered
+    /// once the change is applied on the leader). The new replica copies the copyset from the
+    /// leader's snapshot.
     AddPeer {
         /// Copyset id.
         #[arg(long)]
@@ -72,9 +73,11 @@ enum CopysetCommand {
         /// Node id to add.
         #[arg(long)]
         node: u64,
-        /// The copyset's voters when it was created, comma-separated (the new replica starts
-        /// from the same bootstrap and takes the leader's log from index 2).
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Optional: the copyset's voters when it was created, comma-separated. With them
+        /// the new replica starts from the same bootstrap as the others and may take the
+        /// leader's log from index 2; without them it starts empty and installs the leader's
+        /// snapshot.
+        #[arg(long, value_delimiter = ',')]
         initial_peers: Vec<u64>,
     },
     /// Removes a node from the copyset's membership.
@@ -117,8 +120,8 @@ enum CopysetCommand {
         /// Node ids of the voters wanted, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         peers: Vec<u64>,
-        /// The copyset's voters when it was created, comma-separated; needed when a node is
-        /// added.
+        /// Optional: the copyset's voters when it was created, comma-separated (see
+        /// `add-peer`).
         #[arg(long, value_delimiter = ',')]
         initial_peers: Vec<u64>,
     },
@@ -384,21 +387,6 @@ fn main() -> ExitCode {
                 }) => {
                     let copyset = CopysetId(id);
                     client.set_peers(copyset, &ids);
-                    let current = match client.leader_membership(copyset, &ids).await {
-                        Ok((_, current)) => current,
-                        Err(error) => return Err(error.to_string()),
-                    };
-                    let adds: Vec<u64> = peers
-                        .iter()
-                        .copied()
-                        .filter(|p| !current.voters.contains(p))
-                        .collect();
-                    if !adds.is_empty() && initial_peers.is_empty() {
-                        return Err(format!(
-                            "adding node(s) {adds:?} needs --initial-peers (the copyset's \
-                             voters when it was created)"
-                        ));
-                    }
                     client
                         .set_voters(copyset, &ids, &peers, &initial_peers)
                         .await

@@ -690,6 +690,28 @@ impl<B: Bdev + 'static> ShardServer<B> {
             conf_state,
         };
         let wal = self.engine.wal();
+        if peers.is_empty() {
+            // A joining replica without the bootstrap: an empty log (recorded, so a restart
+            // keeps the replica), and no membership until the leader's snapshot brings it.
+            let lsn = match wal.set_hard_state(copyset, HardState::default()) {
+                Ok(lsn) => lsn,
+                Err(error) => return status_of_storage(&error),
+            };
+            if let Err(error) = wal.sync(lsn).await {
+                return status_of_storage(&error);
+            }
+            if self.copysets.borrow().contains_key(&copyset) {
+                return Status::Ok;
+            }
+            return match self.open_copyset(copyset, LogIndex(0)) {
+                Ok(()) => {
+                    info!(node = self.node, shard = self.shard, %copyset,
+                        "joining replica created; it waits for the leader's snapshot");
+                    Status::Ok
+                }
+                Err(error) => status_of_storage(&error),
+            };
+        }
         let written = wal
             .install_snapshot(
                 copyset,

@@ -489,7 +489,7 @@ impl CreateCopyset {
     pub fn decode(bytes: &[u8]) -> Result<CreateCopyset, WireError> {
         let mut reader = Reader::new(bytes, "create copyset");
         let count = reader.u16()? as usize;
-        if count == 0 || count > MAX_PEERS {
+        if count > MAX_PEERS {
             return Err(WireError {
                 what: "create copyset",
                 why: "peer count out of range",
@@ -521,6 +521,14 @@ impl CreateCopyset {
             }
         };
         reader.finish()?;
+        if peers.is_empty() && !join {
+            // Only a joining replica may start without voters: it learns the membership
+            // from the leader's snapshot.
+            return Err(WireError {
+                what: "create copyset",
+                why: "no peers",
+            });
+        }
         Ok(CreateCopyset { peers, join })
     }
 }
