@@ -870,3 +870,75 @@ fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
         node.stop();
     }
 }
+
+/// Nodes with two shards each; a client that believes they have one sends everything to shard
+/// 0, which forwards each request to its copyset's shard through the channel mesh: copysets
+/// are created where they belong, and writes and reads work either way.
+#[test]
+fn requests_that_reach_the_wrong_shard_are_forwarded_to_their_copysets_shard() {
+    use dataplane::config::CoreSpec;
+    use dataplane::server::wire::{decode_copyset_list, Status, LIST_COPYSETS};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let mut config = config(id, &ports, dir.path(), "mem");
+            config.node.cores = CoreSpec::List(vec![0, 1]);
+            for node in &mut config.cluster.nodes {
+                node.shards = 2;
+            }
+            Node::start_on(config, vec![0, 1])
+        })
+        .collect();
+    let copysets: Vec<CopysetId> = (1..=6).map(CopysetId).collect();
+    let owners: Vec<u32> = copysets
+        .iter()
+        .map(|c| dataplane::server::shard::shard_of(*c, 2))
+        .collect();
+    assert!(
+        owners.contains(&1),
+        "some copyset lives on shard 1: {owners:?}"
+    );
+    let wrong_view = common::addresses_with_shards(&ports, "tcp", 1);
+    let ids = copysets.clone();
+    with_client_of(wrong_view, move |client| {
+        Box::pin(async move {
+            for (i, copyset) in ids.iter().enumerate() {
+                client
+                    .create_copyset(*copyset, &[1, 2, 3])
+                    .await
+                    .expect("create through shard 0");
+                client
+                    .write(*copyset, ChunkId(i as u64 + 1), 0, block(i as u64), 1)
+                    .await
+                    .expect("write through shard 0");
+            }
+        })
+    });
+    let right_view = common::addresses_with_shards(&ports, "tcp", 2);
+    with_client_of(right_view, move |client| {
+        Box::pin(async move {
+            for (i, copyset) in copysets.iter().enumerate() {
+                // The shard that owns it by placement lists it.
+                let (status, body) = client
+                    .call_node(1, *copyset, LIST_COPYSETS, bytes::Bytes::new())
+                    .await
+                    .expect("list");
+                assert_eq!(status, Status::Ok);
+                let listed = decode_copyset_list(&body).expect("list body");
+                assert!(
+                    listed.contains(&copyset.0),
+                    "{copyset} on its shard: {listed:?}"
+                );
+                let data = client
+                    .read(*copyset, ChunkId(i as u64 + 1), 0, 4096)
+                    .await
+                    .expect("read from the owning shard");
+                assert_eq!(data, block(i as u64));
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -19,6 +19,9 @@ use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptio
 pub enum ShardMessage {
     /// Send this shard's report through the channel (a scrape of the metrics endpoint).
     Scrape(glommio::channels::shared_channel::SharedSender<ShardReport>),
+    /// A service request that reached another shard than its copyset's: serve it and send
+    /// the answer back through the channel.
+    Forward(super::shard::Forwarded),
 }
 
 /// One shard's figures, handed to the shard that serves the metrics endpoint.
@@ -339,23 +342,35 @@ pub fn run_node(
                                 .map_err(|e| e.to_string())?,
                         );
                     }
-                    // Answer other shards' scrapes.
+                    // Answer other shards' scrapes and serve the requests they forward.
                     for (_, receiver) in ctx.mesh.take_receivers() {
                         let server = Rc::clone(&server);
                         glommio::spawn_local(async move {
-                            while let Some(ShardMessage::Scrape(reply)) = receiver.recv().await {
-                                let reply = reply.connect().await;
-                                let report = ShardReport {
-                                    metrics: server.metrics_snapshot(),
-                                    status: server.status_json(),
-                                };
-                                // The scraper may have given up; nothing to do then.
-                                let _ = reply.send(report).await;
+                            while let Some(message) = receiver.recv().await {
+                                match message {
+                                    ShardMessage::Scrape(reply) => {
+                                        let reply = reply.connect().await;
+                                        let report = ShardReport {
+                                            metrics: server.metrics_snapshot(),
+                                            status: server.status_json(),
+                                        };
+                                        // The scraper may have given up; nothing to do then.
+                                        let _ = reply.send(report).await;
+                                    }
+                                    ShardMessage::Forward(forwarded) => {
+                                        let server = Rc::clone(&server);
+                                        glommio::spawn_local(async move {
+                                            server.serve_forwarded(forwarded).await
+                                        })
+                                        .detach();
+                                    }
+                                }
                             }
                         })
                         .detach();
                     }
                     let mesh = Rc::new(ctx.mesh);
+                    server.set_mesh(Rc::clone(&mesh));
                     if let (0, Some(address)) = (shard, metrics_address) {
                         let listener = crate::metrics::http::bind(address)
                             .map_err(|e| format!("metrics endpoint {address}: {e}"))?;

@@ -62,6 +62,21 @@ impl ClusterView {
     }
 }
 
+/// A request forwarded from the shard that received it to the shard of its copyset.
+pub struct Forwarded {
+    /// The service opcode.
+    pub opcode: crate::net::Opcode,
+    /// The copyset from the frame header.
+    pub copyset: CopysetId,
+    /// The request body.
+    pub payload: Bytes,
+    /// Where the answer goes.
+    pub reply: glommio::channels::shared_channel::SharedSender<(Status, Bytes)>,
+}
+
+/// How long a forwarding shard waits for the owning shard's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Raft timings in ticks, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTimings {
@@ -110,6 +125,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
     metrics: crate::metrics::Registry,
+    /// The channel mesh to the process's other shards (for forwarded requests), once set.
+    mesh: RefCell<Option<Rc<crate::shard::Mesh<super::node::ShardMessage>>>>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -143,6 +160,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ("node", &node.to_string()),
                 ("shard", &shard.to_string()),
             ]),
+            mesh: RefCell::new(None),
         });
         for recovered in &recovery.copysets {
             // Raft restarts at the checkpointed applied index (the snapshot's), and hands the
@@ -490,7 +508,105 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
     }
 
+    /// Hands the shard its ends of the channel mesh, through which requests that reach the
+    /// wrong shard go to their copyset's.
+    pub fn set_mesh(&self, mesh: Rc<crate::shard::Mesh<super::node::ShardMessage>>) {
+        *self.mesh.borrow_mut() = Some(mesh);
+    }
+
+    /// The shard of this process that owns `copyset`, when it is not this one.
+    fn owner_elsewhere(&self, opcode: crate::net::Opcode, copyset: CopysetId) -> Option<u32> {
+        if opcode == wire::LIST_COPYSETS {
+            return None; // asks this shard about itself
+        }
+        let shards = self.mesh.borrow().as_ref().map(|m| m.shard_count())?;
+        let owner = shard_of(copyset, shards);
+        (owner != self.shard).then_some(owner)
+    }
+
+    /// Serves a request another shard of this process received for one of our copysets.
+    pub async fn serve_forwarded(self: Rc<Self>, forwarded: Forwarded) {
+        let Forwarded {
+            opcode,
+            copyset,
+            payload,
+            reply,
+        } = forwarded;
+        let answer = if self.owner_elsewhere(opcode, copyset).is_some() {
+            // Never forwarded twice: the shards disagree on placement.
+            (
+                Status::Invalid(format!("copyset {copyset} is not on shard {}", self.shard)),
+                Bytes::new(),
+            )
+        } else {
+            self.handle_here(opcode, copyset, payload).await
+        };
+        let reply = reply.connect().await;
+        // The forwarding shard may have given up; nothing to do then.
+        let _ = reply.send(answer).await;
+    }
+
+    /// Sends a request to the shard that owns its copyset and waits for the answer.
+    async fn forward(
+        &self,
+        to: u32,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        let Some(mesh) = self.mesh.borrow().clone() else {
+            return (
+                Status::Retry("the shard mesh is not up".into()),
+                Bytes::new(),
+            );
+        };
+        let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
+        let message = super::node::ShardMessage::Forward(Forwarded {
+            opcode,
+            copyset,
+            payload,
+            reply: sender,
+        });
+        if mesh.send(crate::shard::ShardId(to), message).await.is_err() {
+            return (
+                Status::Retry(format!("shard {to} is not running")),
+                Bytes::new(),
+            );
+        }
+        self.metrics
+            .counter(
+                "chunkserver_forwarded_requests_total",
+                "Requests that reached another shard than their copyset's and were forwarded.",
+                &[],
+            )
+            .inc();
+        let receiver = receiver.connect().await;
+        let answer = futures_lite::future::or(receiver.recv(), async {
+            glommio::timer::sleep(FORWARD_TIMEOUT).await;
+            None
+        })
+        .await;
+        answer.unwrap_or_else(|| {
+            (
+                Status::Retry(format!("shard {to} did not answer a forwarded request")),
+                Bytes::new(),
+            )
+        })
+    }
+
     async fn handle(
+        self: &Rc<Self>,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        if let Some(owner) = self.owner_elsewhere(opcode, copyset) {
+            return self.forward(owner, opcode, copyset, payload).await;
+        }
+        self.handle_here(opcode, copyset, payload).await
+    }
+
+    async fn handle_here(
         self: &Rc<Self>,
         opcode: crate::net::Opcode,
         copyset: CopysetId,
