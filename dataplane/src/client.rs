@@ -508,6 +508,100 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Reads `len` bytes at `offset` of the version of `chunk` with sequence number `sn` (its
+    /// snapshot, or the chunk itself when `sn` is its current one), linearizably.
+    pub async fn read_snapshot(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        sn: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let body = wire::ReadSnapshot {
+            chunk,
+            sn,
+            offset,
+            len,
+        }
+        .encode();
+        self.leader_call("read snapshot", copyset, wire::READ_SNAPSHOT, body)
+            .await
+    }
+
+    /// Applies one chunk operation (write, delete, snapshot deletion, clone operations)
+    /// through the copyset's leader; returns once replicated and applied.
+    pub async fn apply(&self, copyset: CopysetId, op: &ChunkOp) -> Result<(), ClientError> {
+        let name = wire::opcode_name(wire::opcode_of(op));
+        self.leader_call(name, copyset, wire::opcode_of(op), op.encode())
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes `chunk`'s snapshot, or records `sn` as its corrected sn (Curve's
+    /// DeleteSnapshotChunkOrCorrectSn).
+    pub async fn delete_snapshot_or_correct_sn(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        sn: u64,
+    ) -> Result<(), ClientError> {
+        self.apply(copyset, &ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn })
+            .await
+    }
+
+    /// Creates `chunk` as a lazy clone of `source`, a chunk of the same copyset.
+    pub async fn create_clone_chunk(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        source: ChunkId,
+        sn: u64,
+    ) -> Result<(), ClientError> {
+        self.apply(copyset, &ChunkOp::CreateClone { chunk, source, sn })
+            .await
+    }
+
+    /// Fills the pages of clone `chunk` at `offset` that were not written since it was made.
+    pub async fn paste_chunk(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        offset: u32,
+        data: Bytes,
+    ) -> Result<(), ClientError> {
+        self.apply(
+            copyset,
+            &ChunkOp::Paste {
+                chunk,
+                offset,
+                data,
+            },
+        )
+        .await
+    }
+
+    /// Copies the unwritten pages of clone `chunk` in `offset..offset + len` from its source.
+    pub async fn recover_chunk(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), ClientError> {
+        self.apply(copyset, &ChunkOp::Recover { chunk, offset, len })
+            .await
+    }
+
+    /// Makes clone `chunk` a plain chunk, copying its unwritten pages from its source.
+    pub async fn flatten_chunk(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+    ) -> Result<(), ClientError> {
+        self.apply(copyset, &ChunkOp::Flatten { chunk }).await
+    }
+
     /// Reads `len` bytes at `offset` of `chunk`, linearizably (from the leader).
     pub async fn read(
         &self,

@@ -599,6 +599,19 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
                 .write(COPYSET, ChunkId(3), 4096, block(33), 2)
                 .await
                 .expect("write with a newer sn");
+            client
+                .write(COPYSET, ChunkId(3), 0, block(34), 2)
+                .await
+                .expect("write with the newer sn");
+            // Chunk 50 is a lazy clone of chunk 1, with one page pasted.
+            client
+                .create_clone_chunk(COPYSET, ChunkId(50), ChunkId(1), 1)
+                .await
+                .expect("clone");
+            client
+                .paste_chunk(COPYSET, ChunkId(50), 4096, block(51))
+                .await
+                .expect("paste");
             write_past_the_wal(&client).await;
         })
     });
@@ -675,8 +688,43 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
             };
             assert_eq!(read(1, 0, 4096).await, block(1));
             assert_eq!(read(2, 0, 4096).await, bytes::Bytes::from(vec![0u8; 4096]));
-            assert_eq!(read(3, 0, 4096).await, block(3));
+            assert_eq!(read(3, 0, 4096).await, block(34));
             assert_eq!(read(3, 4096, 4096).await, block(33));
+            let snapshot = client
+                .read_snapshot(COPYSET, ChunkId(3), 1, 0, 8192)
+                .await
+                .expect("read the snapshot");
+            assert_eq!(
+                &snapshot[..4096],
+                &block(3)[..],
+                "the snapshot's first page"
+            );
+            assert!(
+                snapshot[4096..].iter().all(|b| *b == 0),
+                "never written at sn 1"
+            );
+            // The clone reads through to chunk 1 where it was not pasted, and chunk 1 stays
+            // read-only while the clone exists, on the new leader as on the old.
+            assert_eq!(read(50, 0, 4096).await, block(1));
+            assert_eq!(read(50, 4096, 4096).await, block(51));
+            let refused = client.write(COPYSET, ChunkId(1), 0, block(2), 1).await;
+            assert!(
+                matches!(refused, Err(dataplane::client::ClientError::Refused { .. })),
+                "a clone's source refuses writes: {refused:?}"
+            );
+            client
+                .flatten_chunk(COPYSET, ChunkId(50))
+                .await
+                .expect("flatten");
+            client
+                .write(COPYSET, ChunkId(1), 0, block(2), 1)
+                .await
+                .expect("the source is writable once no clone reads it");
+            assert_eq!(
+                read(50, 0, 4096).await,
+                block(1),
+                "the flattened clone kept its page"
+            );
             check_past_the_wal(client).await;
             // And it takes new writes as the leader.
             client

@@ -114,6 +114,12 @@ pub struct CopysetCore<S: LogStorage> {
     /// Per chunk, the applies handed out (front) and those queued behind it, in log order.
     /// Invariant: no empty queue is kept.
     chunk_queues: HashMap<ChunkId, VecDeque<(LogIndex, ChunkOp, Option<Token>)>>,
+    /// Operations delivered behind a barrier ([`ChunkOp::is_barrier`]), in log order; the
+    /// front is a barrier waiting for `chunk_queues` to drain, or (while `barrier` runs) the
+    /// first operation after it. Invariant: empty unless a barrier waits or runs.
+    held: VecDeque<(LogIndex, ChunkOp, Option<Token>)>,
+    /// The barrier being applied, alone.
+    barrier: Option<LogIndex>,
     /// Indices above `applied` whose apply is done.
     completed: BTreeSet<LogIndex>,
     /// Every entry up to here is applied. Invariant: applied <= delivered.
@@ -152,6 +158,8 @@ impl<S: LogStorage> CopysetCore<S> {
             leader,
             proposals: BTreeMap::new(),
             chunk_queues: HashMap::new(),
+            held: VecDeque::new(),
+            barrier: None,
             completed: BTreeSet::new(),
             applied,
             delivered: applied,
@@ -317,6 +325,12 @@ impl<S: LogStorage> CopysetCore<S> {
 
     /// The apply of `index` is done (its chunk's next queued apply may start).
     pub fn on_applied(&mut self, index: LogIndex, chunk: ChunkId) {
+        if self.barrier == Some(index) {
+            self.barrier = None;
+            self.release_held();
+            self.complete(index);
+            return;
+        }
         if let Some(queue) = self.chunk_queues.get_mut(&chunk) {
             if queue.front().is_some_and(|(i, _, _)| *i == index) {
                 queue.pop_front();
@@ -330,6 +344,8 @@ impl<S: LogStorage> CopysetCore<S> {
                 self.actions.push_back(action);
             } else {
                 self.chunk_queues.remove(&chunk);
+                // A held barrier may start now that this chunk's queue drained.
+                self.release_held();
             }
         }
         self.complete(index);
@@ -338,7 +354,54 @@ impl<S: LogStorage> CopysetCore<S> {
     /// Whether applies were handed out and are not done yet (a snapshot install waits for
     /// them: an apply finishing after the image was copied would overwrite it).
     pub fn applies_in_flight(&self) -> bool {
-        !self.chunk_queues.is_empty()
+        !self.chunk_queues.is_empty() || self.barrier.is_some() || !self.held.is_empty()
+    }
+
+    /// Hands out an operation for applying: behind its chunk's earlier ones, or held when a
+    /// barrier waits or runs, and a barrier only once nothing else is in flight.
+    fn schedule(&mut self, index: LogIndex, op: ChunkOp, token: Option<Token>) {
+        if op.is_barrier() || self.barrier.is_some() || !self.held.is_empty() {
+            self.held.push_back((index, op, token));
+            self.release_held();
+            return;
+        }
+        let queue = self.chunk_queues.entry(op.chunk()).or_default();
+        if queue.is_empty() {
+            self.actions.push_back(Action::Apply {
+                index,
+                op: op.clone(),
+                token,
+            });
+        }
+        queue.push_back((index, op, token));
+    }
+
+    /// Starts what the held operations allow: a barrier once every chunk queue drained, the
+    /// operations after it once it is done (up to the next barrier).
+    fn release_held(&mut self) {
+        while self.barrier.is_none() {
+            let Some((index, op, token)) = self.held.pop_front() else {
+                return;
+            };
+            if op.is_barrier() {
+                if !self.chunk_queues.is_empty() {
+                    self.held.push_front((index, op, token));
+                    return;
+                }
+                self.barrier = Some(index);
+                self.actions.push_back(Action::Apply { index, op, token });
+                return;
+            }
+            let queue = self.chunk_queues.entry(op.chunk()).or_default();
+            if queue.is_empty() {
+                self.actions.push_back(Action::Apply {
+                    index,
+                    op: op.clone(),
+                    token,
+                });
+            }
+            queue.push_back((index, op, token));
+        }
     }
 
     /// The snapshot of an earlier `Persist` is installed in the state machine: everything up
@@ -524,18 +587,7 @@ impl<S: LogStorage> CopysetCore<S> {
             }
             EntryKind::Normal if entry.data.is_empty() => self.complete(entry.index),
             EntryKind::Normal => match ChunkOp::decode(&entry.data) {
-                Ok(op) => {
-                    let queue = self.chunk_queues.entry(op.chunk()).or_default();
-                    if queue.is_empty() {
-                        let action = Action::Apply {
-                            index: entry.index,
-                            op: op.clone(),
-                            token,
-                        };
-                        self.actions.push_back(action);
-                    }
-                    queue.push_back((entry.index, op, token));
-                }
+                Ok(op) => self.schedule(entry.index, op, token),
                 Err(error) => {
                     // Proposals are checked before they enter the log, so this entry came
                     // from a corrupt log or a newer version: skip it, loudly.

@@ -45,6 +45,40 @@ pub enum ChunkOp {
         /// The corrected sequence number.
         sn: u64,
     },
+    /// Create `chunk` as a lazy clone of `source` (a chunk of the same copyset): it reads
+    /// through to the source until its pages are written, pasted or recovered.
+    CreateClone {
+        /// The new chunk.
+        chunk: ChunkId,
+        /// The chunk it reads through to.
+        source: ChunkId,
+        /// The clone's sequence number.
+        sn: u64,
+    },
+    /// Fill pages of a clone with `data` (from wherever the clone's data really lives), unless
+    /// they were written since the clone was made.
+    Paste {
+        /// The clone.
+        chunk: ChunkId,
+        /// Byte offset within the chunk.
+        offset: u32,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Copy a clone's unwritten pages in `offset..offset + len` from its source.
+    Recover {
+        /// The clone.
+        chunk: ChunkId,
+        /// Byte offset within the chunk.
+        offset: u32,
+        /// Bytes.
+        len: u32,
+    },
+    /// Copy every unwritten page of a clone from its source; it is a plain chunk afterwards.
+    Flatten {
+        /// The clone.
+        chunk: ChunkId,
+    },
 }
 
 /// Why bytes are not an operation.
@@ -69,6 +103,10 @@ pub enum OpDecodeError {
 const OP_WRITE: u8 = 1;
 const OP_DELETE: u8 = 2;
 const OP_DELETE_SNAPSHOT: u8 = 3;
+const OP_CREATE_CLONE: u8 = 4;
+const OP_PASTE: u8 = 5;
+const OP_RECOVER: u8 = 6;
+const OP_FLATTEN: u8 = 7;
 
 impl ChunkOp {
     /// The chunk the operation touches: applies of one chunk run in log order.
@@ -76,36 +114,65 @@ impl ChunkOp {
         match self {
             ChunkOp::Write { chunk, .. }
             | ChunkOp::Delete { chunk, .. }
-            | ChunkOp::DeleteSnapshotOrCorrectSn { chunk, .. } => *chunk,
+            | ChunkOp::DeleteSnapshotOrCorrectSn { chunk, .. }
+            | ChunkOp::CreateClone { chunk, .. }
+            | ChunkOp::Paste { chunk, .. }
+            | ChunkOp::Recover { chunk, .. }
+            | ChunkOp::Flatten { chunk } => *chunk,
         }
+    }
+
+    /// Whether the operation's outcome depends on, or changes what another chunk may do — a
+    /// clone reads its source, and a source refuses writes while clones of it exist — so that
+    /// it must apply alone: after every earlier entry, before any later one.
+    pub fn is_barrier(&self) -> bool {
+        matches!(
+            self,
+            ChunkOp::Delete { .. }
+                | ChunkOp::CreateClone { .. }
+                | ChunkOp::Recover { .. }
+                | ChunkOp::Flatten { .. }
+        )
     }
 
     /// Encodes the operation (copies the data once; the client library builds requests this
     /// way, servers never re-encode).
     pub fn encode(&self) -> Bytes {
-        let (code, chunk, sn, offset, data) = match self {
+        let source_bytes;
+        let (code, chunk, sn, offset, data, len) = match self {
             ChunkOp::Write {
                 chunk,
                 sn,
                 offset,
                 data,
-            } => (OP_WRITE, chunk, sn, *offset, Some(data)),
-            ChunkOp::Delete { chunk, sn } => (OP_DELETE, chunk, sn, 0, None),
+            } => (OP_WRITE, chunk, *sn, *offset, &data[..], data.len() as u32),
+            ChunkOp::Delete { chunk, sn } => (OP_DELETE, chunk, *sn, 0, &[][..], 0),
             ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
-                (OP_DELETE_SNAPSHOT, chunk, sn, 0, None)
+                (OP_DELETE_SNAPSHOT, chunk, *sn, 0, &[][..], 0)
             }
+            ChunkOp::CreateClone { chunk, source, sn } => {
+                source_bytes = source.0.to_le_bytes();
+                (OP_CREATE_CLONE, chunk, *sn, 0, &source_bytes[..], 8)
+            }
+            ChunkOp::Paste {
+                chunk,
+                offset,
+                data,
+            } => (OP_PASTE, chunk, 0, *offset, &data[..], data.len() as u32),
+            // A recover carries no data: `len` is the range's length.
+            ChunkOp::Recover { chunk, offset, len } => {
+                (OP_RECOVER, chunk, 0, *offset, &[][..], *len)
+            }
+            ChunkOp::Flatten { chunk } => (OP_FLATTEN, chunk, 0, 0, &[][..], 0),
         };
-        let len = data.map_or(0, |d| d.len());
-        let mut out = BytesMut::with_capacity(OP_HEADER_LEN + len);
-        if let Some(data) = data {
-            out.put_slice(data);
-        }
+        let mut out = BytesMut::with_capacity(OP_HEADER_LEN + data.len());
+        out.put_slice(data);
         out.put_u8(OP_VERSION);
         out.put_u8(code);
         out.put_u64_le(chunk.0);
-        out.put_u64_le(*sn);
+        out.put_u64_le(sn);
         out.put_u32_le(offset);
-        out.put_u32_le(len as u32);
+        out.put_u32_le(len);
         out.freeze()
     }
 
@@ -137,19 +204,51 @@ impl ChunkOp {
         let sn = u64_at(10);
         let offset = u32_at(18);
         let len = u32_at(22) as usize;
+        let code = header[1];
+        if code == OP_RECOVER {
+            if data_len != 0 {
+                return Err(malformed("data on a recover"));
+            }
+            return Ok(ChunkOp::Recover {
+                chunk,
+                offset,
+                len: len as u32,
+            });
+        }
         if data_len != len {
             return Err(malformed("the data length does not match the trailer"));
         }
-        match header[1] {
+        match code {
             OP_WRITE => Ok(ChunkOp::Write {
                 chunk,
                 sn,
                 offset,
                 data: bytes.slice(..data_len),
             }),
-            OP_DELETE | OP_DELETE_SNAPSHOT if len != 0 => Err(malformed("data on a delete")),
+            OP_PASTE => Ok(ChunkOp::Paste {
+                chunk,
+                offset,
+                data: bytes.slice(..data_len),
+            }),
+            OP_CREATE_CLONE => {
+                let source = bytes
+                    .get(..8)
+                    .filter(|_| data_len == 8)
+                    .ok_or_else(|| malformed("a clone's body is its source chunk id"))?;
+                let mut word = [0u8; 8];
+                word.copy_from_slice(source);
+                Ok(ChunkOp::CreateClone {
+                    chunk,
+                    source: ChunkId(u64::from_le_bytes(word)),
+                    sn,
+                })
+            }
+            OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if len != 0 => {
+                Err(malformed("data on an operation that takes none"))
+            }
             OP_DELETE => Ok(ChunkOp::Delete { chunk, sn }),
             OP_DELETE_SNAPSHOT => Ok(ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn }),
+            OP_FLATTEN => Ok(ChunkOp::Flatten { chunk }),
             code => Err(OpDecodeError::Unknown(code)),
         }
     }
@@ -188,6 +287,22 @@ mod tests {
                 chunk: ChunkId(3),
                 sn: 4,
             },
+            ChunkOp::CreateClone {
+                chunk: ChunkId(5),
+                source: ChunkId(6),
+                sn: 2,
+            },
+            ChunkOp::Paste {
+                chunk: ChunkId(5),
+                offset: 4096,
+                data: Bytes::from_static(&[9; 8192]),
+            },
+            ChunkOp::Recover {
+                chunk: ChunkId(5),
+                offset: 8192,
+                len: 1 << 20,
+            },
+            ChunkOp::Flatten { chunk: ChunkId(5) },
         ] {
             assert_eq!(ChunkOp::decode(&op.encode()).unwrap(), op);
         }

@@ -723,3 +723,73 @@ fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
         other => panic!("expected one ConfChanged, got {other:?}"),
     }
 }
+
+/// Clone operations and deletes are barriers: one waits for every earlier apply, and nothing
+/// later starts until it is done; other chunks' writes otherwise run concurrently.
+#[test]
+fn a_barrier_applies_alone_between_what_comes_before_and_after_it() {
+    let conf = ConfState {
+        voters: [NodeId(1)].into_iter().collect(),
+        ..ConfState::default()
+    };
+    let mut core = new_core(1, MemStorage::new_with_conf_state(conf), 7);
+    let mut applies = Vec::new();
+    for _ in 0..40 {
+        core.tick();
+        run_alone(&mut core, &mut applies);
+        if core.role() == StateRole::Leader {
+            break;
+        }
+    }
+    assert_eq!(core.role(), StateRole::Leader);
+    let write = |chunk: u64| ChunkOp::Write {
+        chunk: ChunkId(chunk),
+        sn: 1,
+        offset: 0,
+        data: Bytes::from(vec![1u8; 4096]),
+    };
+    let ops = [
+        write(1),
+        write(2),
+        ChunkOp::CreateClone {
+            chunk: ChunkId(3),
+            source: ChunkId(1),
+            sn: 1,
+        },
+        write(1),
+        write(4),
+        ChunkOp::Flatten { chunk: ChunkId(3) },
+    ];
+    for (token, op) in ops.iter().enumerate() {
+        core.propose(op.encode(), token as u64 + 10);
+    }
+    run_alone(&mut core, &mut applies);
+    let chunks = |applies: &[(LogIndex, ChunkId)]| -> Vec<u64> {
+        applies.iter().map(|(_, c)| c.0).collect()
+    };
+    // The two writes before the clone run together; the clone waits for both.
+    let before = applies.len();
+    assert_eq!(chunks(&applies[before - 2..]), vec![1, 2]);
+    let (first, second) = (applies[before - 2], applies[before - 1]);
+    core.on_applied(first.0, first.1);
+    run_alone(&mut core, &mut applies);
+    assert_eq!(applies.len(), before, "the clone waits for chunk 2's write");
+    core.on_applied(second.0, second.1);
+    run_alone(&mut core, &mut applies);
+    assert_eq!(chunks(&applies[before..]), vec![3], "then the clone, alone");
+    let clone = applies[before];
+    core.on_applied(clone.0, clone.1);
+    run_alone(&mut core, &mut applies);
+    // The writes after it run together; the flatten waits for both.
+    assert_eq!(chunks(&applies[before + 1..]), vec![1, 4]);
+    let (third, fourth) = (applies[before + 1], applies[before + 2]);
+    core.on_applied(fourth.0, fourth.1);
+    core.on_applied(third.0, third.1);
+    run_alone(&mut core, &mut applies);
+    assert_eq!(chunks(&applies[before + 3..]), vec![3]);
+    let flatten = applies[before + 3];
+    core.on_applied(flatten.0, flatten.1);
+    run_alone(&mut core, &mut applies);
+    assert!(!core.applies_in_flight());
+    assert_eq!(core.applied(), flatten.0);
+}

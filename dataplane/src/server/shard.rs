@@ -16,7 +16,8 @@ use raftcore::{
 use tracing::{debug, error, info, warn};
 
 use super::wire::{
-    self, CopysetStatus, CreateCopyset, Membership, RaftBatch, ReadChunk, ResetPeers, Status,
+    self, CopysetStatus, CreateCopyset, Membership, RaftBatch, ReadChunk, ReadSnapshot, ResetPeers,
+    Status,
 };
 use crate::config::Endpoint;
 use crate::copyset::{Action, ChunkOp, CopysetCore, Refusal, Token};
@@ -74,6 +75,15 @@ pub struct Forwarded {
     pub reply: glommio::channels::shared_channel::SharedSender<(Status, Bytes)>,
 }
 
+/// A linearizable read waiting for its read index.
+#[derive(Debug, Clone, Copy)]
+enum ReadRequest {
+    /// Of the chunk's current data.
+    Chunk(ReadChunk),
+    /// Of the chunk's version with a given sn.
+    Snapshot(ReadSnapshot),
+}
+
 /// How long a forwarding shard waits for the owning shard's answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -111,7 +121,7 @@ pub struct ShardServer<B: Bdev + 'static> {
     /// Clients waiting for a copyset's answer.
     waiters: RefCell<HashMap<Token, OneshotSender<(Status, Bytes)>>>,
     /// Reads waiting for their read index, by token.
-    reads: RefCell<HashMap<Token, (CopysetId, ReadChunk)>>,
+    reads: RefCell<HashMap<Token, (CopysetId, ReadRequest)>>,
     next_token: Cell<Token>,
     /// Raft messages to send, per destination (node, shard), flushed as one frame each.
     outbox: RefCell<HashMap<Destination, RaftMessages>>,
@@ -695,11 +705,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 };
                 (Status::Ok, status.encode())
             }
-            wire::WRITE_CHUNK | wire::DELETE_CHUNK => {
-                let expected_write = opcode == wire::WRITE_CHUNK;
+            wire::WRITE_CHUNK
+            | wire::DELETE_CHUNK
+            | wire::DELETE_SNAPSHOT_OR_CORRECT_SN
+            | wire::CREATE_CLONE_CHUNK
+            | wire::PASTE_CHUNK
+            | wire::RECOVER_CHUNK
+            | wire::FLATTEN_CHUNK => {
                 match ChunkOp::decode(&payload) {
-                    Ok(ChunkOp::Write { .. }) if expected_write => {}
-                    Ok(ChunkOp::Delete { .. }) if !expected_write => {}
+                    Ok(op) if wire::opcode_of(&op) == opcode => {}
                     Ok(_) => {
                         return (
                             Status::Invalid("operation does not match opcode".into()),
@@ -716,19 +730,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.drive(copyset, &core);
                 answer.await
             }
+            wire::READ_SNAPSHOT => {
+                let request = match ReadSnapshot::decode(&payload) {
+                    Ok(request) => request,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                self.read(copyset, ReadRequest::Snapshot(request)).await
+            }
             wire::READ_CHUNK => {
                 let request = match ReadChunk::decode(&payload) {
                     Ok(request) => request,
                     Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
                 };
-                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-                    return (Status::CopysetNotFound, Bytes::new());
-                };
-                let (token, answer) = self.wait_token();
-                self.reads.borrow_mut().insert(token, (copyset, request));
-                core.borrow_mut().read(token);
-                self.drive(copyset, &core);
-                answer.await
+                self.read(copyset, ReadRequest::Chunk(request)).await
             }
             wire::GET_CHUNK_INFO => {
                 if payload.len() != 8 {
@@ -757,6 +771,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Bytes::new(),
             ),
         }
+    }
+
+    /// A linearizable read: answered once the copyset's applied index reaches its read index
+    /// (leader lease or ReadIndex).
+    async fn read(self: &Rc<Self>, copyset: CopysetId, request: ReadRequest) -> (Status, Bytes) {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        let (token, answer) = self.wait_token();
+        self.reads.borrow_mut().insert(token, (copyset, request));
+        core.borrow_mut().read(token);
+        self.drive(copyset, &core);
+        answer.await
     }
 
     fn wait_token(&self) -> (Token, impl std::future::Future<Output = (Status, Bytes)>) {
@@ -1050,39 +1077,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         // overflow the stack. Yielding first makes each its own turn.
                         futures_lite::future::yield_now().await;
                         let chunk = op.chunk();
-                        let result = match op {
-                            ChunkOp::Write {
-                                chunk,
-                                sn,
-                                offset,
-                                data,
-                            } => {
-                                engine
-                                    .write_chunk_bytes(
-                                        copyset,
-                                        chunk,
-                                        u64::from(offset),
-                                        data,
-                                        sn,
-                                        index,
-                                    )
-                                    .await
-                            }
-                            ChunkOp::Delete { chunk, .. } => {
-                                match engine.check_owner(chunk, copyset) {
-                                    Ok(()) => engine.delete_chunk(chunk, index).await,
-                                    Err(error) => Err(error),
-                                }
-                            }
-                            ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
-                                match engine.check_owner(chunk, copyset) {
-                                    Ok(()) => {
-                                        engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
-                                    }
-                                    Err(error) => Err(error),
-                                }
-                            }
-                        };
+                        let result = apply_op(&engine, copyset, op, index).await;
                         let status = match &result {
                             Ok(()) => Status::Ok,
                             Err(error) => status_of_storage(error),
@@ -1092,6 +1087,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             // must not move past it.
                             error!(%copyset, %index, %reason, "apply failed; copyset stalls");
                         } else {
+                            if result.is_err() {
+                                // A refusal every replica makes alike: the entry counts as
+                                // applied to the chunk (replays and image copies rely on it).
+                                engine.note_applied(chunk, index);
+                            }
                             core.borrow_mut().on_applied(index, chunk);
                             let applied = core.borrow().applied();
                             engine.set_applied(copyset, applied);
@@ -1124,17 +1124,30 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     let engine = Rc::clone(&self.engine);
                     let server = Rc::clone(self);
                     glommio::spawn_local(async move {
-                        let result = engine
-                            .read_chunk(request.chunk, request.offset, u64::from(request.len))
-                            .await;
+                        let len = match request {
+                            ReadRequest::Chunk(r) => r.len,
+                            ReadRequest::Snapshot(r) => r.len,
+                        };
+                        let result = match request {
+                            ReadRequest::Chunk(r) => {
+                                engine.read_chunk(r.chunk, r.offset, u64::from(r.len)).await
+                            }
+                            ReadRequest::Snapshot(r) => {
+                                engine
+                                    .read_snapshot(r.chunk, r.sn, r.offset, u64::from(r.len))
+                                    .await
+                            }
+                        };
                         match result {
                             Ok(buffer) => {
                                 let data = Bytes::copy_from_slice(buffer.as_slice());
                                 server.answer(token, Status::Ok, data);
                             }
                             // A chunk never written reads as zeroes, like a fresh device.
-                            Err(StorageError::ChunkNotFound(_)) => {
-                                let zeroes = Bytes::from(vec![0u8; request.len as usize]);
+                            Err(StorageError::ChunkNotFound(_))
+                                if matches!(request, ReadRequest::Chunk(_)) =>
+                            {
+                                let zeroes = Bytes::from(vec![0u8; len as usize]);
                                 server.answer(token, Status::Ok, zeroes);
                             }
                             Err(error) => {
@@ -1189,6 +1202,58 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 }
             }
         }
+    }
+}
+
+/// Applies one committed chunk operation of `copyset` at `index` to the engine.
+async fn apply_op<B: Bdev>(
+    engine: &ShardEngine<B>,
+    copyset: CopysetId,
+    op: ChunkOp,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    if let ChunkOp::Write {
+        chunk,
+        sn,
+        offset,
+        data,
+    } = op
+    {
+        let offset = u64::from(offset);
+        return engine
+            .write_chunk_bytes(copyset, chunk, offset, data, sn, index)
+            .await;
+    }
+    engine.check_owner(op.chunk(), copyset)?;
+    match op {
+        ChunkOp::Write { .. } => Ok(()), // handled above
+        ChunkOp::Delete { chunk, .. } => engine.delete_chunk(chunk, index).await,
+        ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+            engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
+        }
+        ChunkOp::CreateClone { chunk, source, sn } => {
+            // A clone's source belongs to the same copyset, so every replica has it.
+            engine.check_owner(source, copyset)?;
+            engine
+                .create_clone_chunk_in(copyset, chunk, source, sn, index)
+                .await
+        }
+        ChunkOp::Paste {
+            chunk,
+            offset,
+            data,
+        } => {
+            let buffer = engine.bdev().pool().from_bytes_or_copy(data)?;
+            engine
+                .paste_chunk(chunk, u64::from(offset), buffer, index)
+                .await
+        }
+        ChunkOp::Recover { chunk, offset, len } => {
+            engine
+                .recover_chunk(chunk, u64::from(offset), u64::from(len), index)
+                .await
+        }
+        ChunkOp::Flatten { chunk } => engine.flatten_chunk(chunk, index).await,
     }
 }
 

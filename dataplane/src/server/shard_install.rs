@@ -28,7 +28,6 @@ use crate::server::wire::{
 };
 use crate::storage::bdev::Bdev;
 use crate::storage::engine::{ChunkImageMeta, ImagePart};
-use crate::storage::StorageError;
 
 /// Bytes of chunk data per `READ_CHUNK_IMAGE` (well under the frame's payload bound).
 pub const IMAGE_PIECE_BYTES: u64 = 1 << 20;
@@ -36,6 +35,10 @@ pub const IMAGE_PIECE_BYTES: u64 = 1 << 20;
 /// Times one chunk's copy starts over because its versions changed under it, before the
 /// attempt gives up (and the install tries again later, from a fresh list).
 const CHUNK_RESTARTS_MAX: u32 = 8;
+
+/// Says that the source's clone relationships changed during a copy, which must then start
+/// over from an empty `copied` set (see `storage::engine::image`).
+const START_OVER: &str = "clone relationships changed at the source during the copy";
 
 /// A `Persist` raft handed out while an install of the same copyset runs (or the install's
 /// own entries and hard state).
@@ -98,6 +101,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 {
                     Ok(()) => break 'copy,
                     Err(reason) => {
+                        if reason.contains(START_OVER) {
+                            copied.clear();
+                        }
                         warn!(node = self.node, %copyset, source = source.0, %reason,
                             "copyset image copy interrupted; trying again");
                     }
@@ -254,14 +260,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         let keep: BTreeSet<ChunkId> = list.chunks.iter().copied().collect();
         self.engine
-            .remove_chunks_except(copyset, &keep)
+            .prepare_image(copyset, &keep, copied)
             .await
             .map_err(|e| e.to_string())?;
         for chunk in list.chunks {
             if copied.contains(&chunk) {
                 continue;
             }
-            *bytes += self.copy_chunk(copyset, source, meta, chunk).await?;
+            *bytes += self
+                .copy_chunk(copyset, source, meta, chunk, list.clone_epoch)
+                .await?;
             copied.insert(chunk);
         }
         Ok(())
@@ -274,6 +282,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         source: NodeId,
         meta: &SnapshotMeta,
         chunk: ChunkId,
+        clone_epoch: u64,
     ) -> Result<u64, String> {
         let chunk_size = self.engine.layout().geometry.chunk_size;
         self.engine
@@ -284,8 +293,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 IMAGE_PIECE_BYTES,
                 CHUNK_RESTARTS_MAX,
                 async |part, offset, len| {
-                    self.image_piece(copyset, source, meta, chunk, part, offset, len)
-                        .await
+                    let piece = self
+                        .image_piece(copyset, source, meta, chunk, part, offset, len)
+                        .await?;
+                    if let Some((header, _)) = &piece {
+                        if header.1 != clone_epoch {
+                            return Err(START_OVER.to_string());
+                        }
+                    }
+                    Ok(piece.map(|((meta, _), data)| (meta, data)))
                 },
             )
             .await
@@ -302,7 +318,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         part: ImagePart,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(ChunkImageMeta, Bytes)>, String> {
+    ) -> Result<Option<((ChunkImageMeta, u64), Bytes)>, String> {
         let request = ReadImagePiece {
             chunk,
             part: match part {
@@ -339,8 +355,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
             corrected_sn: header.corrected_sn,
             snapshot_sn: header.snapshot_sn,
             applied: header.applied,
+            clone_source: header.clone_source,
         };
-        Ok(Some((meta, data)))
+        Ok(Some(((meta, header.clone_epoch), data)))
     }
 
     /// Answers `LIST_CHUNK_IMAGE` as the source of an image.
@@ -357,6 +374,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let list = ImageList {
             applied: core.borrow().applied().0,
             chunk_size: self.engine.layout().geometry.chunk_size,
+            clone_epoch: self.engine.clone_epoch(),
             chunks: self.engine.chunks_of(copyset),
         };
         (Status::Ok, list.encode())
@@ -397,9 +415,6 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .await
         {
             Ok(piece) => piece,
-            Err(error @ StorageError::Conflict { .. }) => {
-                return (Status::Invalid(error.to_string()), Bytes::new())
-            }
             Err(error) => return (status_of_storage(&error), Bytes::new()),
         };
         let data = piece.data.as_ref().map_or(&[][..], |d| d.as_slice());
@@ -409,6 +424,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
             corrected_sn: piece.meta.corrected_sn,
             snapshot_sn: piece.meta.snapshot_sn,
             applied: piece.meta.applied,
+            clone_source: piece.meta.clone_source,
+            // Read after the piece: a change since the list, or while the piece was read, shows.
+            clone_epoch: self.engine.clone_epoch(),
             zero: piece.data.is_none(),
         };
         let mut body = BytesMut::with_capacity(IMAGE_PIECE_HEADER_LEN + data.len());

@@ -23,6 +23,33 @@ pub const READ_CHUNK: Opcode = Opcode(18);
 pub const DELETE_CHUNK: Opcode = Opcode(19);
 /// A chunk's sizes and sequence numbers (body: chunk id u64).
 pub const GET_CHUNK_INFO: Opcode = Opcode(20);
+/// Read part of a chunk's version with a given sn: its snapshot, or the chunk itself (body:
+/// [`ReadSnapshot`]).
+pub const READ_SNAPSHOT: Opcode = Opcode(21);
+/// Delete a chunk's snapshot or correct its sn (body: `ChunkOp::DeleteSnapshotOrCorrectSn`).
+pub const DELETE_SNAPSHOT_OR_CORRECT_SN: Opcode = Opcode(22);
+/// Create a lazy clone of a chunk of the same copyset (body: `ChunkOp::CreateClone`).
+pub const CREATE_CLONE_CHUNK: Opcode = Opcode(23);
+/// Fill unwritten pages of a clone (body: `ChunkOp::Paste`).
+pub const PASTE_CHUNK: Opcode = Opcode(24);
+/// Copy unwritten pages of a clone from its source (body: `ChunkOp::Recover`).
+pub const RECOVER_CHUNK: Opcode = Opcode(25);
+/// Make a clone a plain chunk (body: `ChunkOp::Flatten`).
+pub const FLATTEN_CHUNK: Opcode = Opcode(26);
+
+/// The opcode whose body a chunk operation is.
+pub fn opcode_of(op: &crate::copyset::ChunkOp) -> Opcode {
+    use crate::copyset::ChunkOp;
+    match op {
+        ChunkOp::Write { .. } => WRITE_CHUNK,
+        ChunkOp::Delete { .. } => DELETE_CHUNK,
+        ChunkOp::DeleteSnapshotOrCorrectSn { .. } => DELETE_SNAPSHOT_OR_CORRECT_SN,
+        ChunkOp::CreateClone { .. } => CREATE_CLONE_CHUNK,
+        ChunkOp::Paste { .. } => PASTE_CHUNK,
+        ChunkOp::Recover { .. } => RECOVER_CHUNK,
+        ChunkOp::Flatten { .. } => FLATTEN_CHUNK,
+    }
+}
 /// Create a copyset with its initial peers (body: [`CreateCopyset`]).
 pub const CREATE_COPYSET: Opcode = Opcode(32);
 /// A copyset's raft status (empty body).
@@ -85,6 +112,12 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         READ_CHUNK => "read",
         DELETE_CHUNK => "delete",
         GET_CHUNK_INFO => "chunk_info",
+        READ_SNAPSHOT => "read_snapshot",
+        DELETE_SNAPSHOT_OR_CORRECT_SN => "delete_snapshot_or_correct_sn",
+        CREATE_CLONE_CHUNK => "create_clone_chunk",
+        PASTE_CHUNK => "paste_chunk",
+        RECOVER_CHUNK => "recover_chunk",
+        FLATTEN_CHUNK => "flatten_chunk",
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",
@@ -303,16 +336,20 @@ pub struct ImageList {
     pub applied: u64,
     /// The source's chunk size (a copy between shards of different geometry is refused).
     pub chunk_size: u64,
-    /// The chunks, in id order.
+    /// The source shard's clone epoch: every piece carries it, and a copy during which it
+    /// changed starts over.
+    pub clone_epoch: u64,
+    /// The chunks: plain ones in id order, then lazy clones in id order.
     pub chunks: Vec<ChunkId>,
 }
 
 impl ImageList {
-    /// Encodes: applied u64, chunk size u64, count u32, chunk ids u64.
+    /// Encodes: applied u64, chunk size u64, clone epoch u64, count u32, chunk ids u64.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(20 + 8 * self.chunks.len());
+        let mut out = BytesMut::with_capacity(28 + 8 * self.chunks.len());
         out.put_u64_le(self.applied);
         out.put_u64_le(self.chunk_size);
+        out.put_u64_le(self.clone_epoch);
         out.put_u32_le(self.chunks.len() as u32);
         for chunk in &self.chunks {
             out.put_u64_le(chunk.0);
@@ -325,6 +362,7 @@ impl ImageList {
         let mut reader = Reader::new(bytes, "image list");
         let applied = reader.u64()?;
         let chunk_size = reader.u64()?;
+        let clone_epoch = reader.u64()?;
         let count = reader.u32()? as usize;
         if count > bytes.len() / 8 {
             return Err(WireError {
@@ -339,6 +377,7 @@ impl ImageList {
         Ok(ImageList {
             applied,
             chunk_size,
+            clone_epoch,
             chunks,
         })
     }
@@ -401,16 +440,20 @@ pub struct ImagePieceHeader {
     pub snapshot_sn: Option<u64>,
     /// The log index of the last entry applied to the chunk.
     pub applied: u64,
+    /// For a lazy clone, its source chunk.
+    pub clone_source: Option<ChunkId>,
+    /// The source shard's clone epoch when it read the piece.
+    pub clone_epoch: u64,
     /// The piece is all zeroes: no bytes follow.
     pub zero: bool,
 }
 
 /// Bytes of an encoded [`ImagePieceHeader`].
-pub const IMAGE_PIECE_HEADER_LEN: usize = 8 * 5 + 2;
+pub const IMAGE_PIECE_HEADER_LEN: usize = 8 * 7 + 3;
 
 impl ImagePieceHeader {
     /// Encodes: source applied u64, sn u64, corrected sn u64, has snapshot u8, snapshot sn
-    /// u64, applied u64, zero u8.
+    /// u64, applied u64, is clone u8, clone source u64, clone epoch u64, zero u8.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u64_le(self.source_applied);
         out.put_u64_le(self.sn);
@@ -418,6 +461,9 @@ impl ImagePieceHeader {
         out.put_u8(u8::from(self.snapshot_sn.is_some()));
         out.put_u64_le(self.snapshot_sn.unwrap_or(0));
         out.put_u64_le(self.applied);
+        out.put_u8(u8::from(self.clone_source.is_some()));
+        out.put_u64_le(self.clone_source.map_or(0, |c| c.0));
+        out.put_u64_le(self.clone_epoch);
         out.put_u8(u8::from(self.zero));
     }
 
@@ -430,8 +476,11 @@ impl ImagePieceHeader {
         let has_snapshot = reader.u8()?;
         let snapshot_sn = reader.u64()?;
         let applied = reader.u64()?;
+        let is_clone = reader.u8()?;
+        let clone_source = reader.u64()?;
+        let clone_epoch = reader.u64()?;
         let zero = reader.u8()?;
-        if has_snapshot > 1 || zero > 1 {
+        if has_snapshot > 1 || zero > 1 || is_clone > 1 {
             return Err(WireError {
                 what: "image piece",
                 why: "a flag is neither 0 nor 1",
@@ -443,6 +492,8 @@ impl ImagePieceHeader {
             corrected_sn,
             snapshot_sn: (has_snapshot == 1).then_some(snapshot_sn),
             applied,
+            clone_source: (is_clone == 1).then_some(ChunkId(clone_source)),
+            clone_epoch,
             zero: zero == 1,
         };
         let data = bytes.slice(IMAGE_PIECE_HEADER_LEN..);
@@ -453,6 +504,44 @@ impl ImagePieceHeader {
             });
         }
         Ok((header, data))
+    }
+}
+
+/// A read of `len` bytes at `offset` of the version of `chunk` with sequence number `sn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSnapshot {
+    /// The chunk.
+    pub chunk: ChunkId,
+    /// The version's sequence number.
+    pub sn: u64,
+    /// Byte offset in the chunk.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: u32,
+}
+
+impl ReadSnapshot {
+    /// Encodes: chunk u64, sn u64, offset u64, len u32.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(28);
+        out.put_u64_le(self.chunk.0);
+        out.put_u64_le(self.sn);
+        out.put_u64_le(self.offset);
+        out.put_u32_le(self.len);
+        out.freeze()
+    }
+
+    /// Decodes.
+    pub fn decode(bytes: &[u8]) -> Result<ReadSnapshot, WireError> {
+        let mut reader = Reader::new(bytes, "read snapshot request");
+        let request = ReadSnapshot {
+            chunk: ChunkId(reader.u64()?),
+            sn: reader.u64()?,
+            offset: reader.u64()?,
+            len: reader.u32()?,
+        };
+        reader.finish()?;
+        Ok(request)
     }
 }
 
@@ -846,6 +935,7 @@ mod tests {
             let _ = decode_copyset_list(&bytes);
             let _ = ImageList::decode(&bytes);
             let _ = ResetPeers::decode(&bytes);
+            let _ = ReadSnapshot::decode(&bytes);
             let _ = ReadImagePiece::decode(&bytes);
             let _ = ImagePieceHeader::decode(&bytes);
         }
@@ -866,6 +956,7 @@ mod tests {
         let list = ImageList {
             applied: 77,
             chunk_size: 1 << 20,
+            clone_epoch: 3,
             chunks: vec![ChunkId(3), ChunkId(9)],
         };
         assert_eq!(ImageList::decode(&list.encode()), Ok(list));
@@ -885,6 +976,8 @@ mod tests {
             corrected_sn: 0,
             snapshot_sn: Some(1),
             applied: 9,
+            clone_source: Some(ChunkId(4)),
+            clone_epoch: 2,
             zero: false,
         };
         let mut body = BytesMut::new();

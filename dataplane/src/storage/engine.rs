@@ -369,6 +369,10 @@ pub struct ShardEngine<B: Bdev> {
     /// or clone goes away: until a checkpoint commits that, the committed metadata may still
     /// need that copy, so a new bitmap in the same slot must go to the other one.
     bitmap_copies: RefCell<BTreeMap<u32, u8>>,
+    /// Counts changes of which chunks are lazy clones of which (a clone made, flattened or
+    /// deleted): a copyset image copied while it changed must start over, since whether a
+    /// write to a source is refused depends on them.
+    clone_epoch: Cell<u64>,
 }
 
 /// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
@@ -741,6 +745,7 @@ impl<B: Bdev> ShardEngine<B> {
             bitmap_copies: RefCell::new(bitmap_copies),
             dirty_bitmaps: RefCell::new(BTreeSet::new()),
             clone_sources: RefCell::new(clone_sources),
+            clone_epoch: Cell::new(0),
         };
         Ok((engine, recovery))
     }
@@ -846,6 +851,18 @@ impl<B: Bdev> ShardEngine<B> {
     /// must change nothing. Index 0 means "not from the log" and always applies.
     fn already_applied(&self, slot: u32, index: LogIndex) -> Result<bool, StorageError> {
         Ok(index.0 != 0 && index.0 <= self.slot_meta(slot)?.applied)
+    }
+
+    /// Records that the entry at `index` was applied to `chunk` although it changed nothing
+    /// (a refusal every replica makes alike): re-applying it must not be tried again, and a
+    /// copy of the chunk made after it covers it.
+    pub fn note_applied(&self, chunk: ChunkId, index: LogIndex) {
+        self.record_applied(chunk, index);
+    }
+
+    /// How many times clone relationships changed on this shard (see `clone_epoch`).
+    pub fn clone_epoch(&self) -> u64 {
+        self.clone_epoch.get()
     }
 
     /// Records that the entry at `index` is applied to the chunk in `slot`.
@@ -1004,6 +1021,20 @@ impl<B: Bdev> ShardEngine<B> {
         sn: u64,
         index: LogIndex,
     ) -> Result<(), StorageError> {
+        self.create_clone_chunk_in(CopysetId(0), chunk, source, sn, index)
+            .await
+    }
+
+    /// [`create_clone_chunk`](Self::create_clone_chunk) for `copyset`'s log: the clone is
+    /// recorded as that copyset's.
+    pub async fn create_clone_chunk_in(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        source: ChunkId,
+        sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
         let existing = self.table.borrow().lookup(chunk);
         if let Some(slot) = existing {
             if self.already_applied(slot, index)?
@@ -1033,6 +1064,7 @@ impl<B: Bdev> ShardEngine<B> {
                 sn,
                 flags: FLAG_CLONE,
                 state: SlotState::Chunk,
+                copyset: copyset.0,
                 ..SlotMeta::FREE
             })
             .await?;
@@ -1042,6 +1074,7 @@ impl<B: Bdev> ShardEngine<B> {
             .borrow_mut()
             .insert(slot, (vec![0; words], current));
         self.clone_sources.borrow_mut().insert(slot, source);
+        self.clone_epoch.set(self.clone_epoch.get() + 1);
         self.dirty_bitmaps.borrow_mut().insert(slot);
         self.record_applied(chunk, index);
         Ok(())
@@ -1163,6 +1196,7 @@ impl<B: Bdev> ShardEngine<B> {
         meta.flags &= !FLAG_CLONE;
         self.table.borrow_mut().update(slot, meta);
         self.clone_sources.borrow_mut().remove(&slot);
+        self.clone_epoch.set(self.clone_epoch.get() + 1);
         self.bitmaps.borrow_mut().remove(&slot);
         self.record_applied(chunk, index);
         self.checkpoint().await
@@ -1261,7 +1295,9 @@ impl<B: Bdev> ShardEngine<B> {
         for slot in &slots {
             self.table.borrow_mut().release(*slot);
             self.bitmaps.borrow_mut().remove(slot);
-            self.clone_sources.borrow_mut().remove(slot);
+            if self.clone_sources.borrow_mut().remove(slot).is_some() {
+                self.clone_epoch.set(self.clone_epoch.get() + 1);
+            }
         }
         for slot in &slots {
             self.bdev

@@ -19,7 +19,10 @@
 //! and a change between pieces makes the receiver start that chunk again. A chunk with a
 //! snapshot travels as two parts, the snapshot's version first, then the current one, which
 //! the receiver writes with the newer sn so that the engine's own copy-on-write rebuilds the
-//! snapshot. Lazy clones are not carried (clone operations are not on the wire yet).
+//! snapshot. A lazy clone travels as a clone of the same source (listed after the plain
+//! chunks, so its source is there first) with every page written: its unwritten pages read
+//! through to the source, which is read-only while clones of it exist, so the content is the
+//! same either way; flattening changes its versions.
 
 use std::collections::BTreeSet;
 
@@ -53,6 +56,8 @@ pub struct ChunkImageMeta {
     pub snapshot_sn: Option<u64>,
     /// The log index of the last entry applied to the chunk (0: none recorded).
     pub applied: u64,
+    /// For a lazy clone, the chunk it reads through to.
+    pub clone_source: Option<ChunkId>,
 }
 
 impl ChunkImageMeta {
@@ -62,6 +67,7 @@ impl ChunkImageMeta {
         self.sn == other.sn
             && self.corrected_sn == other.corrected_sn
             && self.snapshot_sn == other.snapshot_sn
+            && self.clone_source == other.clone_source
     }
 }
 
@@ -75,20 +81,20 @@ pub struct ImagePiece {
 }
 
 impl<B: Bdev> ShardEngine<B> {
-    /// The chunks that `copyset`'s log wrote, in id order.
+    /// The chunks that `copyset`'s log wrote: plain chunks in id order, then lazy clones in id
+    /// order (so that a copy in this order makes each clone's source first).
     pub fn chunks_of(&self, copyset: CopysetId) -> Vec<ChunkId> {
         let table = self.table.borrow();
-        let mut ids: Vec<ChunkId> = table
+        let mut ids: Vec<(bool, ChunkId)> = table
             .chunks()
-            .filter(|(_, slot)| {
-                table
-                    .slot(*slot)
-                    .is_some_and(|m| m.state == SlotState::Chunk && m.copyset == copyset.0)
+            .filter_map(|(chunk, slot)| {
+                let meta = table.slot(slot)?;
+                (meta.state == SlotState::Chunk && meta.copyset == copyset.0)
+                    .then_some((meta.flags & FLAG_CLONE != 0, chunk))
             })
-            .map(|(chunk, _)| chunk)
             .collect();
         ids.sort();
-        ids
+        ids.into_iter().map(|(_, chunk)| chunk).collect()
     }
 
     /// Refuses an operation of `copyset` on a chunk that another copyset's log wrote (chunk
@@ -118,12 +124,14 @@ impl<B: Bdev> ShardEngine<B> {
             .and_then(|slot| table.slot(slot))
             .copied()
             .ok_or(StorageError::ChunkNotFound(chunk))?;
-        if meta.flags & FLAG_CLONE != 0 {
-            return Err(StorageError::Conflict {
-                chunk,
-                reason: "a lazy clone cannot be copied into a copyset image".into(),
-            });
-        }
+        let clone_source = if meta.flags & FLAG_CLONE != 0 {
+            let slot = table
+                .lookup(chunk)
+                .ok_or(StorageError::ChunkNotFound(chunk))?;
+            self.clone_sources.borrow().get(&slot).copied()
+        } else {
+            None
+        };
         let snapshot_sn = if meta.link == NO_SLOT {
             None
         } else {
@@ -134,6 +142,7 @@ impl<B: Bdev> ShardEngine<B> {
             corrected_sn: meta.aux,
             snapshot_sn,
             applied: meta.applied,
+            clone_source,
         })
     }
 
@@ -230,6 +239,11 @@ impl<B: Bdev> ShardEngine<B> {
             let Some((first, _)) = fetch(ImagePart::Current, 0, 0).await? else {
                 return Ok(0); // deleted since the list: re-applying the log deletes it too
             };
+            if let Some(source) = first.clone_source {
+                self.create_clone_chunk_in(copyset, chunk, source, first.sn, LogIndex(0))
+                    .await
+                    .map_err(local)?;
+            }
             let mut bytes = 0;
             let mut parts = Vec::new();
             if let Some(snapshot_sn) = first.snapshot_sn {
@@ -255,10 +269,12 @@ impl<B: Bdev> ShardEngine<B> {
                     }
                     bytes += data.len() as u64;
                     // Zero pages need no write in a fresh slot, except the first (it makes
-                    // the chunk) and, when the chunk has a snapshot, the current part's (their
-                    // writes rebuild the snapshot by copy-on-write).
-                    let must_write =
-                        offset == 0 || (part == ImagePart::Current && first.snapshot_sn.is_some());
+                    // the chunk), when the chunk has a snapshot the current part's (their
+                    // writes rebuild the snapshot by copy-on-write), and a clone's (an
+                    // unwritten page would read its source's bytes).
+                    let must_write = offset == 0
+                        || first.clone_source.is_some()
+                        || (part == ImagePart::Current && first.snapshot_sn.is_some());
                     if !data.is_empty() || must_write {
                         let data = if data.is_empty() {
                             Bytes::from(vec![0u8; len as usize])
@@ -280,14 +296,21 @@ impl<B: Bdev> ShardEngine<B> {
         ))
     }
 
-    /// Deletes the chunks of `copyset` that an image does not hold.
-    pub async fn remove_chunks_except(
+    /// Prepares the shard for an image of `copyset` that holds `keep`: deletes its chunks the
+    /// image lacks, and its lazy clones not `copied` yet (they are made again from the image;
+    /// a clone goes before its source, which refuses deletion while clones of it exist).
+    pub async fn prepare_image(
         &self,
         copyset: CopysetId,
         keep: &BTreeSet<ChunkId>,
+        copied: &BTreeSet<ChunkId>,
     ) -> Result<(), StorageError> {
-        for chunk in self.chunks_of(copyset) {
-            if !keep.contains(&chunk) {
+        let mut chunks = self.chunks_of(copyset);
+        // Clones are listed last: delete from the end.
+        chunks.reverse();
+        for chunk in chunks {
+            let is_clone = self.chunk_info(chunk)?.clone_source.is_some();
+            if !keep.contains(&chunk) || (is_clone && !copied.contains(&chunk)) {
                 self.delete_chunk(chunk, LogIndex(0)).await?;
             }
         }
