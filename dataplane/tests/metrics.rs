@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::time::Duration;
 
 use common::{addresses_with_shards, block, config, free_ports, Node};
 use dataplane::client::{Client, ClientConfig};
@@ -16,19 +14,7 @@ use dataplane::metrics::text;
 use glommio::{LocalExecutorBuilder, Placement};
 
 fn get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
+    common::http_get(port, path)
 }
 
 fn sum(samples: &[text::Sample], name: &str, label: (&str, &str)) -> f64 {

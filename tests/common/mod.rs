@@ -50,10 +50,25 @@ pub fn write_config_on_hosts(
     device_size: &str,
     wal_size: &str,
 ) -> PathBuf {
+    write_config_sharded(dir, id, hosts, ports, device_size, wal_size, 1)
+}
+
+/// [`write_config_on_hosts`] with `shards` shards per node (on cores 0..shards).
+pub fn write_config_sharded(
+    dir: &Path,
+    id: usize,
+    hosts: &[String],
+    ports: &[u16],
+    device_size: &str,
+    wal_size: &str,
+    shards: u32,
+) -> PathBuf {
+    let cores: Vec<String> = (0..shards).map(|c| c.to_string()).collect();
+    let cores = cores.join(", ");
     let nodes: Vec<String> = (0..hosts.len())
         .map(|n| {
             format!(
-                "{{ id = {}, peer = \"tcp://{host}:{}\", client = [\"tcp://{host}:{}\"], shards = 1 }}",
+                "{{ id = {}, peer = \"tcp://{host}:{}\", client = [\"tcp://{host}:{}\"], shards = {shards} }}",
                 n + 1,
                 ports[2 * n],
                 ports[2 * n + 1],
@@ -65,7 +80,7 @@ pub fn write_config_on_hosts(
     let text = format!(
         r#"[node]
 id = {id}
-cores = [0]
+cores = [{cores}]
 data_dir = "{dir}/node{id}"
 
 [listen]
@@ -101,4 +116,22 @@ level = "warn"
     let path = dir.join(format!("node{id}.toml"));
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// The body of `GET path` from an HTTP server on 127.0.0.1:`port` (the metrics endpoint).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
 }

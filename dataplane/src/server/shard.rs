@@ -129,8 +129,10 @@ pub struct ShardServer<B: Bdev + 'static> {
     peers: RefCell<HashMap<(u64, u32), Rc<PeerConnection>>>,
     /// Connections accepted from peers and clients, closed at shutdown.
     accepted: RefCell<Vec<Connection>>,
-    /// Copysets installing a snapshot, with the persists waiting behind the install.
-    installing: RefCell<HashMap<CopysetId, install::Installing>>,
+    /// Per copyset, the persists waiting behind an install or a full WAL, in ready order.
+    backlog: RefCell<HashMap<CopysetId, install::Backlog>>,
+    /// Copysets installing a snapshot.
+    installing: RefCell<std::collections::HashSet<CopysetId>>,
     /// Seeds the copysets' election randomness.
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
@@ -164,7 +166,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
             outbox_ready: Notify::new(),
             peers: RefCell::new(HashMap::new()),
             accepted: RefCell::new(Vec::new()),
-            installing: RefCell::new(HashMap::new()),
+            backlog: RefCell::new(HashMap::new()),
+            installing: RefCell::new(std::collections::HashSet::new()),
             seed: node << 32 | u64::from(shard),
             metrics: crate::metrics::Registry::new(&[
                 ("node", &node.to_string()),
@@ -898,8 +901,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
     async fn quiet(&self, copyset: CopysetId, core: &CopysetCell<B>) -> Result<(), Status> {
         let started = std::time::Instant::now();
         loop {
-            let busy = core.borrow().applies_in_flight()
-                || self.installing.borrow().contains_key(&copyset);
+            let busy =
+                core.borrow().applies_in_flight() || self.backlog.borrow().contains_key(&copyset);
             if !busy {
                 return Ok(());
             }
@@ -1028,28 +1031,41 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         entries,
                         hard_state,
                     };
-                    let Some(persist) = self.queue_behind_install(copyset, persist) else {
-                        continue; // an install runs: this waits behind it, in order
+                    let Some(persist) = self.queue_in_backlog(copyset, persist) else {
+                        continue; // an install or a full WAL holds earlier ones: in order
                     };
                     if let Some(snapshot) = snapshot {
                         self.start_install(copyset, core, snapshot, persist);
                         continue;
                     }
-                    let install::PendingPersist {
-                        number,
-                        entries,
-                        hard_state,
-                    } = persist;
                     let wal = self.engine.wal();
                     let mut lsn = wal.appended();
-                    let mut written = wal.append_entries(copyset, &entries).map(|end| lsn = end);
-                    if let (Ok(()), Some(hard_state)) = (&written, hard_state) {
+                    let mut written = wal
+                        .append_entries(copyset, &persist.entries)
+                        .map(|end| lsn = end);
+                    if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
                         written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
                     }
-                    if let Err(error) = written {
-                        error!(%copyset, %error, "WAL append failed; copyset stalls");
-                        continue;
+                    match written {
+                        Ok(()) => {}
+                        Err(StorageError::WalFull { .. }) => {
+                            // Wait for a checkpoint to make room, with whatever raft hands
+                            // out meanwhile queued behind, in order.
+                            warn!(node = self.node, %copyset, "WAL full; persisting after a checkpoint");
+                            self.backlog
+                                .borrow_mut()
+                                .insert(copyset, std::collections::VecDeque::from([persist]));
+                            let server = Rc::clone(self);
+                            let core = Rc::clone(core);
+                            glommio::spawn_local(server.drain_backlog(copyset, core)).detach();
+                            continue;
+                        }
+                        Err(error) => {
+                            error!(%copyset, %error, "WAL append failed; copyset stalls");
+                            continue;
+                        }
                     }
+                    let number = persist.number;
                     let engine = Rc::clone(&self.engine);
                     let core = Rc::clone(core);
                     let server = Rc::clone(self);

@@ -28,6 +28,7 @@ use crate::server::wire::{
 };
 use crate::storage::bdev::Bdev;
 use crate::storage::engine::{ChunkImageMeta, ImagePart};
+use crate::storage::StorageError;
 
 /// Bytes of chunk data per `READ_CHUNK_IMAGE` (well under the frame's payload bound).
 pub const IMAGE_PIECE_BYTES: u64 = 1 << 20;
@@ -48,22 +49,90 @@ pub(super) struct PendingPersist {
     pub hard_state: Option<HardState>,
 }
 
-/// Persists waiting behind an install, per copyset.
-pub(super) type Installing = VecDeque<PendingPersist>;
+/// Persists of one copyset that wait behind an install or a full WAL, in ready order.
+pub(super) type Backlog = VecDeque<PendingPersist>;
 
 impl<B: Bdev + 'static> ShardServer<B> {
-    /// Queues `persist` behind a running install of `copyset`; gives it back when none runs.
-    pub(super) fn queue_behind_install(
+    /// Queues `persist` behind the copyset's backlog (an install, or a full WAL); gives it
+    /// back when there is none.
+    pub(super) fn queue_in_backlog(
         &self,
         copyset: CopysetId,
         persist: PendingPersist,
     ) -> Option<PendingPersist> {
-        match self.installing.borrow_mut().get_mut(&copyset) {
+        match self.backlog.borrow_mut().get_mut(&copyset) {
             Some(queue) => {
                 queue.push_back(persist);
                 None
             }
             None => Some(persist),
+        }
+    }
+
+    /// Appends a ready's entries and hard state to the WAL; while the WAL is full, runs
+    /// checkpoints (which reclaim what every copyset applied) and tries again. Returns the
+    /// position to sync to.
+    pub(super) async fn append_persist(
+        &self,
+        copyset: CopysetId,
+        persist: &PendingPersist,
+    ) -> Result<u64, StorageError> {
+        loop {
+            let wal = self.engine.wal();
+            let mut lsn = wal.appended();
+            let mut written = wal
+                .append_entries(copyset, &persist.entries)
+                .map(|end| lsn = end);
+            if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
+                written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
+            }
+            match written {
+                Ok(()) => return Ok(lsn),
+                // Entries appended before the WAL filled are appended again: an entry at an
+                // index the log has replaces it.
+                Err(StorageError::WalFull { .. }) => self.make_wal_room().await?,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// A checkpoint to reclaim WAL space, then a short pause so applies can move the point
+    /// the WAL may reclaim to.
+    pub(super) async fn make_wal_room(&self) -> Result<(), StorageError> {
+        self.metrics
+            .counter(
+                "chunkserver_wal_full_total",
+                "Times a WAL append found the ring full and waited for a checkpoint.",
+                &[],
+            )
+            .inc();
+        self.engine.checkpoint().await?;
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+        Ok(())
+    }
+
+    /// Persists the copyset's backlog in order, reporting each to raft, until it is empty.
+    pub(super) async fn drain_backlog(self: Rc<Self>, copyset: CopysetId, core: CopysetCell<B>) {
+        loop {
+            let next = self
+                .backlog
+                .borrow_mut()
+                .get_mut(&copyset)
+                .and_then(VecDeque::pop_front);
+            let Some(persist) = next else {
+                self.backlog.borrow_mut().remove(&copyset);
+                return;
+            };
+            let persisted = match self.append_persist(copyset, &persist).await {
+                Ok(lsn) => self.engine.wal().sync(lsn).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = persisted {
+                error!(%copyset, %error, "WAL write failed; copyset stalls");
+                return;
+            }
+            core.borrow_mut().on_persisted(persist.number);
+            self.drive(copyset, &core);
         }
     }
 
@@ -75,9 +144,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
         snapshot: Snapshot,
         persist: PendingPersist,
     ) {
-        self.installing
+        self.backlog
             .borrow_mut()
             .insert(copyset, VecDeque::from([persist]));
+        self.installing.borrow_mut().insert(copyset);
         let server = Rc::clone(self);
         let core = Rc::clone(core);
         glommio::spawn_local(async move { server.install(copyset, core, snapshot.meta).await })
@@ -118,64 +188,63 @@ impl<B: Bdev + 'static> ShardServer<B> {
             return;
         }
         let wal = self.engine.wal();
-        let snapshot = Snapshot {
-            meta: meta.clone(),
-            data: Bytes::new(),
-        };
-        if let Err(error) = wal.install_snapshot(copyset, snapshot) {
-            error!(%copyset, %error, "snapshot record not appended; copyset stalls");
-            return;
+        loop {
+            let snapshot = Snapshot {
+                meta: meta.clone(),
+                data: Bytes::new(),
+            };
+            let result = match wal.install_snapshot(copyset, snapshot) {
+                Err(StorageError::WalFull { .. }) => self.make_wal_room().await.map(|()| false),
+                other => other.map(|_| true),
+            };
+            match result {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(error) => {
+                    error!(%copyset, %error, "snapshot record not appended; copyset stalls");
+                    return;
+                }
+            }
         }
         self.engine.set_applied(copyset, meta.index);
-        let mut first = true;
-        loop {
-            let next = self
-                .installing
-                .borrow_mut()
-                .get_mut(&copyset)
-                .and_then(VecDeque::pop_front);
-            let Some(persist) = next else {
-                self.installing.borrow_mut().remove(&copyset);
-                break;
-            };
-            let mut lsn = wal.appended();
-            let mut written = wal
-                .append_entries(copyset, &persist.entries)
-                .map(|end| lsn = end);
-            if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
-                written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
-            }
-            let synced = match written {
-                Ok(()) => wal.sync(lsn).await,
+        // The install's own ready: its entries and hard state, then raft hears of both.
+        let own = self
+            .backlog
+            .borrow_mut()
+            .get_mut(&copyset)
+            .and_then(VecDeque::pop_front);
+        if let Some(persist) = own {
+            let persisted = match self.append_persist(copyset, &persist).await {
+                Ok(lsn) => wal.sync(lsn).await,
                 Err(error) => Err(error),
             };
-            if let Err(error) = synced {
+            if let Err(error) = persisted {
                 error!(%copyset, %error, "WAL write after a snapshot install failed; copyset stalls");
                 return;
             }
             core.borrow_mut().on_persisted(persist.number);
-            if first {
-                core.borrow_mut().on_snapshot_installed(meta.index);
-                first = false;
-                self.metrics
-                    .counter(
-                        "chunkserver_snapshot_installs_total",
-                        "Copyset snapshots installed by copying the chunks from a replica.",
-                        &[],
-                    )
-                    .inc();
-                self.metrics
-                    .counter(
-                        "chunkserver_snapshot_install_bytes_total",
-                        "Chunk bytes copied by snapshot installs (all-zero pieces excluded).",
-                        &[],
-                    )
-                    .add(bytes);
-                info!(node = self.node, %copyset, index = %meta.index, chunks = copied.len(),
-                    bytes, seconds = began.elapsed().as_secs_f64(), "snapshot installed");
-            }
-            self.drive(copyset, &core);
         }
+        core.borrow_mut().on_snapshot_installed(meta.index);
+        self.installing.borrow_mut().remove(&copyset);
+        self.metrics
+            .counter(
+                "chunkserver_snapshot_installs_total",
+                "Copyset snapshots installed by copying the chunks from a replica.",
+                &[],
+            )
+            .inc();
+        self.metrics
+            .counter(
+                "chunkserver_snapshot_install_bytes_total",
+                "Chunk bytes copied by snapshot installs (all-zero pieces excluded).",
+                &[],
+            )
+            .add(bytes);
+        info!(node = self.node, %copyset, index = %meta.index, chunks = copied.len(),
+            bytes, seconds = began.elapsed().as_secs_f64(), "snapshot installed");
+        self.drive(copyset, &core);
+        // What raft handed out meanwhile.
+        Rc::clone(&self).drain_backlog(copyset, core).await;
     }
 
     /// Replicas to copy from: the leader first, then the other voters of the snapshot's
@@ -365,7 +434,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
             return (Status::CopysetNotFound, Bytes::new());
         };
-        if self.installing.borrow().contains_key(&copyset) {
+        if self.installing.borrow().contains(&copyset) {
             return (
                 Status::Retry("this replica is installing an image itself".into()),
                 Bytes::new(),
@@ -393,7 +462,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
             return (Status::CopysetNotFound, Bytes::new());
         };
-        if self.installing.borrow().contains_key(&copyset) {
+        if self.installing.borrow().contains(&copyset) {
             return (
                 Status::Retry("this replica is installing an image itself".into()),
                 Bytes::new(),
