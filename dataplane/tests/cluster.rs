@@ -990,3 +990,121 @@ fn requests_that_reach_the_wrong_shard_are_forwarded_to_their_copysets_shard() {
         node.stop();
     }
 }
+
+/// Wrong input over the wire gets an error and changes nothing: an unknown copyset, writes
+/// and reads outside the chunk or unaligned, an older sn, a body that does not decode, an
+/// unknown opcode, and a frame that is not a frame (which closes only that connection).
+#[test]
+fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
+    use dataplane::copyset::ChunkOp;
+    use dataplane::server::wire::{self, Status};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "mem")))
+        .collect();
+    let client_port = ports[1];
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            client
+                .write(COPYSET, ChunkId(5), 0, block(5), 2)
+                .await
+                .expect("write");
+            let leader = client.cached_leader(COPYSET).expect("leader");
+            let call = |copyset: CopysetId, opcode, body: bytes::Bytes| async move {
+                client
+                    .call_node(leader, copyset, opcode, body)
+                    .await
+                    .expect("an answer")
+                    .0
+            };
+            let write = |offset: u32, data: bytes::Bytes, sn: u64| {
+                ChunkOp::Write {
+                    chunk: ChunkId(5),
+                    sn,
+                    offset,
+                    data,
+                }
+                .encode()
+            };
+            // No such copyset.
+            assert_eq!(
+                call(CopysetId(999), wire::WRITE_CHUNK, write(0, block(9), 2)).await,
+                Status::CopysetNotFound
+            );
+            // Outside the chunk (1 MiB), unaligned, and an older sn.
+            let outside = call(COPYSET, wire::WRITE_CHUNK, write(1 << 20, block(9), 2)).await;
+            assert!(matches!(outside, Status::Invalid(_)), "{outside:?}");
+            let unaligned = call(COPYSET, wire::WRITE_CHUNK, write(100, block(9), 2)).await;
+            assert!(matches!(unaligned, Status::Invalid(_)), "{unaligned:?}");
+            let older = call(COPYSET, wire::WRITE_CHUNK, write(0, block(9), 1)).await;
+            assert_eq!(older, Status::BackwardSn);
+            let read_outside = wire::ReadChunk {
+                chunk: ChunkId(5),
+                offset: (1 << 20) - 4096,
+                len: 8192,
+            }
+            .encode();
+            let read = call(COPYSET, wire::READ_CHUNK, read_outside).await;
+            assert!(matches!(read, Status::Invalid(_)), "{read:?}");
+            // Bodies that do not decode, an operation under the wrong opcode, an unknown
+            // opcode.
+            let garbage = bytes::Bytes::from_static(&[1, 2, 3]);
+            for opcode in [wire::WRITE_CHUNK, wire::READ_CHUNK, wire::CREATE_COPYSET] {
+                let status = call(COPYSET, opcode, garbage.clone()).await;
+                assert!(
+                    matches!(status, Status::Invalid(_)),
+                    "{opcode:?}: {status:?}"
+                );
+            }
+            let mismatched = call(COPYSET, wire::DELETE_CHUNK, write(0, block(9), 2)).await;
+            assert!(matches!(mismatched, Status::Invalid(_)), "{mismatched:?}");
+            let unknown = call(COPYSET, dataplane::net::Opcode(250), garbage.clone()).await;
+            assert!(matches!(unknown, Status::Invalid(_)), "{unknown:?}");
+        })
+    });
+    // Bytes that are not a frame close that connection only.
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", client_port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream.write_all(&[0xAB; 64]).expect("send garbage");
+        let mut buffer = [0u8; 16];
+        let read = stream.read(&mut buffer);
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the server closes a connection that sends no frame: {read:?}"
+        );
+    }
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            // Nothing changed, and the nodes serve on.
+            assert_eq!(
+                client
+                    .read(COPYSET, ChunkId(5), 0, 4096)
+                    .await
+                    .expect("read"),
+                block(5)
+            );
+            let info = client
+                .call_node(
+                    1,
+                    COPYSET,
+                    dataplane::server::wire::GET_CHUNK_INFO,
+                    bytes::Bytes::copy_from_slice(&5u64.to_le_bytes()),
+                )
+                .await
+                .expect("chunk info");
+            assert_eq!(&info.1[8..16], &2u64.to_le_bytes(), "the sn stayed 2");
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

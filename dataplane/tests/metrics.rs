@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use common::{addresses_with_shards, block, config, free_ports, Node};
 use dataplane::client::{Client, ClientConfig};
 use dataplane::config::CoreSpec;
