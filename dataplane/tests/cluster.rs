@@ -1015,6 +1015,7 @@ fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
                 .await
                 .expect("write");
             let leader = client.cached_leader(COPYSET).expect("leader");
+            let client = &client;
             let call = |copyset: CopysetId, opcode, body: bytes::Bytes| async move {
                 client
                     .call_node(leader, copyset, opcode, body)

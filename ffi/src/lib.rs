@@ -1,8 +1,10 @@
 //! Bindings to C libraries and the thin safe wrappers above them. Every `unsafe` block that
 //! touches C lives in this crate, each with a `// SAFETY:` line.
 //!
+//! - `numa`: binding a thread's memory to a NUMA node.
 //! - `verbs` (feature `rdma`): ibverbs through rdma-sys.
 //! - `spdk` (feature `spdk`): SPDK through bindgen.
 
+pub mod numa;
 #[cfg(feature = "rdma")]
 pub mod verbs;

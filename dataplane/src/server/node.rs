@@ -282,6 +282,9 @@ pub fn run_node(
     let client_endpoints = config.listen.client.clone();
     let stop_all = shutdown.clone();
     let metrics_address = config.metrics.address;
+    // Memory is bound to the configured NUMA node only where the host has more than one.
+    let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
+        .then_some(config.node.numa_node);
 
     let results = start_shards(
         cores,
@@ -296,6 +299,11 @@ pub fn run_node(
             async move {
                 let shard = ctx.shard.0;
                 let result = async {
+                    if let Some(numa) = numa_node {
+                        ffi::numa::bind_thread_memory(numa)
+                            .map_err(|e| format!("binding memory to NUMA node {numa}: {e}"))?;
+                        info!(node, shard, numa, "shard memory bound to its NUMA node");
+                    }
                     let (uri, device_shard, fresh_memory) = match &plan {
                         DevicePlan::Shared { uri } => (uri.clone(), shard, false),
                         DevicePlan::PerShardMemory { size } => {
