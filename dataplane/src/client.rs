@@ -529,6 +529,34 @@ impl Client {
             .await
     }
 
+    /// A chunk's size (the cluster's chunk size), from the copyset's leader; `None` when the
+    /// chunk does not exist.
+    pub async fn chunk_size(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+    ) -> Result<Option<u64>, ClientError> {
+        let body = Bytes::copy_from_slice(&chunk.0.to_le_bytes());
+        match self
+            .leader_call("chunk info", copyset, wire::GET_CHUNK_INFO, body)
+            .await
+        {
+            Ok(info) => {
+                let size = info
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes)
+                    .ok_or_else(|| ClientError::Malformed("a chunk info of no size".into()))?;
+                Ok(Some(size))
+            }
+            Err(ClientError::Refused {
+                status: Status::ChunkNotFound,
+                ..
+            }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Applies one chunk operation (write, delete, snapshot deletion, clone operations)
     /// through the copyset's leader; returns once replicated and applied.
     pub async fn apply(&self, copyset: CopysetId, op: &ChunkOp) -> Result<(), ClientError> {

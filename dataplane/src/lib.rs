@@ -14,3 +14,4 @@ pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod volume;
+pub mod volume_table;

@@ -10,9 +10,12 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use glommio::sync::Semaphore;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
+use crate::copyset::ChunkOp;
 use crate::ids::{ChunkId, CopysetId};
 use crate::nbd::{Export, ExportError, ExportFuture};
+use crate::server::wire::Status;
+use crate::volume_table::{self, TableError, VolumeRecord, METADATA_COPYSET, TABLE_CHUNK};
 
 /// Where a volume lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +30,127 @@ pub struct VolumeSpec {
     pub chunk_size: u64,
     /// Id of its first chunk; chunk `first_chunk + i` holds bytes `[i * chunk_size, …)`.
     pub first_chunk: u64,
+}
+
+impl From<VolumeRecord> for VolumeSpec {
+    fn from(record: VolumeRecord) -> VolumeSpec {
+        VolumeSpec {
+            name: record.name,
+            copyset: record.copyset,
+            size: record.size,
+            chunk_size: record.chunk_size,
+            first_chunk: record.first_chunk.0,
+        }
+    }
+}
+
+/// Why a volume-table operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The cluster did not do it.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The table refused it.
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+/// The nodes that hold a copyset created for volumes: the first three of the cluster by id.
+pub fn default_peers(nodes: &[u64]) -> Vec<u64> {
+    let mut peers = nodes.to_vec();
+    peers.sort_unstable();
+    peers.truncate(3);
+    peers
+}
+
+/// Creates the metadata copyset (which holds the volume table) on `peers` if missing.
+pub async fn ensure_metadata_copyset(client: &Client, peers: &[u64]) -> Result<(), ClientError> {
+    client.create_copyset(METADATA_COPYSET, peers).await
+}
+
+/// The volume table's bytes, read linearizably from the metadata copyset's leader; empty when
+/// no volume was ever created.
+async fn read_table(client: &Client) -> Result<Vec<u8>, ClientError> {
+    let size = match client.chunk_size(METADATA_COPYSET, TABLE_CHUNK).await {
+        Ok(Some(size)) => size,
+        Ok(None)
+        | Err(ClientError::Refused {
+            status: Status::CopysetNotFound,
+            ..
+        }) => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut table = Vec::with_capacity(size as usize);
+    let mut offset = 0;
+    while offset < size {
+        let len = MAX_PIECE.min(size - offset);
+        let bytes = client
+            .read(METADATA_COPYSET, TABLE_CHUNK, offset, len as u32)
+            .await?;
+        table.extend_from_slice(&bytes);
+        offset += len;
+    }
+    Ok(table)
+}
+
+/// Every volume in the table.
+pub async fn list_volumes(client: &Client) -> Result<Vec<VolumeRecord>, VolumeError> {
+    let table = read_table(client).await?;
+    Ok(volume_table::list(&table)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// The volume named `name`.
+pub async fn find_volume(client: &Client, name: &str) -> Result<VolumeRecord, VolumeError> {
+    let table = read_table(client).await?;
+    Ok(volume_table::find(&table, name)?)
+}
+
+/// Adds a volume to the table (the metadata copyset must exist: [`ensure_metadata_copyset`]);
+/// its chunks are laid out by the table. Refused when the name exists.
+pub async fn create_volume(
+    client: &Client,
+    name: &str,
+    size: u64,
+    copyset: CopysetId,
+) -> Result<VolumeRecord, VolumeError> {
+    volume_table::check_name(name)?;
+    let op = ChunkOp::VolumeCreate {
+        table: TABLE_CHUNK,
+        copyset: copyset.0,
+        size,
+        name: name.to_string(),
+    };
+    match client.apply(METADATA_COPYSET, &op).await {
+        Ok(()) => {}
+        Err(ClientError::Refused {
+            status: Status::Invalid(reason),
+            ..
+        }) if reason.contains("exists already") => {
+            return Err(TableError::Exists(name.to_string()).into())
+        }
+        Err(error) => return Err(error.into()),
+    }
+    find_volume(client, name).await
+}
+
+/// Deletes a volume: its chunks first (so a crash halfway leaves the volume listed, to
+/// delete again, rather than chunks nobody owns), then its table entry.
+pub async fn delete_volume(client: &Client, name: &str) -> Result<VolumeRecord, VolumeError> {
+    let volume = find_volume(client, name).await?;
+    for i in 0..volume.chunks() {
+        client
+            .delete(volume.copyset, ChunkId(volume.first_chunk.0 + i), 0)
+            .await?;
+    }
+    let op = ChunkOp::VolumeDelete {
+        table: TABLE_CHUNK,
+        name: name.to_string(),
+    };
+    client.apply(METADATA_COPYSET, &op).await?;
+    Ok(volume)
 }
 
 /// The page size I/O is aligned to on the chunkservers.

@@ -50,13 +50,15 @@ fn export_volume(ports: &[u16], size: u64) -> Export {
                 .create_copyset(copyset, &[1, 2, 3])
                 .await
                 .expect("create copyset");
-            let spec = VolumeSpec {
-                name: "vol".into(),
-                copyset,
-                size,
-                chunk_size: 1 << 20,
-                first_chunk: 1,
-            };
+            // The volume is made in the volume table (the metadata copyset) and opened from it.
+            dataplane::volume::ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            let record = dataplane::volume::create_volume(&client, "vol", size, copyset)
+                .await
+                .expect("create volume");
+            let spec = VolumeSpec::from(record);
+            assert_eq!(spec.chunk_size, 1 << 20);
             let mut exports = Exports::new();
             exports.insert("vol", Rc::new(Volume::new(spec, client)));
             let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");

@@ -79,6 +79,25 @@ pub enum ChunkOp {
         /// The clone.
         chunk: ChunkId,
     },
+    /// Add a volume to the volume table held in `table` (`crate::volume_table`); refused when
+    /// the name exists or the table is full.
+    VolumeCreate {
+        /// The table chunk.
+        table: ChunkId,
+        /// The copyset that will hold the volume's chunks.
+        copyset: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Its name.
+        name: String,
+    },
+    /// Remove a volume from the volume table held in `table`.
+    VolumeDelete {
+        /// The table chunk.
+        table: ChunkId,
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Why bytes are not an operation.
@@ -107,6 +126,8 @@ const OP_CREATE_CLONE: u8 = 4;
 const OP_PASTE: u8 = 5;
 const OP_RECOVER: u8 = 6;
 const OP_FLATTEN: u8 = 7;
+const OP_VOLUME_CREATE: u8 = 8;
+const OP_VOLUME_DELETE: u8 = 9;
 
 impl ChunkOp {
     /// The chunk the operation touches: applies of one chunk run in log order.
@@ -119,6 +140,7 @@ impl ChunkOp {
             | ChunkOp::Paste { chunk, .. }
             | ChunkOp::Recover { chunk, .. }
             | ChunkOp::Flatten { chunk } => *chunk,
+            ChunkOp::VolumeCreate { table, .. } | ChunkOp::VolumeDelete { table, .. } => *table,
         }
     }
 
@@ -139,6 +161,7 @@ impl ChunkOp {
     /// way, servers never re-encode).
     pub fn encode(&self) -> Bytes {
         let source_bytes;
+        let volume_bytes;
         let (code, chunk, sn, offset, data, len) = match self {
             ChunkOp::Write {
                 chunk,
@@ -164,6 +187,23 @@ impl ChunkOp {
                 (OP_RECOVER, chunk, 0, *offset, &[][..], *len)
             }
             ChunkOp::Flatten { chunk } => (OP_FLATTEN, chunk, 0, 0, &[][..], 0),
+            // The data: the copyset u64, then the name.
+            ChunkOp::VolumeCreate {
+                table,
+                copyset,
+                size,
+                name,
+            } => {
+                let mut bytes = copyset.to_le_bytes().to_vec();
+                bytes.extend_from_slice(name.as_bytes());
+                volume_bytes = bytes;
+                let len = volume_bytes.len() as u32;
+                (OP_VOLUME_CREATE, table, *size, 0, &volume_bytes[..], len)
+            }
+            ChunkOp::VolumeDelete { table, name } => {
+                let len = name.len() as u32;
+                (OP_VOLUME_DELETE, table, 0, 0, name.as_bytes(), len)
+            }
         };
         let mut out = BytesMut::with_capacity(OP_HEADER_LEN + data.len());
         out.put_slice(data);
@@ -243,6 +283,28 @@ impl ChunkOp {
                     sn,
                 })
             }
+            OP_VOLUME_CREATE => {
+                let body = &bytes[..data_len];
+                let (copyset, name) = body
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| malformed("a volume creation's body is a copyset and a name"))?;
+                let name = std::str::from_utf8(name)
+                    .map_err(|_| malformed("a volume name that is not UTF-8"))?;
+                Ok(ChunkOp::VolumeCreate {
+                    table: chunk,
+                    copyset: u64::from_le_bytes(*copyset),
+                    size: sn,
+                    name: name.to_string(),
+                })
+            }
+            OP_VOLUME_DELETE => {
+                let name = std::str::from_utf8(&bytes[..data_len])
+                    .map_err(|_| malformed("a volume name that is not UTF-8"))?;
+                Ok(ChunkOp::VolumeDelete {
+                    table: chunk,
+                    name: name.to_string(),
+                })
+            }
             OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if len != 0 => {
                 Err(malformed("data on an operation that takes none"))
             }
@@ -303,6 +365,16 @@ mod tests {
                 len: 1 << 20,
             },
             ChunkOp::Flatten { chunk: ChunkId(5) },
+            ChunkOp::VolumeCreate {
+                table: ChunkId(7),
+                copyset: 3,
+                size: 1 << 30,
+                name: "vol0".into(),
+            },
+            ChunkOp::VolumeDelete {
+                table: ChunkId(7),
+                name: "vol0".into(),
+            },
         ] {
             assert_eq!(ChunkOp::decode(&op.encode()).unwrap(), op);
         }

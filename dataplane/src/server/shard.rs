@@ -714,7 +714,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
             | wire::CREATE_CLONE_CHUNK
             | wire::PASTE_CHUNK
             | wire::RECOVER_CHUNK
-            | wire::FLATTEN_CHUNK => {
+            | wire::FLATTEN_CHUNK
+            | wire::CREATE_VOLUME
+            | wire::DELETE_VOLUME => {
                 match ChunkOp::decode(&payload) {
                     Ok(op) if wire::opcode_of(&op) == opcode => {}
                     Ok(_) => {
@@ -1270,6 +1272,59 @@ async fn apply_op<B: Bdev>(
                 .await
         }
         ChunkOp::Flatten { chunk } => engine.flatten_chunk(chunk, index).await,
+        ChunkOp::VolumeCreate {
+            table,
+            copyset: data_copyset,
+            size,
+            name,
+        } => {
+            let content = read_whole_chunk(engine, table).await?;
+            let chunk_size = engine.layout().geometry.chunk_size;
+            let planned = crate::volume_table::plan_create(
+                &content,
+                &name,
+                size,
+                CopysetId(data_copyset),
+                chunk_size,
+            );
+            let (record_index, record) = planned.map_err(|e| StorageError::Conflict {
+                chunk: table,
+                reason: e.to_string(),
+            })?;
+            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+            let bytes = Bytes::from(record.encode());
+            engine
+                .write_chunk_bytes(copyset, table, offset, bytes, 1, index)
+                .await
+        }
+        ChunkOp::VolumeDelete { table, name } => {
+            let content = read_whole_chunk(engine, table).await?;
+            let (record_index, _) =
+                crate::volume_table::plan_delete(&content, &name).map_err(|e| {
+                    StorageError::Conflict {
+                        chunk: table,
+                        reason: e.to_string(),
+                    }
+                })?;
+            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+            let zeroes = Bytes::from(vec![0u8; crate::volume_table::RECORD_LEN]);
+            engine
+                .write_chunk_bytes(copyset, table, offset, zeroes, 1, index)
+                .await
+        }
+    }
+}
+
+/// A whole chunk's bytes; zeroes when it does not exist.
+async fn read_whole_chunk<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+) -> Result<Vec<u8>, StorageError> {
+    let chunk_size = engine.layout().geometry.chunk_size;
+    match engine.read_chunk(chunk, 0, chunk_size).await {
+        Ok(buffer) => Ok(buffer.as_slice().to_vec()),
+        Err(StorageError::ChunkNotFound(_)) => Ok(vec![0u8; chunk_size as usize]),
+        Err(error) => Err(error),
     }
 }
 

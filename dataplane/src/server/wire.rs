@@ -36,6 +36,10 @@ pub const PASTE_CHUNK: Opcode = Opcode(24);
 pub const RECOVER_CHUNK: Opcode = Opcode(25);
 /// Make a clone a plain chunk (body: `ChunkOp::Flatten`).
 pub const FLATTEN_CHUNK: Opcode = Opcode(26);
+/// Add a volume to the volume table (to the metadata copyset; body: `ChunkOp::VolumeCreate`).
+pub const CREATE_VOLUME: Opcode = Opcode(40);
+/// Remove a volume from the volume table (body: `ChunkOp::VolumeDelete`).
+pub const DELETE_VOLUME: Opcode = Opcode(41);
 
 /// The opcode whose body a chunk operation is.
 pub fn opcode_of(op: &crate::copyset::ChunkOp) -> Opcode {
@@ -48,6 +52,8 @@ pub fn opcode_of(op: &crate::copyset::ChunkOp) -> Opcode {
         ChunkOp::Paste { .. } => PASTE_CHUNK,
         ChunkOp::Recover { .. } => RECOVER_CHUNK,
         ChunkOp::Flatten { .. } => FLATTEN_CHUNK,
+        ChunkOp::VolumeCreate { .. } => CREATE_VOLUME,
+        ChunkOp::VolumeDelete { .. } => DELETE_VOLUME,
     }
 }
 /// Create a copyset with its initial peers (body: [`CreateCopyset`]).
@@ -118,6 +124,8 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         PASTE_CHUNK => "paste_chunk",
         RECOVER_CHUNK => "recover_chunk",
         FLATTEN_CHUNK => "flatten_chunk",
+        CREATE_VOLUME => "create_volume",
+        DELETE_VOLUME => "delete_volume",
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",

@@ -1,0 +1,287 @@
+//! The volume table: which volumes exist and where their chunks are, kept replicated in one
+//! chunk of the metadata copyset, so any client opens a volume by name.
+//!
+//! The table chunk is an array of 4 KiB records, one volume each; an all-zero record is free.
+//! Creating and deleting volumes are raft entries of the metadata copyset
+//! (`ChunkOp::VolumeCreate`, `ChunkOp::VolumeDelete`) that every replica applies to its copy
+//! of the chunk with [`plan_create`] and [`plan_delete`]: the same log on the same table gives
+//! the same result, so "the name exists" or "the table is full" are decided once, in log
+//! order, and two clients creating one name cannot both succeed. Reads are linearizable reads
+//! of the chunk. Pure: no I/O.
+
+use crate::ids::{ChunkId, CopysetId};
+
+/// The copyset that holds the volume table.
+pub const METADATA_COPYSET: CopysetId = CopysetId(u64::MAX - 1);
+/// The chunk of the metadata copyset that holds the table.
+pub const TABLE_CHUNK: ChunkId = ChunkId(u64::MAX - 1);
+/// Bytes per record (one page).
+pub const RECORD_LEN: usize = 4096;
+/// The longest volume name, in bytes of UTF-8.
+pub const MAX_NAME: usize = 255;
+/// Chunk ids of volumes start here, far above ids that other writers use.
+pub const FIRST_VOLUME_CHUNK: u64 = 1 << 40;
+
+const MAGIC: u32 = 0x564f_4c31; // "VOL1"
+const FIXED: usize = 4 + 1 + 8 + 8 + 8 + 8 + 1;
+
+/// One volume as the table records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// Its name.
+    pub name: String,
+    /// Size in bytes (a multiple of the page size).
+    pub size: u64,
+    /// The copyset that holds its chunks.
+    pub copyset: CopysetId,
+    /// Its first chunk; chunk `first_chunk + i` holds bytes `[i * chunk_size, …)`.
+    pub first_chunk: ChunkId,
+    /// The chunk size it was laid out with.
+    pub chunk_size: u64,
+}
+
+impl VolumeRecord {
+    /// How many chunks it spans.
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size.max(1))
+    }
+
+    /// Encodes into one record: magic u32, version u8 (1), size u64, copyset u64, first
+    /// chunk u64, chunk size u64, name length u8, name, then zeroes, and a CRC32C of the
+    /// record's other bytes in its last 4 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; RECORD_LEN];
+        let name = self.name.as_bytes();
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(&MAGIC.to_le_bytes());
+        put(&[1]);
+        put(&self.size.to_le_bytes());
+        put(&self.copyset.0.to_le_bytes());
+        put(&self.first_chunk.0.to_le_bytes());
+        put(&self.chunk_size.to_le_bytes());
+        put(&[name.len().min(MAX_NAME) as u8]);
+        put(&name[..name.len().min(MAX_NAME)]);
+        let crc = crc32c::crc32c(&out[..RECORD_LEN - 4]);
+        out[RECORD_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes a record: `Ok(None)` for a free (all-zero) one.
+    pub fn decode(record: &[u8]) -> Result<Option<VolumeRecord>, TableError> {
+        if record.len() != RECORD_LEN {
+            return Err(TableError::Corrupt("a record is not one page".into()));
+        }
+        if record.iter().all(|b| *b == 0) {
+            return Ok(None);
+        }
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&record[RECORD_LEN - 4..]);
+        if u32::from_le_bytes(crc) != crc32c::crc32c(&record[..RECORD_LEN - 4]) {
+            return Err(TableError::Corrupt(
+                "a record's checksum does not match".into(),
+            ));
+        }
+        let u64_at = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&record[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        let mut magic = [0u8; 4];
+        magic.copy_from_slice(&record[..4]);
+        if u32::from_le_bytes(magic) != MAGIC || record[4] != 1 {
+            return Err(TableError::Corrupt("a record of another format".into()));
+        }
+        let name_len = usize::from(record[FIXED - 1]);
+        let name = std::str::from_utf8(&record[FIXED..FIXED + name_len])
+            .map_err(|_| TableError::Corrupt("a name that is not UTF-8".into()))?;
+        Ok(Some(VolumeRecord {
+            name: name.to_string(),
+            size: u64_at(5),
+            copyset: CopysetId(u64_at(13)),
+            first_chunk: ChunkId(u64_at(21)),
+            chunk_size: u64_at(29),
+        }))
+    }
+}
+
+/// Why a table operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// A volume of that name exists.
+    #[error("volume {0:?} exists already")]
+    Exists(String),
+    /// No volume of that name.
+    #[error("no volume named {0:?}")]
+    NotFound(String),
+    /// Every record is taken.
+    #[error("the volume table is full ({0} volumes)")]
+    Full(usize),
+    /// A name or size the table cannot take.
+    #[error("{0}")]
+    Invalid(String),
+    /// The table chunk holds something that is not a table.
+    #[error("the volume table is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Every volume of a table chunk, with its record index.
+pub fn list(table: &[u8]) -> Result<Vec<(usize, VolumeRecord)>, TableError> {
+    let mut volumes = Vec::new();
+    for (index, record) in table.chunks_exact(RECORD_LEN).enumerate() {
+        if let Some(volume) = VolumeRecord::decode(record)? {
+            volumes.push((index, volume));
+        }
+    }
+    Ok(volumes)
+}
+
+/// The volume named `name`.
+pub fn find(table: &[u8], name: &str) -> Result<VolumeRecord, TableError> {
+    list(table)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .find(|v| v.name == name)
+        .ok_or_else(|| TableError::NotFound(name.to_string()))
+}
+
+/// Checks a volume name: 1 to [`MAX_NAME`] bytes, no `/`, no control characters.
+pub fn check_name(name: &str) -> Result<(), TableError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(TableError::Invalid(format!(
+            "a volume name has 1 to {MAX_NAME} bytes, not {}",
+            name.len()
+        )));
+    }
+    if name.chars().any(|c| c == '/' || c.is_control()) {
+        return Err(TableError::Invalid(format!(
+            "volume name {name:?} has a '/' or a control character"
+        )));
+    }
+    Ok(())
+}
+
+/// Where a new volume goes: the free record to write and the record itself, its chunks the
+/// next unused run after every existing volume's.
+pub fn plan_create(
+    table: &[u8],
+    name: &str,
+    size: u64,
+    copyset: CopysetId,
+    chunk_size: u64,
+) -> Result<(usize, VolumeRecord), TableError> {
+    check_name(name)?;
+    if size == 0 || size % 4096 != 0 {
+        return Err(TableError::Invalid(format!(
+            "a volume's size is a positive multiple of 4096 bytes, not {size}"
+        )));
+    }
+    if copyset == METADATA_COPYSET || copyset.0 == 0 {
+        return Err(TableError::Invalid(format!(
+            "copyset {copyset} cannot hold a volume"
+        )));
+    }
+    let volumes = list(table)?;
+    if volumes.iter().any(|(_, v)| v.name == name) {
+        return Err(TableError::Exists(name.to_string()));
+    }
+    let records = table.len() / RECORD_LEN;
+    let taken: std::collections::BTreeSet<usize> = volumes.iter().map(|(i, _)| *i).collect();
+    let index = (0..records)
+        .find(|i| !taken.contains(i))
+        .ok_or(TableError::Full(records))?;
+    let first_chunk = volumes
+        .iter()
+        .map(|(_, v)| v.first_chunk.0.saturating_add(v.chunks()))
+        .max()
+        .unwrap_or(FIRST_VOLUME_CHUNK)
+        .max(FIRST_VOLUME_CHUNK);
+    let record = VolumeRecord {
+        name: name.to_string(),
+        size,
+        copyset,
+        first_chunk: ChunkId(first_chunk),
+        chunk_size,
+    };
+    Ok((index, record))
+}
+
+/// The record index of the volume to delete.
+pub fn plan_delete(table: &[u8], name: &str) -> Result<(usize, VolumeRecord), TableError> {
+    list(table)?
+        .into_iter()
+        .find(|(_, v)| v.name == name)
+        .ok_or_else(|| TableError::NotFound(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(table: &mut [u8], index: usize, record: Option<&VolumeRecord>) {
+        let bytes = record.map_or_else(|| vec![0u8; RECORD_LEN], VolumeRecord::encode);
+        table[index * RECORD_LEN..(index + 1) * RECORD_LEN].copy_from_slice(&bytes);
+    }
+
+    #[test]
+    fn volumes_are_created_found_listed_and_deleted() {
+        let mut table = vec![0u8; 4 * RECORD_LEN];
+        let (index, a) = plan_create(&table, "a", 64 << 20, CopysetId(2), 1 << 20).unwrap();
+        assert_eq!((index, a.first_chunk), (0, ChunkId(FIRST_VOLUME_CHUNK)));
+        apply(&mut table, index, Some(&a));
+        let (index, b) = plan_create(&table, "b", 4096, CopysetId(3), 1 << 20).unwrap();
+        assert_eq!(index, 1);
+        assert_eq!(
+            b.first_chunk,
+            ChunkId(FIRST_VOLUME_CHUNK + 64),
+            "after a's 64 chunks"
+        );
+        apply(&mut table, index, Some(&b));
+        assert_eq!(find(&table, "b").unwrap(), b);
+        assert_eq!(
+            plan_create(&table, "a", 4096, CopysetId(2), 1 << 20),
+            Err(TableError::Exists("a".into()))
+        );
+        let (index, _) = plan_delete(&table, "a").unwrap();
+        apply(&mut table, index, None);
+        let names: Vec<String> = list(&table)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v.name)
+            .collect();
+        assert_eq!(names, vec!["b".to_string()]);
+        assert_eq!(
+            plan_delete(&table, "a"),
+            Err(TableError::NotFound("a".into()))
+        );
+        // A freed record is reused; chunk ids are never handed out twice while b exists.
+        let (index, c) = plan_create(&table, "c", 4096, CopysetId(2), 1 << 20).unwrap();
+        assert_eq!(index, 0);
+        assert_eq!(c.first_chunk, ChunkId(FIRST_VOLUME_CHUNK + 65));
+    }
+
+    #[test]
+    fn bad_names_sizes_a_full_table_and_corruption_are_refused() {
+        let mut table = vec![0u8; RECORD_LEN];
+        for (name, size) in [("", 4096), ("a/b", 4096), ("a", 100), ("a", 0)] {
+            assert!(matches!(
+                plan_create(&table, name, size, CopysetId(2), 1 << 20),
+                Err(TableError::Invalid(_))
+            ));
+        }
+        assert!(plan_create(&table, "x", 4096, METADATA_COPYSET, 1 << 20).is_err());
+        let long = "v".repeat(MAX_NAME + 1);
+        assert!(plan_create(&table, &long, 4096, CopysetId(2), 1 << 20).is_err());
+        let (index, a) = plan_create(&table, "a", 4096, CopysetId(2), 1 << 20).unwrap();
+        apply(&mut table, index, Some(&a));
+        assert_eq!(
+            plan_create(&table, "b", 4096, CopysetId(2), 1 << 20),
+            Err(TableError::Full(1))
+        );
+        table[100] ^= 1;
+        assert!(matches!(list(&table), Err(TableError::Corrupt(_))));
+    }
+}
