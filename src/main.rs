@@ -71,8 +71,9 @@ enum Command {
         /// Where the NBD server listens.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: std::net::SocketAddr,
-        /// A volume as NAME:COPYSET:SIZE (size with a suffix, such as 1GiB); repeatable, one
-        /// volume per copyset. The copyset is created on every node of the cluster if missing.
+        /// A volume of the volume table by NAME, or NAME:COPYSET:SIZE (size with a suffix, such
+        /// as 1GiB) to create it in the table first when it is not there; repeatable. Missing
+        /// copysets are created on the first three nodes.
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
     },
@@ -150,31 +151,86 @@ fn run(file: &Path) -> ExitCode {
     }
 }
 
-/// A volume named on the command line.
-fn parse_volume(text: &str, chunk_size: u64) -> Result<VolumeSpec, String> {
+/// A volume named on the command line: a name, or what to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VolumeArg {
+    /// Open it from the volume table.
+    Existing(String),
+    /// Create it in the table unless it is there with this copyset and size.
+    Wanted {
+        name: String,
+        copyset: CopysetId,
+        size: u64,
+    },
+}
+
+fn parse_volume(text: &str) -> Result<VolumeArg, String> {
     let parts: Vec<&str> = text.split(':').collect();
-    let [name, copyset, size] = parts[..] else {
-        return Err(format!("--volume `{text}`: expected NAME:COPYSET:SIZE"));
-    };
-    let copyset: u64 = copyset
-        .parse()
-        .map_err(|_| format!("--volume `{text}`: `{copyset}` is not a copyset id"))?;
-    let size = size
-        .parse::<ByteSize>()
-        .map_err(|e| format!("--volume `{text}`: {e}"))?
-        .bytes();
-    if size == 0 || size % dataplane::volume::PAGE != 0 {
-        return Err(format!(
-            "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
-        ));
+    match parts[..] {
+        [name] => Ok(VolumeArg::Existing(name.to_string())),
+        [name, copyset, size] => {
+            let copyset: u64 = copyset
+                .parse()
+                .map_err(|_| format!("--volume `{text}`: `{copyset}` is not a copyset id"))?;
+            let size = size
+                .parse::<ByteSize>()
+                .map_err(|e| format!("--volume `{text}`: {e}"))?
+                .bytes();
+            if size == 0 || size % dataplane::volume::PAGE != 0 {
+                return Err(format!(
+                    "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
+                ));
+            }
+            Ok(VolumeArg::Wanted {
+                name: name.to_string(),
+                copyset: CopysetId(copyset),
+                size,
+            })
+        }
+        _ => Err(format!(
+            "--volume `{text}`: expected NAME or NAME:COPYSET:SIZE"
+        )),
     }
-    Ok(VolumeSpec {
-        name: name.to_string(),
-        copyset: CopysetId(copyset),
-        size,
-        chunk_size,
-        first_chunk: 1,
-    })
+}
+
+/// Opens (or creates) a volume of the table.
+async fn open_volume(
+    client: &Client,
+    peers: &[u64],
+    wanted: &VolumeArg,
+) -> Result<VolumeSpec, String> {
+    use dataplane::volume::{create_volume, find_volume, VolumeError};
+    use dataplane::volume_table::TableError;
+    let record = match wanted {
+        VolumeArg::Existing(name) => find_volume(client, name)
+            .await
+            .map_err(|e| format!("--volume {name}: {e}"))?,
+        VolumeArg::Wanted {
+            name,
+            copyset,
+            size,
+        } => {
+            client
+                .create_copyset(*copyset, peers)
+                .await
+                .map_err(|e| e.to_string())?;
+            match create_volume(client, name, *size, *copyset).await {
+                Ok(record) => record,
+                Err(VolumeError::Table(TableError::Exists(_))) => {
+                    let record = find_volume(client, name).await.map_err(|e| e.to_string())?;
+                    if record.copyset != *copyset || record.size != *size {
+                        return Err(format!(
+                            "--volume {name}: it exists with {} bytes on copyset {}",
+                            record.size, record.copyset
+                        ));
+                    }
+                    record
+                }
+                Err(error) => return Err(format!("--volume {name}: {error}")),
+            }
+        }
+    };
+    Ok(VolumeSpec::from(record))
 }
 
 fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCode {
@@ -189,14 +245,10 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
         }
     };
     dataplane::logging::init(&config.log.level, config.log.format == "json");
-    let mut specs = Vec::new();
+    let mut wanted = Vec::new();
     for text in volumes {
-        match parse_volume(text, config.storage.chunk_size.bytes()) {
-            Ok(spec) if specs.iter().any(|s: &VolumeSpec| s.copyset == spec.copyset) => {
-                eprintln!("error: --volume `{text}`: one volume per copyset");
-                return ExitCode::FAILURE;
-            }
-            Ok(spec) => specs.push(spec),
+        match parse_volume(text) {
+            Ok(volume) => wanted.push(volume),
             Err(error) => {
                 eprintln!("error: {error}");
                 return ExitCode::FAILURE;
@@ -223,13 +275,14 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
         .name("nbd")
         .spawn(move || async move {
             let client = Rc::new(Client::new(&nodes, ClientConfig::default()));
-            let peers: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+            let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+            let peers = dataplane::volume::default_peers(&ids);
+            dataplane::volume::ensure_metadata_copyset(&client, &peers)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut exports = Exports::new();
-            for spec in specs {
-                client
-                    .create_copyset(spec.copyset, &peers)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            for volume in &wanted {
+                let spec = open_volume(&client, &peers, volume).await?;
                 println!(
                     "nbd: volume {} ({} bytes) on copyset {}",
                     spec.name, spec.size, spec.copyset

@@ -247,3 +247,76 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn chunkctl_creates_lists_shows_and_deletes_volumes() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let configs: Vec<_> = (1..=3)
+        .map(|id| write_config(dir.path(), id, &ports))
+        .collect();
+    let _cluster = Cluster {
+        children: configs.iter().map(|c| Some(start(c))).collect(),
+    };
+    let config = &configs[0];
+    let create = |name: &str, size: &str| {
+        chunkctl(
+            config,
+            &[
+                "volume",
+                "create",
+                "--name",
+                name,
+                "--size",
+                size,
+                "--copyset",
+                "2",
+            ],
+        )
+    };
+    let created = create("vol0", "64MiB");
+    assert!(created.status.success(), "{}", text(&created));
+    assert_eq!(
+        text(&created).trim(),
+        "volume vol0: 67108864 bytes on copyset 2, chunks 1099511627776..1099511627840 \
+         (64 of 1048576 bytes)"
+    );
+    let again = create("vol0", "8MiB");
+    assert!(!again.status.success(), "{}", text(&again));
+    assert_eq!(text(&again).trim(), "error: volume \"vol0\" exists already");
+    let second = create("vol1", "8MiB");
+    assert!(second.status.success(), "{}", text(&second));
+
+    let listed = chunkctl(config, &["volume", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed));
+    let lines: Vec<String> = text(&listed).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[1].starts_with("vol0") && lines[1].ends_with(" 64"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("vol1") && lines[2].ends_with(" 8"),
+        "{lines:?}"
+    );
+
+    let info = chunkctl(config, &["--json", "volume", "info", "--name", "vol1"]);
+    assert!(info.status.success(), "{}", text(&info));
+    let parsed: serde_json::Value = serde_json::from_slice(&info.stdout).expect("JSON");
+    assert_eq!(parsed["size"], 8 << 20);
+    assert_eq!(
+        parsed["first_chunk"],
+        (1u64 << 40) + 64,
+        "after vol0's chunks"
+    );
+
+    let deleted = chunkctl(config, &["volume", "delete", "--name", "vol0"]);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    assert_eq!(text(&deleted).trim(), "volume vol0 deleted");
+    let missing = chunkctl(config, &["volume", "info", "--name", "vol0"]);
+    assert!(!missing.status.success());
+    assert_eq!(text(&missing).trim(), "error: no volume named \"vol0\"");
+    let listed = chunkctl(config, &["--json", "volume", "list"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(parsed["volumes"].as_array().map(Vec::len), Some(1));
+}

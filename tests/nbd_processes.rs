@@ -1,5 +1,7 @@
-//! The operator's path, all real processes: three `chunkserver run`, one `chunkserver nbd`
-//! serving a volume, and qemu-io writing and reading it back through NBD.
+//! The operator's path, all real processes: three `chunkserver run`, `chunkctl volume create`
+//! putting a volume in the volume table, `chunkserver nbd` serving it by name, and qemu-io
+//! writing and reading it back through NBD — then a second `chunkserver nbd`, opening the
+//! volume by name again, reads the same bytes.
 
 mod common;
 
@@ -22,40 +24,85 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
     let mut cluster = Cluster {
         children: configs.iter().map(|c| Some(start(c))).collect(),
     };
-    let nbd_addr = format!("127.0.0.1:{}", ports[6]);
-    let nbd = Command::new(env!("CARGO_BIN_EXE_chunkserver"))
-        .args(["nbd", "--config"])
-        .arg(&configs[0])
-        .args(["--listen", &nbd_addr, "--volume", "vol0:3:8MiB"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start chunkserver nbd");
-    cluster.children.push(Some(nbd));
-
-    let uri = format!("nbd://{nbd_addr}/vol0");
     let started = Instant::now();
-    let output = loop {
-        let output = Command::new("qemu-io")
+    let created = loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_chunkctl"))
+            .arg("--config")
+            .arg(&configs[0])
             .args([
-                "-f",
-                "raw",
-                &uri,
-                "-c",
-                "write -P 0xab 0 1M",
-                "-c",
-                "read -P 0xab 0 1M",
+                "volume",
+                "create",
+                "--name",
+                "vol0",
+                "--size",
+                "8MiB",
+                "--copyset",
+                "3",
             ])
             .output()
-            .expect("run qemu-io");
+            .expect("run chunkctl");
+        // The nodes may still be starting: chunkctl gives up after its deadline; try again.
         if output.status.success() || started.elapsed() > Duration::from_secs(30) {
             break output;
         }
-        // The export comes up once its copyset exists; until then the connection is refused.
-        std::thread::sleep(Duration::from_millis(200));
     };
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{text}");
+    let text = String::from_utf8_lossy(&created.stdout).into_owned()
+        + &String::from_utf8_lossy(&created.stderr);
+    assert!(created.status.success(), "{text}");
+    assert!(
+        text.starts_with("volume vol0: 8388608 bytes on copyset 3"),
+        "{text}"
+    );
+
+    let nbd_addr = format!("127.0.0.1:{}", ports[6]);
+    let serve = || {
+        Command::new(env!("CARGO_BIN_EXE_chunkserver"))
+            .args(["nbd", "--config"])
+            .arg(&configs[0])
+            .args(["--listen", &nbd_addr, "--volume", "vol0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start chunkserver nbd")
+    };
+    let qemu_io = |commands: &[&str]| {
+        let uri = format!("nbd://{nbd_addr}/vol0");
+        let started = Instant::now();
+        loop {
+            let mut args = vec!["-f", "raw", &uri];
+            for command in commands {
+                args.extend(["-c", command]);
+            }
+            let output = Command::new("qemu-io")
+                .args(&args)
+                .output()
+                .expect("run qemu-io");
+            if output.status.success() || started.elapsed() > Duration::from_secs(30) {
+                break String::from_utf8_lossy(&output.stdout).into_owned()
+                    + &String::from_utf8_lossy(&output.stderr)
+                    + if output.status.success() {
+                        ""
+                    } else {
+                        "\nqemu-io failed"
+                    };
+            }
+            // The export comes up once the volume is open; until then the connection is
+            // refused.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    cluster.children.push(Some(serve()));
+    let text = qemu_io(&["write -P 0xab 0 1M", "read -P 0xab 0 1M"]);
+    assert!(!text.contains("qemu-io failed"), "{text}");
     assert!(text.contains("read 1048576/1048576"), "{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+
+    // Another export process opens the volume by name from the table: the same bytes.
+    if let Some(mut nbd) = cluster.children.pop().flatten() {
+        nbd.kill().expect("stop the first export");
+        nbd.wait().expect("reap");
+    }
+    cluster.children.push(Some(serve()));
+    let text = qemu_io(&["read -P 0xab 0 1M"]);
+    assert!(!text.contains("qemu-io failed"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
 }

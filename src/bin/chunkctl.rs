@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dataplane::client::{Client, ClientConfig, NodeAddress};
-use dataplane::config::Config;
+use dataplane::config::{ByteSize, Config};
 use dataplane::ids::CopysetId;
 use dataplane::server::wire::Membership;
+use dataplane::volume;
+use dataplane::volume_table::VolumeRecord;
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
 
@@ -41,6 +43,68 @@ enum Command {
     /// Copyset commands.
     #[command(subcommand)]
     Copyset(CopysetCommand),
+    /// Volume commands (the volume table lives in the metadata copyset).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Creates a volume in the volume table (and the metadata and data copysets on the first
+    /// three nodes when they are missing).
+    Create {
+        /// The volume's name (its NBD export name).
+        #[arg(long)]
+        name: String,
+        /// Its size, with a suffix (`64MiB`, `1GiB`); a multiple of 4 KiB.
+        #[arg(long)]
+        size: String,
+        /// The copyset that holds its chunks.
+        #[arg(long)]
+        copyset: u64,
+    },
+    /// Lists the volumes.
+    List,
+    /// Shows one volume.
+    Info {
+        /// The volume's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Deletes a volume and its chunks.
+    Delete {
+        /// The volume's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn volume_json(volume: &VolumeRecord) -> serde_json::Value {
+    json!({
+        "name": volume.name,
+        "size": volume.size,
+        "copyset": volume.copyset.0,
+        "first_chunk": volume.first_chunk.0,
+        "chunks": volume.chunks(),
+        "chunk_size": volume.chunk_size,
+    })
+}
+
+fn print_volume(volume: &VolumeRecord, json_output: bool) {
+    if json_output {
+        println!("{}", volume_json(volume));
+    } else {
+        println!(
+            "volume {}: {} bytes on copyset {}, chunks {}..{} ({} of {} bytes)",
+            volume.name,
+            volume.size,
+            volume.copyset,
+            volume.first_chunk,
+            volume.first_chunk.0 + volume.chunks(),
+            volume.chunks(),
+            volume.chunk_size
+        );
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -416,6 +480,72 @@ fn main() -> ExitCode {
                         println!("{}", json!({"copyset": id, "voters": peers}));
                     } else {
                         println!("copyset {id}: voters reset to {peers:?} (without consensus)");
+                    }
+                    Ok(())
+                }
+                Command::Volume(VolumeCommand::Create {
+                    name,
+                    size,
+                    copyset,
+                }) => {
+                    let size = match size.parse::<ByteSize>() {
+                        Ok(size) => size.bytes(),
+                        Err(error) => return Err(format!("--size {size}: {error}")),
+                    };
+                    let peers = volume::default_peers(&ids);
+                    volume::ensure_metadata_copyset(&client, &peers)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .create_copyset(CopysetId(copyset), &peers)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let created = volume::create_volume(&client, &name, size, CopysetId(copyset))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    print_volume(&created, cli.json);
+                    Ok(())
+                }
+                Command::Volume(VolumeCommand::List) => {
+                    let volumes = volume::list_volumes(&client)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if cli.json {
+                        let list: Vec<serde_json::Value> =
+                            volumes.iter().map(volume_json).collect();
+                        println!("{}", json!({ "volumes": list }));
+                    } else {
+                        println!(
+                            "{:<24} {:>14} {:>8} {:>8}",
+                            "volume", "bytes", "copyset", "chunks"
+                        );
+                        for v in &volumes {
+                            println!(
+                                "{:<24} {:>14} {:>8} {:>8}",
+                                v.name,
+                                v.size,
+                                v.copyset.0,
+                                v.chunks()
+                            );
+                        }
+                    }
+                    Ok(())
+                }
+                Command::Volume(VolumeCommand::Info { name }) => {
+                    let found = volume::find_volume(&client, &name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    print_volume(&found, cli.json);
+                    Ok(())
+                }
+                Command::Volume(VolumeCommand::Delete { name }) => {
+                    let deleted = volume::delete_volume(&client, &name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if cli.json {
+                        println!("{}", json!({ "deleted": deleted.name }));
+                    } else {
+                        println!("volume {} deleted", deleted.name);
                     }
                     Ok(())
                 }
