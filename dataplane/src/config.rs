@@ -42,6 +42,8 @@ pub mod defaults {
     pub const LOG_LEVEL: &str = "info";
     /// Log format.
     pub const LOG_FORMAT: &str = "text";
+    /// Trace one request in this many with a span through the request path (0: none).
+    pub const LOG_TRACE_EVERY: u64 = 0;
 }
 
 /// One process's configuration.
@@ -227,6 +229,9 @@ pub struct LogSection {
     pub level: String,
     /// `text` or `json`.
     pub format: String,
+    /// Follow one service request in this many through the request path with a `request`
+    /// span and its events (receive, propose, apply, reply), at `info`; 0 traces none.
+    pub trace_every: u64,
 }
 
 impl Default for LogSection {
@@ -234,6 +239,7 @@ impl Default for LogSection {
         LogSection {
             level: defaults::LOG_LEVEL.into(),
             format: defaults::LOG_FORMAT.into(),
+            trace_every: defaults::LOG_TRACE_EVERY,
         }
     }
 }

@@ -70,6 +70,7 @@ fn scrapes_show_counters_moving_and_parse_as_prometheus_text() {
     let mut write_latencies = 0.0;
     let mut write_requests = 0.0;
     let mut copysets_reported = 0;
+    let mut applied_leaders = 0;
     for &port in metrics_ports {
         let body = get(port, "/metrics");
         let samples = text::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
@@ -101,7 +102,52 @@ fn scrapes_show_counters_moving_and_parse_as_prometheus_text() {
         assert_eq!(shards.len(), 2, "both shards report: {body}");
         let status: serde_json::Value = serde_json::from_str(&get(port, "/status")).expect("JSON");
         copysets_reported += status["copysets"].as_array().map_or(0, |c| c.len());
+        // The shard, copyset and connection figures are there and moved.
+        let total = |name: &str| -> f64 {
+            samples
+                .iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.value)
+                .sum()
+        };
+        for name in [
+            "chunkserver_wal_flush_seconds_count",
+            "chunkserver_reactor_busy_ms",
+            "chunkserver_reactor_tasks",
+            "chunkserver_frames_total",
+            "chunkserver_frame_bytes_total",
+            "chunkserver_connections_accepted_total",
+        ] {
+            assert!(total(name) > 0.0, "{name} did not move: {body}");
+        }
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.name == "chunkserver_requests_in_flight"),
+            "{body}"
+        );
+        for copyset in ["1", "2"] {
+            let applied = samples
+                .iter()
+                .find(|s| {
+                    s.name == "chunkserver_copyset_applied_index"
+                        && s.labels.contains(&("copyset".into(), copyset.into()))
+                })
+                .map(|s| s.value);
+            assert!(
+                applied.is_some_and(|a| a >= (WRITES / 2) as f64),
+                "copyset {copyset}'s applied index: {applied:?}"
+            );
+        }
+        applied_leaders += samples
+            .iter()
+            .filter(|s| s.name == "chunkserver_copyset_role" && s.value == 3.0)
+            .count();
     }
+    assert_eq!(
+        applied_leaders, 2,
+        "one leader per copyset in the role gauges"
+    );
     assert_eq!(
         writes_ok, WRITES as f64,
         "every acknowledged write counted once, on its leader"

@@ -175,6 +175,8 @@ pub struct PeerConnection {
     dial: Box<dyn Fn() -> DialFuture>,
     backoff: Backoff,
     current: std::cell::RefCell<Option<Connection>>,
+    /// Connections made, and dials that failed.
+    dials: std::cell::Cell<(u64, u64)>,
 }
 
 impl PeerConnection {
@@ -189,7 +191,14 @@ impl PeerConnection {
             }),
             backoff,
             current: std::cell::RefCell::new(None),
+            dials: std::cell::Cell::new((0, 0)),
         }
+    }
+
+    /// Connections made so far (every one after the first is a reconnect), and dials that
+    /// failed.
+    pub fn dials(&self) -> (u64, u64) {
+        self.dials.get()
     }
 
     /// The live connection, dialling (with backoff) if there is none.
@@ -205,9 +214,13 @@ impl PeerConnection {
             match (self.dial)().await {
                 Ok(connection) => {
                     *self.current.borrow_mut() = Some(connection.clone());
+                    let (made, failed) = self.dials.get();
+                    self.dials.set((made + 1, failed));
                     return Ok(connection);
                 }
                 Err(error) => {
+                    let (made, failed) = self.dials.get();
+                    self.dials.set((made, failed + 1));
                     debug!(endpoint = %self.endpoint, attempt, %error, "connect failed");
                     last_error = Some(error);
                 }

@@ -282,6 +282,7 @@ pub fn run_node(
     let client_endpoints = config.listen.client.clone();
     let stop_all = shutdown.clone();
     let metrics_address = config.metrics.address;
+    let trace_every = config.log.trace_every;
     // Memory is bound to the configured NUMA node only where the host has more than one.
     let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
         .then_some(config.node.numa_node);
@@ -338,6 +339,7 @@ pub fn run_node(
                     let server =
                         ShardServer::new(node, shard, Rc::new(engine), &recovery, cluster, timings)
                             .map_err(|e| e.to_string())?;
+                    server.set_trace_every(trace_every);
                     let net = NetContext::default();
                     let peer = Listener::bind_shard(&peer_endpoint, shard, &net)
                         .await

@@ -137,6 +137,12 @@ pub struct ShardServer<B: Bdev + 'static> {
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
     metrics: crate::metrics::Registry,
+    /// One service request in this many is traced with a `request` span (0: none).
+    trace_every: Cell<u64>,
+    /// Service requests received, for the trace sampling.
+    received: Cell<u64>,
+    /// Spans of the traced requests waiting on their copyset, by token.
+    traced: RefCell<HashMap<Token, tracing::Span>>,
     /// The channel mesh to the process's other shards (for forwarded requests), once set.
     mesh: RefCell<Option<Rc<crate::shard::Mesh<super::node::ShardMessage>>>>,
 }
@@ -174,7 +180,18 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ("shard", &shard.to_string()),
             ]),
             mesh: RefCell::new(None),
+            trace_every: Cell::new(0),
+            received: Cell::new(0),
+            traced: RefCell::new(HashMap::new()),
         });
+        server
+            .engine
+            .wal()
+            .set_flush_latency(server.metrics.latency(
+                "chunkserver_wal_flush_seconds",
+                "Time to write and flush one WAL batch.",
+                &[],
+            ));
         for recovered in &recovery.copysets {
             // Raft restarts at the checkpointed applied index (the snapshot's), and hands the
             // entries above it out again, membership changes included. The membership must
@@ -240,10 +257,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
         tasks.push(glommio::spawn_local(async move { server.flush_loop().await }).detach());
         let server = Rc::clone(&self);
         tasks.push(glommio::spawn_local(async move { server.checkpoint_loop().await }).detach());
-        for listener in std::iter::once(peer_listener).chain(client_listeners) {
+        let listeners = std::iter::once(("peer", peer_listener))
+            .chain(client_listeners.into_iter().map(|l| ("client", l)));
+        for (class, listener) in listeners {
             let server = Rc::clone(&self);
             tasks.push(
-                glommio::spawn_local(async move { server.accept_loop(listener).await }).detach(),
+                glommio::spawn_local(async move { server.accept_loop(listener, class).await })
+                    .detach(),
             );
         }
         shutdown.raised().await;
@@ -306,9 +326,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 // One frame per destination per flush; raft retries whatever is lost.
                 let copyset = messages.first().map(|(c, _)| *c).unwrap_or(0);
                 let frame = RaftBatch { messages }.encode();
+                self.count_frame("peer", "out", frame.len());
+                let server = Rc::clone(&self);
                 glommio::spawn_local(async move {
                     if let Err(error) = peer.send(Message::new(wire::RAFT, copyset, frame)).await {
                         debug!(%error, "raft batch not sent");
+                        server
+                            .metrics
+                            .counter(
+                                "chunkserver_peer_send_errors_total",
+                                "Raft frames to other nodes that could not be sent.",
+                                &[],
+                            )
+                            .inc();
                     }
                 })
                 .detach();
@@ -338,13 +368,28 @@ impl<B: Bdev + 'static> ShardServer<B> {
         Some(peer)
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: Listener) {
+    /// Traces one service request in `every` with a `request` span (0: none).
+    pub fn set_trace_every(&self, every: u64) {
+        self.trace_every.set(every);
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: Listener, class: &'static str) {
         loop {
             match listener.accept().await {
                 Ok(connection) => {
                     let server = Rc::clone(&self);
-                    glommio::spawn_local(async move { server.serve_connection(connection).await })
-                        .detach();
+                    server
+                        .metrics
+                        .counter(
+                            "chunkserver_connections_accepted_total",
+                            "Connections accepted, by class (peer or client listener).",
+                            &[("class", class)],
+                        )
+                        .inc();
+                    glommio::spawn_local(async move {
+                        server.serve_connection(connection, class).await
+                    })
+                    .detach();
                 }
                 Err(error) => {
                     warn!(node = self.node, shard = self.shard, %error, "accept failed");
@@ -354,7 +399,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
     }
 
-    async fn serve_connection(self: Rc<Self>, connection: Connection) {
+    async fn serve_connection(self: Rc<Self>, connection: Connection, class: &'static str) {
         // Remembered so that shutdown closes it (the peer then sees the node go, as it would
         // if the process exited); closed ones are dropped from the list as new ones arrive.
         {
@@ -364,24 +409,63 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         while let Some(incoming) = connection.next_incoming().await {
             let server = Rc::clone(&self);
-            glommio::spawn_local(async move { server.serve_request(incoming).await }).detach();
+            glommio::spawn_local(async move { server.serve_request(incoming, class).await })
+                .detach();
         }
         if let Some(reason) = connection.closed_reason() {
             debug!(connection = connection.label(), %reason, "connection closed");
+            self.metrics
+                .counter(
+                    "chunkserver_connection_closes_total",
+                    "Accepted connections that closed, by class.",
+                    &[("class", class)],
+                )
+                .inc();
         }
     }
 
-    async fn serve_request(self: Rc<Self>, incoming: Incoming) {
+    async fn serve_request(self: Rc<Self>, incoming: Incoming, class: &'static str) {
+        use tracing::Instrument;
         let opcode = incoming.message.opcode;
         let copyset = CopysetId(incoming.message.copyset);
         let payload = incoming.message.payload.clone();
+        self.count_frame(class, "in", payload.len());
         if opcode == wire::RAFT {
             self.receive_raft(&payload);
             return;
         }
         let began = std::time::Instant::now();
         let request_bytes = payload.len() as u64;
-        let (status, body) = self.handle(opcode, copyset, payload).await;
+        let in_flight = self.metrics.gauge(
+            "chunkserver_requests_in_flight",
+            "Service requests received and not answered yet (the shard's queue depth).",
+            &[],
+        );
+        in_flight.add(1);
+        let seen = self.received.get() + 1;
+        self.received.set(seen);
+        let every = self.trace_every.get();
+        let (status, body) = if every > 0 && seen % every == 0 {
+            let span = tracing::info_span!(
+                "request",
+                node = self.node,
+                shard = self.shard,
+                copyset = copyset.0,
+                op = wire::opcode_name(opcode),
+                trace = seen
+            );
+            info!(parent: &span, bytes = request_bytes, "received");
+            let answer = self
+                .handle(opcode, copyset, payload)
+                .instrument(span.clone())
+                .await;
+            info!(parent: &span, status = answer.0.name(),
+                micros = began.elapsed().as_micros() as u64, "replied");
+            answer
+        } else {
+            self.handle(opcode, copyset, payload).await
+        };
+        in_flight.add(-1);
         self.count_request(
             opcode,
             &status,
@@ -390,10 +474,32 @@ impl<B: Bdev + 'static> ShardServer<B> {
         );
         if incoming.expects_response() {
             let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &body));
-            if let Err(error) = incoming.respond(response).await {
-                debug!(%error, "response not sent");
+            let len = response.payload.len();
+            match incoming.respond(response).await {
+                Ok(()) => self.count_frame(class, "out", len),
+                Err(error) => debug!(%error, "response not sent"),
             }
         }
+    }
+
+    /// Counts one frame of `bytes` payload bytes on a connection of `class`, `direction` in
+    /// or out.
+    fn count_frame(&self, class: &'static str, direction: &'static str, bytes: usize) {
+        let labels = [("class", class), ("direction", direction)];
+        self.metrics
+            .counter(
+                "chunkserver_frames_total",
+                "Frames received and sent, by connection class and direction.",
+                &labels,
+            )
+            .inc();
+        self.metrics
+            .counter(
+                "chunkserver_frame_bytes_total",
+                "Payload bytes of those frames.",
+                &labels,
+            )
+            .add(bytes as u64);
     }
 
     fn count_request(
@@ -456,6 +562,105 @@ impl<B: Bdev + 'static> ShardServer<B> {
         self.metrics
             .gauge("chunkserver_wal_records", "WAL records appended.", &[])
             .set(wal.records as i64);
+        let reactor = glommio::executor().executor_stats();
+        self.metrics
+            .gauge(
+                "chunkserver_reactor_busy_ms",
+                "Milliseconds the shard's executor spent running tasks (monotonic).",
+                &[],
+            )
+            .set(reactor.executor_runtime().as_millis() as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_reactor_tasks",
+                "Tasks the shard's executor ran (monotonic).",
+                &[],
+            )
+            .set(reactor.tasks_executed() as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_dma_pool_bytes_in_use",
+                "Bytes of the shard's DMA buffer pool handed out.",
+                &[],
+            )
+            .set(self.engine.bdev().pool().in_use() as i64);
+        let (made, failed) = self
+            .peers
+            .borrow()
+            .values()
+            .map(|p| p.dials())
+            .fold((0, 0), |(m, f), (dm, df)| (m + dm, f + df));
+        self.metrics
+            .gauge(
+                "chunkserver_peer_connects",
+                "Connections this shard made to other nodes' shards (monotonic; beyond one per \
+                 destination, reconnects).",
+                &[],
+            )
+            .set(made as i64);
+        self.metrics
+            .gauge(
+                "chunkserver_peer_connect_failures",
+                "Dials to other nodes' shards that failed (monotonic).",
+                &[],
+            )
+            .set(failed as i64);
+        for (id, core) in copysets.iter() {
+            let core = core.borrow();
+            let raft = core.node().raft();
+            let label = id.0.to_string();
+            let labels = [("copyset", label.as_str())];
+            let role = match core.role() {
+                StateRole::Follower => 0,
+                StateRole::PreCandidate => 1,
+                StateRole::Candidate => 2,
+                StateRole::Leader => 3,
+            };
+            let lag = if core.role() == StateRole::Leader {
+                let last = raft.log.last_index();
+                core.conf_state()
+                    .voters
+                    .iter()
+                    .chain(&core.conf_state().learners)
+                    .filter_map(|n| raft.progress(*n))
+                    .map(|p| last.0.saturating_sub(p.matched.0))
+                    .max()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            for (name, help, value) in [
+                (
+                    "chunkserver_copyset_role",
+                    "0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
+                    role,
+                ),
+                (
+                    "chunkserver_copyset_term",
+                    "The replica's raft term.",
+                    raft.term.0,
+                ),
+                (
+                    "chunkserver_copyset_commit_index",
+                    "The replica's commit index.",
+                    raft.log.committed.0,
+                ),
+                (
+                    "chunkserver_copyset_applied_index",
+                    "Entries applied to the chunks.",
+                    core.applied().0,
+                ),
+                (
+                    "chunkserver_copyset_follower_lag",
+                    "On a leader: entries the furthest follower is behind its log.",
+                    lag,
+                ),
+            ] {
+                self.metrics
+                    .gauge(name, help, &labels)
+                    .set(value.min(i64::MAX as u64) as i64);
+            }
+        }
         self.metrics
             .gauge(
                 "chunkserver_wal_bytes",
@@ -794,6 +999,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
     fn wait_token(&self) -> (Token, impl std::future::Future<Output = (Status, Bytes)>) {
         let token = self.next_token.get();
         self.next_token.set(token + 1);
+        // A traced request (its span is entered): its events along the copyset's path
+        // belong to it.
+        let span = tracing::Span::current();
+        if self.trace_every.get() > 0 && !span.is_none() {
+            info!(parent: &span, token, "proposed");
+            self.traced.borrow_mut().insert(token, span);
+        }
         let (sender, receiver) = oneshot();
         self.waiters.borrow_mut().insert(token, sender);
         (token, async move {
@@ -805,6 +1017,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
     }
 
     fn answer(&self, token: Token, status: Status, body: Bytes) {
+        self.traced.borrow_mut().remove(&token);
         if let Some(sender) = self.waiters.borrow_mut().remove(&token) {
             sender.send((status, body));
         }
@@ -1115,6 +1328,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             engine.set_applied(copyset, applied);
                         }
                         if let Some(token) = token {
+                            if let Some(span) = server.traced.borrow().get(&token) {
+                                info!(parent: span, %index, "applied");
+                            }
                             server.answer(token, status, Bytes::new());
                         }
                         server.drive(copyset, &core);

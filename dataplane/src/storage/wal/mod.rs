@@ -95,6 +95,8 @@ struct WalState {
     logs: BTreeMap<CopysetId, CopysetLog>,
     spare: Vec<u8>,
     stats: WalStats,
+    /// Where batch write-and-flush latencies go, once the shard set it.
+    flush_latency: Option<std::rc::Rc<crate::metrics::Latency>>,
 }
 
 impl WalState {
@@ -320,6 +322,7 @@ impl<B: Bdev> ShardWal<B> {
             logs,
             spare: Vec::new(),
             stats: WalStats::default(),
+            flush_latency: None,
         };
         Ok((
             ShardWal {
@@ -475,6 +478,11 @@ impl<B: Bdev> ShardWal<B> {
         }
     }
 
+    /// Where the latency of each batch's write and flush is recorded (the shard's metrics).
+    pub fn set_flush_latency(&self, sink: std::rc::Rc<crate::metrics::Latency>) {
+        self.state.borrow_mut().flush_latency = Some(sink);
+    }
+
     async fn write_one_batch(&self) -> Result<(), StorageError> {
         let (start, span, buffer) = {
             let mut state = self.state.borrow_mut();
@@ -493,11 +501,15 @@ impl<B: Bdev> ShardWal<B> {
         };
         let config = self.state.borrow().config;
         let len = buffer.len() as u64;
+        let began = std::time::Instant::now();
         self.bdev
             .write(config.ring_offset + start % config.ring_size, buffer)
             .await?;
         self.bdev.flush().await?;
         let mut state = self.state.borrow_mut();
+        if let Some(sink) = &state.flush_latency {
+            sink.record(began.elapsed());
+        }
         if state.sealed.front().map(|b| b.start) == Some(start) {
             if let Some(done) = state.sealed.pop_front() {
                 if state.spare.capacity() < done.bytes.capacity() {
