@@ -76,6 +76,9 @@ pub enum TargetKind {
     Engine,
     /// A running cluster through the client library.
     Cluster,
+    /// The same cluster with metrics collection off (`metrics.collect = false`): compared
+    /// with `cluster`, what collecting metrics costs.
+    ClusterNoMetrics,
     /// An NBD URI.
     Nbd,
 }
@@ -87,6 +90,7 @@ impl TargetKind {
             "raw" => TargetKind::Raw,
             "engine" => TargetKind::Engine,
             "cluster" => TargetKind::Cluster,
+            "cluster-nometrics" => TargetKind::ClusterNoMetrics,
             "nbd" => TargetKind::Nbd,
             _ => return None,
         })
@@ -99,6 +103,7 @@ impl fmt::Display for TargetKind {
             TargetKind::Raw => "raw",
             TargetKind::Engine => "engine",
             TargetKind::Cluster => "cluster",
+            TargetKind::ClusterNoMetrics => "cluster-nometrics",
             TargetKind::Nbd => "nbd",
         })
     }

@@ -83,7 +83,8 @@ pub struct Progress {
 pub fn run_job(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
     match job.target {
         TargetKind::Raw => run_raw(job, progress),
-        TargetKind::Cluster => run_cluster(job, progress),
+        TargetKind::Cluster => run_cluster(job, progress, true),
+        TargetKind::ClusterNoMetrics => run_cluster(job, progress, false),
         TargetKind::Engine => run_engine(job, progress),
         TargetKind::Nbd => run_nbd(job, progress),
     }
@@ -110,7 +111,11 @@ fn run_raw(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
 
 /// Starts three chunkservers whose device files sit beside `filename` (in `FILENAME.cluster/`),
 /// writes the job's region once through the cluster, runs the job on it, and stops them.
-fn run_cluster(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError> {
+fn run_cluster(
+    job: &Job,
+    progress: &Arc<Progress>,
+    collect_metrics: bool,
+) -> Result<JobStats, RunError> {
     let base = filename(job, "a path; the nodes keep their files in PATH.cluster/")?;
     let data_dir = PathBuf::from(format!("{}.cluster", base.display()));
     let created = !data_dir.exists();
@@ -123,6 +128,7 @@ fn run_cluster(job: &Job, progress: &Arc<Progress>) -> Result<JobStats, RunError
         device_size: device.to_string(),
         chunk_size: CHUNK_SIZE.to_string(),
         wal_size: wal.to_string(),
+        collect_metrics,
     };
     let setup_error = |message: String| RunError::Setup {
         job: job.name.clone(),

@@ -213,12 +213,24 @@ impl Default for RaftSection {
 }
 
 /// `[metrics]`
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     /// HTTP address of the Prometheus endpoint; none means no endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<SocketAddr>,
+    /// Whether shards collect metrics at all (off: the instruments record nothing, to
+    /// measure what collecting costs).
+    pub collect: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            address: None,
+            collect: true,
+        }
+    }
 }
 
 /// `[log]`

@@ -34,6 +34,8 @@ pub struct GeneratedCluster {
     pub chunk_size: String,
     /// WAL size per shard.
     pub wal_size: String,
+    /// Whether the nodes collect metrics (`metrics.collect`).
+    pub collect_metrics: bool,
 }
 
 impl LocalCluster {
@@ -192,12 +194,14 @@ fn generated_config(id: u32, ports: &[u16], options: &GeneratedCluster) -> Strin
          peer = \"tcp://127.0.0.1:{peer}\"\nclient = [\"tcp://127.0.0.1:{client}\"]\n\n\
          [cluster]\nnodes = [{nodes}]\n\n[[devices]]\n{device}\n\n[storage]\n\
          chunk_size = \"{chunk}\"\nwal_size_per_shard = \"{wal}\"\n\n[raft]\ntick_ms = 10\n\
-         election_timeout_ms = 300\nheartbeat_interval_ms = 50\nlease_ms = 250\n",
+         election_timeout_ms = 300\nheartbeat_interval_ms = 50\nlease_ms = 250\n\n\
+         [metrics]\ncollect = {collect}\n",
         dir = options.data_dir.display(),
         peer = ports[2 * me],
         client = ports[2 * me + 1],
         nodes = nodes.join(", "),
         chunk = options.chunk_size,
         wal = options.wal_size,
+        collect = options.collect_metrics,
     )
 }

@@ -283,6 +283,7 @@ pub fn run_node(
     let stop_all = shutdown.clone();
     let metrics_address = config.metrics.address;
     let trace_every = config.log.trace_every;
+    let collect_metrics = config.metrics.collect;
     // Memory is bound to the configured NUMA node only where the host has more than one.
     let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
         .then_some(config.node.numa_node);
@@ -336,9 +337,16 @@ pub fn run_node(
                         wal_records = recovery.wal_records,
                         "shard engine open"
                     );
-                    let server =
-                        ShardServer::new(node, shard, Rc::new(engine), &recovery, cluster, timings)
-                            .map_err(|e| e.to_string())?;
+                    let server = ShardServer::new(
+                        node,
+                        shard,
+                        Rc::new(engine),
+                        &recovery,
+                        cluster,
+                        timings,
+                        collect_metrics,
+                    )
+                    .map_err(|e| e.to_string())?;
                     server.set_trace_every(trace_every);
                     let net = NetContext::default();
                     let peer = Listener::bind_shard(&peer_endpoint, shard, &net)

@@ -75,6 +75,26 @@ pub struct Forwarded {
     pub reply: glommio::channels::shared_channel::SharedSender<(Status, Bytes)>,
 }
 
+/// The request path's instruments, looked up in the registry once each and kept: a lookup
+/// builds and sorts label strings, which per request costs more than the counting.
+#[derive(Default)]
+struct HotMetrics {
+    /// `requests_total` by (op, result).
+    requests: RefCell<HashMap<(&'static str, &'static str), Rc<crate::metrics::Counter>>>,
+    /// `request_bytes_total` and `request_seconds` by op.
+    by_op:
+        RefCell<HashMap<&'static str, (Rc<crate::metrics::Counter>, Rc<crate::metrics::Latency>)>>,
+    /// `frames_total` and `frame_bytes_total` by (class, direction).
+    frames: RefCell<
+        HashMap<
+            (&'static str, &'static str),
+            (Rc<crate::metrics::Counter>, Rc<crate::metrics::Counter>),
+        >,
+    >,
+    /// `requests_in_flight`.
+    in_flight: std::cell::OnceCell<Rc<crate::metrics::Gauge>>,
+}
+
 /// A linearizable read waiting for its read index.
 #[derive(Debug, Clone, Copy)]
 enum ReadRequest {
@@ -137,6 +157,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
     metrics: crate::metrics::Registry,
+    /// The request path's instruments from `metrics`, kept.
+    hot: HotMetrics,
     /// One service request in this many is traced with a `request` span (0: none).
     trace_every: Cell<u64>,
     /// Service requests received, for the trace sampling.
@@ -156,6 +178,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         recovery: &Recovery,
         cluster: ClusterView,
         timings: RaftTimings,
+        collect_metrics: bool,
     ) -> Result<Rc<ShardServer<B>>, StorageError> {
         let server = Rc::new(ShardServer {
             node,
@@ -175,11 +198,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
             backlog: RefCell::new(HashMap::new()),
             installing: RefCell::new(std::collections::HashSet::new()),
             seed: node << 32 | u64::from(shard),
-            metrics: crate::metrics::Registry::new(&[
-                ("node", &node.to_string()),
-                ("shard", &shard.to_string()),
-            ]),
+            metrics: if collect_metrics {
+                crate::metrics::Registry::new(&[
+                    ("node", &node.to_string()),
+                    ("shard", &shard.to_string()),
+                ])
+            } else {
+                crate::metrics::Registry::disabled()
+            },
             mesh: RefCell::new(None),
+            hot: HotMetrics::default(),
             trace_every: Cell::new(0),
             received: Cell::new(0),
             traced: RefCell::new(HashMap::new()),
@@ -436,11 +464,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         let began = std::time::Instant::now();
         let request_bytes = payload.len() as u64;
-        let in_flight = self.metrics.gauge(
-            "chunkserver_requests_in_flight",
-            "Service requests received and not answered yet (the shard's queue depth).",
-            &[],
-        );
+        let in_flight = Rc::clone(self.hot.in_flight.get_or_init(|| {
+            self.metrics.gauge(
+                "chunkserver_requests_in_flight",
+                "Service requests received and not answered yet (the shard's queue depth).",
+                &[],
+            )
+        }));
         in_flight.add(1);
         let seen = self.received.get() + 1;
         self.received.set(seen);
@@ -485,21 +515,24 @@ impl<B: Bdev + 'static> ShardServer<B> {
     /// Counts one frame of `bytes` payload bytes on a connection of `class`, `direction` in
     /// or out.
     fn count_frame(&self, class: &'static str, direction: &'static str, bytes: usize) {
-        let labels = [("class", class), ("direction", direction)];
-        self.metrics
-            .counter(
-                "chunkserver_frames_total",
-                "Frames received and sent, by connection class and direction.",
-                &labels,
+        let mut frames = self.hot.frames.borrow_mut();
+        let (count, total) = frames.entry((class, direction)).or_insert_with(|| {
+            let labels = [("class", class), ("direction", direction)];
+            (
+                self.metrics.counter(
+                    "chunkserver_frames_total",
+                    "Frames received and sent, by connection class and direction.",
+                    &labels,
+                ),
+                self.metrics.counter(
+                    "chunkserver_frame_bytes_total",
+                    "Payload bytes of those frames.",
+                    &labels,
+                ),
             )
-            .inc();
-        self.metrics
-            .counter(
-                "chunkserver_frame_bytes_total",
-                "Payload bytes of those frames.",
-                &labels,
-            )
-            .add(bytes as u64);
+        });
+        count.inc();
+        total.add(bytes as u64);
     }
 
     fn count_request(
@@ -511,27 +544,35 @@ impl<B: Bdev + 'static> ShardServer<B> {
     ) {
         let op = wire::opcode_name(opcode);
         let result = status.name();
-        self.metrics
-            .counter(
-                "chunkserver_requests_total",
-                "Client requests answered, by operation and result.",
-                &[("op", op), ("result", result)],
-            )
+        self.hot
+            .requests
+            .borrow_mut()
+            .entry((op, result))
+            .or_insert_with(|| {
+                self.metrics.counter(
+                    "chunkserver_requests_total",
+                    "Client requests answered, by operation and result.",
+                    &[("op", op), ("result", result)],
+                )
+            })
             .inc();
-        self.metrics
-            .counter(
-                "chunkserver_request_bytes_total",
-                "Request and response payload bytes.",
-                &[("op", op)],
+        let mut by_op = self.hot.by_op.borrow_mut();
+        let (total, seconds) = by_op.entry(op).or_insert_with(|| {
+            (
+                self.metrics.counter(
+                    "chunkserver_request_bytes_total",
+                    "Request and response payload bytes.",
+                    &[("op", op)],
+                ),
+                self.metrics.latency(
+                    "chunkserver_request_seconds",
+                    "Time from a request's arrival to its answer.",
+                    &[("op", op)],
+                ),
             )
-            .add(bytes);
-        self.metrics
-            .latency(
-                "chunkserver_request_seconds",
-                "Time from a request's arrival to its answer.",
-                &[("op", op)],
-            )
-            .record(latency);
+        });
+        total.add(bytes);
+        seconds.record(latency);
     }
 
     /// This shard's metrics, with the gauges read now.
