@@ -75,22 +75,21 @@ pub struct Forwarded {
     pub reply: glommio::channels::shared_channel::SharedSender<(Status, Bytes)>,
 }
 
+type CounterCell = Rc<crate::metrics::Counter>;
+type LatencyCell = Rc<crate::metrics::Latency>;
+/// A (class, direction) or (op, result) pair of label values.
+type LabelPair = (&'static str, &'static str);
+
 /// The request path's instruments, looked up in the registry once each and kept: a lookup
 /// builds and sorts label strings, which per request costs more than the counting.
 #[derive(Default)]
 struct HotMetrics {
     /// `requests_total` by (op, result).
-    requests: RefCell<HashMap<(&'static str, &'static str), Rc<crate::metrics::Counter>>>,
+    requests: RefCell<HashMap<LabelPair, CounterCell>>,
     /// `request_bytes_total` and `request_seconds` by op.
-    by_op:
-        RefCell<HashMap<&'static str, (Rc<crate::metrics::Counter>, Rc<crate::metrics::Latency>)>>,
+    by_op: RefCell<HashMap<&'static str, (CounterCell, LatencyCell)>>,
     /// `frames_total` and `frame_bytes_total` by (class, direction).
-    frames: RefCell<
-        HashMap<
-            (&'static str, &'static str),
-            (Rc<crate::metrics::Counter>, Rc<crate::metrics::Counter>),
-        >,
-    >,
+    frames: RefCell<HashMap<LabelPair, (CounterCell, CounterCell)>>,
     /// `requests_in_flight`.
     in_flight: std::cell::OnceCell<Rc<crate::metrics::Gauge>>,
 }
