@@ -70,7 +70,14 @@ impl LocalCluster {
         let host = HostTopology::detect();
         let mut configs = Vec::new();
         for id in 1..=3u32 {
-            let text = generated_config(id, &ports, options);
+            // Spread the nodes over the host's cores (node 1 on the first, node 2 on the next,
+            // and so on, around again), as three machines would not share one core.
+            let online: Vec<u32> = host.online_cores.iter().copied().collect();
+            let core = online
+                .get((id as usize - 1) % online.len().max(1))
+                .copied()
+                .unwrap_or(0);
+            let text = generated_config(id, core, &ports, options);
             let file = Path::new("generated-cluster.toml");
             let config = Config::parse(file, &text).map_err(|e| e.to_string())?;
             let resolved = config.validate(file, &host).map_err(|e| e.to_string())?;
@@ -168,7 +175,7 @@ pub fn free_ports(count: usize) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
-fn generated_config(id: u32, ports: &[u16], options: &GeneratedCluster) -> String {
+fn generated_config(id: u32, core: u32, ports: &[u16], options: &GeneratedCluster) -> String {
     let nodes: Vec<String> = (0..3)
         .map(|n| {
             format!(
@@ -190,7 +197,7 @@ fn generated_config(id: u32, ports: &[u16], options: &GeneratedCluster) -> Strin
     };
     let me = id as usize - 1;
     format!(
-        "[node]\nid = {id}\ncores = [0]\ndata_dir = \"{dir}/node{id}\"\n\n[listen]\n\
+        "[node]\nid = {id}\ncores = [{core}]\ndata_dir = \"{dir}/node{id}\"\n\n[listen]\n\
          peer = \"tcp://127.0.0.1:{peer}\"\nclient = [\"tcp://127.0.0.1:{client}\"]\n\n\
          [cluster]\nnodes = [{nodes}]\n\n[[devices]]\n{device}\n\n[storage]\n\
          chunk_size = \"{chunk}\"\nwal_size_per_shard = \"{wal}\"\n\n[raft]\ntick_ms = 10\n\

@@ -492,11 +492,8 @@ impl<B: Bdev> ShardWal<B> {
             let Some(batch) = state.sealed.front() else {
                 return Ok(());
             };
-            let mut buffer = self.bdev.alloc(batch.bytes.len())?;
-            buffer
-                .as_mut_slice()
-                .ok_or_else(|| StorageError::WalFailed("pool buffer not writable".into()))?
-                .copy_from_slice(&batch.bytes);
+            // Every byte is copied in: no zeroing first.
+            let buffer = self.bdev.pool().alloc_copy(&batch.bytes)?;
             (batch.start, batch.span, buffer)
         };
         let config = self.state.borrow().config;
