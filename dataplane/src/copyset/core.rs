@@ -365,6 +365,12 @@ impl<S: LogStorage> CopysetCore<S> {
             self.release_held();
             return;
         }
+        self.enqueue(index, op, token);
+    }
+
+    /// Queues an operation behind its chunk's earlier ones; it is handed out at once when it
+    /// is the only one.
+    fn enqueue(&mut self, index: LogIndex, op: ChunkOp, token: Option<Token>) {
         let queue = self.chunk_queues.entry(op.chunk()).or_default();
         if queue.is_empty() {
             self.actions.push_back(Action::Apply {
@@ -392,15 +398,7 @@ impl<S: LogStorage> CopysetCore<S> {
                 self.actions.push_back(Action::Apply { index, op, token });
                 return;
             }
-            let queue = self.chunk_queues.entry(op.chunk()).or_default();
-            if queue.is_empty() {
-                self.actions.push_back(Action::Apply {
-                    index,
-                    op: op.clone(),
-                    token,
-                });
-            }
-            queue.push_back((index, op, token));
+            self.enqueue(index, op, token);
         }
     }
 

@@ -656,11 +656,8 @@ fn run_alone(
     other
 }
 
-/// A membership change is applied to raft when delivered, but its `ConfChanged` (what the
-/// shell records with the applied index) waits until every entry before it is applied; the
-/// proposer is answered by it.
-#[test]
-fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
+/// A copyset whose only voter is this replica, elected.
+fn single_voter_leader() -> (CopysetCore<MemStorage>, Vec<(LogIndex, ChunkId)>) {
     let conf = ConfState {
         voters: [NodeId(1)].into_iter().collect(),
         ..ConfState::default()
@@ -674,6 +671,15 @@ fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
             break;
         }
     }
+    (core, applies)
+}
+
+/// A membership change is applied to raft when delivered, but its `ConfChanged` (what the
+/// shell records with the applied index) waits until every entry before it is applied; the
+/// proposer is answered by it.
+#[test]
+fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
+    let (mut core, mut applies) = single_voter_leader();
     assert_eq!(
         core.role(),
         StateRole::Leader,
@@ -728,19 +734,7 @@ fn a_membership_change_is_recorded_only_once_everything_before_it_is_applied() {
 /// later starts until it is done; other chunks' writes otherwise run concurrently.
 #[test]
 fn a_barrier_applies_alone_between_what_comes_before_and_after_it() {
-    let conf = ConfState {
-        voters: [NodeId(1)].into_iter().collect(),
-        ..ConfState::default()
-    };
-    let mut core = new_core(1, MemStorage::new_with_conf_state(conf), 7);
-    let mut applies = Vec::new();
-    for _ in 0..40 {
-        core.tick();
-        run_alone(&mut core, &mut applies);
-        if core.role() == StateRole::Leader {
-            break;
-        }
-    }
+    let (mut core, mut applies) = single_voter_leader();
     assert_eq!(core.role(), StateRole::Leader);
     let write = |chunk: u64| ChunkOp::Write {
         chunk: ChunkId(chunk),
