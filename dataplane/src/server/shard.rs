@@ -1283,14 +1283,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 } => {
                     let persist = install::PendingPersist {
                         number,
+                        snapshot,
                         entries,
                         hard_state,
                     };
                     let Some(persist) = self.queue_in_backlog(copyset, persist) else {
                         continue; // an install or a full WAL holds earlier ones: in order
                     };
-                    if let Some(snapshot) = snapshot {
-                        self.start_install(copyset, core, snapshot, persist);
+                    if persist.snapshot.is_some() {
+                        self.start_install(copyset, core, persist);
                         continue;
                     }
                     let wal = self.engine.wal();

@@ -45,6 +45,8 @@ const START_OVER: &str = "clone relationships changed at the source during the c
 /// own entries and hard state).
 pub(super) struct PendingPersist {
     pub number: u64,
+    /// A snapshot from the leader: installed (the chunks copied) before the entries.
+    pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
 }
@@ -111,7 +113,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
         Ok(())
     }
 
-    /// Persists the copyset's backlog in order, reporting each to raft, until it is empty.
+    /// Persists the copyset's backlog in order — installing the snapshot of a persist that
+    /// carries one first — reporting each to raft, until it is empty.
     pub(super) async fn drain_backlog(self: Rc<Self>, copyset: CopysetId, core: CopysetCell<B>) {
         loop {
             let next = self
@@ -119,9 +122,20 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 .borrow_mut()
                 .get_mut(&copyset)
                 .and_then(VecDeque::pop_front);
-            let Some(persist) = next else {
+            let Some(mut persist) = next else {
                 self.backlog.borrow_mut().remove(&copyset);
                 return;
+            };
+            let installed = match persist.snapshot.take() {
+                Some(snapshot) => {
+                    self.installing.borrow_mut().insert(copyset);
+                    let installed = self.install(copyset, &core, &snapshot.meta).await;
+                    if installed.is_none() {
+                        return; // logged; the copyset stalls
+                    }
+                    installed
+                }
+                None => None,
             };
             let persisted = match self.append_persist(copyset, &persist).await {
                 Ok(lsn) => self.engine.wal().sync(lsn).await,
@@ -132,29 +146,55 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 return;
             }
             core.borrow_mut().on_persisted(persist.number);
+            if let Some((index, chunks, bytes, began)) = installed {
+                core.borrow_mut().on_snapshot_installed(index);
+                self.installing.borrow_mut().remove(&copyset);
+                self.metrics
+                    .counter(
+                        "chunkserver_snapshot_installs_total",
+                        "Copyset snapshots installed by copying the chunks from a replica.",
+                        &[],
+                    )
+                    .inc();
+                self.metrics
+                    .counter(
+                        "chunkserver_snapshot_install_bytes_total",
+                        "Chunk bytes copied by snapshot installs (all-zero pieces excluded).",
+                        &[],
+                    )
+                    .add(bytes);
+                info!(node = self.node, %copyset, %index, chunks, bytes,
+                    seconds = began.elapsed().as_secs_f64(), "snapshot installed");
+            }
             self.drive(copyset, &core);
         }
     }
 
-    /// Starts installing the snapshot of a `Persist` (with that ready's entries and hard state).
+    /// Starts persisting a ready that carries a snapshot: the install and what follows run
+    /// through the copyset's backlog, in order.
     pub(super) fn start_install(
         self: &Rc<Self>,
         copyset: CopysetId,
         core: &CopysetCell<B>,
-        snapshot: Snapshot,
         persist: PendingPersist,
     ) {
         self.backlog
             .borrow_mut()
             .insert(copyset, VecDeque::from([persist]));
-        self.installing.borrow_mut().insert(copyset);
         let server = Rc::clone(self);
         let core = Rc::clone(core);
-        glommio::spawn_local(async move { server.install(copyset, core, snapshot.meta).await })
-            .detach();
+        glommio::spawn_local(server.drain_backlog(copyset, core)).detach();
     }
 
-    async fn install(self: Rc<Self>, copyset: CopysetId, core: CopysetCell<B>, meta: SnapshotMeta) {
+    /// Installs a snapshot: waits for the applies in flight, copies the chunks, makes them
+    /// durable, and appends the snapshot record. Returns (index, chunks, bytes, start), or
+    /// `None` after a failure that stalls the copyset (logged).
+    async fn install(
+        &self,
+        copyset: CopysetId,
+        core: &CopysetCell<B>,
+        meta: &SnapshotMeta,
+    ) -> Option<(raftcore::LogIndex, usize, u64, std::time::Instant)> {
         let began = std::time::Instant::now();
         info!(node = self.node, %copyset, index = %meta.index, "installing a snapshot: copying the chunks");
         while core.borrow().applies_in_flight() {
@@ -164,9 +204,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let mut pause = Duration::from_millis(20);
         let mut bytes = 0u64;
         'copy: loop {
-            for source in self.image_sources(copyset, &core, &meta) {
+            for source in self.image_sources(copyset, core, meta) {
                 match self
-                    .copy_image(copyset, source, &meta, &mut copied, &mut bytes)
+                    .copy_image(copyset, source, meta, &mut copied, &mut bytes)
                     .await
                 {
                     Ok(()) => break 'copy,
@@ -185,7 +225,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         // The chunks and their metadata are durable before the record that says they are.
         if let Err(error) = self.engine.checkpoint().await {
             error!(%copyset, %error, "checkpoint after copying an image failed; copyset stalls");
-            return;
+            return None;
         }
         let wal = self.engine.wal();
         loop {
@@ -202,49 +242,12 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Ok(false) => {}
                 Err(error) => {
                     error!(%copyset, %error, "snapshot record not appended; copyset stalls");
-                    return;
+                    return None;
                 }
             }
         }
         self.engine.set_applied(copyset, meta.index);
-        // The install's own ready: its entries and hard state, then raft hears of both.
-        let own = self
-            .backlog
-            .borrow_mut()
-            .get_mut(&copyset)
-            .and_then(VecDeque::pop_front);
-        if let Some(persist) = own {
-            let persisted = match self.append_persist(copyset, &persist).await {
-                Ok(lsn) => wal.sync(lsn).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = persisted {
-                error!(%copyset, %error, "WAL write after a snapshot install failed; copyset stalls");
-                return;
-            }
-            core.borrow_mut().on_persisted(persist.number);
-        }
-        core.borrow_mut().on_snapshot_installed(meta.index);
-        self.installing.borrow_mut().remove(&copyset);
-        self.metrics
-            .counter(
-                "chunkserver_snapshot_installs_total",
-                "Copyset snapshots installed by copying the chunks from a replica.",
-                &[],
-            )
-            .inc();
-        self.metrics
-            .counter(
-                "chunkserver_snapshot_install_bytes_total",
-                "Chunk bytes copied by snapshot installs (all-zero pieces excluded).",
-                &[],
-            )
-            .add(bytes);
-        info!(node = self.node, %copyset, index = %meta.index, chunks = copied.len(),
-            bytes, seconds = began.elapsed().as_secs_f64(), "snapshot installed");
-        self.drive(copyset, &core);
-        // What raft handed out meanwhile.
-        Rc::clone(&self).drain_backlog(copyset, core).await;
+        Some((meta.index, copied.len(), bytes, began))
     }
 
     /// Replicas to copy from: the leader first, then the other voters of the snapshot's
