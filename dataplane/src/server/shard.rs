@@ -1094,24 +1094,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
         if peers.is_empty() {
             // A joining replica without the bootstrap: an empty log (recorded, so a restart
             // keeps the replica), and no membership until the leader's snapshot brings it.
-            let lsn = match wal.set_hard_state(copyset, HardState::default()) {
-                Ok(lsn) => lsn,
-                Err(error) => return status_of_storage(&error),
-            };
-            if let Err(error) = wal.sync(lsn).await {
-                return status_of_storage(&error);
-            }
-            if self.copysets.borrow().contains_key(&copyset) {
-                return Status::Ok;
-            }
-            return match self.open_copyset(copyset, LogIndex(0)) {
-                Ok(()) => {
-                    info!(node = self.node, shard = self.shard, %copyset,
-                        "joining replica created; it waits for the leader's snapshot");
-                    Status::Ok
-                }
-                Err(error) => status_of_storage(&error),
-            };
+            let written = wal.set_hard_state(copyset, HardState::default());
+            return self
+                .open_created(
+                    copyset,
+                    written,
+                    LogIndex(0),
+                    "joining replica created empty",
+                )
+                .await;
         }
         let written = wal
             .install_snapshot(
@@ -1131,20 +1122,32 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     },
                 )
             });
-        let lsn = match written {
-            Ok(lsn) => lsn,
-            Err(error) => return status_of_storage(&error),
+        self.open_created(copyset, written, LogIndex(1), "copyset created")
+            .await
+    }
+
+    /// Makes a new copyset's first WAL records durable (`written`: where they end), then
+    /// starts its raft at `applied` — unless another request created it while the WAL synced.
+    async fn open_created(
+        &self,
+        copyset: CopysetId,
+        written: Result<u64, StorageError>,
+        applied: LogIndex,
+        what: &str,
+    ) -> Status {
+        let synced = match written {
+            Ok(lsn) => self.engine.wal().sync(lsn).await,
+            Err(error) => Err(error),
         };
-        if let Err(error) = wal.sync(lsn).await {
+        if let Err(error) = synced {
             return status_of_storage(&error);
         }
-        // Another request may have created it while the WAL synced.
         if self.copysets.borrow().contains_key(&copyset) {
             return Status::Ok;
         }
-        match self.open_copyset(copyset, LogIndex(1)) {
+        match self.open_copyset(copyset, applied) {
             Ok(()) => {
-                info!(node = self.node, shard = self.shard, %copyset, ?peers, "copyset created");
+                info!(node = self.node, shard = self.shard, %copyset, "{what}");
                 Status::Ok
             }
             Err(error) => status_of_storage(&error),
@@ -1294,16 +1297,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         self.start_install(copyset, core, persist);
                         continue;
                     }
-                    let wal = self.engine.wal();
-                    let mut lsn = wal.appended();
-                    let mut written = wal
-                        .append_entries(copyset, &persist.entries)
-                        .map(|end| lsn = end);
-                    if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
-                        written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
-                    }
-                    match written {
-                        Ok(()) => {}
+                    let lsn = match self.append_now(copyset, &persist) {
+                        Ok(lsn) => lsn,
                         Err(StorageError::WalFull { .. }) => {
                             // Wait for a checkpoint to make room, with whatever raft hands
                             // out meanwhile queued behind, in order.
@@ -1320,7 +1315,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             error!(%copyset, %error, "WAL append failed; copyset stalls");
                             continue;
                         }
-                    }
+                    };
                     let number = persist.number;
                     let engine = Rc::clone(&self.engine);
                     let core = Rc::clone(core);

@@ -80,22 +80,29 @@ impl<B: Bdev + 'static> ShardServer<B> {
         persist: &PendingPersist,
     ) -> Result<u64, StorageError> {
         loop {
-            let wal = self.engine.wal();
-            let mut lsn = wal.appended();
-            let mut written = wal
-                .append_entries(copyset, &persist.entries)
-                .map(|end| lsn = end);
-            if let (Ok(()), Some(hard_state)) = (&written, persist.hard_state) {
-                written = wal.set_hard_state(copyset, hard_state).map(|end| lsn = end);
-            }
-            match written {
-                Ok(()) => return Ok(lsn),
+            match self.append_now(copyset, persist) {
+                Ok(lsn) => return Ok(lsn),
                 // Entries appended before the WAL filled are appended again: an entry at an
                 // index the log has replaces it.
                 Err(StorageError::WalFull { .. }) => self.make_wal_room().await?,
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// Appends a ready's entries, then its hard state, to the WAL's open batch (no I/O).
+    /// Returns the position to sync to.
+    pub(super) fn append_now(
+        &self,
+        copyset: CopysetId,
+        persist: &PendingPersist,
+    ) -> Result<u64, StorageError> {
+        let wal = self.engine.wal();
+        let mut lsn = wal.append_entries(copyset, &persist.entries)?;
+        if let Some(hard_state) = persist.hard_state {
+            lsn = wal.set_hard_state(copyset, hard_state)?;
+        }
+        Ok(lsn)
     }
 
     /// A checkpoint to reclaim WAL space, then a short pause so applies can move the point
