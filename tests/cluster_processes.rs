@@ -26,34 +26,50 @@ fn block(value: u64) -> Bytes {
     Bytes::from(data)
 }
 
-/// Runs `body` on a client executor.
-fn with_client<T: Send + 'static>(
+/// Starts `body` on a client executor of the cluster on `ports` (nodes of `shards` shards),
+/// with `copysets` known to live on nodes 1 to 3.
+fn spawn_client<T: Send + 'static>(
     ports: &[u16],
+    shards: u32,
+    copysets: &'static [u64],
+    deadline: Duration,
     body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
         + Send
         + 'static,
-) -> T {
+) -> glommio::ExecutorJoinHandle<T> {
     let addresses: Vec<NodeAddress> = (0..3)
         .map(|n| NodeAddress {
             id: n as u64 + 1,
             endpoint: format!("tcp://127.0.0.1:{}", ports[2 * n + 1])
                 .parse()
                 .expect("endpoint"),
-            shards: 1,
+            shards,
         })
         .collect();
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("process-test-client")
         .spawn(move || async move {
             let config = ClientConfig {
-                deadline: Duration::from_secs(30),
+                deadline,
                 ..ClientConfig::default()
             };
             let client = Client::new(&addresses, config);
-            client.set_peers(COPYSET, &[1, 2, 3]);
+            for copyset in copysets {
+                client.set_peers(CopysetId(*copyset), &[1, 2, 3]);
+            }
             body(client).await
         })
         .expect("client executor")
+}
+
+/// Runs `body` on a client executor (one shard per node) and waits for it.
+fn with_client<T: Send + 'static>(
+    ports: &[u16],
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    spawn_client(ports, 1, &[COPYSET.0], Duration::from_secs(30), body)
         .join()
         .expect("client thread")
 }
@@ -209,29 +225,7 @@ fn sharded_client<T: Send + 'static>(
         + Send
         + 'static,
 ) -> glommio::ExecutorJoinHandle<T> {
-    let addresses: Vec<NodeAddress> = (0..3)
-        .map(|n| NodeAddress {
-            id: n as u64 + 1,
-            endpoint: format!("tcp://127.0.0.1:{}", ports[2 * n + 1])
-                .parse()
-                .expect("endpoint"),
-            shards: 2,
-        })
-        .collect();
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("sharded-test-client")
-        .spawn(move || async move {
-            let config = ClientConfig {
-                deadline: Duration::from_secs(20),
-                ..ClientConfig::default()
-            };
-            let client = Client::new(&addresses, config);
-            for copyset in SHARDED_COPYSETS {
-                client.set_peers(CopysetId(copyset), &[1, 2, 3]);
-            }
-            body(client).await
-        })
-        .expect("client executor")
+    spawn_client(ports, 2, &SHARDED_COPYSETS, Duration::from_secs(20), body)
 }
 
 /// Waits until every replica of every copyset reports the same applied index.

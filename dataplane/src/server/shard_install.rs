@@ -439,17 +439,27 @@ impl<B: Bdev + 'static> ShardServer<B> {
         Ok(Some(((meta, header.clone_epoch), data)))
     }
 
-    /// Answers `LIST_CHUNK_IMAGE` as the source of an image.
-    pub(super) fn serve_image_list(&self, copyset: CopysetId) -> (Status, Bytes) {
+    /// The copyset this replica can serve an image of, or the answer saying why not (no such
+    /// copyset, or it is installing an image itself).
+    fn image_source_core(&self, copyset: CopysetId) -> Result<CopysetCell<B>, (Status, Bytes)> {
         let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-            return (Status::CopysetNotFound, Bytes::new());
+            return Err((Status::CopysetNotFound, Bytes::new()));
         };
         if self.installing.borrow().contains(&copyset) {
-            return (
+            return Err((
                 Status::Retry("this replica is installing an image itself".into()),
                 Bytes::new(),
-            );
+            ));
         }
+        Ok(core)
+    }
+
+    /// Answers `LIST_CHUNK_IMAGE` as the source of an image.
+    pub(super) fn serve_image_list(&self, copyset: CopysetId) -> (Status, Bytes) {
+        let core = match self.image_source_core(copyset) {
+            Ok(core) => core,
+            Err(answer) => return answer,
+        };
         let list = ImageList {
             applied: core.borrow().applied().0,
             chunk_size: self.engine.layout().geometry.chunk_size,
@@ -469,15 +479,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
             Ok(request) => request,
             Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
         };
-        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-            return (Status::CopysetNotFound, Bytes::new());
+        let core = match self.image_source_core(copyset) {
+            Ok(core) => core,
+            Err(answer) => return answer,
         };
-        if self.installing.borrow().contains(&copyset) {
-            return (
-                Status::Retry("this replica is installing an image itself".into()),
-                Bytes::new(),
-            );
-        }
         if let Err(error) = self.engine.check_owner(request.chunk, copyset) {
             return (status_of_storage(&error), Bytes::new());
         }
