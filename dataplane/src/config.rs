@@ -72,6 +72,27 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Fault injection, for the fault suite only.
+    #[serde(default, skip_serializing_if = "FaultSection::is_default")]
+    pub fault: FaultSection,
+}
+
+/// `[fault]`: fault injection for tests. With `injection = true` every shard's device goes
+/// through the fault injector (storage::inject), armed at run time with `POST /fault` on the
+/// metrics endpoint. Writes then cost a read more; never on for real data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultSection {
+    /// Wrap the devices in the fault injector and accept `POST /fault`.
+    pub injection: bool,
+    /// Seed of the injector's decisions (which operations fail, what a power cut keeps).
+    pub seed: u64,
+}
+
+impl FaultSection {
+    fn is_default(&self) -> bool {
+        *self == FaultSection::default()
+    }
 }
 
 /// `[node]`
@@ -628,6 +649,13 @@ impl Config {
 
         if self.node.id == 0 {
             return Err(err("node.id", "must not be 0".into()));
+        }
+        if self.fault.injection && self.metrics.address.is_none() {
+            return Err(err(
+                "fault.injection",
+                "needs metrics.address: faults are armed with POST /fault on the metrics endpoint"
+                    .into(),
+            ));
         }
         let Some(numa_cores) = host.numa_cores(self.node.numa_node) else {
             let nodes: Vec<String> = host

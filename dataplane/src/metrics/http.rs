@@ -1,6 +1,7 @@
 //! The metrics endpoint: a deliberately small HTTP/1.1 server on the shard's executor that
 //! answers `GET /metrics` (Prometheus text) and `GET /status` (JSON), one request per
-//! connection. Requests are bounded in size and time; anything else gets 400, 404 or 405.
+//! connection; with fault injection on, also `POST /fault?…`. Requests are bounded in size and
+//! time; anything else gets 400, 404 or 405.
 
 use std::future::Future;
 use std::io;
@@ -23,6 +24,19 @@ pub struct Pages {
     pub metrics: Box<dyn Fn() -> Page>,
     /// `GET /status`: a JSON document.
     pub status: Box<dyn Fn() -> Page>,
+    /// `POST /fault?QUERY`, only with fault injection on: arms a fault, given the query.
+    pub fault: Option<Box<dyn Fn(&str) -> FaultAnswer>>,
+}
+
+/// What `POST /fault` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultAnswer {
+    /// Whether the query was understood and the fault armed.
+    pub ok: bool,
+    /// The text of the answer.
+    pub text: String,
+    /// End the process with this status once the answer is sent (a power cut).
+    pub exit: Option<i32>,
 }
 
 /// The longest request head read.
@@ -87,6 +101,7 @@ async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
         ))
     })
     .await?;
+    let mut exit = None;
     let (status, content_type, body) = match head {
         None => (
             "400 Bad Request",
@@ -104,6 +119,26 @@ async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
                 ),
                 (Some("GET"), Some("/status")) => {
                     ("200 OK", "application/json", (pages.status)().await)
+                }
+                (Some("POST"), Some(target)) if target.split('?').next() == Some("/fault") => {
+                    match &pages.fault {
+                        None => (
+                            "404 Not Found",
+                            "text/plain",
+                            "fault injection is off ([fault] injection = true turns it on)\n"
+                                .into(),
+                        ),
+                        Some(fault) => {
+                            let answer = fault(target.split_once('?').map_or("", |(_, q)| q));
+                            exit = answer.exit;
+                            let status = if answer.ok {
+                                "200 OK"
+                            } else {
+                                "400 Bad Request"
+                            };
+                            (status, "text/plain", answer.text + "\n")
+                        }
+                    }
                 }
                 (Some("GET"), Some(_)) => (
                     "404 Not Found",
@@ -126,7 +161,12 @@ async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
     );
     stream.write_all(response.as_bytes()).await?;
     stream.flush().await?;
-    stream.close().await
+    let closed = stream.close().await;
+    if let Some(code) = exit {
+        tracing::error!(code, "ending the process as fault injection asked");
+        std::process::exit(code);
+    }
+    closed
 }
 
 #[cfg(test)]
@@ -169,6 +209,7 @@ mod tests {
                         Box::pin(async move { text })
                     }),
                     status: Box::new(|| Box::pin(async { "{\"healthy\":true}".to_string() })),
+                    fault: None,
                 };
                 serve(listener, Rc::new(pages), stop).await;
             })

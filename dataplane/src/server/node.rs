@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -12,8 +13,9 @@ use super::shard::{ClusterView, RaftTimings, ShardServer};
 use crate::config::{Backend, Config};
 use crate::net::{Listener, NetContext};
 use crate::shard::{start_shards, ShardContext, ShutdownSignal};
-use crate::storage::bdev::{self, Bdev};
+use crate::storage::bdev::{self, AnyBdev, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
+use crate::storage::inject::{DiskFaults, InjectedBdev};
 
 /// What shards say to each other.
 pub enum ShardMessage {
@@ -219,6 +221,7 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
                 merged.render()
             })
         }),
+        fault: None,
         status: Box::new(move || {
             let (server, mesh) = (Rc::clone(&server), Rc::clone(&mesh));
             Box::pin(async move {
@@ -287,6 +290,14 @@ pub fn run_node(
     // Memory is bound to the configured NUMA node only where the host has more than one.
     let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
         .then_some(config.node.numa_node);
+    let faults = config.fault.injection.then(|| {
+        let file = match &plan {
+            DevicePlan::Shared { .. } => config.device_path(device),
+            DevicePlan::PerShardMemory { .. } => None,
+        };
+        tracing::warn!(node, "fault injection is on: POST /fault arms disk faults");
+        DiskFaults::new(config.fault.seed, file)
+    });
 
     let results = start_shards(
         cores,
@@ -298,6 +309,7 @@ pub fn run_node(
             let storage = storage.clone();
             let client_endpoints = client_endpoints.clone();
             let stop_all = stop_all.clone();
+            let faults = faults.clone();
             async move {
                 let shard = ctx.shard.0;
                 let result = async {
@@ -324,6 +336,14 @@ pub fn run_node(
                             .await
                             .map_err(|e| e.to_string())?;
                     }
+                    let bdev = match &faults {
+                        Some(faults) => AnyBdev::Injected(Box::new(InjectedBdev::new(
+                            bdev,
+                            Arc::clone(faults),
+                            shard,
+                        ))),
+                        None => bdev,
+                    };
                     let capacity = bdev.capacity();
                     let (engine, recovery) =
                         ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
@@ -392,7 +412,13 @@ pub fn run_node(
                     if let (0, Some(address)) = (shard, metrics_address) {
                         let listener = crate::metrics::http::bind(address)
                             .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
-                        let pages = metrics_pages(node, Rc::clone(&server), Rc::clone(&mesh));
+                        let mut pages = metrics_pages(node, Rc::clone(&server), Rc::clone(&mesh));
+                        if let Some(faults) = &faults {
+                            let faults = Arc::clone(faults);
+                            pages.fault = Some(Box::new(move |query: &str| {
+                                crate::storage::inject::control(&faults, query)
+                            }));
+                        }
                         let stop = ctx.shutdown.clone();
                         glommio::spawn_local(crate::metrics::http::serve(
                             listener,

@@ -335,7 +335,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         loop {
             glommio::timer::sleep(Duration::from_millis(200)).await;
             if let Err(error) = self.engine.maybe_checkpoint().await {
-                error!(node = self.node, shard = self.shard, %error, "checkpoint failed");
+                self.stalled(None, "checkpoint failed", &error);
             }
         }
     }
@@ -1204,6 +1204,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Status::Ok
             }
             Err(error) => {
+                if error.is_device_failure() {
+                    self.stalled(Some(copyset), "copyset deletion failed", &error);
+                }
                 error!(%copyset, %error, "copyset deletion failed");
                 status_of_storage(&error)
             }
@@ -1312,7 +1315,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             continue;
                         }
                         Err(error) => {
-                            error!(%copyset, %error, "WAL append failed; copyset stalls");
+                            self.stalled(Some(copyset), "WAL append failed", &error);
                             continue;
                         }
                     };
@@ -1326,9 +1329,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                                 core.borrow_mut().on_persisted(number);
                                 server.drive(copyset, &core);
                             }
-                            Err(error) => {
-                                error!(%copyset, %error, "WAL sync failed; copyset stalls")
-                            }
+                            Err(error) => server.stalled(Some(copyset), "WAL sync failed", &error),
                         }
                     })
                     .detach();
@@ -1349,10 +1350,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             Ok(()) => Status::Ok,
                             Err(error) => status_of_storage(error),
                         };
-                        if let Status::Io(reason) = &status {
-                            // The device failed: the entry is not applied, so the copyset
-                            // must not move past it.
-                            error!(%copyset, %index, %reason, "apply failed; copyset stalls");
+                        if let (Status::Io(_), Err(error)) = (&status, &result) {
+                            // The entry is not applied, so the copyset must not move past it.
+                            server.stalled(Some(copyset), "apply failed", error);
                         } else {
                             if result.is_err() {
                                 // A refusal every replica makes alike: the entry counts as
@@ -1444,6 +1444,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     let lsn = match wal.set_conf_state(copyset, conf_state) {
                         Ok(lsn) => lsn,
                         Err(error) => {
+                            if error.is_device_failure() {
+                                self.stalled(Some(copyset), "membership not recorded", &error);
+                            }
                             error!(%copyset, %error, "membership not recorded in the WAL");
                             for token in tokens {
                                 self.answer(token, status_of_storage(&error), Bytes::new());
@@ -1457,7 +1460,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         let status = match engine.wal().sync(lsn).await {
                             Ok(()) => Status::Ok,
                             Err(error) => {
-                                error!(%copyset, %error, "WAL sync of the membership failed");
+                                server.stalled(
+                                    Some(copyset),
+                                    "WAL sync of the membership failed",
+                                    &error,
+                                );
                                 status_of_storage(&error)
                             }
                         };
@@ -1577,6 +1584,21 @@ async fn read_whole_chunk<B: Bdev>(
         Ok(buffer) => Ok(buffer.as_slice().to_vec()),
         Err(StorageError::ChunkNotFound(_)) => Ok(vec![0u8; chunk_size as usize]),
         Err(error) => Err(error),
+    }
+}
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    /// Reports a failure that a copyset (or, for `None`, the shard) cannot go on from. A
+    /// device failure ends the process (fail-stop, see `fail_stop`); anything else is logged
+    /// and leaves the copyset where it is.
+    pub(super) fn stalled(&self, copyset: Option<CopysetId>, what: &str, error: &StorageError) {
+        if error.is_device_failure() {
+            super::fail_stop(self.node, self.shard, what, error);
+        }
+        match copyset {
+            Some(copyset) => error!(node = self.node, %copyset, %error, "{what}; copyset stalls"),
+            None => error!(node = self.node, shard = self.shard, %error, "{what}"),
+        }
     }
 }
 

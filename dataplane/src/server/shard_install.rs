@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use raftcore::{Entry, HardState, NodeId, Snapshot, SnapshotMeta};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{status_of_storage, CopysetCell, ShardServer};
 use crate::ids::{ChunkId, CopysetId};
@@ -149,7 +149,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Err(error) => Err(error),
             };
             if let Err(error) = persisted {
-                error!(%copyset, %error, "WAL write failed; copyset stalls");
+                self.stalled(Some(copyset), "WAL write failed", &error);
                 return;
             }
             core.borrow_mut().on_persisted(persist.number);
@@ -231,7 +231,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         // The chunks and their metadata are durable before the record that says they are.
         if let Err(error) = self.engine.checkpoint().await {
-            error!(%copyset, %error, "checkpoint after copying an image failed; copyset stalls");
+            self.stalled(
+                Some(copyset),
+                "checkpoint after copying an image failed",
+                &error,
+            );
             return None;
         }
         let wal = self.engine.wal();
@@ -248,7 +252,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(error) => {
-                    error!(%copyset, %error, "snapshot record not appended; copyset stalls");
+                    self.stalled(Some(copyset), "snapshot record not appended", &error);
                     return None;
                 }
             }

@@ -6,12 +6,14 @@
 //! - [`table`]: the chunk table and chunk pool (pure).
 //! - [`wal`]: the shard WAL with group commit, its record codec and replay.
 //! - [`fault`]: a fault-injecting device for crash-consistency tests.
+//! - [`inject`]: disk faults armed at run time in a running process (the fault suite).
 //! - [`engine`]: one shard's engine: format, open and recover, chunk operations, checkpoint.
 
 pub mod bdev;
 pub mod dma;
 pub mod engine;
 pub mod fault;
+pub mod inject;
 pub mod layout;
 pub mod table;
 pub mod wal;
@@ -121,4 +123,17 @@ pub enum StorageError {
     /// A buffer could not be had.
     #[error(transparent)]
     Dma(#[from] dma::DmaError),
+}
+
+impl StorageError {
+    /// Whether the device failed (or its contents cannot be trusted): what a shard cannot go
+    /// on from, unlike a refusal or a full WAL.
+    pub fn is_device_failure(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Bdev(_)
+                | StorageError::WalFailed(_)
+                | StorageError::CorruptMetadata { .. }
+        )
+    }
 }

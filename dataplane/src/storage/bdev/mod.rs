@@ -183,6 +183,8 @@ pub enum AnyBdev {
     Mem(MemBdev),
     /// `uring:///path`
     Uring(UringBdev),
+    /// Either of the others behind the fault injector (`[fault] injection = true`).
+    Injected(Box<crate::storage::inject::InjectedBdev>),
 }
 
 /// What a device URI says, parsed without touching the device.
@@ -298,48 +300,56 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.block_size(),
             AnyBdev::Uring(b) => b.block_size(),
+            AnyBdev::Injected(b) => b.block_size(),
         }
     }
     fn block_count(&self) -> u64 {
         match self {
             AnyBdev::Mem(b) => b.block_count(),
             AnyBdev::Uring(b) => b.block_count(),
+            AnyBdev::Injected(b) => b.block_count(),
         }
     }
     fn pool(&self) -> &DmaPool {
         match self {
             AnyBdev::Mem(b) => b.pool(),
             AnyBdev::Uring(b) => b.pool(),
+            AnyBdev::Injected(b) => b.pool(),
         }
     }
     async fn read(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf, BdevError> {
         match self {
             AnyBdev::Mem(b) => b.read(offset, buf).await,
             AnyBdev::Uring(b) => b.read(offset, buf).await,
+            AnyBdev::Injected(b) => b.read(offset, buf).await,
         }
     }
     async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf, BdevError> {
         match self {
             AnyBdev::Mem(b) => b.write(offset, buf).await,
             AnyBdev::Uring(b) => b.write(offset, buf).await,
+            AnyBdev::Injected(b) => b.write(offset, buf).await,
         }
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BdevError> {
         match self {
             AnyBdev::Mem(b) => b.write_zeroes(offset, len).await,
             AnyBdev::Uring(b) => b.write_zeroes(offset, len).await,
+            AnyBdev::Injected(b) => b.write_zeroes(offset, len).await,
         }
     }
     async fn flush(&self) -> Result<(), BdevError> {
         match self {
             AnyBdev::Mem(b) => b.flush().await,
             AnyBdev::Uring(b) => b.flush().await,
+            AnyBdev::Injected(b) => b.flush().await,
         }
     }
     async fn read_new(&self, offset: u64, len: usize) -> Result<DmaBuf, BdevError> {
         match self {
             AnyBdev::Mem(b) => b.read_new(offset, len).await,
             AnyBdev::Uring(b) => b.read_new(offset, len).await,
+            AnyBdev::Injected(b) => b.read_new(offset, len).await,
         }
     }
 }
