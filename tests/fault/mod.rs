@@ -1,6 +1,7 @@
 //! The fault suite: three real `chunkserver run` processes (each in its own network namespace
 //! where the host allows it), a recorded client workload, and a seeded schedule of faults —
-//! SIGKILL and restart, SIGSTOP/SIGCONT, partitions. Afterwards: the history must be
+//! SIGKILL and restart, SIGSTOP/SIGCONT, partitions, disk faults (errors, a full device, power
+//! cuts that lose, keep or tear unflushed writes), clock jumps and shifted clocks. Afterwards: the history must be
 //! linearizable per register, every acknowledged write-once page must read back, the cluster
 //! must recover (a leader, equal applied indexes) within a bound, and no process may have
 //! exited or panicked unasked. A report names operations, faults, unavailability windows and
@@ -90,9 +91,30 @@ enum FaultKind {
     BridgeNode,
     /// Everything one node sends another is dropped; the other direction still flows.
     OneWay,
+    /// A random node's device fails 1% of reads and 0.5% of writes and flushes; a write that
+    /// fails may land torn. The node stops on the first failure under a copyset (exit 3) and
+    /// is restarted when the fault ends.
+    DiskErrors,
+    /// A random node's device is full: writes fail with ENOSPC. Same course as above.
+    DiskFull,
+    /// The power of a random node, or of the leader, goes: unflushed writes are lost, kept or
+    /// torn, the process ends (exit 4); it is restarted after a while.
+    PowerCut,
+    /// The host's wall clock jumps forward or back by up to 2 s, and back again after a while.
+    ClockJump,
+    /// A random node restarts with its monotonic and boot clocks hours or days off.
+    ClockShift,
 }
 
 impl FaultKind {
+    fn needs_clock(self) -> bool {
+        self == FaultKind::ClockJump
+    }
+
+    fn needs_time_namespace(self) -> bool {
+        self == FaultKind::ClockShift
+    }
+
     fn needs_network(self) -> bool {
         matches!(
             self,
@@ -104,7 +126,7 @@ impl FaultKind {
     }
 }
 
-const KINDS: [FaultKind; 8] = [
+const KINDS: [FaultKind; 13] = [
     FaultKind::KillRestart,
     FaultKind::KillLeader,
     FaultKind::Pause,
@@ -113,7 +135,79 @@ const KINDS: [FaultKind; 8] = [
     FaultKind::IsolateLeader,
     FaultKind::BridgeNode,
     FaultKind::OneWay,
+    FaultKind::DiskErrors,
+    FaultKind::DiskFull,
+    FaultKind::PowerCut,
+    FaultKind::ClockJump,
+    FaultKind::ClockShift,
 ];
+
+/// Exit status of a node whose device failed (`dataplane::server::EXIT_DEVICE_FAILED`).
+const EXIT_DEVICE_FAILED: i32 = dataplane::server::EXIT_DEVICE_FAILED;
+/// Exit status of a node whose power was cut (`dataplane::storage::inject::EXIT_POWER_CUT`).
+const EXIT_POWER_CUT: i32 = dataplane::storage::inject::EXIT_POWER_CUT;
+
+/// Sets the host's wall clock `delta_ms` away from where it is (`date -s`).
+fn jump_clock(delta_ms: i64) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_millis() as i64;
+    let target = now + delta_ms;
+    let output = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-s",
+            &format!("@{}.{:03}", target / 1000, target % 1000),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run date: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "date -s failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Whether this host lets the suite set its wall clock, or why not.
+fn clock_settable() -> Result<(), String> {
+    if std::env::var_os("FAULT_NO_CLOCK").is_some() {
+        return Err("FAULT_NO_CLOCK is set".into());
+    }
+    jump_clock(0)
+}
+
+/// Whether `unshare --time` works here, or why not.
+fn time_namespaces() -> Result<(), String> {
+    let status = std::process::Command::new("unshare")
+        .args([
+            "--time",
+            "--monotonic",
+            "3600",
+            "--boottime",
+            "3600",
+            "true",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run unshare: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("unshare --time failed: {status}"))
+    }
+}
+
+/// The system's uptime in whole seconds (how far back a monotonic clock can be shifted).
+fn uptime_seconds() -> i64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
 
 #[derive(Debug)]
 struct FaultEvent {
@@ -147,7 +241,10 @@ fn inject(
     let count = nodes.count();
     let random = rng.gen_range(0..count);
     let target = match kind {
-        FaultKind::KillLeader | FaultKind::PauseLeader | FaultKind::IsolateLeader
+        FaultKind::KillLeader
+        | FaultKind::PauseLeader
+        | FaultKind::IsolateLeader
+        | FaultKind::PowerCut
             if (1..=count as u64).contains(&leader) =>
         {
             leader as usize - 1
@@ -167,6 +264,63 @@ fn inject(
             hold(nodes, duration);
             nodes.resume(target)?;
             format!("SIGSTOP node {} for {duration:?}", target + 1)
+        }
+        FaultKind::DiskErrors | FaultKind::DiskFull => {
+            let (query, name) = if kind == FaultKind::DiskErrors {
+                (
+                    "disk=errors&read=10000&write=5000",
+                    "disk errors (1% of reads, 0.5% of writes)",
+                )
+            } else {
+                ("disk=full", "a full disk")
+            };
+            nodes.disk_fault(target, query, Some(EXIT_DEVICE_FAILED))?;
+            hold(nodes, duration);
+            let outcome = nodes.disk_fault_end(target)?;
+            format!("{name} on node {} for {duration:?}: {outcome}", target + 1)
+        }
+        FaultKind::PowerCut => {
+            let target = if rng.gen_bool(0.5) { target } else { random };
+            let what = nodes.disk_fault(target, "disk=power-cut", Some(EXIT_POWER_CUT))?;
+            if !nodes.wait_fault_exit(target, Duration::from_secs(10)) {
+                return Err(format!(
+                    "node {} still runs after its power cut",
+                    target + 1
+                ));
+            }
+            hold(nodes, duration);
+            nodes.restart(target);
+            format!(
+                "power cut on node {}, down {duration:?} ({what})",
+                target + 1
+            )
+        }
+        FaultKind::ClockJump => {
+            let magnitude = rng.gen_range(100..2000i64);
+            let delta = if rng.gen_bool(0.5) {
+                magnitude
+            } else {
+                -magnitude
+            };
+            jump_clock(delta)?;
+            hold(nodes, duration);
+            jump_clock(-delta)?;
+            format!("wall clock jumped {delta} ms and back after {duration:?}")
+        }
+        FaultKind::ClockShift => {
+            // Forward by up to 30 days, or back by up to the uptime less ten minutes.
+            let back = (uptime_seconds() - 600).max(0);
+            let shift = if back > 3600 && rng.gen_bool(0.5) {
+                -rng.gen_range(3600..=back)
+            } else {
+                rng.gen_range(3600..30 * 86_400)
+            };
+            nodes.restart_clock_shifted(target, shift);
+            hold(nodes, duration);
+            format!(
+                "node {} restarted with its monotonic clock {shift} s off",
+                target + 1
+            )
         }
         FaultKind::IsolateNode | FaultKind::IsolateLeader => {
             let net = network.as_mut().ok_or("no network")?;
@@ -356,9 +510,23 @@ pub fn run(settings: Settings) {
         None => vec!["127.0.0.1".to_string(); 3],
     };
     let dir = tempfile::tempdir().expect("temporary directory");
-    let ports = free_ports(6);
+    let ports = free_ports(9);
+    // Each node also serves its metrics endpoint, where the suite arms disk faults.
+    let control: Vec<String> = (0..3)
+        .map(|i| format!("{}:{}", hosts[i], ports[6 + i]))
+        .collect();
     let configs: Vec<PathBuf> = (1..=3)
-        .map(|id| write_config_on_hosts(dir.path(), id, &hosts, &ports, DEVICE_SIZE, WAL_SIZE))
+        .map(|id| {
+            let path = write_config_on_hosts(dir.path(), id, &hosts, &ports, DEVICE_SIZE, WAL_SIZE);
+            let mut text = std::fs::read_to_string(&path).expect("read config");
+            text.push_str(&format!(
+                "\n[metrics]\naddress = \"{}\"\n\n[fault]\ninjection = true\nseed = {}\n",
+                control[id - 1],
+                seed.wrapping_add(id as u64)
+            ));
+            std::fs::write(&path, text).expect("write config");
+            path
+        })
         .collect();
     let prefixes = (0..3)
         .map(|i| {
@@ -369,6 +537,7 @@ pub fn run(settings: Settings) {
         })
         .collect();
     let mut nodes = Nodes::start(configs, dir.path(), prefixes);
+    nodes.set_control(control);
     let addresses = workload::addresses(&hosts, &ports);
 
     let base = Instant::now();
@@ -406,10 +575,20 @@ pub fn run(settings: Settings) {
 
     // The schedule.
     let mut rng = SmallRng::seed_from_u64(seed);
+    let clock = clock_settable();
+    let time_namespaces = time_namespaces();
+    if let Err(reason) = &clock {
+        println!("SKIPPED clock jumps: {reason}");
+    }
+    if let Err(reason) = &time_namespaces {
+        println!("SKIPPED shifted clocks: {reason}");
+    }
     let kinds: Vec<FaultKind> = KINDS
         .iter()
         .copied()
         .filter(|k| network.is_some() || !k.needs_network())
+        .filter(|k| clock.is_ok() || !k.needs_clock())
+        .filter(|k| time_namespaces.is_ok() || !k.needs_time_namespace())
         .collect();
     let mut events: Vec<FaultEvent> = Vec::new();
     let mut injection_errors = Vec::new();
@@ -504,6 +683,10 @@ pub fn run(settings: Settings) {
 
     // The report.
     let count = |f: &dyn Fn(&Op) -> bool| record.ops.iter().filter(|op| f(op)).count();
+    let skipped = |probe: &Result<(), String>| match probe {
+        Ok(()) => "on".to_string(),
+        Err(reason) => format!("SKIPPED ({reason})"),
+    };
     let is_write = |op: &Op| matches!(op.kind, OpKind::Write(_));
     println!("---- fault suite report (seed {seed}) ----");
     println!(
@@ -513,6 +696,11 @@ pub fn run(settings: Settings) {
         } else {
             "SKIPPED (loopback)"
         }
+    );
+    println!(
+        "clock jumps: {}; shifted clocks: {}",
+        skipped(&clock),
+        skipped(&time_namespaces)
     );
     println!(
         "operations: {} register ops ({} writes: {} ok, {} unknown, {} failed; {} reads: {} ok, {} failed), \
@@ -539,6 +727,12 @@ pub fn run(settings: Settings) {
         );
     }
     println!("faults: {} in {seconds} s", events.len());
+    let exits = |code: i32| nodes.fault_exits.iter().filter(|(_, c)| *c == code).count();
+    println!(
+        "exits caused by faults: {} on a failed device (exit {EXIT_DEVICE_FAILED}), {} power cuts (exit {EXIT_POWER_CUT})",
+        exits(EXIT_DEVICE_FAILED),
+        exits(EXIT_POWER_CUT)
+    );
     for (kind, (n, us)) in &by_kind {
         println!("    {kind:?}: {n} ({:.1} s in all)", *us as f64 / 1e6);
     }

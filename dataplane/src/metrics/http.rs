@@ -25,8 +25,11 @@ pub struct Pages {
     /// `GET /status`: a JSON document.
     pub status: Box<dyn Fn() -> Page>,
     /// `POST /fault?QUERY`, only with fault injection on: arms a fault, given the query.
-    pub fault: Option<Box<dyn Fn(&str) -> FaultAnswer>>,
+    pub fault: Option<FaultControl>,
 }
+
+/// Arms a fault given the query of `POST /fault?QUERY`.
+pub type FaultControl = Box<dyn Fn(&str) -> FaultAnswer>;
 
 /// What `POST /fault` answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
