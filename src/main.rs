@@ -80,7 +80,8 @@ enum Command {
     /// Start a three-replica cluster on loopback from the embedded configuration, write and
     /// read back a region, run a short benchmark, and stop.
     Demo {
-        /// Where the chunks live: `mem`, or `uring` for files in a temporary folder.
+        /// Where the chunks live: `mem`, `uring` for files in a temporary folder, or `spdk` for
+        /// SPDK malloc bdevs in the no-huge mode (a binary built with --features spdk).
         #[arg(long, default_value = "mem")]
         backend: String,
         /// Seconds per benchmark phase.
@@ -317,8 +318,15 @@ fn demo(backend: &str, seconds: u64) -> ExitCode {
     let backend = match backend {
         "mem" => Backend::Mem,
         "uring" => Backend::Uring,
+        "spdk" if cfg!(feature = "spdk") => Backend::Spdk,
+        "spdk" => {
+            eprintln!(
+                "error: --backend spdk needs a binary built with --features spdk (and SPDK_DIR)"
+            );
+            return ExitCode::FAILURE;
+        }
         other => {
-            eprintln!("error: --backend `{other}`: expected mem or uring");
+            eprintln!("error: --backend `{other}`: expected mem, uring or spdk");
             return ExitCode::FAILURE;
         }
     };

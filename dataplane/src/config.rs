@@ -75,6 +75,64 @@ pub struct Config {
     /// Fault injection, for the fault suite only.
     #[serde(default, skip_serializing_if = "FaultSection::is_default")]
     pub fault: FaultSection,
+    /// The SPDK environment, for `spdk` devices.
+    #[serde(default, skip_serializing_if = "SpdkSection::is_default")]
+    pub spdk: SpdkSection,
+}
+
+/// `[spdk]`: how the SPDK environment starts (only with `spdk` devices; feature `spdk`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpdkSection {
+    /// Memory SPDK reserves: DMA buffers (each shard's pool), malloc bdevs, the bdev layer.
+    pub mem_size: ByteSize,
+    /// Take that memory from hugepages (production). `false` is the no-huge test mode:
+    /// ordinary memory without physical addresses, enough for malloc, aio and uring bdevs but
+    /// not for NVMe.
+    pub hugepages: bool,
+    /// Scan the PCI bus and claim NVMe devices bound to vfio-pci or uio (needed for `pcie`
+    /// devices; off otherwise so nothing on the bus is touched).
+    pub pci: bool,
+    /// An SPDK JSON config (`{"subsystems": [...]}`) that defines the bdevs; relative paths are
+    /// under `node.data_dir`. Without it, each device's `create` defines its bdev.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<PathBuf>,
+    /// Format a device that holds no chunkserver format. Off: only a bdev this process made
+    /// fresh (a malloc bdev, a file it created) is formatted, so an NVMe drive holding other
+    /// data is refused rather than overwritten.
+    pub format: bool,
+}
+
+impl Default for SpdkSection {
+    fn default() -> Self {
+        SpdkSection {
+            mem_size: ByteSize(1 << 30),
+            hugepages: true,
+            pci: false,
+            config_file: None,
+            format: false,
+        }
+    }
+}
+
+impl SpdkSection {
+    fn is_default(&self) -> bool {
+        *self == SpdkSection::default()
+    }
+}
+
+/// How an `spdk` device's bdev comes to exist when no `spdk.config_file` defines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpdkCreate {
+    /// A malloc bdev of the device's `size` (memory; for tests and the demo).
+    Malloc,
+    /// An aio bdev over the file or block device `path`. (SPDK's uring bdev is not linked:
+    /// glommio brings its own liburing; see ffi/build.rs.)
+    Aio,
+    /// The NVMe controller at PCIe address `pcie`; the bdev is its namespace 1, named
+    /// `CONTROLLERn1`, so `bdev` must end in `n1`.
+    Nvme,
 }
 
 /// `[fault]`: fault injection for tests. With `injection = true` every shard's device goes
@@ -181,6 +239,12 @@ pub struct DeviceSection {
     /// Size in bytes. Required for `mem` and for a `uring` file that does not exist yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<ByteSize>,
+    /// `spdk` only: how the bdev is made, when no `spdk.config_file` defines it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<SpdkCreate>,
+    /// `spdk` with `create = "nvme"`: the controller's PCIe address, as in `0000:5e:00.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie: Option<String>,
 }
 
 /// `[storage]`
@@ -829,6 +893,14 @@ impl Config {
         for (i, device) in self.devices.iter().enumerate() {
             let key = |field: &str| format!("devices[{i}].{field}");
             match device.backend {
+                Backend::Uring | Backend::Mem
+                    if device.create.is_some() || device.pcie.is_some() =>
+                {
+                    return Err(err(
+                        &key("create"),
+                        "only the spdk backend takes `create` and `pcie`".into(),
+                    ));
+                }
                 Backend::Uring => {
                     if device.path.is_none() {
                         return Err(err(&key("path"), "the uring backend needs a path".into()));
@@ -841,18 +913,63 @@ impl Config {
                     }
                 }
                 Backend::Spdk => {
-                    if device.bdev.is_none() {
+                    let Some(bdev) = &device.bdev else {
                         return Err(err(
                             &key("bdev"),
                             "the spdk backend needs a bdev name".into(),
                         ));
-                    }
+                    };
                     if !cfg!(feature = "spdk") {
                         return Err(err(
                             &key("backend"),
                             "spdk needs the spdk feature, which this binary was built without"
                                 .into(),
                         ));
+                    }
+                    match (device.create, &self.spdk.config_file) {
+                        (None, None) => {
+                            return Err(err(
+                                &key("create"),
+                                "say how the bdev is made (malloc, aio, nvme), or name \
+                                 an SPDK JSON config in spdk.config_file"
+                                    .into(),
+                            ))
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(err(
+                                &key("create"),
+                                "spdk.config_file defines the bdevs; drop `create`".into(),
+                            ))
+                        }
+                        (Some(SpdkCreate::Malloc), None) if device.size.is_none() => {
+                            return Err(err(&key("size"), "a malloc bdev needs a size".into()))
+                        }
+                        (Some(SpdkCreate::Aio), None) if device.path.is_none() => {
+                            return Err(err(&key("path"), "an aio bdev needs a path".into()))
+                        }
+                        (Some(SpdkCreate::Nvme), None) => {
+                            if device.pcie.is_none() {
+                                return Err(err(
+                                    &key("pcie"),
+                                    "an nvme bdev needs a PCIe address".into(),
+                                ));
+                            }
+                            if !bdev.ends_with("n1") || bdev.len() < 3 {
+                                return Err(err(
+                                    &key("bdev"),
+                                    "an nvme bdev is the controller's namespace 1: name it \
+                                     CONTROLLERn1, as in Nvme0n1"
+                                        .into(),
+                                ));
+                            }
+                            if !self.spdk.pci {
+                                return Err(err(
+                                    "spdk.pci",
+                                    "an nvme device needs spdk.pci = true".into(),
+                                ));
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 Backend::Mem => {

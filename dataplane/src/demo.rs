@@ -20,7 +20,8 @@ use crate::server::LocalCluster;
 pub struct DemoOptions {
     /// The three node configurations, as (file name, TOML text).
     pub configs: Vec<(String, String)>,
-    /// `mem`, or `uring` to keep the chunks in files under `data_dir`.
+    /// `mem`, `uring` to keep the chunks in files under `data_dir`, or `spdk` for SPDK malloc
+    /// bdevs (feature `spdk`).
     pub backend: Backend,
     /// Where the nodes keep their files.
     pub data_dir: PathBuf,
@@ -58,6 +59,9 @@ pub struct DemoReport {
 
 const COPYSET: CopysetId = CopysetId(1);
 
+/// Each node's malloc bdev in the SPDK demo.
+const SPDK_DEMO_BDEV: u64 = 256 << 20;
+
 /// Runs the demo: starts the nodes, exercises them, stops them.
 pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     let host = HostTopology::detect();
@@ -71,6 +75,39 @@ pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
                 device.backend = Backend::Uring;
                 device.path = Some(PathBuf::from("chunks.img"));
                 device.size = device.size.or(Some(ByteSize(256 << 20)));
+            }
+        }
+        if options.backend == Backend::Spdk {
+            // The three nodes share this process and so one SPDK environment: one JSON
+            // config defines a malloc bdev for each, in the no-huge mode.
+            let spdk_config = options.data_dir.join("spdk-bdevs.json");
+            if !spdk_config.exists() {
+                std::fs::create_dir_all(&options.data_dir).map_err(|e| e.to_string())?;
+                let bdevs: Vec<serde_json::Value> = (1..=options.configs.len())
+                    .map(|n| {
+                        serde_json::json!({"method": "bdev_malloc_create", "params": {
+                            "name": format!("Malloc{n}"),
+                            "num_blocks": SPDK_DEMO_BDEV / 4096, "block_size": 4096}})
+                    })
+                    .collect();
+                let json =
+                    serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": bdevs}]});
+                std::fs::write(&spdk_config, json.to_string()).map_err(|e| e.to_string())?;
+            }
+            config.spdk = crate::config::SpdkSection {
+                mem_size: ByteSize(options.configs.len() as u64 * SPDK_DEMO_BDEV + (1 << 30)),
+                hugepages: false,
+                pci: false,
+                config_file: Some(spdk_config),
+                // Fresh malloc bdevs: nothing on them to keep.
+                format: true,
+            };
+            for device in &mut config.devices {
+                device.backend = Backend::Spdk;
+                device.bdev = Some(format!("Malloc{}", config.node.id));
+                device.path = None;
+                device.size = None;
+                device.create = None;
             }
         }
         let resolved = config.validate(file, &host).map_err(|e| e.to_string())?;

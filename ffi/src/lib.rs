@@ -6,5 +6,7 @@
 //! - `spdk` (feature `spdk`): SPDK through bindgen.
 
 pub mod numa;
+#[cfg(feature = "spdk")]
+pub mod spdk;
 #[cfg(feature = "rdma")]
 pub mod verbs;

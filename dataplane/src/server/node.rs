@@ -127,11 +127,30 @@ fn prepare_shared_device(
         Some(size) if !existed => format!("uring://{device}?size={size}"),
         _ => format!("uring://{device}"),
     };
+    let refusal = "the file exists but holds no chunkserver format (remove it to let the next \
+                   start format it)";
+    format_if_new(config, &uri, !existed, refusal, !existed, shards).map_err(fail)?;
+    Ok(DevicePlan::Shared {
+        uri: format!("uring://{device}"),
+    })
+}
+
+/// Opens `uri` on a thread of its own and checks its format: a device formatted for another
+/// shard count is refused; one without a format is formatted when `may_format` (zeroed
+/// already when `zeroed`), refused with `refusal` otherwise.
+fn format_if_new(
+    config: &Config,
+    uri: &str,
+    may_format: bool,
+    refusal: &'static str,
+    zeroed: bool,
+    shards: u32,
+) -> Result<(), String> {
     let options = FormatOptions {
-        device_is_zeroed: !existed,
+        device_is_zeroed: zeroed,
         ..FormatOptions::from_config(&config.storage, shards)
     };
-    let open_uri = uri.clone();
+    let open_uri = uri.to_string();
     let seed = u64::from(config.node.id);
     let handle = LocalExecutorBuilder::new(Placement::Unbound)
         .name("device-prepare")
@@ -150,29 +169,121 @@ fn prepare_shared_device(
                     }
                     Ok(false)
                 }
-                Err(_) if !existed => {
+                Err(_) if may_format => {
                     format(&bdev, &options, device_uuid(seed))
                         .await
                         .map_err(|e| e.to_string())?;
                     Ok(true)
                 }
-                Err(error) => Err(format!(
-                    "{error}; the file exists but holds no chunkserver format (remove it to \
-                     let the next start format it)"
-                )),
+                Err(error) => Err(format!("{error}; {refusal}")),
             }
         })
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let formatted = handle
         .join()
-        .map_err(|_| fail("preparation thread panicked".into()))?
-        .map_err(fail)?;
+        .map_err(|_| "the preparation thread panicked".to_string())??;
     if formatted {
-        info!(device, shards, "device formatted");
+        info!(uri, shards, "device formatted");
     }
-    Ok(DevicePlan::Shared {
-        uri: format!("uring://{device}"),
-    })
+    Ok(())
+}
+
+/// Starts SPDK with the bdevs the configuration defines, and formats the device if it is new.
+#[cfg(feature = "spdk")]
+fn prepare_spdk_device(
+    config: &Config,
+    device: &crate::config::DeviceSection,
+    shards: u32,
+) -> Result<DevicePlan, NodeError> {
+    use crate::config::SpdkCreate;
+    let name = device.bdev.clone().unwrap_or_default();
+    let fail = |reason: String| NodeError::Device {
+        device: format!("spdk://{name}"),
+        reason,
+    };
+    let mut fresh = false;
+    let json = match &config.spdk.config_file {
+        Some(file) => {
+            let path = config.node.data_dir.join(file);
+            std::fs::read_to_string(&path).map_err(|e| {
+                fail(format!(
+                    "cannot read the SPDK config {}: {e}",
+                    path.display()
+                ))
+            })?
+        }
+        None => {
+            let method = match device.create {
+                Some(SpdkCreate::Malloc) => {
+                    fresh = true;
+                    let size = device.size.map(|s| s.bytes()).unwrap_or(0);
+                    serde_json::json!({"method": "bdev_malloc_create", "params": {
+                        "name": name, "num_blocks": size / 4096, "block_size": 4096}})
+                }
+                Some(SpdkCreate::Aio) => {
+                    let path = config
+                        .device_path(device)
+                        .ok_or_else(|| fail("an aio bdev needs a path".into()))?;
+                    if !path.exists() {
+                        let size = device.size.map(|s| s.bytes()).ok_or_else(|| {
+                            fail(format!(
+                                "{} does not exist and no size is given",
+                                path.display()
+                            ))
+                        })?;
+                        if let Some(parent) = path.parent() {
+                            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
+                        }
+                        let file = std::fs::File::create(&path).map_err(|e| fail(e.to_string()))?;
+                        file.set_len(size).map_err(|e| fail(e.to_string()))?;
+                        fresh = true;
+                    }
+                    serde_json::json!({"method": "bdev_aio_create", "params": {
+                        "name": name, "filename": path.display().to_string(), "block_size": 4096}})
+                }
+                Some(SpdkCreate::Nvme) => {
+                    let controller = name.strip_suffix("n1").unwrap_or(&name);
+                    serde_json::json!({"method": "bdev_nvme_attach_controller", "params": {
+                        "name": controller, "trtype": "PCIe",
+                        "traddr": device.pcie.clone().unwrap_or_default()}})
+                }
+                None => return Err(fail("no spdk.config_file and no `create`".into())),
+            };
+            serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [method]}]})
+                .to_string()
+        }
+    };
+    let options = ffi::spdk::EnvOptions {
+        name: "chunkserver".into(),
+        hugepages: config.spdk.hugepages,
+        mem_size_mb: u32::try_from(config.spdk.mem_size.bytes() >> 20).unwrap_or(u32::MAX),
+        pci: config.spdk.pci,
+        json_config: json,
+    };
+    ffi::spdk::start(&options).map_err(|e| fail(e.to_string()))?;
+    info!(bdev = %name, version = %ffi::spdk::version(), "SPDK started");
+    let uri = format!("spdk://{name}");
+    format_if_new(
+        config,
+        &uri,
+        fresh || config.spdk.format,
+        "the bdev holds no chunkserver format (set spdk.format = true to format it)",
+        fresh,
+        shards,
+    )
+    .map_err(fail)?;
+    Ok(DevicePlan::Shared { uri })
+}
+
+#[cfg(not(feature = "spdk"))]
+fn prepare_spdk_device(
+    _config: &Config,
+    _device: &crate::config::DeviceSection,
+    _shards: u32,
+) -> Result<DevicePlan, NodeError> {
+    Err(NodeError::Config(
+        "the spdk backend is not built into this binary (build with --features spdk)".into(),
+    ))
 }
 
 /// Gathers every shard's report: this shard's directly, the others' through the mesh.
@@ -266,11 +377,7 @@ pub fn run_node(
                 .ok_or_else(|| NodeError::Config("the uring device needs a path".into()))?;
             prepare_shared_device(config, path, shards)?
         }
-        Backend::Spdk => {
-            return Err(NodeError::Config(
-                "the spdk backend is not built into this binary".into(),
-            ))
-        }
+        Backend::Spdk => prepare_spdk_device(config, device, shards)?,
     };
     let cluster = cluster_view(config, shards);
     let tick = Duration::from_millis(config.raft.tick_ms);

@@ -64,6 +64,9 @@ struct PoolAccount {
 pub struct DmaPool {
     account: Arc<PoolAccount>,
     align: usize,
+    /// Memory comes from SPDK's DMA allocator (pinned and registered for devices), and a
+    /// `Bytes` from elsewhere is always copied in rather than wrapped.
+    spdk: bool,
 }
 
 impl DmaPool {
@@ -79,7 +82,16 @@ impl DmaPool {
                 limit,
             }),
             align,
+            spdk: false,
         })
+    }
+
+    /// A pool whose memory comes from SPDK's DMA allocator (the environment must be up).
+    #[cfg(feature = "spdk")]
+    pub fn spdk(limit: usize, align: usize) -> Result<DmaPool, DmaError> {
+        let mut pool = DmaPool::new(limit, align)?;
+        pool.spdk = true;
+        Ok(pool)
     }
 
     /// The alignment of every buffer of this pool.
@@ -95,13 +107,8 @@ impl DmaPool {
     /// A zero-filled buffer of `len` bytes (rounded up to the alignment for the allocation; the
     /// buffer's length is `len`).
     pub fn alloc(&self, len: usize) -> Result<DmaBuf, DmaError> {
-        let (ptr, layout) = self.reserve(len, true)?;
         Ok(DmaBuf {
-            storage: Storage::Owned(OwnedBlock {
-                ptr,
-                layout,
-                account: Arc::clone(&self.account),
-            }),
+            storage: Storage::Owned(self.reserve(len, true)?),
             len,
         })
     }
@@ -110,23 +117,19 @@ impl DmaPool {
     /// arrive in another buffer, as glommio's do).
     pub fn alloc_copy(&self, source: &[u8]) -> Result<DmaBuf, DmaError> {
         let len = source.len();
-        let (ptr, layout) = self.reserve(len, false)?;
-        // SAFETY: `ptr` points to a fresh allocation of `layout.size() >= len` bytes that
-        // nothing else references, and `source` cannot overlap it.
-        unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), ptr.as_ptr(), len) };
+        let block = self.reserve(len, false)?;
+        // SAFETY: `block.ptr` points to a fresh allocation of `layout.size() >= len` bytes
+        // that nothing else references, and `source` cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), block.ptr.as_ptr(), len) };
         Ok(DmaBuf {
-            storage: Storage::Owned(OwnedBlock {
-                ptr,
-                layout,
-                account: Arc::clone(&self.account),
-            }),
+            storage: Storage::Owned(block),
             len,
         })
     }
 
     /// Takes `len` bytes (rounded up to the alignment) from the pool's bound and allocates
     /// them, zeroed or not.
-    fn reserve(&self, len: usize, zeroed: bool) -> Result<(NonNull<u8>, Layout), DmaError> {
+    fn reserve(&self, len: usize, zeroed: bool) -> Result<OwnedBlock, DmaError> {
         let align = self.align;
         let invalid = DmaError::InvalidRequest { len, align };
         if len == 0 {
@@ -155,6 +158,21 @@ impl DmaPool {
                 Err(seen) => in_use = seen,
             }
         }
+        #[cfg(feature = "spdk")]
+        if self.spdk {
+            return match ffi::spdk::DmaBlock::new(capacity, align, zeroed) {
+                Ok(block) => Ok(OwnedBlock {
+                    ptr: block.as_ptr(),
+                    layout,
+                    account: Arc::clone(account),
+                    spdk: Some(block),
+                }),
+                Err(_) => {
+                    account.in_use.fetch_sub(capacity, Ordering::Relaxed);
+                    Err(DmaError::OutOfMemory { len, align })
+                }
+            };
+        }
         let raw = if zeroed {
             // SAFETY: `layout` has a non-zero size (len > 0) and a power-of-two alignment.
             unsafe { std::alloc::alloc_zeroed(layout) }
@@ -163,7 +181,13 @@ impl DmaPool {
             unsafe { std::alloc::alloc(layout) }
         };
         match NonNull::new(raw) {
-            Some(ptr) => Ok((ptr, layout)),
+            Some(ptr) => Ok(OwnedBlock {
+                ptr,
+                layout,
+                account: Arc::clone(account),
+                #[cfg(feature = "spdk")]
+                spdk: None,
+            }),
             None => {
                 account.in_use.fetch_sub(capacity, Ordering::Relaxed);
                 Err(DmaError::OutOfMemory { len, align })
@@ -174,7 +198,12 @@ impl DmaPool {
     /// A buffer holding `bytes`: the same memory when it is aligned to this pool's alignment
     /// (pointer and length), otherwise a copy in pool memory.
     pub fn from_bytes_or_copy(&self, bytes: Bytes) -> Result<DmaBuf, DmaError> {
-        match DmaBuf::from_bytes(bytes, self.align) {
+        let wrapped = if self.spdk {
+            Err(bytes)
+        } else {
+            DmaBuf::from_bytes(bytes, self.align)
+        };
+        match wrapped {
             Ok(buf) => Ok(buf),
             Err(bytes) => {
                 let mut buf = self.alloc(bytes.len())?;
@@ -196,6 +225,9 @@ struct OwnedBlock {
     ptr: NonNull<u8>,
     layout: Layout,
     account: Arc<PoolAccount>,
+    /// SPDK memory, which frees itself; `ptr` points into it.
+    #[cfg(feature = "spdk")]
+    spdk: Option<ffi::spdk::DmaBlock>,
 }
 
 // SAFETY: the block is the only owner of its allocation (nothing else holds `ptr`), the global
@@ -206,9 +238,15 @@ unsafe impl Sync for OwnedBlock {}
 
 impl Drop for OwnedBlock {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc` or `alloc_zeroed` with `self.layout` and is freed
-        // exactly once, here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        #[cfg(feature = "spdk")]
+        let heap = self.spdk.is_none();
+        #[cfg(not(feature = "spdk"))]
+        let heap = true;
+        if heap {
+            // SAFETY: `ptr` came from `alloc` or `alloc_zeroed` with `self.layout` and is
+            // freed exactly once, here.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        }
         self.account
             .in_use
             .fetch_sub(self.layout.size(), Ordering::Relaxed);
@@ -303,6 +341,23 @@ impl DmaBuf {
             Storage::Shared(bytes) => bytes.slice(..self.len.min(bytes.len())),
             Storage::Owned(_) => Bytes::from_owner(self),
         }
+    }
+}
+
+// SAFETY: a writable buffer's memory is its pool block, which stays at its address until the
+// buffer is dropped (moves move only the handle); a shared buffer's memory is held by its
+// `Bytes` for as long; `len` bytes of either are valid. A shared buffer gives no mutable
+// pointer, so the device never writes into memory a `Bytes` shares.
+#[cfg(feature = "spdk")]
+unsafe impl ffi::spdk::IoBuffer for DmaBuf {
+    fn io_ptr(&self) -> *const u8 {
+        self.as_slice().as_ptr()
+    }
+    fn io_mut_ptr(&mut self) -> Option<*mut u8> {
+        self.as_mut_slice().map(|s| s.as_mut_ptr())
+    }
+    fn io_len(&self) -> usize {
+        self.len
     }
 }
 

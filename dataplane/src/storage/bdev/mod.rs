@@ -11,9 +11,13 @@
 //! bdev). The SPDK backend plugs into the same trait.
 
 mod mem;
+#[cfg(feature = "spdk")]
+mod spdk;
 mod uring;
 
 pub use mem::MemBdev;
+#[cfg(feature = "spdk")]
+pub use spdk::SpdkBdev;
 pub use uring::UringBdev;
 
 use std::future::Future;
@@ -183,7 +187,10 @@ pub enum AnyBdev {
     Mem(MemBdev),
     /// `uring:///path`
     Uring(UringBdev),
-    /// Either of the others behind the fault injector (`[fault] injection = true`).
+    /// `spdk://NAME` (feature `spdk`)
+    #[cfg(feature = "spdk")]
+    Spdk(SpdkBdev),
+    /// Any of the others behind the fault injector (`[fault] injection = true`).
     Injected(Box<crate::storage::inject::InjectedBdev>),
 }
 
@@ -205,6 +212,16 @@ pub enum DeviceUri {
         /// Size to create or grow a regular file to.
         size: Option<u64>,
     },
+    /// `spdk://NAME[?offset=BYTES&size=BYTES]`: an SPDK bdev, or the window of it that starts
+    /// at `offset` (default 0) and holds `size` bytes (default: to the end).
+    Spdk {
+        /// The bdev's name.
+        name: String,
+        /// Where the window starts.
+        offset: u64,
+        /// Its size (`None`: the rest of the bdev).
+        size: Option<u64>,
+    },
 }
 
 impl FromStr for DeviceUri {
@@ -220,12 +237,13 @@ impl FromStr for DeviceUri {
             .ok_or_else(|| bad("expected SCHEME://…"))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut size = None;
+        let mut offset = None;
         let mut block_size = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| bad("a query parameter is not KEY=VALUE"))?;
-            if key != "size" && key != "block" {
+            if key != "size" && key != "block" && key != "offset" {
                 return Err(bad(&format!("unknown parameter `{key}`")));
             }
             let parsed = value
@@ -233,6 +251,7 @@ impl FromStr for DeviceUri {
                 .map_err(|e| bad(&format!("`{key}`: {e}")))?;
             match key {
                 "size" => size = Some(parsed.bytes()),
+                "offset" => offset = Some(parsed.bytes()),
                 "block" => {
                     let block = u32::try_from(parsed.bytes())
                         .ok()
@@ -242,6 +261,9 @@ impl FromStr for DeviceUri {
                 }
                 _ => {}
             }
+        }
+        if offset.is_some() && scheme != "spdk" {
+            return Err(bad("only spdk:// takes an offset"));
         }
         match scheme {
             "mem" => {
@@ -268,8 +290,22 @@ impl FromStr for DeviceUri {
                     size,
                 })
             }
-            "spdk" => Err(bad("the spdk backend is not part of this build")),
-            other => Err(bad(&format!("unknown backend `{other}` (mem, uring)"))),
+            "spdk" => {
+                if path.is_empty() || path.contains('/') {
+                    return Err(bad("spdk:// needs a bdev name, as in spdk://Nvme0n1"));
+                }
+                if block_size.is_some() {
+                    return Err(bad("spdk:// takes its block size from the bdev"));
+                }
+                Ok(DeviceUri::Spdk {
+                    name: path.to_string(),
+                    offset: offset.unwrap_or(0),
+                    size,
+                })
+            }
+            other => Err(bad(&format!(
+                "unknown backend `{other}` (mem, uring, spdk)"
+            ))),
         }
     }
 }
@@ -292,6 +328,26 @@ pub async fn open(uri: &str, pool_bytes: usize) -> Result<AnyBdev, BdevError> {
                     other => other,
                 })?,
         )),
+        #[cfg(feature = "spdk")]
+        DeviceUri::Spdk { name, offset, size } => {
+            let window = match (offset, size) {
+                (0, None) => None,
+                (offset, Some(size)) => Some((offset, size)),
+                (_, None) => {
+                    return Err(BdevError::BadUri {
+                        uri: uri.to_string(),
+                        reason: "an offset needs a size".into(),
+                    })
+                }
+            };
+            Ok(AnyBdev::Spdk(SpdkBdev::open(&name, window, pool_bytes)?))
+        }
+        #[cfg(not(feature = "spdk"))]
+        DeviceUri::Spdk { .. } => Err(BdevError::BadUri {
+            uri: uri.to_string(),
+            reason: "the spdk backend is not part of this build (build with --features spdk)"
+                .into(),
+        }),
     }
 }
 
@@ -300,6 +356,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.block_size(),
             AnyBdev::Uring(b) => b.block_size(),
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.block_size(),
             AnyBdev::Injected(b) => b.block_size(),
         }
     }
@@ -307,6 +365,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.block_count(),
             AnyBdev::Uring(b) => b.block_count(),
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.block_count(),
             AnyBdev::Injected(b) => b.block_count(),
         }
     }
@@ -314,6 +374,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.pool(),
             AnyBdev::Uring(b) => b.pool(),
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.pool(),
             AnyBdev::Injected(b) => b.pool(),
         }
     }
@@ -321,6 +383,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.read(offset, buf).await,
             AnyBdev::Uring(b) => b.read(offset, buf).await,
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.read(offset, buf).await,
             AnyBdev::Injected(b) => b.read(offset, buf).await,
         }
     }
@@ -328,6 +392,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.write(offset, buf).await,
             AnyBdev::Uring(b) => b.write(offset, buf).await,
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.write(offset, buf).await,
             AnyBdev::Injected(b) => b.write(offset, buf).await,
         }
     }
@@ -335,6 +401,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.write_zeroes(offset, len).await,
             AnyBdev::Uring(b) => b.write_zeroes(offset, len).await,
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.write_zeroes(offset, len).await,
             AnyBdev::Injected(b) => b.write_zeroes(offset, len).await,
         }
     }
@@ -342,6 +410,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.flush().await,
             AnyBdev::Uring(b) => b.flush().await,
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.flush().await,
             AnyBdev::Injected(b) => b.flush().await,
         }
     }
@@ -349,6 +419,8 @@ impl Bdev for AnyBdev {
         match self {
             AnyBdev::Mem(b) => b.read_new(offset, len).await,
             AnyBdev::Uring(b) => b.read_new(offset, len).await,
+            #[cfg(feature = "spdk")]
+            AnyBdev::Spdk(b) => b.read_new(offset, len).await,
             AnyBdev::Injected(b) => b.read_new(offset, len).await,
         }
     }
