@@ -221,6 +221,24 @@ fn poll_until(thread: *mut sys::spdk_thread, done: &Done) -> i32 {
     }
 }
 
+/// Raised when the process exits: no SPDK thread is polled from then on.
+static EXITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set by the app thread once it has stopped polling for good.
+static APP_STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs at process exit, before the environment's own destructors unmap its memory (those
+/// were registered when the library loaded, earlier than this): stops every poller first.
+extern "C" fn stop_polling_at_exit() {
+    use std::sync::atomic::Ordering;
+    EXITING.store(true, Ordering::SeqCst);
+    for _ in 0..1000 {
+        if APP_STOPPED.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn start_app_thread(options: &EnvOptions) -> Result<(), SpdkError> {
     let (tx, rx) = mpsc::channel();
     let options = options.clone();
@@ -241,14 +259,25 @@ fn app_thread(options: EnvOptions, report: mpsc::Sender<Result<(), SpdkError>>) 
             return;
         }
     };
+    // SAFETY: registers a plain function with no arguments; atexit keeps only the pointer.
+    if unsafe { libc::atexit(stop_polling_at_exit) } != 0 {
+        let _ = report.send(Err(SpdkError::Start("atexit registration failed".into())));
+        return;
+    }
     let _ = report.send(Ok(()));
-    loop {
+    use std::sync::atomic::Ordering;
+    while !EXITING.load(Ordering::SeqCst) {
         // SAFETY: `app` is the app thread created by `start_env`, current on this OS thread;
         // it is never destroyed (it lives as long as the process).
         let work = unsafe { sys::spdk_thread_poll(app, 0, 0) };
         if work == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+    APP_STOPPED.store(true, Ordering::SeqCst);
+    // Park for good: the process is exiting, and this thread must not touch SPDK again.
+    loop {
+        std::thread::park();
     }
 }
 
@@ -353,8 +382,12 @@ impl SpdkThread {
         Ok(Rc::new(SpdkThread { thread }))
     }
 
-    /// Runs the thread's messages and pollers once; how much work it did.
+    /// Runs the thread's messages and pollers once; how much work it did (nothing once the
+    /// process is exiting).
     pub fn poll(&self) -> i32 {
+        if EXITING.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
         // SAFETY: the thread is live (destroyed only in drop) and owned by this OS thread
         // (SpdkThread is neither Send nor Sync).
         unsafe {
@@ -489,6 +522,9 @@ extern "C" fn io_done<B: IoBuffer>(
 pub struct Completion<B> {
     request: Rc<Request<B>>,
     thread: Rc<SpdkThread>,
+    /// Whether it was polled before: the first poll only lets other tasks run, as a request
+    /// in flight does, so that what they submit meanwhile can join the same batch.
+    polled: Cell<bool>,
     op: IoKind,
     offset: u64,
     len: u64,
@@ -497,6 +533,10 @@ pub struct Completion<B> {
 impl<B> Future for Completion<B> {
     type Output = Result<Option<B>, SpdkError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !self.polled.replace(true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if self.request.result.get().is_none() {
             self.thread.poll();
         }
@@ -692,6 +732,7 @@ impl BdevHandle {
         Ok(Completion {
             request,
             thread: Rc::clone(&self.thread),
+            polled: Cell::new(false),
             op,
             offset,
             len,

@@ -1,5 +1,6 @@
 use super::*;
-use crate::storage::bdev::MemBdev;
+use crate::storage::bdev::AnyBdev;
+use crate::storage::test_device;
 use futures_lite::future::block_on;
 use raftcore::EntryKind;
 use rand::rngs::SmallRng;
@@ -20,23 +21,23 @@ pub(crate) fn small_options() -> FormatOptions {
     }
 }
 
-fn device(size: u64) -> Rc<MemBdev> {
-    Rc::new(MemBdev::new(size, 4096, 64 << 20).unwrap())
+fn device(size: u64) -> Rc<AnyBdev> {
+    test_device::device(size)
 }
 
-async fn formatted(size: u64) -> Rc<MemBdev> {
+async fn formatted(size: u64) -> Rc<AnyBdev> {
     let bdev = device(size);
     format(&*bdev, &small_options(), [1; 16]).await.unwrap();
     bdev
 }
 
-async fn open(bdev: &Rc<MemBdev>) -> (ShardEngine<MemBdev>, Recovery) {
+async fn open(bdev: &Rc<AnyBdev>) -> (ShardEngine<AnyBdev>, Recovery) {
     ShardEngine::open(Rc::clone(bdev), 0, EngineOptions::default())
         .await
         .unwrap()
 }
 
-fn buffer(engine: &ShardEngine<MemBdev>, len: u64, fill: u8) -> DmaBuf {
+fn buffer(engine: &ShardEngine<AnyBdev>, len: u64, fill: u8) -> DmaBuf {
     let mut buf = engine.bdev().alloc(len as usize).unwrap();
     buf.as_mut_slice().unwrap().fill(fill);
     buf
@@ -52,7 +53,7 @@ fn a_formatted_device_opens_empty_and_a_bad_superblock_is_refused() {
         assert!(engine.layout().slots > 10);
         drop(engine);
 
-        let refuse = |bdev: Rc<MemBdev>| async move {
+        let refuse = |bdev: Rc<AnyBdev>| async move {
             ShardEngine::open(bdev, 0, EngineOptions::default())
                 .await
                 .map(|_| ())
@@ -61,16 +62,15 @@ fn a_formatted_device_opens_empty_and_a_bad_superblock_is_refused() {
         };
         let error = refuse(device(8 << 20)).await;
         assert!(error.contains("not formatted"), "{error}");
-        let damaged = Rc::new(MemBdev::from_image(bdev.image(), 4096, 1 << 20).unwrap());
-        damaged.with_image(|image| image[30] ^= 0x10);
+        let damaged = test_device::changed_copy(&bdev, |image| image[30] ^= 0x10).await;
         let error = refuse(damaged).await;
         assert!(error.contains("checksum"), "{error}");
-        let other_version = Rc::new(MemBdev::from_image(bdev.image(), 4096, 1 << 20).unwrap());
-        other_version.with_image(|image| {
+        let other_version = test_device::changed_copy(&bdev, |image| {
             let mut superblock = Superblock::decode(&image[..4096]).unwrap();
             superblock.version = 2;
             superblock.encode(&mut image[..4096]);
-        });
+        })
+        .await;
         let error = refuse(other_version).await;
         assert!(error.contains("format version 2"), "{error}");
         let error = ShardEngine::open(Rc::clone(&bdev), 1, EngineOptions::default())
@@ -241,17 +241,19 @@ fn corrupt_metadata_is_detected_and_reported() {
         let layout = *engine.layout();
         drop(engine);
         // One damaged copy: the other (older) one is believed.
-        let one = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
-        one.with_image(|image| image[(layout.meta_page(0, 0) + 100) as usize] ^= 1);
+        let one = test_device::changed_copy(&bdev, |image| {
+            image[(layout.meta_page(0, 0) + 100) as usize] ^= 1
+        })
+        .await;
         let (engine, recovery) = open(&one).await;
         assert_eq!(recovery.chunks, 1, "the older copy knows chunk 1 only");
         drop(engine);
         // Both copies damaged: the shard refuses to open and says where.
-        let both = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
-        both.with_image(|image| {
+        let both = test_device::changed_copy(&bdev, |image| {
             image[(layout.meta_page(0, 0) + 100) as usize] ^= 1;
             image[(layout.meta_page(0, 1) + 100) as usize] ^= 1;
-        });
+        })
+        .await;
         let error = ShardEngine::open(both, 0, EngineOptions::default())
             .await
             .map(|_| ())
@@ -266,11 +268,11 @@ fn corrupt_metadata_is_detected_and_reported() {
             ),
             "{error}"
         );
-        let anchor = Rc::new(MemBdev::from_image(bdev.image(), 4096, 64 << 20).unwrap());
-        anchor.with_image(|image| {
+        let anchor = test_device::changed_copy(&bdev, |image| {
             image[(layout.anchor_page(0) + 40) as usize] ^= 1;
             image[(layout.anchor_page(1) + 40) as usize] ^= 1;
-        });
+        })
+        .await;
         let error = ShardEngine::open(anchor, 0, EngineOptions::default())
             .await
             .map(|_| ())
@@ -567,10 +569,11 @@ fn only_an_unclean_stop_leaves_slots_to_zero_before_reuse() {
             free.min(RECOVERY_ZERO_SLOTS as usize)
         );
         // Such a slot reads as zeroes once a chunk takes it.
-        bdev.with_image(|image| {
+        test_device::modify(&bdev, |image| {
             let slot = engine.layout().slot_offset(1) as usize;
             image[slot..slot + PAGE as usize].fill(0xee);
-        });
+        })
+        .await;
         engine
             .write_chunk(ChunkId(2), PAGE, buffer(&engine, PAGE, 6), 1, LogIndex(0))
             .await
@@ -825,7 +828,7 @@ fn random_image_op(rng: &mut SmallRng) -> ImageOp {
 /// Applies `op` as the entry at `index` of `copyset`; refusals (an older sn, a second
 /// snapshot) change nothing, as on every replica.
 async fn apply_image_op(
-    engine: &ShardEngine<MemBdev>,
+    engine: &ShardEngine<AnyBdev>,
     copyset: CopysetId,
     index: u64,
     op: ImageOp,
@@ -1035,7 +1038,7 @@ fn a_copyset_image_copied_under_writes_plus_the_log_equals_the_source() {
 fn a_deleted_copyset_stays_deleted_and_its_page_is_reused() {
     block_on(async {
         let bdev = formatted(16 << 20).await;
-        let create = |engine: &ShardEngine<MemBdev>, copyset: CopysetId| {
+        let create = |engine: &ShardEngine<AnyBdev>, copyset: CopysetId| {
             engine
                 .wal()
                 .install_snapshot(

@@ -20,6 +20,8 @@ pub mod wal;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+pub(crate) mod test_device;
 
 use bdev::BdevError;
 use table::{ChunkId, TableError};

@@ -53,7 +53,7 @@ impl SpdkBdev {
                 "the window {start}+{size} is not a non-empty multiple of the block size {block}"
             )));
         }
-        if start.checked_add(size).is_none_or(|end| end > capacity) {
+        if start.checked_add(size).map_or(true, |end| end > capacity) {
             return Err(open_error(format!(
                 "the window {start}+{size} reaches past the bdev's {capacity} bytes"
             )));

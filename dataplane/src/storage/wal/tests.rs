@@ -1,5 +1,6 @@
 use super::*;
-use crate::storage::bdev::MemBdev;
+use crate::storage::bdev::AnyBdev;
+use crate::storage::test_device;
 use bytes::Bytes;
 use futures_lite::future::block_on;
 use glommio::LocalExecutorBuilder;
@@ -27,11 +28,11 @@ fn entry(index: u64, term: u64, len: usize) -> Entry {
     }
 }
 
-fn device() -> Rc<MemBdev> {
-    Rc::new(MemBdev::new(8192 + RING + 8192, 4096, 64 << 20).unwrap())
+fn device() -> Rc<AnyBdev> {
+    test_device::device(8192 + RING + 8192)
 }
 
-async fn fresh(bdev: &Rc<MemBdev>, config: WalConfig) -> ShardWal<MemBdev> {
+async fn fresh(bdev: &Rc<AnyBdev>, config: WalConfig) -> ShardWal<AnyBdev> {
     ShardWal::recover(Rc::clone(bdev), config, 0, BTreeMap::new())
         .await
         .unwrap()
@@ -184,7 +185,7 @@ fn a_corrupt_record_ends_replay_and_later_appends_do_not_resurrect_what_followed
         drop(wal);
         // Damage entry 6's record (it starts where entry 5's ended, rounded to its batch).
         let sixth = align_up(positions[4], 4096);
-        bdev.with_image(|image| image[(8192 + sixth + 100) as usize] ^= 0x40);
+        test_device::modify(&bdev, |image| image[(8192 + sixth + 100) as usize] ^= 0x40).await;
         let (wal, report) = ShardWal::recover(Rc::clone(&bdev), config, 0, BTreeMap::new())
             .await
             .unwrap();
