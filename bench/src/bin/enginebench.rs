@@ -54,7 +54,57 @@ struct Args {
     /// add the rounds up (this machine's noise drifts over seconds).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Also run the engine on an SPDK aio bdev over a file of the same size in the same
+    /// folder (SPDK in its no-huge mode), each of its figures beside the kernel backend's
+    /// (the `uring` engine) from the same rounds.
+    #[cfg(feature = "spdk")]
+    #[arg(long)]
+    spdk_aio: bool,
 }
+
+/// The names of one engine's tests: (label, baseline) per test.
+struct EngineNames {
+    qd1: (&'static str, &'static str),
+    qd32: (&'static str, &'static str),
+    read: (&'static str, &'static str),
+    sequential: (&'static str, &'static str),
+}
+
+const KERNEL: EngineNames = EngineNames {
+    qd1: (
+        "engine 4K randwrite durable (WAL+apply), QD1",
+        "raw 4K randwrite O_DIRECT, QD1",
+    ),
+    qd32: (
+        "engine 4K randwrite durable (WAL+apply), QD32",
+        "raw 4K randwrite O_DIRECT, QD32",
+    ),
+    read: ("engine 4K randread, QD32", "raw 4K randread O_DIRECT, QD32"),
+    sequential: (
+        "engine 1M seqwrite durable (WAL+apply), QD1",
+        "raw 1M seqwrite O_DIRECT, QD1",
+    ),
+};
+
+#[cfg(feature = "spdk")]
+const SPDK_AIO: EngineNames = EngineNames {
+    qd1: (
+        "spdk-aio engine 4K randwrite durable, QD1",
+        "engine 4K randwrite durable (WAL+apply), QD1",
+    ),
+    qd32: (
+        "spdk-aio engine 4K randwrite durable, QD32",
+        "engine 4K randwrite durable (WAL+apply), QD32",
+    ),
+    read: (
+        "spdk-aio engine 4K randread, QD32",
+        "engine 4K randread, QD32",
+    ),
+    sequential: (
+        "spdk-aio engine 1M seqwrite durable, QD1",
+        "engine 1M seqwrite durable (WAL+apply), QD1",
+    ),
+};
 
 #[derive(Clone)]
 struct Measured {
@@ -119,7 +169,7 @@ impl Results {
 fn print_header() {
     println!(
         "{:<46} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8}",
-        "test", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "vs raw"
+        "test", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "ratio"
     );
 }
 
@@ -258,6 +308,46 @@ impl Engine {
     }
 }
 
+/// Opens the device at `uri`, formats it, opens an engine on it and creates `chunks` chunks
+/// (creation is measured nowhere).
+async fn open_engine(uri: &str, chunks: u64) -> Result<Rc<Engine>, String> {
+    let device = bdev::open(uri, 512 << 20)
+        .await
+        .map_err(|e| e.to_string())?;
+    let options = FormatOptions {
+        page_size: PAGE as u32,
+        chunk_size: CHUNK,
+        wal_size: WAL,
+        shard_count: 1,
+        max_copysets: DEFAULT_MAX_COPYSETS,
+        device_is_zeroed: true,
+    };
+    format(&device, &options, [0x42; 16])
+        .await
+        .map_err(|e| e.to_string())?;
+    let (engine, _) = ShardEngine::open(Rc::new(device), 0, EngineOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if u64::from(engine.layout().slots) < chunks {
+        return Err(format!(
+            "the engine device holds {} chunks, fewer than {chunks}",
+            engine.layout().slots
+        ));
+    }
+    let engine = Rc::new(Engine {
+        engine,
+        next_index: RefCell::new(vec![0; 64]),
+    });
+    for chunk in 0..chunks {
+        let data = payload(&engine.engine, PAGE, chunk)?;
+        engine
+            .durable_write(0, chunk, 0, data)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(engine)
+}
+
 fn payload(engine: &ShardEngine<AnyBdev>, len: u64, seed: u64) -> Result<Bytes, String> {
     let mut buffer = engine
         .bdev()
@@ -288,35 +378,35 @@ async fn run(args: Args) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
 
-    let uri = format!("uring://{}", engine_path.display());
-    let device = bdev::open(&uri, 512 << 20)
-        .await
+    let engine = open_engine(&format!("uring://{}", engine_path.display()), args.chunks).await?;
+    #[allow(unused_mut)] // grows only with the spdk feature
+    let mut engines: Vec<(&EngineNames, Rc<Engine>)> = vec![(&KERNEL, Rc::clone(&engine))];
+    #[cfg(feature = "spdk")]
+    if args.spdk_aio {
+        let spdk_path = folder.join("spdk-aio.img");
+        prefill(&spdk_path, engine_bytes).map_err(|e| format!("prefill: {e}"))?;
+        let json = serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": "bdev_aio_create", "params": {
+                "name": "BenchAio", "filename": spdk_path.display().to_string(),
+                "block_size": 4096}}]}]});
+        ffi::spdk::start(&ffi::spdk::EnvOptions {
+            name: "enginebench".into(),
+            hugepages: false,
+            mem_size_mb: 2048,
+            pci: false,
+            json_config: json.to_string(),
+        })
         .map_err(|e| e.to_string())?;
-    let options = FormatOptions {
-        page_size: PAGE as u32,
-        chunk_size: CHUNK,
-        wal_size: WAL,
-        shard_count: 1,
-        max_copysets: DEFAULT_MAX_COPYSETS,
-        device_is_zeroed: true,
-    };
-    format(&device, &options, [0x42; 16])
-        .await
-        .map_err(|e| e.to_string())?;
-    let (engine, _) = ShardEngine::open(Rc::new(device), 0, EngineOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    if u64::from(engine.layout().slots) < args.chunks {
-        return Err(format!(
-            "the engine file holds {} chunks, fewer than {}",
-            engine.layout().slots,
-            args.chunks
+        println!(
+            "enginebench: SPDK {} (no-huge) with an aio bdev over {}",
+            ffi::spdk::version(),
+            spdk_path.display()
+        );
+        engines.push((
+            &SPDK_AIO,
+            open_engine("spdk://BenchAio", args.chunks).await?,
         ));
     }
-    let engine = Rc::new(Engine {
-        engine,
-        next_index: RefCell::new(vec![0; 64]),
-    });
     let raw: Rc<DmaFile> = Rc::new(
         OpenOptions::new()
             .read(true)
@@ -325,15 +415,6 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("{}: {e}", raw_path.display()))?,
     );
-
-    // Every chunk exists before the timed runs: creation is measured nowhere.
-    for chunk in 0..args.chunks {
-        let data = payload(&engine.engine, PAGE, chunk)?;
-        engine
-            .durable_write(0, chunk, 0, data)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
 
     let seconds = args.seconds;
     let max_ops = args.max_ops;
@@ -363,8 +444,8 @@ async fn run(args: Args) -> Result<(), String> {
             }
         })
     };
-    let engine_write = |depth: usize| {
-        let engine = Rc::clone(&engine);
+    let engine_write = |engine: &Rc<Engine>, depth: usize| {
+        let engine = Rc::clone(engine);
         let random_page = random_page.clone();
         run_at_depth(depth, seconds, max_ops, move |task, sequence| {
             let engine = Rc::clone(&engine);
@@ -408,22 +489,20 @@ async fn run(args: Args) -> Result<(), String> {
 
         let raw_qd1 = raw_write(1).await;
         results.add("raw 4K randwrite O_DIRECT, QD1", None, raw_qd1);
-        let engine_qd1 = engine_write(1).await;
-        results.add(
-            "engine 4K randwrite durable (WAL+apply), QD1",
-            Some("raw 4K randwrite O_DIRECT, QD1"),
-            engine_qd1,
-        );
         let raw_qd32 = raw_write(32).await;
         results.add("raw 4K randwrite O_DIRECT, QD32", None, raw_qd32);
-        let stats_before = engine.engine.wal().stats();
-        let engine_qd32 = engine_write(32).await;
-        let stats_after = engine.engine.wal().stats();
-        results.add(
-            "engine 4K randwrite durable (WAL+apply), QD32",
-            Some("raw 4K randwrite O_DIRECT, QD32"),
-            engine_qd32,
-        );
+        for (names, engine) in &engines {
+            let measured = engine_write(engine, 1).await;
+            results.add(names.qd1.0, Some(names.qd1.1), measured);
+            let stats_before = engine.engine.wal().stats();
+            let measured = engine_write(engine, 32).await;
+            let stats_after = engine.engine.wal().stats();
+            results.add(names.qd32.0, Some(names.qd32.1), measured);
+            if std::ptr::eq(*names, &KERNEL) {
+                batches += stats_after.batches - stats_before.batches;
+                records += stats_after.records - stats_before.records;
+            }
+        }
 
         let raw_read = {
             let raw = Rc::clone(&raw);
@@ -442,30 +521,28 @@ async fn run(args: Args) -> Result<(), String> {
             .await
         };
         results.add("raw 4K randread O_DIRECT, QD32", None, raw_read);
-        let engine_read = {
-            let engine = Rc::clone(&engine);
-            let random_page = random_page.clone();
-            run_at_depth(32, seconds, max_ops, move |task, _| {
-                let engine = Rc::clone(&engine);
-                let page = random_page(task);
-                async move {
-                    let chunk = page / (CHUNK / PAGE) % chunks;
-                    let offset = page % (CHUNK / PAGE) * PAGE;
-                    let read = engine
-                        .engine
-                        .read_chunk(ChunkId(chunk), offset, PAGE)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(read.len() as u64)
-                }
-            })
-            .await
-        };
-        results.add(
-            "engine 4K randread, QD32",
-            Some("raw 4K randread O_DIRECT, QD32"),
-            engine_read,
-        );
+        for (names, engine) in &engines {
+            let engine_read = {
+                let engine = Rc::clone(engine);
+                let random_page = random_page.clone();
+                run_at_depth(32, seconds, max_ops, move |task, _| {
+                    let engine = Rc::clone(&engine);
+                    let page = random_page(task);
+                    async move {
+                        let chunk = page / (CHUNK / PAGE) % chunks;
+                        let offset = page % (CHUNK / PAGE) * PAGE;
+                        let read = engine
+                            .engine
+                            .read_chunk(ChunkId(chunk), offset, PAGE)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok(read.len() as u64)
+                    }
+                })
+                .await
+            };
+            results.add(names.read.0, Some(names.read.1), engine_read);
+        }
 
         let sequential_position = Rc::new(Cell::new(0u64));
         let raw_sequential = {
@@ -487,34 +564,37 @@ async fn run(args: Args) -> Result<(), String> {
             .await
         };
         results.add("raw 1M seqwrite O_DIRECT, QD1", None, raw_sequential);
-        sequential_position.set(0);
-        let engine_sequential = {
-            let engine = Rc::clone(&engine);
-            let position = Rc::clone(&sequential_position);
-            run_at_depth(1, seconds, max_ops, move |task, sequence| {
-                let engine = Rc::clone(&engine);
-                let offset = position.get() % data_bytes;
-                position.set(offset + SEQUENTIAL);
-                async move {
-                    let data = payload(&engine.engine, SEQUENTIAL, sequence)?;
-                    engine
-                        .durable_write(task, offset / CHUNK, offset % CHUNK, data)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(SEQUENTIAL)
-                }
-            })
-            .await
-        };
-        results.add(
-            "engine 1M seqwrite durable (WAL+apply), QD1",
-            Some("raw 1M seqwrite O_DIRECT, QD1"),
-            engine_sequential,
-        );
-        batches += stats_after.batches - stats_before.batches;
-        records += stats_after.records - stats_before.records;
+        for (names, engine) in &engines {
+            sequential_position.set(0);
+            let engine_sequential = {
+                let engine = Rc::clone(engine);
+                let position = Rc::clone(&sequential_position);
+                run_at_depth(1, seconds, max_ops, move |task, sequence| {
+                    let engine = Rc::clone(&engine);
+                    let offset = position.get() % data_bytes;
+                    position.set(offset + SEQUENTIAL);
+                    async move {
+                        let data = payload(&engine.engine, SEQUENTIAL, sequence)?;
+                        engine
+                            .durable_write(task, offset / CHUNK, offset % CHUNK, data)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok(SEQUENTIAL)
+                    }
+                })
+                .await
+            };
+            results.add(
+                names.sequential.0,
+                Some(names.sequential.1),
+                engine_sequential,
+            );
+        }
     }
     results.print();
+    println!(
+        "ratio: against the raw baseline; spdk-aio rows against the kernel (uring) engine row"
+    );
     println!(
         "group commit at QD32: {} WAL batches for {} records ({:.1} records per write+flush)",
         batches,

@@ -67,6 +67,41 @@ pub struct DmaPool {
     /// Memory comes from SPDK's DMA allocator (pinned and registered for devices), and a
     /// `Bytes` from elsewhere is always copied in rather than wrapped.
     spdk: bool,
+    /// Freed SPDK blocks kept for reuse: SPDK's allocator (DPDK's heap) costs far more per
+    /// call than the I/O it serves, so blocks go round as SPDK's own mempools do.
+    #[cfg(feature = "spdk")]
+    cache: Arc<SpdkCache>,
+}
+
+/// SPDK blocks freed and kept for the next allocation of the same size and alignment.
+#[cfg(feature = "spdk")]
+#[derive(Debug, Default)]
+struct SpdkCache {
+    free: std::sync::Mutex<std::collections::HashMap<(usize, usize), Vec<ffi::spdk::DmaBlock>>>,
+    bytes: AtomicUsize,
+}
+
+#[cfg(feature = "spdk")]
+impl SpdkCache {
+    /// Most bytes kept for reuse per pool; beyond it freed blocks go back to SPDK.
+    const LIMIT: usize = 64 << 20;
+
+    fn take(&self, len: usize, align: usize) -> Option<ffi::spdk::DmaBlock> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let block = free.get_mut(&(len, align))?.pop()?;
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        Some(block)
+    }
+
+    fn put(&self, align: usize, block: ffi::spdk::DmaBlock) {
+        let len = block.len();
+        if self.bytes.load(Ordering::Relaxed) + len > Self::LIMIT {
+            return; // dropped: freed to SPDK
+        }
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.entry((len, align)).or_default().push(block);
+    }
 }
 
 impl DmaPool {
@@ -83,6 +118,8 @@ impl DmaPool {
             }),
             align,
             spdk: false,
+            #[cfg(feature = "spdk")]
+            cache: Arc::default(),
         })
     }
 
@@ -160,13 +197,24 @@ impl DmaPool {
         }
         #[cfg(feature = "spdk")]
         if self.spdk {
-            return match ffi::spdk::DmaBlock::new(capacity, align, zeroed) {
-                Ok(block) => Ok(OwnedBlock {
-                    ptr: block.as_ptr(),
-                    layout,
-                    account: Arc::clone(account),
-                    spdk: Some(block),
-                }),
+            let block = match self.cache.take(capacity, align) {
+                Some(block) => Ok(block),
+                None => ffi::spdk::DmaBlock::new(capacity, align, false),
+            };
+            return match block {
+                Ok(block) => {
+                    if zeroed {
+                        // SAFETY: the block owns `capacity` writable bytes at `as_ptr()`, and
+                        // nothing else references them (fresh, or taken from the cache).
+                        unsafe { std::ptr::write_bytes(block.as_ptr().as_ptr(), 0, capacity) };
+                    }
+                    Ok(OwnedBlock {
+                        ptr: block.as_ptr(),
+                        layout,
+                        account: Arc::clone(account),
+                        spdk: Some((block, Arc::clone(&self.cache))),
+                    })
+                }
                 Err(_) => {
                     account.in_use.fetch_sub(capacity, Ordering::Relaxed);
                     Err(DmaError::OutOfMemory { len, align })
@@ -225,9 +273,10 @@ struct OwnedBlock {
     ptr: NonNull<u8>,
     layout: Layout,
     account: Arc<PoolAccount>,
-    /// SPDK memory, which frees itself; `ptr` points into it.
+    /// SPDK memory, which goes back to its pool's cache (or frees itself); `ptr` points
+    /// into it.
     #[cfg(feature = "spdk")]
-    spdk: Option<ffi::spdk::DmaBlock>,
+    spdk: Option<(ffi::spdk::DmaBlock, Arc<SpdkCache>)>,
 }
 
 // SAFETY: the block is the only owner of its allocation (nothing else holds `ptr`), the global
@@ -239,7 +288,13 @@ unsafe impl Sync for OwnedBlock {}
 impl Drop for OwnedBlock {
     fn drop(&mut self) {
         #[cfg(feature = "spdk")]
-        let heap = self.spdk.is_none();
+        let heap = match self.spdk.take() {
+            Some((block, cache)) => {
+                cache.put(self.layout.align(), block);
+                false
+            }
+            None => true,
+        };
         #[cfg(not(feature = "spdk"))]
         let heap = true;
         if heap {
