@@ -229,10 +229,15 @@ impl Nodes {
         self.expected_exit[index] = exit;
         // A node restarted a moment ago may not listen yet.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let address = address.clone();
         let answer = loop {
-            let answer = post(address, &format!("/fault?{query}"));
+            let answer = post(&address, &format!("/fault?{query}"));
             if answer.is_ok() || std::time::Instant::now() >= deadline {
                 break answer;
+            }
+            // The fault may have stopped the node before its answer went out: armed, then.
+            if exit.is_some() && self.wait_fault_exit(index, std::time::Duration::from_secs(2)) {
+                return Ok("the node stopped on the fault before it answered".into());
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         };
