@@ -204,3 +204,140 @@ fn a_follower_down_across_a_log_compaction_catches_up() {
         "node {follower} did not catch up after a compaction: {outcome:?}; its log:\n{tail}"
     );
 }
+
+/// Disk faults in real processes, deterministically: the leader's device fails every write, so
+/// it stops with exit status 3 (fail-stop) and the others go on; a follower's power is cut
+/// (exit status 4, unflushed writes lost, kept or torn); both come back, catch up, and every
+/// acknowledged write reads back from each of them as leader.
+#[test]
+fn a_failed_disk_stops_its_node_and_a_power_cut_loses_nothing_acknowledged() {
+    use std::time::Duration;
+
+    use fault::nodes::Nodes;
+    use fault::workload::{self, COPYSET};
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hosts = vec!["127.0.0.1".to_string(); 3];
+    let ports = common::free_ports(9);
+    let control: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", ports[6 + i]))
+        .collect();
+    let configs = (1..=3)
+        .map(|id| {
+            let path =
+                common::write_config_on_hosts(dir.path(), id, &hosts, &ports, "96MiB", "16MiB");
+            let mut text = std::fs::read_to_string(&path).expect("read config");
+            text.push_str(&format!(
+                "\n[metrics]\naddress = \"{}\"\n\n[fault]\ninjection = true\nseed = {id}\n",
+                control[id - 1]
+            ));
+            std::fs::write(&path, text).expect("write config");
+            path
+        })
+        .collect();
+    let mut nodes = Nodes::start(configs, dir.path(), vec![Vec::new(); 3]);
+    nodes.set_control(control.clone());
+    let addresses = workload::addresses(&hosts, &ports);
+    // Writes values first..=last to pages 0..64 (value v to page v % 64), or with `check` reads
+    // each page back and compares it with the last of those values, after waiting for the
+    // three replicas to agree on their applied index. Returns the leader the client saw.
+    let run = move |first: u64, last: u64, check: bool| {
+        let addresses = addresses.clone();
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let client = workload::client(&addresses, Duration::from_secs(20));
+                if first == 1 && !check {
+                    client
+                        .create_copyset(COPYSET, &[1, 2, 3])
+                        .await
+                        .map_err(|e| format!("create copyset: {e}"))?;
+                }
+                if check {
+                    let started = std::time::Instant::now();
+                    loop {
+                        let mut applied = Vec::new();
+                        for node in 1..=3u64 {
+                            applied.push(
+                                client
+                                    .copyset_status(node, COPYSET)
+                                    .await
+                                    .map(|s| s.applied),
+                            );
+                        }
+                        if applied.iter().all(|a| a.is_ok() && *a == applied[0]) {
+                            break;
+                        }
+                        if started.elapsed() > Duration::from_secs(30) {
+                            return Err(format!("the replicas did not converge: {applied:?}"));
+                        }
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                for value in first..=last {
+                    let (chunk, offset) = workload::once_location(value % 64);
+                    if check {
+                        let data = client
+                            .read(COPYSET, chunk, u64::from(offset), workload::PAGE as u32)
+                            .await
+                            .map_err(|e| format!("read of page {}: {e}", value % 64))?;
+                        if data != workload::page(0, value) {
+                            return Err(format!("page {} does not hold value {value}", value % 64));
+                        }
+                    } else {
+                        client
+                            .write(COPYSET, chunk, offset, workload::page(0, value), 1)
+                            .await
+                            .map_err(|e| format!("write {value} with a majority up: {e}"))?;
+                    }
+                }
+                Ok::<u64, String>(client.cached_leader(COPYSET).unwrap_or(1))
+            })
+            .expect("client executor")
+            .join()
+            .expect("client thread")
+    };
+    let outcome = (|| -> Result<(), String> {
+        let leader = run(1, 200, false)? as usize - 1;
+        // Every write on the leader's device fails from now on: it must stop, with status 3.
+        nodes.disk_fault(leader, "disk=errors&read=0&write=1000000", Some(3))?;
+        let writes = run(201, 400, false);
+        if !nodes.wait_fault_exit(leader, Duration::from_secs(20)) {
+            return Err(format!("node {} runs on with a failed device", leader + 1));
+        }
+        writes?;
+        nodes.restart(leader);
+        let leader = run(337, 400, true)? as usize - 1;
+        // The power of a follower goes while writes stream in: it loses what it had not
+        // flushed, and the writes go on with the other two.
+        let follower = (0..3).find(|&n| n != leader).ok_or("no follower")?;
+        let writer = std::thread::spawn({
+            let run = run.clone();
+            move || run(401, 1000, false)
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        let answer = nodes.disk_fault(follower, "disk=power-cut", Some(4))?;
+        if !nodes.wait_fault_exit(follower, Duration::from_secs(10)) {
+            return Err(format!("node {} runs on after its power cut", follower + 1));
+        }
+        writer.join().map_err(|_| "writer panicked")??;
+        nodes.restart(follower);
+        // Every page reads back once the three agree, and again after the leader of the
+        // moment is killed twice over (so another replica answers each time).
+        let mut leader = run(937, 1000, true)? as usize - 1;
+        for _ in 0..2 {
+            nodes.kill(leader);
+            run(937, 1000, false)?;
+            nodes.restart(leader);
+            leader = run(937, 1000, true)? as usize - 1;
+        }
+        println!("power cut: {answer}; fault exits {:?}", nodes.fault_exits);
+        Ok(())
+    })();
+    let tails: Vec<String> = (0..3).map(|i| nodes.log_tail(i, 15)).collect();
+    let unexpected = nodes.unexpected_exits.clone();
+    let panics = nodes.panics();
+    drop(nodes);
+    assert!(outcome.is_ok(), "{outcome:?}; logs: {tails:#?}");
+    assert!(unexpected.is_empty(), "exits nobody caused: {unexpected:?}");
+    assert!(panics.is_empty(), "{panics:?}");
+}
