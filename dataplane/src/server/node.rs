@@ -443,6 +443,10 @@ pub fn run_node(
                             .await
                             .map_err(|e| e.to_string())?;
                     }
+                    #[cfg(feature = "spdk")]
+                    if let AnyBdev::Spdk(spdk) = &bdev {
+                        glommio::spawn_local(spdk.idle_poller()).detach();
+                    }
                     let bdev = match &faults {
                         Some(faults) => AnyBdev::Injected(Box::new(InjectedBdev::new(
                             bdev,

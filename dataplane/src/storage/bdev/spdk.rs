@@ -85,6 +85,25 @@ impl SpdkBdev {
         self.handle.name()
     }
 
+    /// A task for the shard's executor that polls this device's SPDK thread every
+    /// millisecond, for what arrives while no request is in flight (messages from SPDK's app
+    /// thread, timed pollers); requests in flight poll it themselves. It ends when the device
+    /// is dropped.
+    pub fn idle_poller(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let thread = Rc::downgrade(self.handle.thread());
+        async move {
+            loop {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                match thread.upgrade() {
+                    Some(thread) => {
+                        thread.poll();
+                    }
+                    None => return,
+                }
+            }
+        }
+    }
+
     async fn io(
         &self,
         op: IoKind,
