@@ -720,7 +720,26 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .filter_map(|id| {
                 let core = copysets.get(id)?.borrow();
                 let raft = core.node().raft();
+                let wal = self.engine.wal();
+                let (log_applied, first_needed, log_last) = wal
+                    .with_log(*id, |log| {
+                        (
+                            log.applied.0,
+                            log.first_needed_lsn(log.applied),
+                            raftcore::LogStorage::last_index(log).map_or(0, |i| i.0),
+                        )
+                    })
+                    .unwrap_or((0, None, 0));
                 Some(serde_json::json!({
+                    "wal": {
+                        "head": wal.head(),
+                        "durable": wal.durable(),
+                        "used": wal.used(),
+                        "size": wal.size(),
+                        "log_applied": log_applied,
+                        "first_needed_lsn": first_needed,
+                        "log_last": log_last,
+                    },
                     "copyset": id.0,
                     "shard": self.shard,
                     "role": format!("{:?}", core.role()).to_lowercase(),
@@ -1265,7 +1284,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
     fn drive(self: &Rc<Self>, copyset: CopysetId, core: &CopysetCell<B>) {
         loop {
             let action = core.borrow_mut().next_action();
-            let Some(action) = action else { return };
+            let Some(action) = action else {
+                // Entries that touch no chunk (a new leader's no-op, membership changes,
+                // undecodable entries) are applied by the core alone, without an `Apply`
+                // command. The WAL must learn of them too: an idle copyset whose last entry
+                // is such an entry would otherwise pin the ring's head for good, and a full
+                // ring stops every copyset of the shard from persisting a vote (issue 17).
+                let applied = core.borrow().applied();
+                self.engine.set_applied(copyset, applied);
+                return;
+            };
             match action {
                 Action::Send(message) => {
                     let to = message.to.0;
