@@ -165,7 +165,12 @@ pub struct Volume {
     /// Serializes read-modify-write of partial pages, so two unaligned writes sharing a page
     /// cannot lose one another's bytes. Aligned writes do not take it.
     partial: Semaphore,
+    /// When a failed request was last logged, and how many were not logged since.
+    logged: std::cell::Cell<(Option<std::time::Instant>, u64)>,
 }
+
+/// At most one failed request is logged per this interval (the others are counted).
+const ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Volume {
     /// A volume over `client`.
@@ -174,7 +179,35 @@ impl Volume {
             spec,
             client,
             partial: Semaphore::new(1),
+            logged: std::cell::Cell::new((None, 0)),
         }
+    }
+
+    /// A request to the cluster failed after the client's retries (its deadline passed, or
+    /// the copyset refused it): the error the export answers with (EIO), logged at most once a
+    /// second with the volume, the operation, where, the copyset and the cause.
+    fn failed(&self, op: &str, offset: u64, chunk: ChunkId, error: ClientError) -> ExportError {
+        let now = std::time::Instant::now();
+        let (last, suppressed) = self.logged.get();
+        if last.is_some_and(|at| now.duration_since(at) < ERROR_LOG_INTERVAL) {
+            self.logged.set((last, suppressed + 1));
+        } else {
+            self.logged.set((Some(now), 0));
+            tracing::warn!(
+                volume = %self.spec.name,
+                op,
+                offset,
+                copyset = %self.spec.copyset,
+                chunk = chunk.0,
+                cause = %error,
+                suppressed,
+                "volume request failed; the client answers an I/O error"
+            );
+        }
+        ExportError::Io(format!(
+            "{op} of volume {} at {offset} (copyset {}, chunk {}): {error}",
+            self.spec.name, self.spec.copyset, chunk.0
+        ))
     }
 
     /// Its description.
@@ -217,7 +250,7 @@ impl Volume {
     async fn read_bytes(&self, offset: u64, len: u64) -> Result<Bytes, ExportError> {
         self.check(offset, len)?;
         let mut out = BytesMut::with_capacity(len as usize);
-        for (_, chunk, within, piece) in self.pieces(offset, len) {
+        for (at, chunk, within, piece) in self.pieces(offset, len) {
             // The chunkservers read whole pages: widen, then cut.
             let start = within / PAGE * PAGE;
             let end = (within + piece).div_ceil(PAGE) * PAGE;
@@ -225,7 +258,7 @@ impl Volume {
                 .client
                 .read(self.spec.copyset, chunk, start, (end - start) as u32)
                 .await
-                .map_err(|e| ExportError::Io(e.to_string()))?;
+                .map_err(|e| self.failed("read", at, chunk, e))?;
             let from = (within - start) as usize;
             let slice = data
                 .get(from..from + piece as usize)
@@ -240,7 +273,7 @@ impl Volume {
         for (at, chunk, within, piece) in self.pieces(offset, data.len() as u64) {
             let part = data.slice((at - offset) as usize..(at - offset + piece) as usize);
             if within % PAGE == 0 && piece % PAGE == 0 {
-                self.write_piece(chunk, within, part).await?;
+                self.write_piece(at, chunk, within, part).await?;
                 continue;
             }
             let _serialized = self
@@ -254,7 +287,7 @@ impl Volume {
                 .client
                 .read(self.spec.copyset, chunk, start, (end - start) as u32)
                 .await
-                .map_err(|e| ExportError::Io(e.to_string()))?;
+                .map_err(|e| self.failed("read before a partial write", at, chunk, e))?;
             let mut merged = BytesMut::from(&current[..]);
             if merged.len() != (end - start) as usize {
                 return Err(ExportError::Io(
@@ -263,13 +296,14 @@ impl Volume {
             }
             let from = (within - start) as usize;
             merged[from..from + piece as usize].copy_from_slice(&part);
-            self.write_piece(chunk, start, merged.freeze()).await?;
+            self.write_piece(at, chunk, start, merged.freeze()).await?;
         }
         Ok(())
     }
 
     async fn write_piece(
         &self,
+        at: u64,
         chunk: ChunkId,
         within: u64,
         data: Bytes,
@@ -277,7 +311,7 @@ impl Volume {
         self.client
             .write(self.spec.copyset, chunk, within as u32, data, 1)
             .await
-            .map_err(|e| ExportError::Io(e.to_string()))
+            .map_err(|e| self.failed("write", at, chunk, e))
     }
 
     async fn zero(&self, offset: u64, len: u64) -> Result<(), ExportError> {

@@ -333,7 +333,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
 
     async fn checkpoint_loop(self: Rc<Self>) {
         loop {
-            glommio::timer::sleep(Duration::from_millis(200)).await;
+            // A cheap check (a comparison) unless a checkpoint is due.
+            glommio::timer::sleep(Duration::from_millis(20)).await;
             if let Err(error) = self.engine.maybe_checkpoint().await {
                 self.stalled(None, "checkpoint failed", &error);
             }
@@ -778,11 +779,60 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 debug!(%copyset, "raft message for a copyset this shard does not have");
                 continue;
             };
+            if !self.admits_append(&core, &message) {
+                continue;
+            }
             if let Err(error) = core.borrow_mut().step(message) {
                 debug!(%copyset, %error, "raft message refused");
             }
             self.drive(copyset, &core);
         }
+    }
+
+    /// Whether the WAL admits the client data an append from the leader carries (entries
+    /// past this replica's log; a new leader's no-op and membership changes are raft's own
+    /// and always pass). A deferred append is dropped before raft sees it, like a lost
+    /// message: the leader sends it again, and no persist of this copyset ever waits behind
+    /// it, so its votes and acknowledgements keep flowing (docs/architecture.md, "WAL space").
+    fn admits_append(&self, core: &CopysetCell<B>, message: &raftcore::Message) -> bool {
+        if message.msg_type != raftcore::MessageType::Append || message.entries.is_empty() {
+            return true;
+        }
+        let last = core.borrow().node().raft().log.last_index();
+        let incoming: u64 = message
+            .entries
+            .iter()
+            .filter(|e| e.index > last && e.kind == raftcore::EntryKind::Normal)
+            .map(|e| e.data.len() as u64)
+            .sum();
+        if incoming == 0 || self.engine.wal().admits(incoming) {
+            return true;
+        }
+        self.metrics
+            .counter(
+                "chunkserver_wal_deferred_appends_total",
+                "Appends from a leader dropped because the WAL kept its room for raft's own \
+                 records; the leader sends them again.",
+                &[],
+            )
+            .inc();
+        false
+    }
+
+    /// Whether the WAL admits a client proposal of `bytes` now; counts a refusal.
+    fn admits_proposal(&self, bytes: usize) -> bool {
+        if self.engine.wal().admits(bytes as u64) {
+            return true;
+        }
+        self.metrics
+            .counter(
+                "chunkserver_wal_refused_writes_total",
+                "Client writes answered `retry` because the WAL kept its room for raft's own \
+                 records (back-pressure until a checkpoint reclaims the ring).",
+                &[],
+            )
+            .inc();
+        false
     }
 
     /// Hands the shard its ends of the channel mesh, through which requests that reach the
@@ -994,6 +1044,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
                     return (Status::CopysetNotFound, Bytes::new());
                 };
+                let leads = core.borrow().role() == StateRole::Leader;
+                if leads && !self.admits_proposal(payload.len()) {
+                    return (
+                        Status::Retry("the WAL is full; a checkpoint is reclaiming it".into()),
+                        Bytes::new(),
+                    );
+                }
                 let (token, answer) = self.wait_token();
                 core.borrow_mut().propose(payload, token);
                 self.drive(copyset, &core);

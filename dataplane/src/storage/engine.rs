@@ -1618,6 +1618,12 @@ impl<B: Bdev> ShardEngine<B> {
         let geometry = self.layout.geometry;
         let page = geometry.page_size as usize;
 
+        // 0. Entries that cannot be applied yet (a copyset idle, without quorum, or behind
+        // an install) would pin the head where they are: when reclaiming what is applied is
+        // not enough, they move forward first, so ring use after the checkpoint is bounded by
+        // the live entries alone (docs/architecture.md, "WAL space").
+        self.move_pinning_entries();
+
         // 1. Everything appended so far is durable, so the state captured below is.
         let appended = self.wal.appended();
         self.wal.sync(appended).await?;
@@ -1858,9 +1864,42 @@ impl<B: Bdev> ShardEngine<B> {
         write_anchor(&*self.bdev, &self.layout, copy, generation, &anchor).await
     }
 
-    /// Runs a checkpoint when the WAL is more than half full.
+    /// Moves the live entries that keep the WAL's head back forward, when a checkpoint that
+    /// only reclaims what is applied would leave more in use than a checkpoint is due at.
+    fn move_pinning_entries(&self) {
+        let budget = self.wal.budget();
+        let appended = self.wal.appended();
+        let logs = self.wal.logs();
+        let pinned_from = logs
+            .values()
+            .filter_map(|log| log.first_needed_lsn(log.applied))
+            .min();
+        let Some(pinned_from) = pinned_from else {
+            return;
+        };
+        if !budget.worth_moving(appended - pinned_from) {
+            return;
+        }
+        // Entries of the newest quarter of what may be used stay where they are: moving
+        // them would reclaim little.
+        let keep = budget
+            .ring
+            .saturating_sub(2 * budget.max_batch + budget.reserve())
+            / 4;
+        let cut = appended.saturating_sub(keep);
+        let (copysets, bytes) = self.wal.move_live_entries(cut);
+        if copysets > 0 {
+            tracing::info!(
+                copysets,
+                bytes,
+                "WAL: live entries moved forward so the checkpoint can reclaim the ring"
+            );
+        }
+    }
+
+    /// Runs a checkpoint when one is due (see `WalBudget::due`).
     pub async fn maybe_checkpoint(&self) -> Result<bool, StorageError> {
-        if self.wal.used() * 2 > self.wal.size() {
+        if self.wal.budget().due(self.wal.used()) {
             self.checkpoint().await?;
             return Ok(true);
         }

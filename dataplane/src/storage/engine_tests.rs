@@ -1110,3 +1110,80 @@ fn a_deleted_copyset_stays_deleted_and_its_page_is_reused() {
         assert_eq!(pages_of(&read), vec![3]);
     });
 }
+
+/// A copyset whose entries cannot be applied (no quorum, or idle behind an uncommitted tail)
+/// sits at the head of the ring while another copyset writes ten laps through it: checkpoints
+/// move the stuck entries forward instead of letting them pin the head, every append finds
+/// room after at most one checkpoint, control records never wait, and a restart brings the
+/// stuck entries back.
+#[test]
+fn a_copyset_that_cannot_apply_does_not_pin_the_wal() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let wal = engine.wal().clone();
+        let stuck = CopysetId(3);
+        let busy = CopysetId(4);
+        let payload = |index: u64| Bytes::from(vec![index as u8; 3000]);
+        let mut lsn = 0;
+        for index in 1..=4 {
+            lsn = wal
+                .append_entries(stuck, &[entry(index, payload(index))])
+                .unwrap();
+        }
+        wal.sync(lsn).await.unwrap();
+        let ring = wal.size();
+        let mut written = 0u64;
+        let mut index = 0u64;
+        let mut checkpoints = 0;
+        while written < 10 * ring {
+            index += 1;
+            let appended = wal.append_entries(busy, &[entry(index, payload(index))]);
+            let lsn = match appended {
+                Ok(lsn) => lsn,
+                Err(StorageError::WalFull { .. }) => {
+                    engine.checkpoint().await.unwrap();
+                    checkpoints += 1;
+                    wal.append_entries(busy, &[entry(index, payload(index))])
+                        .unwrap_or_else(|e| panic!("entry {index} after a checkpoint: {e}"))
+                }
+                Err(error) => panic!("{error}"),
+            };
+            // A control record (the commit index) never needs a checkpoint first.
+            let hs = HardState {
+                term: Term(1),
+                vote: Some(NodeId(1)),
+                commit: LogIndex(index),
+            };
+            let lsn = wal.set_hard_state(busy, hs).map_or(lsn, |l| l.max(lsn));
+            wal.sync(lsn).await.unwrap();
+            engine.set_applied(busy, LogIndex(index));
+            written += 3000;
+            if engine.maybe_checkpoint().await.unwrap() {
+                checkpoints += 1;
+            }
+        }
+        assert!(checkpoints > 10, "{checkpoints} checkpoints");
+        // The stuck copyset's entries are still there, wherever they now stand.
+        let stuck_last = wal.with_log(stuck, |log| log.last()).unwrap();
+        assert_eq!(stuck_last, LogIndex(4));
+        drop(engine);
+        let (engine, recovery) = open(&bdev).await;
+        let log = |copyset| {
+            engine
+                .wal()
+                .with_log(copyset, |log| (log.last(), log.applied))
+                .unwrap()
+        };
+        assert_eq!(log(stuck), (LogIndex(4), LogIndex(0)));
+        assert!(log(busy).0 >= LogIndex(index - 1), "{:?}", log(busy));
+        let storage = engine.log_storage(stuck);
+        let entries =
+            raftcore::LogStorage::entries(&storage, LogIndex(1), LogIndex(5), u64::MAX).unwrap();
+        assert_eq!(entries.len(), 4);
+        for entry in &entries {
+            assert_eq!(entry.data, payload(entry.index.0));
+        }
+        assert!(recovery.copysets.iter().any(|c| c.copyset == stuck));
+    });
+}

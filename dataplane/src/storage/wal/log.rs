@@ -10,7 +10,25 @@ use raftcore::{
     StorageError, Term,
 };
 
-use super::record::RecordBody;
+use super::record::{RecordBody, HEADER_LEN};
+
+/// An entry the log holds, with where its record is and what it costs in the ring.
+#[derive(Debug, Clone)]
+struct Stored {
+    entry: Entry,
+    /// Position of its record in the ring.
+    lsn: u64,
+    /// Bytes of its record.
+    len: u64,
+    /// A running total of record bytes, up to and including this entry (log-local: only
+    /// differences between entries mean anything).
+    end: u64,
+}
+
+/// Bytes of the WAL record that holds `entry`.
+pub fn entry_record_len(entry: &Entry) -> u64 {
+    (HEADER_LEN + entry.data.len()) as u64
+}
 
 /// A copyset's log.
 #[derive(Debug, Clone, Default)]
@@ -26,9 +44,10 @@ pub struct CopysetLog {
     pub snapshot_data: Bytes,
     /// Position of the WAL record that holds `snapshot_data`, while the WAL still has it.
     pub snapshot_lsn: Option<u64>,
-    /// Entries after the snapshot, each with the position of its record.
-    /// Invariant: indices are contiguous from `snapshot.index + 1`.
-    entries: VecDeque<(Entry, u64)>,
+    /// Entries after the snapshot, each with the position and size of its record.
+    /// Invariant: indices are contiguous from `snapshot.index + 1`, and `end` grows by each
+    /// entry's `len`.
+    entries: VecDeque<Stored>,
     /// Highest index whose effects the state machine has applied (in memory).
     /// Invariant: `applied >= snapshot.index` once set by the engine.
     pub applied: LogIndex,
@@ -65,12 +84,16 @@ impl CopysetLog {
     pub fn last(&self) -> LogIndex {
         self.entries
             .back()
-            .map_or(self.snapshot.index, |(e, _)| e.index)
+            .map_or(self.snapshot.index, |s| s.entry.index)
     }
 
     /// Takes one record (an entry at position `lsn`, or state) into the log. An entry at an
-    /// index the log already has replaces it and everything after it (raft's truncation); an
-    /// entry at or below the snapshot is already covered and ignored.
+    /// index the log already has with another term replaces it and everything after it
+    /// (raft's truncation); with the same term it is the same entry (log matching), whose
+    /// record now also stands at `lsn`: the log keeps what follows it. That makes a record
+    /// written again (a retried append, or the checkpoint moving live entries forward) safe
+    /// to replay even when a crash tore the copies that follow. An entry at or below the
+    /// snapshot is already covered and ignored.
     pub fn take(&mut self, body: &RecordBody, lsn: u64) -> Result<(), LogGap> {
         match body {
             RecordBody::Entry(entry) => {
@@ -84,9 +107,22 @@ impl CopysetLog {
                         last,
                     });
                 }
-                let keep = (entry.index.0 - self.snapshot.index.0 - 1) as usize;
-                self.entries.truncate(keep);
-                self.entries.push_back((entry.clone(), lsn));
+                let at = (entry.index.0 - self.snapshot.index.0 - 1) as usize;
+                if let Some(stored) = self.entries.get_mut(at) {
+                    if stored.entry.term == entry.term {
+                        stored.lsn = lsn;
+                        return Ok(());
+                    }
+                }
+                self.entries.truncate(at);
+                let len = entry_record_len(entry);
+                let end = self.entries.back().map_or(0, |s| s.end) + len;
+                self.entries.push_back(Stored {
+                    entry: entry.clone(),
+                    lsn,
+                    len,
+                    end,
+                });
             }
             RecordBody::HardState(hs) => self.hard_state = *hs,
             RecordBody::ConfState(cs) => self.conf_state = cs.clone(),
@@ -173,17 +209,42 @@ impl CopysetLog {
             return None;
         }
         let at = (index.0 - self.snapshot.index.0 - 1) as usize;
-        self.entries.get(at).map(|(e, _)| e.term)
+        self.entries.get(at).map(|s| s.entry.term)
+    }
+
+    /// Position in `entries` of the first entry above `applied`.
+    fn first_live(&self, applied: LogIndex) -> usize {
+        applied.0.saturating_sub(self.snapshot.index.0) as usize
     }
 
     /// Position of the first record the log still needs after a checkpoint at `applied`:
-    /// the first entry above it (`None`: nothing above it).
+    /// the lowest position of an entry above it (`None`: nothing above it). Entries whose
+    /// records were written again sit after those that were not, so the lowest need not be
+    /// the first.
     pub fn first_needed_lsn(&self, applied: LogIndex) -> Option<u64> {
-        if applied < self.snapshot.index {
-            return self.entries.front().map(|(_, lsn)| *lsn);
+        self.entries
+            .range(self.first_live(applied).min(self.entries.len())..)
+            .map(|s| s.lsn)
+            .min()
+    }
+
+    /// Bytes of ring that the records of the entries above the applied index take: what a
+    /// checkpoint cannot reclaim, and what moving them forward costs.
+    pub fn live_bytes(&self) -> u64 {
+        let Some(back) = self.entries.back() else {
+            return 0;
+        };
+        let at = self.first_live(self.applied);
+        match self.entries.get(at) {
+            Some(first) => back.end - (first.end - first.len),
+            None => 0,
         }
-        let at = (applied.0 - self.snapshot.index.0) as usize;
-        self.entries.get(at).map(|(_, lsn)| *lsn)
+    }
+
+    /// The entries above the applied index, in order (cheap: payloads are shared).
+    pub fn live_entries(&self) -> Vec<Entry> {
+        let at = self.first_live(self.applied).min(self.entries.len());
+        self.entries.range(at..).map(|s| s.entry.clone()).collect()
     }
 
     /// Entries in `[low, high)` without the size limit (for recovery's re-apply).
@@ -195,7 +256,7 @@ impl CopysetLog {
             .filter_map(|i| {
                 self.entries
                     .get((i - first) as usize)
-                    .map(|(e, _)| e.clone())
+                    .map(|s| s.entry.clone())
             })
             .collect()
     }
@@ -222,7 +283,7 @@ impl LogStorage for CopysetLog {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         for index in low.0..high.0 {
-            let Some((entry, _)) = self.entries.get((index - first) as usize) else {
+            let Some(Stored { entry, .. }) = self.entries.get((index - first) as usize) else {
                 return Err(StorageError::Unavailable);
             };
             bytes += entry.data.len() as u64;
@@ -333,6 +394,48 @@ mod tests {
         );
         assert_eq!(log.first_needed_lsn(LogIndex(8)), Some(9));
         assert_eq!(log.first_needed_lsn(LogIndex(10)), None);
+    }
+
+    #[test]
+    fn the_same_entry_again_keeps_what_follows_and_live_bytes_follow_the_applied_index() {
+        let mut log = CopysetLog::default();
+        for i in 1..=5 {
+            log.take(&entry(i, 1), i * 100).unwrap();
+        }
+        let record = entry_record_len(&Entry {
+            term: Term(1),
+            index: LogIndex(1),
+            kind: EntryKind::Normal,
+            data: vec![0; 10].into(),
+        });
+        assert_eq!(log.live_bytes(), 5 * record);
+        // Entry 2 written again (same term): only its position changes.
+        log.take(&entry(2, 1), 900).unwrap();
+        assert_eq!(log.last(), LogIndex(5));
+        assert_eq!(log.first_needed_lsn(LogIndex(0)), Some(100));
+        assert_eq!(
+            log.first_needed_lsn(LogIndex(1)),
+            Some(300),
+            "lowest, not first"
+        );
+        log.applied = LogIndex(3);
+        assert_eq!(log.live_bytes(), 2 * record);
+        assert_eq!(
+            log.live_entries()
+                .iter()
+                .map(|e| e.index.0)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // Another term at index 4 truncates.
+        log.take(&entry(4, 2), 1000).unwrap();
+        assert_eq!(log.last(), LogIndex(4));
+        assert_eq!(log.live_bytes(), record);
+        log.applied = LogIndex(4);
+        assert_eq!(log.live_bytes(), 0);
+        log.compact(LogIndex(4));
+        assert_eq!(log.live_bytes(), 0);
+        assert_eq!(log.first_needed_lsn(LogIndex(4)), None);
     }
 
     #[test]

@@ -47,6 +47,81 @@ fn align_up(value: u64, block: u64) -> u64 {
     value.div_ceil(block) * block
 }
 
+/// How a shard's ring is shared between client data and raft's own state (pure; see
+/// docs/architecture.md, "WAL space").
+///
+/// *Live* bytes are the records of entries above their copyset's applied index: the only
+/// records a checkpoint cannot reclaim. A checkpoint can always move them forward (append
+/// them again and let the head pass their old copies), so ring use after it is bounded by
+/// the live bytes alone, whatever copyset sits at the head: idle, quiescent, a follower that
+/// lost its leader, or a group without quorum. Three bounds keep that possible:
+/// - every append leaves room to move every live entry forward (`fits`);
+/// - client data (a leader's proposals, a follower's replicated entries) is admitted only
+///   while a reserve stays free beyond that (`admits`), so raft's control records — votes,
+///   terms, commit indexes, membership, a new leader's no-op — always find room, if need be
+///   after a checkpoint that moves the live entries;
+/// - a checkpoint is due once half of the room client data may use is taken (`due`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalBudget {
+    /// The ring's size.
+    pub ring: u64,
+    /// The largest batch.
+    pub max_batch: u64,
+    /// The device block size.
+    pub block: u64,
+}
+
+impl WalBudget {
+    /// The budget of a ring.
+    pub fn of(config: &WalConfig) -> WalBudget {
+        WalBudget {
+            ring: config.ring_size,
+            max_batch: config.max_batch,
+            block: config.block_size,
+        }
+    }
+
+    /// Ring bytes that appending `live` bytes of records again takes at most: the records,
+    /// each batch's padding to a block (every batch but the last is more than half full), and
+    /// a pad to the ring's end.
+    pub fn moving_room(&self, live: u64) -> u64 {
+        let batches = 2 * live / self.max_batch + 2;
+        live + batches * (self.block + HEADER_LEN as u64) + self.max_batch
+    }
+
+    /// Ring kept free for raft's control records while client data is refused.
+    pub fn reserve(&self) -> u64 {
+        (self.ring / 16).max(4 * self.block)
+    }
+
+    /// Whether the ring may hold `used` bytes while `live` of them are live. One batch's worth
+    /// stays free besides (recovery zeroes that much past the last record).
+    pub fn fits(&self, used: u64, live: u64) -> bool {
+        used + self.moving_room(live) + self.max_batch <= self.ring
+    }
+
+    /// Whether `incoming` bytes of client data may enter a ring with `used` bytes of which
+    /// `live` are live.
+    pub fn admits(&self, used: u64, live: u64, incoming: u64) -> bool {
+        self.fits(used + incoming + self.reserve(), live + incoming)
+    }
+
+    /// Whether a checkpoint is due: used bytes past half of what client data may fill.
+    pub fn due(&self, used: u64) -> bool {
+        let room = self
+            .ring
+            .saturating_sub(2 * self.max_batch + self.reserve());
+        2 * used > room
+    }
+
+    /// Whether moving the live entries forward is worth it: a checkpoint that only reclaims
+    /// what is applied would leave `pinned` bytes (from the lowest live record to the end)
+    /// in use, more than a checkpoint is due at.
+    pub fn worth_moving(&self, pinned: u64) -> bool {
+        self.due(pinned)
+    }
+}
+
 #[derive(Debug)]
 struct OpenBatch {
     start: u64,
@@ -140,11 +215,24 @@ impl WalState {
         });
     }
 
-    /// Whether the ring can take bytes up to `end`. One batch's worth of ring always stays
+    /// Bytes of live records (see [`WalBudget`]).
+    fn live_bytes(&self) -> u64 {
+        self.logs.values().map(CopysetLog::live_bytes).sum()
+    }
+
+    /// Whether the ring can take bytes up to `end`, `adds_live` of them live. Unless the
+    /// append moves live entries forward itself (`moving`), room to move every live entry
+    /// forward stays free (see [`WalBudget`]); and one batch's worth of ring always stays
     /// free: recovery zeroes that much past the last valid record, and it must never reach
     /// the head.
-    fn check_room(&self, end: u64) -> Result<(), StorageError> {
-        if end - self.head + self.config.max_batch > self.config.ring_size {
+    fn check_room(&self, end: u64, adds_live: u64, moving: bool) -> Result<(), StorageError> {
+        let used = end - self.head;
+        let full = if moving {
+            used + self.config.max_batch > self.config.ring_size
+        } else {
+            !WalBudget::of(&self.config).fits(used, self.live_bytes() + adds_live)
+        };
+        if full {
             return Err(StorageError::WalFull {
                 used: self.next - self.head,
                 size: self.config.ring_size,
@@ -153,8 +241,9 @@ impl WalState {
         Ok(())
     }
 
-    /// Finds room for a record of `len` bytes and returns its position.
-    fn place(&mut self, len: u64) -> Result<u64, StorageError> {
+    /// Finds room for a record of `len` bytes and returns its position. `adds_live`: live
+    /// bytes the record adds; `moving`: the record moves a live entry forward.
+    fn place(&mut self, len: u64, adds_live: u64, moving: bool) -> Result<u64, StorageError> {
         let config = self.config;
         let block = config.block_size;
         let needed = len + HEADER_LEN as u64;
@@ -168,7 +257,11 @@ impl WalState {
             if let Some(batch) = &self.open {
                 let used = batch.bytes.len() as u64;
                 if align_up(used + needed, block) <= batch.capacity {
-                    self.check_room(batch.start + align_up(used + needed, block))?;
+                    self.check_room(
+                        batch.start + align_up(used + needed, block),
+                        adds_live,
+                        moving,
+                    )?;
                     return Ok(batch.start + used);
                 }
                 self.seal_open();
@@ -179,7 +272,7 @@ impl WalState {
             let capacity = config.max_batch.min(to_ring_end);
             if align_up(needed, block) > capacity {
                 // Not enough ring before its end: a pad batch covers the rest.
-                self.check_room(start + to_ring_end)?;
+                self.check_room(start + to_ring_end, adds_live, moving)?;
                 let mut bytes = Vec::with_capacity(block as usize);
                 Record {
                     lsn: start,
@@ -196,7 +289,7 @@ impl WalState {
                 self.next = start + to_ring_end;
                 continue;
             }
-            self.check_room(start + align_up(needed, block))?;
+            self.check_room(start + align_up(needed, block), adds_live, moving)?;
             let mut bytes = std::mem::take(&mut self.spare);
             bytes.clear();
             self.open = Some(OpenBatch {
@@ -340,6 +433,15 @@ impl<B: Bdev> ShardWal<B> {
 
     fn append_record(&self, copyset: CopysetId, body: RecordBody) -> Result<u64, StorageError> {
         let mut state = self.state.borrow_mut();
+        Self::append_to(&mut state, copyset, body, false)
+    }
+
+    fn append_to(
+        state: &mut WalState,
+        copyset: CopysetId,
+        body: RecordBody,
+        moving: bool,
+    ) -> Result<u64, StorageError> {
         if let Some(reason) = &state.failed {
             return Err(StorageError::WalFailed(reason.clone()));
         }
@@ -349,7 +451,11 @@ impl<B: Bdev> ShardWal<B> {
             body,
         };
         let len = record.encoded_len() as u64;
-        let lsn = state.place(len)?;
+        let adds_live = match &record.body {
+            RecordBody::Entry(_) => len,
+            _ => 0,
+        };
+        let lsn = state.place(len, adds_live, moving)?;
         record.lsn = lsn;
         if record.body == RecordBody::Removed {
             state.logs.remove(&copyset);
@@ -429,6 +535,84 @@ impl<B: Bdev> ShardWal<B> {
                 StorageError::Copyset(copyset.0, format!("no entry at {index} to snapshot"))
             })?;
         self.append_record(copyset, RecordBody::Snapshot(snapshot))
+    }
+
+    /// Whether `incoming` bytes of client data (a proposal's payload, or the entries of a
+    /// replicated append) may enter the ring now. Refusing is back-pressure on client writes
+    /// only: raft's control records never ask (see [`WalBudget`]).
+    pub fn admits(&self, incoming: u64) -> bool {
+        let state = self.state.borrow();
+        let used = state
+            .open
+            .as_ref()
+            .map_or(state.next, |b| b.start + b.bytes.len() as u64)
+            - state.head;
+        let incoming = incoming + HEADER_LEN as u64;
+        WalBudget::of(&state.config).admits(used, state.live_bytes(), incoming)
+    }
+
+    /// Bytes of live records: entries above their copyset's applied index.
+    pub fn live_bytes(&self) -> u64 {
+        self.state.borrow().live_bytes()
+    }
+
+    /// The ring's budget.
+    pub fn budget(&self) -> WalBudget {
+        WalBudget::of(&self.state.borrow().config)
+    }
+
+    /// Appends the live entries of every copyset whose oldest live record lies before `cut`
+    /// again, so that the head may pass their old copies (a checkpoint calls it when what is
+    /// applied is not enough to reclaim: a copyset that cannot apply, idle or without quorum,
+    /// would otherwise pin the head). All or nothing: nothing is appended unless the ring has
+    /// room for all of them. Returns the copysets moved and the bytes appended.
+    pub fn move_live_entries(&self, cut: u64) -> (usize, u64) {
+        let mut state = self.state.borrow_mut();
+        if state.failed.is_some() {
+            return (0, 0);
+        }
+        let moving: Vec<(CopysetId, Vec<Entry>, u64)> = state
+            .logs
+            .iter()
+            .filter(|(_, log)| {
+                log.first_needed_lsn(log.applied)
+                    .is_some_and(|lsn| lsn < cut)
+            })
+            .map(|(copyset, log)| (*copyset, log.live_entries(), log.live_bytes()))
+            .collect();
+        let bytes: u64 = moving.iter().map(|(_, _, bytes)| *bytes).sum();
+        if moving.is_empty() {
+            return (0, 0);
+        }
+        let budget = WalBudget::of(&state.config);
+        let end = state
+            .open
+            .as_ref()
+            .map_or(state.next, |b| b.start + b.bytes.len() as u64);
+        if end - state.head + budget.moving_room(bytes) + state.config.max_batch
+            > state.config.ring_size
+        {
+            tracing::warn!(
+                bytes,
+                used = end - state.head,
+                "WAL: no room to move live entries forward"
+            );
+            return (0, 0);
+        }
+        for (copyset, entries, _) in &moving {
+            for entry in entries {
+                let appended =
+                    Self::append_to(&mut state, *copyset, RecordBody::Entry(entry.clone()), true);
+                if let Err(error) = appended {
+                    // Room was checked for all of them above, so this is not expected; what
+                    // was moved so far is sound (a copy of an entry with the same term
+                    // changes nothing else in the log, on replay too).
+                    tracing::error!(copyset = copyset.0, %error, "WAL: moving a live entry forward failed");
+                    return (0, 0);
+                }
+            }
+        }
+        (moving.len(), bytes)
     }
 
     /// The position every record appended so far ends before.
