@@ -7,6 +7,7 @@
 //! exited or panicked unasked. A report names operations, faults, unavailability windows and
 //! the verdict; a failing run names its seed and how to replay it.
 
+pub mod bulk;
 pub mod checker;
 pub mod network;
 pub mod nodes;
@@ -35,22 +36,59 @@ const CALM_AFTER_FAULTS: Duration = Duration::from_secs(4);
 /// A stretch this long without any successful operation counts as unavailability.
 const UNAVAILABLE_GAP_US: u64 = 1_000_000;
 
+/// The sizes a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Small WALs (16 MiB) and chunks (1 MiB), one data copyset: checkpoints, compactions
+    /// and snapshot installs every few seconds.
+    Small,
+    /// The sizes users run (issue 17): 256 MiB WALs, 16 MiB chunks, four more data copysets
+    /// with a volume each besides the register copyset and the metadata copyset, more than
+    /// four WALs' worth written by fio through `chunkserver nbd` before the faults and during
+    /// them (with `verify=crc32c`), and a liveness check of every copyset at the end.
+    Realistic,
+}
+
+impl Profile {
+    fn wal_size(self) -> &'static str {
+        match self {
+            Profile::Small => "16MiB",
+            Profile::Realistic => "256MiB",
+        }
+    }
+
+    fn device_size(self) -> &'static str {
+        match self {
+            Profile::Small => "640MiB",
+            Profile::Realistic => "3GiB",
+        }
+    }
+
+    fn chunk_size(self) -> &'static str {
+        match self {
+            Profile::Small => "1MiB",
+            Profile::Realistic => "16MiB",
+        }
+    }
+}
+
+/// After the last fault (and the workloads' end), every copyset of the realistic profile must
+/// have one leader and equal applied indexes within this.
+const LIVENESS_BOUND: Duration = Duration::from_secs(10);
+
 /// How long to inject faults and from which seed.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub seconds: u64,
     pub seed: u64,
+    /// The sizes (`FAULT_PROFILE=small|realistic`).
+    pub profile: Profile,
     /// Writes the workload issues at most (0: no limit); see [`DEFAULT_WRITE_BUDGET`].
     pub write_budget: u64,
     /// Concurrent writers per register.
     pub writers: usize,
 }
 
-/// Each node's WAL ring: small, so that the engine checkpoints (and compacts each copyset's
-/// log up to its own applied index) every few seconds under the workload, and a node that was
-/// killed, paused or cut off across a compaction comes back through a snapshot install.
-const WAL_SIZE: &str = "16MiB";
-const DEVICE_SIZE: &str = "640MiB";
 /// No cap on writes by default (0); `FAULT_WRITE_BUDGET=N` stops the writers after N writes.
 pub const DEFAULT_WRITE_BUDGET: u64 = 0;
 
@@ -67,6 +105,10 @@ impl Settings {
         Settings {
             seconds: read("FAULT_SECONDS", seconds),
             seed: read("FAULT_SEED", seed),
+            profile: match std::env::var("FAULT_PROFILE").as_deref() {
+                Ok("realistic") => Profile::Realistic,
+                _ => Profile::Small,
+            },
             write_budget: read("FAULT_WRITE_BUDGET", DEFAULT_WRITE_BUDGET),
             writers: read("FAULT_WRITERS", 1).max(1) as usize,
         }
@@ -461,6 +503,68 @@ fn final_phase(
     })
 }
 
+/// Whether fio is on this host.
+fn fio_installed() -> bool {
+    std::process::Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Node 1's configuration file (its `[cluster]` names every node).
+fn configs_dir(dir: &std::path::Path) -> PathBuf {
+    dir.join("node1.toml")
+}
+
+/// Waits until each of `copysets` has exactly one leader, known to all three replicas, and
+/// equal applied indexes; returns how long that took, or what was still wrong after
+/// [`LIVENESS_BOUND`].
+fn every_copyset_led(
+    addresses: Vec<dataplane::client::NodeAddress>,
+    copysets: Vec<dataplane::ids::CopysetId>,
+) -> Result<Duration, String> {
+    with_client(addresses, Duration::from_secs(2), move |client| {
+        Box::pin(async move {
+            let began = Instant::now();
+            loop {
+                let mut wrong = Vec::new();
+                for copyset in &copysets {
+                    let mut statuses = Vec::new();
+                    for node in 1..=3u64 {
+                        match client.copyset_status(node, *copyset).await {
+                            Ok(status) => statuses.push(status),
+                            Err(e) => wrong.push(format!("copyset {copyset} on node {node}: {e}")),
+                        }
+                    }
+                    let leaders = statuses.iter().filter(|s| s.role == 3).count();
+                    let agreed = statuses.len() == 3
+                        && statuses.iter().all(|s| {
+                            s.applied == statuses[0].applied
+                                && s.leader != 0
+                                && s.leader == statuses[0].leader
+                        });
+                    if leaders != 1 || !agreed {
+                        let seen: Vec<String> = statuses
+                            .iter()
+                            .map(|s| {
+                                format!("role {} leader {} applied {}", s.role, s.leader, s.applied)
+                            })
+                            .collect();
+                        wrong.push(format!("copyset {copyset}: {seen:?}"));
+                    }
+                }
+                if wrong.is_empty() {
+                    return Ok(began.elapsed());
+                }
+                if began.elapsed() > LIVENESS_BOUND {
+                    return Err(format!("not led after {LIVENESS_BOUND:?}: {wrong:?}"));
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    })
+}
+
 /// Stretches without a successful operation, as (start, end) in microseconds.
 fn unavailability(record: &Record, from: u64, to: u64) -> Vec<(u64, u64)> {
     let mut ends: Vec<u64> = record
@@ -482,21 +586,42 @@ fn unavailability(record: &Record, from: u64, to: u64) -> Vec<(u64, u64)> {
     windows
 }
 
+/// One run at a time per process: runs share the network namespaces' names (made from the
+/// process id), the host's wall clock and the machine's two cores.
+static ONE_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs the whole suite; panics with the report's verdict when anything failed.
 pub fn run(settings: Settings) {
+    let _one = ONE_RUN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let Settings {
         seconds,
         seed,
+        profile,
         write_budget,
         writers,
     } = settings;
+    let realistic = profile == Profile::Realistic;
     let replay = format!(
         "replay: FAULT_WRITE_BUDGET={write_budget} FAULT_WRITERS={writers} \
-         scripts/fault-suite {seconds} {seed}"
+         scripts/fault-suite {}{seconds} {seed}",
+        if realistic {
+            "--profile realistic "
+        } else {
+            ""
+        }
     );
     println!(
-        "fault suite: seed {seed}, {seconds} s of faults, write budget {write_budget} ({replay})"
+        "fault suite: seed {seed}, {seconds} s of faults, {profile:?} profile (WAL {}, chunks \
+         {}), write budget {write_budget} ({replay})",
+        profile.wal_size(),
+        profile.chunk_size()
     );
+    if realistic && !fio_installed() {
+        println!("SKIPPED realistic profile: fio is not installed (Debian package fio)");
+        return;
+    }
 
     let mut network = match Network::create(3) {
         Ok(network) => Some(network),
@@ -510,15 +635,27 @@ pub fn run(settings: Settings) {
         None => vec!["127.0.0.1".to_string(); 3],
     };
     let dir = tempfile::tempdir().expect("temporary directory");
-    let ports = free_ports(9);
+    let ports = free_ports(10);
     // Each node also serves its metrics endpoint, where the suite arms disk faults.
     let control: Vec<String> = (0..3)
         .map(|i| format!("{}:{}", hosts[i], ports[6 + i]))
         .collect();
     let configs: Vec<PathBuf> = (1..=3)
         .map(|id| {
-            let path = write_config_on_hosts(dir.path(), id, &hosts, &ports, DEVICE_SIZE, WAL_SIZE);
-            let mut text = std::fs::read_to_string(&path).expect("read config");
+            let path = write_config_on_hosts(
+                dir.path(),
+                id,
+                &hosts,
+                &ports,
+                profile.device_size(),
+                profile.wal_size(),
+            );
+            let mut text = std::fs::read_to_string(&path)
+                .expect("read config")
+                .replace(
+                    "chunk_size = \"1MiB\"",
+                    &format!("chunk_size = \"{}\"", profile.chunk_size()),
+                );
             text.push_str(&format!(
                 "\n[metrics]\naddress = \"{}\"\n\n[fault]\ninjection = true\nseed = {}\n",
                 control[id - 1],
@@ -572,6 +709,37 @@ pub fn run(settings: Settings) {
         let tails: Vec<String> = (0..3).map(|i| nodes.log_tail(i, 20)).collect();
         panic!("the cluster did not take the first writes within 60 s; logs: {tails:#?}\n{replay}");
     }
+
+    // The realistic profile's bulk data: filled before the faults, written during them.
+    let bulk_stop = Arc::new(AtomicBool::new(false));
+    let mut bulk_before = bulk::Written::default();
+    let mut bulk_filled_in = Duration::ZERO;
+    let bulk = if realistic {
+        let bulk = match bulk::Bulk::start(&configs_dir(dir.path()), dir.path(), ports[9]) {
+            Ok(bulk) => Arc::new(bulk),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                panic!("the bulk export did not start: {e}\n{replay}");
+            }
+        };
+        let began = Instant::now();
+        bulk_before = bulk.fill();
+        bulk_filled_in = began.elapsed();
+        println!(
+            "bulk fill: {} MiB written by fio through chunkserver nbd in {:.1} s{}",
+            bulk_before.bytes >> 20,
+            bulk_filled_in.as_secs_f64(),
+            if bulk_before.failures.is_empty() {
+                String::new()
+            } else {
+                format!("; FAILED: {:?}", bulk_before.failures)
+            }
+        );
+        Some(bulk)
+    } else {
+        None
+    };
+    let bulk_during = bulk.as_ref().map(|b| b.during(Arc::clone(&bulk_stop)));
 
     // The schedule.
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -635,9 +803,21 @@ pub fn run(settings: Settings) {
     let faults_end = micros(base);
     hold(&mut nodes, CALM_AFTER_FAULTS);
     stop.store(true, Ordering::Relaxed);
+    bulk_stop.store(true, Ordering::Relaxed);
     let mut record = workload.join().expect("workload thread");
     let workload_end = micros(base);
+    // The round of fio under way finishes (fio bounds its own runs).
+    let bulk_written = bulk_during
+        .map(|during| during.join().expect("bulk thread"))
+        .unwrap_or_default();
     nodes.reap_unexpected();
+    // Liveness: with every workload stopped, every copyset has one leader again and its
+    // replicas agree, within LIVENESS_BOUND.
+    let liveness = realistic.then(|| {
+        let mut copysets = vec![COPYSET, dataplane::volume_table::METADATA_COPYSET];
+        copysets.extend(bulk::copysets());
+        every_copyset_led(addresses.clone(), copysets)
+    });
 
     let once = std::mem::take(&mut record.once);
     let once_count = once.len();
@@ -674,6 +854,21 @@ pub fn run(settings: Settings) {
             last.last_status
         ));
     }
+    if let Some(Err(why)) = &liveness {
+        failures.push(format!("liveness: {why}"));
+    }
+    failures.extend(
+        bulk_before
+            .failures
+            .iter()
+            .map(|f| format!("bulk fill: {f}")),
+    );
+    failures.extend(
+        bulk_written
+            .failures
+            .iter()
+            .map(|f| format!("bulk during faults: {f}")),
+    );
     for (index, status) in &nodes.unexpected_exits {
         failures.push(format!("node {} exited unasked: {status}", index + 1));
     }
@@ -725,6 +920,29 @@ pub fn run(settings: Settings) {
             "write budget of {write_budget} writes reached at {:.1} s; reads only from then on",
             at as f64 / 1e6
         );
+    }
+    if realistic {
+        println!(
+            "bulk data (fio through chunkserver nbd): {} MiB before the faults ({:.1} s), {} MiB \
+             during them in {} fio runs ({} MiB read back and verified with crc32c), {} failed \
+             runs; the WAL is {} a node",
+            bulk_before.bytes >> 20,
+            bulk_filled_in.as_secs_f64(),
+            bulk_written.bytes >> 20,
+            bulk_written.runs,
+            bulk_written.verified_bytes >> 20,
+            bulk_written.failures.len(),
+            profile.wal_size()
+        );
+        match &liveness {
+            Some(Ok(after)) => println!(
+                "liveness: every copyset (6) led, applied indexes equal, {:.1} s after the \
+                 workloads stopped",
+                after.as_secs_f64()
+            ),
+            Some(Err(why)) => println!("liveness: FAILED: {why}"),
+            None => {}
+        }
     }
     println!("faults: {} in {seconds} s", events.len());
     let exits = |code: i32| nodes.fault_exits.iter().filter(|(_, c)| *c == code).count();
