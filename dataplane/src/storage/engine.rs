@@ -1869,25 +1869,15 @@ impl<B: Bdev> ShardEngine<B> {
     fn move_pinning_entries(&self) {
         let budget = self.wal.budget();
         let appended = self.wal.appended();
-        let logs = self.wal.logs();
-        let pinned_from = logs
-            .values()
-            .filter_map(|log| log.first_needed_lsn(log.applied))
-            .min();
-        let Some(pinned_from) = pinned_from else {
+        let Some(pinned_from) = self.wal.oldest_live_lsn() else {
             return;
         };
         if !budget.worth_moving(appended - pinned_from) {
             return;
         }
-        // Entries of the newest quarter of what may be used stay where they are: moving
-        // them would reclaim little.
-        let keep = budget
-            .ring
-            .saturating_sub(2 * budget.max_batch + budget.reserve())
-            / 4;
-        let cut = appended.saturating_sub(keep);
-        let (copysets, bytes) = self.wal.move_live_entries(cut);
+        // Every live entry moves: ring use after this checkpoint is then bounded by the live
+        // bytes alone, which the WAL's admission rule relies on.
+        let (copysets, bytes) = self.wal.move_live_entries(appended);
         if copysets > 0 {
             tracing::info!(
                 copysets,

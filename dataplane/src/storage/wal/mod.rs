@@ -81,17 +81,24 @@ impl WalBudget {
         }
     }
 
-    /// Ring bytes that appending `live` bytes of records again takes at most: the records,
-    /// each batch's padding to a block (every batch but the last is more than half full), and
-    /// a pad to the ring's end.
-    pub fn moving_room(&self, live: u64) -> u64 {
-        let batches = 2 * live / self.max_batch + 2;
-        live + batches * (self.block + HEADER_LEN as u64) + self.max_batch
+    /// Padding that appending `bytes` of records again can cost besides a pad to the ring's
+    /// end: each batch's padding to a block (every batch but the last is more than half full).
+    fn padding(&self, bytes: u64) -> u64 {
+        (2 * bytes / self.max_batch + 2) * (self.block + HEADER_LEN as u64)
     }
 
-    /// Ring kept free for raft's control records while client data is refused.
+    /// Ring bytes that appending `live` bytes of records again takes at most: the records,
+    /// their padding, and a pad to the ring's end.
+    pub fn moving_room(&self, live: u64) -> u64 {
+        live + self.padding(live) + self.max_batch
+    }
+
+    /// Ring kept free for raft's control records while client data is refused: what a move
+    /// can cost beyond the bytes it moves (padding, a pad to the ring's end that may fall in
+    /// the middle of the moved records), and a sixteenth of the ring for the records
+    /// themselves. See docs/architecture.md, "WAL space", for why this suffices.
     pub fn reserve(&self) -> u64 {
-        (self.ring / 16).max(4 * self.block)
+        self.max_batch + self.padding(self.ring) + (self.ring / 16).max(4 * self.block)
     }
 
     /// Whether the ring may hold `used` bytes while `live` of them are live. One batch's worth
@@ -551,6 +558,16 @@ impl<B: Bdev> ShardWal<B> {
         WalBudget::of(&state.config).admits(used, state.live_bytes(), incoming)
     }
 
+    /// Position of the oldest live record (an entry above its copyset's applied index).
+    pub fn oldest_live_lsn(&self) -> Option<u64> {
+        self.state
+            .borrow()
+            .logs
+            .values()
+            .filter_map(|log| log.first_needed_lsn(log.applied))
+            .min()
+    }
+
     /// Bytes of live records: entries above their copyset's applied index.
     pub fn live_bytes(&self) -> u64 {
         self.state.borrow().live_bytes()
@@ -562,7 +579,8 @@ impl<B: Bdev> ShardWal<B> {
     }
 
     /// Appends the live entries of every copyset whose oldest live record lies before `cut`
-    /// again, so that the head may pass their old copies (a checkpoint calls it when what is
+    /// again (the engine passes the end of the ring's records: all of them), so that the head
+    /// may pass their old copies (a checkpoint calls it when what is
     /// applied is not enough to reclaim: a copyset that cannot apply, idle or without quorum,
     /// would otherwise pin the head). All or nothing: nothing is appended unless the ring has
     /// room for all of them. Returns the copysets moved and the bytes appended.
