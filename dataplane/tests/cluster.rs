@@ -1109,3 +1109,90 @@ fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
         node.stop();
     }
 }
+
+/// Issue 25, item 1, from a client: two copysets on the same shards write one new chunk id at
+/// the same time, after enough creations that the next one waits for a checkpoint. With both
+/// led from node 1, one write wins there and the other is refused with a clear error; no
+/// process aborts, and both copysets go on serving. (Followers may order the two creations
+/// the other way: chunk ids shared by copysets of one shard stay ambiguous until they are
+/// scoped by copyset.)
+#[test]
+fn two_copysets_creating_one_chunk_id_at_once_get_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "uring")))
+        .collect();
+    let (a, b) = (CopysetId(31), CopysetId(32));
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            for copyset in [a, b] {
+                client
+                    .create_copyset(copyset, &[1, 2, 3])
+                    .await
+                    .expect("create copyset");
+            }
+            for i in 0..40u64 {
+                client
+                    .write(a, ChunkId(500 + i), 0, block(i), 1)
+                    .await
+                    .expect("write");
+            }
+            client
+                .write(b, ChunkId(600), 0, block(0), 1)
+                .await
+                .expect("write");
+            for copyset in [a, b] {
+                if client.cached_leader(copyset) != Some(1) {
+                    client
+                        .transfer_leader(copyset, 1)
+                        .await
+                        .expect("transfer accepted");
+                }
+                let started = Instant::now();
+                while client
+                    .copyset_status(1, copyset)
+                    .await
+                    .expect("status")
+                    .role
+                    != 3
+                {
+                    assert!(started.elapsed() < Duration::from_secs(10), "no transfer");
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
+                client.set_peers(copyset, &[1, 2, 3]);
+            }
+            let shared = ChunkId(77);
+            let (first, second) = futures_lite::future::zip(
+                client.write(a, shared, 0, block(1), 1),
+                client.write(b, shared, 0, block(2), 1),
+            )
+            .await;
+            let (winner, refused) = match (first, second) {
+                (Ok(()), Err(error)) => (a, error),
+                (Err(error), Ok(())) => (b, error),
+                other => panic!("exactly one creation wins: {other:?}"),
+            };
+            let text = refused.to_string();
+            assert!(
+                text.contains("belongs to copyset") || text.contains("created the chunk"),
+                "{text}"
+            );
+            let expected = if winner == a { block(1) } else { block(2) };
+            assert_eq!(
+                client.read(winner, shared, 0, 4096).await.expect("read"),
+                expected
+            );
+            // Both copysets serve on.
+            for copyset in [a, b] {
+                client
+                    .write(copyset, ChunkId(copyset.0 * 100), 0, block(3), 1)
+                    .await
+                    .expect("write after");
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

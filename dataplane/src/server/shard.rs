@@ -1442,7 +1442,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                             if result.is_err() {
                                 // A refusal every replica makes alike: the entry counts as
                                 // applied to the chunk (replays and image copies rely on it).
-                                engine.note_applied(chunk, index);
+                                engine.note_applied(copyset, chunk, index);
                             }
                             core.borrow_mut().on_applied(index, chunk);
                             let applied = core.borrow().applied();

@@ -828,6 +828,27 @@ impl<B: Bdev> ShardEngine<B> {
             self.checkpoint().await?;
         }
         loop {
+            // The lookup before this call and the allocation are apart by awaits (a
+            // checkpoint, zeroing a slot): another copyset may have created the chunk meanwhile.
+            // Its creator keeps it; this creation is refused like any write to another
+            // copyset's chunk (issue 25, item 1: never an assertion a client can reach).
+            if meta.state == SlotState::Chunk {
+                let owner = {
+                    let table = self.table.borrow();
+                    table
+                        .lookup(meta.chunk)
+                        .and_then(|slot| table.slot(slot).map(|m| m.copyset))
+                };
+                if let Some(owner) = owner {
+                    return Err(StorageError::Conflict {
+                        chunk: meta.chunk,
+                        reason: format!(
+                            "copyset {owner} created the chunk while copyset {} was creating it",
+                            meta.copyset
+                        ),
+                    });
+                }
+            }
             let slot = self.table.borrow_mut().allocate(meta)?;
             if !self.checkpoint.borrow().maybe_dirty.contains(&slot) {
                 self.checkpoint.borrow_mut().allocations += 1;
@@ -856,8 +877,12 @@ impl<B: Bdev> ShardEngine<B> {
     /// Records that the entry at `index` was applied to `chunk` although it changed nothing
     /// (a refusal every replica makes alike): re-applying it must not be tried again, and a
     /// copy of the chunk made after it covers it.
-    pub fn note_applied(&self, chunk: ChunkId, index: LogIndex) {
-        self.record_applied(chunk, index);
+    pub fn note_applied(&self, copyset: CopysetId, chunk: ChunkId, index: LogIndex) {
+        // Only on a chunk of `copyset`: `index` is a position in its log, and stamping another
+        // copyset's chunk with it would make that copyset skip its own entries on replay.
+        if self.check_owner(chunk, copyset).is_ok() {
+            self.record_applied(chunk, index);
+        }
     }
 
     /// How many times clone relationships changed on this shard (see `clone_epoch`).
@@ -909,10 +934,13 @@ impl<B: Bdev> ShardEngine<B> {
         let existing = self.table.borrow().lookup(chunk);
         let slot = match existing {
             Some(slot) => {
+                // Ownership first: the chunk's applied index is a position in its own
+                // copyset's log, meaningless against another copyset's `index` (which would
+                // otherwise pass as "already applied" and be acknowledged unwritten).
+                self.check_owner(chunk, copyset)?;
                 if self.already_applied(slot, index)? {
                     return Ok(());
                 }
-                self.check_owner(chunk, copyset)?;
                 self.check_not_a_clone_source(chunk)?;
                 let meta = self.slot_meta(slot)?;
                 if sn < meta.sn {

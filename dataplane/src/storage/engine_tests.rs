@@ -888,7 +888,7 @@ async fn apply_image_op(
             | StorageError::Conflict { .. }
             | StorageError::ChunkNotFound(_)
             | StorageError::SnapshotNotFound { .. },
-        ) => engine.note_applied(chunk, index),
+        ) => engine.note_applied(CopysetId(0), chunk, index),
         Err(error) => panic!("entry {index}: {op:?}: {error}"),
     }
 }
@@ -1185,5 +1185,65 @@ fn a_copyset_that_cannot_apply_does_not_pin_the_wal() {
             assert_eq!(entry.data, payload(entry.index.0));
         }
         assert!(recovery.copysets.iter().any(|c| c.copyset == stuck));
+    });
+}
+
+/// Issue 25, item 1: two copysets of one shard create the same chunk id at once, and the
+/// allocation awaits in between (a checkpoint is due after 32 allocations). One creation wins;
+/// the other is refused with a clear error, never an assertion (which would abort every shard
+/// of the process); and the refusal does not stamp the winner's chunk with the loser's log
+/// index.
+#[test]
+fn concurrent_creations_of_one_chunk_by_two_copysets_are_refused_not_fatal() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let (a, b) = (CopysetId(1), CopysetId(2));
+        let page = |fill: u8| Bytes::from(vec![fill; PAGE as usize]);
+        for i in 0..RECOVERY_ZERO_SLOTS as u64 {
+            engine
+                .write_chunk_bytes(a, ChunkId(1000 + i), 0, page(1), 1, LogIndex(i + 1))
+                .await
+                .unwrap();
+        }
+        let chunk = ChunkId(7);
+        let (first, second) = futures_lite::future::zip(
+            engine.write_chunk_bytes(a, chunk, 0, page(0xaa), 1, LogIndex(40)),
+            engine.write_chunk_bytes(b, chunk, 0, page(0xbb), 1, LogIndex(9000)),
+        )
+        .await;
+        let refused = match (&first, &second) {
+            (Ok(()), Err(error)) | (Err(error), Ok(())) => error,
+            other => panic!("exactly one creation wins: {other:?}"),
+        };
+        assert!(
+            matches!(refused, StorageError::Conflict { .. }),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("created the chunk"),
+            "{refused}"
+        );
+        let (winner, loser, loser_index) = if first.is_ok() {
+            (a, b, LogIndex(9000))
+        } else {
+            (b, a, LogIndex(40))
+        };
+        let applied_before = engine.chunk_image_meta(chunk).unwrap();
+        engine.note_applied(loser, chunk, loser_index);
+        assert_eq!(engine.chunk_image_meta(chunk).unwrap(), applied_before);
+        engine.check_owner(chunk, winner).unwrap();
+        // A later write of the loser with a low index of its own log is refused too, not
+        // taken for "already applied" against the winner's index and acknowledged unwritten.
+        let again = engine
+            .write_chunk_bytes(loser, chunk, 0, page(0xcc), 1, LogIndex(1))
+            .await;
+        assert!(
+            matches!(again, Err(StorageError::Conflict { .. })),
+            "{again:?}"
+        );
+        let data = engine.read_chunk(chunk, 0, PAGE).await.unwrap();
+        let expected = if winner == a { 0xaa } else { 0xbb };
+        assert!(data.as_slice().iter().all(|byte| *byte == expected));
     });
 }

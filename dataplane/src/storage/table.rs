@@ -150,6 +150,12 @@ pub enum TableError {
         /// What is wrong.
         reason: String,
     },
+    /// The chunk exists already (two creations raced; the caller decides who wins).
+    #[error("chunk {chunk} exists already")]
+    ChunkExists {
+        /// The chunk.
+        chunk: ChunkId,
+    },
 }
 
 /// Open-addressing map from chunk id to slot, storing only slot numbers (the key is the
@@ -308,6 +314,9 @@ impl ChunkTable {
     /// Creating a chunk costs no I/O: free slots already read as zeroes.
     pub fn allocate(&mut self, meta: SlotMeta) -> Result<u32, TableError> {
         assert!(matches!(meta.state, SlotState::Chunk | SlotState::Snapshot));
+        if meta.state == SlotState::Chunk && self.lookup(meta.chunk).is_some() {
+            return Err(TableError::ChunkExists { chunk: meta.chunk });
+        }
         let word = self
             .free
             .iter()
@@ -319,11 +328,6 @@ impl ChunkTable {
         self.set_free_bit(slot, false);
         self.slots[slot as usize] = meta;
         if meta.state == SlotState::Chunk {
-            assert!(
-                self.lookup(meta.chunk).is_none(),
-                "chunk {} twice",
-                meta.chunk
-            );
             self.index.insert(meta.chunk, slot);
         }
         self.mark_dirty(slot);
