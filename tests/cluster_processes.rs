@@ -309,7 +309,9 @@ fn sharded_processes_survive_a_kill_mid_load_catch_up_and_a_full_restart() {
     let metrics_port = ports[6];
     let hosts = vec!["127.0.0.1".to_string(); 3];
     let configs: Vec<PathBuf> = (1..=3)
-        .map(|id| common::write_config_sharded(dir.path(), id, &hosts, &ports, "192MiB", "8MiB", 2))
+        .map(|id| {
+            common::write_config_sharded(dir.path(), id, &hosts, &ports, "192MiB", "16MiB", 2)
+        })
         .collect();
     let mut cluster = Cluster {
         children: configs.iter().map(|c| Some(start(c))).collect(),

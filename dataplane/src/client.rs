@@ -50,6 +50,18 @@ pub enum ClientError {
     /// The answer could not be decoded.
     #[error("malformed answer: {0}")]
     Malformed(String),
+    /// The request is larger than any frame may carry: sending it again cannot help.
+    #[error("{op} on copyset {copyset}: a request of {len} bytes exceeds the frame limit of {max} bytes; split it")]
+    TooLarge {
+        /// The operation.
+        op: &'static str,
+        /// The copyset.
+        copyset: CopysetId,
+        /// The request's size.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// Limits of the client.
@@ -664,6 +676,15 @@ impl Client {
         body: &Bytes,
     ) -> Result<Bytes, ClientError> {
         let started = Instant::now();
+        let max = crate::net::frame::DEFAULT_MAX_PAYLOAD;
+        if body.len() > max as usize {
+            return Err(ClientError::TooLarge {
+                op,
+                copyset,
+                len: body.len(),
+                max,
+            });
+        }
         let candidates: Vec<u64> = match fixed {
             Some(node) => vec![node],
             None => self

@@ -880,6 +880,28 @@ impl Config {
                 ),
             ));
         }
+        // The ring must take the largest request a volume sends (1 MiB of data and its
+        // headers) beside the room raft's own records keep (docs/architecture.md, "WAL space").
+        let budget =
+            crate::storage::wal::WalBudget::for_ring(self.storage.wal_size_per_shard.bytes(), page);
+        let piece = (1 << 20) + 1024;
+        if budget.largest_admissible() < piece {
+            let mut enough = self.storage.wal_size_per_shard.bytes();
+            while crate::storage::wal::WalBudget::for_ring(enough, page).largest_admissible()
+                < piece
+            {
+                enough *= 2;
+            }
+            return Err(err(
+                "storage.wal_size_per_shard",
+                format!(
+                    "{} cannot take a 1 MiB write beside the room raft's own records keep; use \
+                     at least {}",
+                    self.storage.wal_size_per_shard,
+                    ByteSize(enough)
+                ),
+            ));
+        }
 
         if self.devices.is_empty() {
             return Err(err(
@@ -1171,6 +1193,20 @@ size = "1GiB"
         assert_eq!(error.key, "storage.chunk_size");
         let error = check(&GOOD.replace("\"1GiB\"", "1073741825")).unwrap_err();
         assert_eq!(error.key, "devices[0].size");
+    }
+
+    #[test]
+    fn a_wal_too_small_for_a_1_mib_write_is_refused_with_a_size_that_works() {
+        let with_wal = |size: &str| {
+            GOOD.replace(
+                "[[devices]]",
+                &format!("[storage]\nwal_size_per_shard = \"{size}\"\n\n[[devices]]"),
+            )
+        };
+        let error = check(&with_wal("8MiB")).unwrap_err();
+        assert_eq!(error.key, "storage.wal_size_per_shard");
+        assert!(error.to_string().contains("use at least 16MiB"), "{error}");
+        check(&with_wal("16MiB")).unwrap();
     }
 
     #[test]

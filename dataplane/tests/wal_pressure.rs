@@ -147,3 +147,76 @@ fn an_idle_copyset_whose_last_entry_is_a_no_op_does_not_pin_the_wal() {
         node.stop();
     }
 }
+
+/// Issue 25, item 2: a request that cannot be carried out is refused before it is proposed,
+/// never accepted to fail its persist and stall the copyset on every replica: a write that is
+/// not page-aligned (the issue's case: 4 MiB less a byte), and one larger than this shard's
+/// ring could ever take beside the room raft keeps (a 16 MiB ring takes under 1.5 MiB at
+/// once). Each is refused at once with a clear error, and writes go on.
+#[test]
+fn requests_that_cannot_be_carried_out_are_refused_before_they_stall_a_copyset() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let mut config = config(id, &ports, dir.path(), "mem");
+            config.storage.chunk_size = dataplane::config::ByteSize(8 << 20);
+            Node::start(config)
+        })
+        .collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(BUSY, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            let chunk = ChunkId(5);
+            let cases: [(usize, Option<&str>); 7] = [
+                (1 << 20, None),
+                // The issue's case: a whole 4 MiB frame, its data not page-aligned.
+                ((4 << 20) - 26, Some("not aligned")),
+                ((4 << 20) - 1, Some("exceeds the frame limit")),
+                (4097, Some("not aligned")),
+                ((4 << 20) - 4096, Some("never fits this shard's WAL")),
+                (2 << 20, Some("never fits this shard's WAL")),
+                ((1 << 20) + 4096, None),
+            ];
+            for (len, refusal) in cases {
+                let data = bytes::Bytes::from(vec![0x5a; len]);
+                let began = Instant::now();
+                let result = client.write(BUSY, chunk, 0, data, 1).await;
+                match (refusal, &result) {
+                    (None, Ok(())) => {}
+                    (Some(expected), Err(error)) => {
+                        let text = error.to_string();
+                        assert!(text.contains(expected), "{len}: {text}");
+                        assert!(
+                            began.elapsed() < Duration::from_secs(2),
+                            "{len}: refused at once, not after retries"
+                        );
+                    }
+                    _ => panic!("a write of {len} bytes: {result:?}"),
+                }
+            }
+            // The copyset did not stall.
+            for i in 0..32u64 {
+                let offset = (i % 16) as u32 * (64 << 10);
+                client
+                    .write(BUSY, chunk, offset, payload(i), 1)
+                    .await
+                    .unwrap_or_else(|e| panic!("write {i} after the refusals: {e}"));
+            }
+            for i in 16..32u64 {
+                let offset = u64::from((i % 16) as u32 * (64 << 10));
+                let data = client
+                    .read(BUSY, chunk, offset, 64 << 10)
+                    .await
+                    .expect("read");
+                assert!(data == payload(i), "write {i} reads back");
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

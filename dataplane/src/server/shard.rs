@@ -798,6 +798,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
         if message.msg_type != raftcore::MessageType::Append || message.entries.is_empty() {
             return true;
         }
+        let limit = self.engine.wal().entry_limit();
+        if let Some(entry) = message.entries.iter().find(|e| e.data.len() as u64 > limit) {
+            // A leader with a larger ring sent an entry this ring cannot hold in one record:
+            // persisting it would fail and stall the copyset here. Left to raft, this replica
+            // falls behind and catches up by a snapshot install.
+            warn!(node = self.node, copyset = %core.borrow().id(), index = %entry.index,
+                bytes = entry.data.len(), limit, "raft entry larger than this WAL's records; dropped");
+            return false;
+        }
         let last = core.borrow().node().raft().log.last_index();
         let incoming: u64 = message
             .entries
@@ -1032,7 +1041,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
             | wire::CREATE_VOLUME
             | wire::DELETE_VOLUME => {
                 match ChunkOp::decode(&payload) {
-                    Ok(op) if wire::opcode_of(&op) == opcode => {}
+                    Ok(op) if wire::opcode_of(&op) == opcode => {
+                        if let Err(error) = self.engine.check_op(&op) {
+                            return (Status::Invalid(error.to_string()), Bytes::new());
+                        }
+                    }
                     Ok(_) => {
                         return (
                             Status::Invalid("operation does not match opcode".into()),
@@ -1041,11 +1054,37 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     }
                     Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
                 }
+                // The entry must fit one WAL record on every replica, or its persist would
+                // fail there and stall the copyset (issue 25, item 2).
+                let limit = self.engine.wal().entry_limit();
+                if payload.len() as u64 > limit {
+                    return (
+                        Status::Invalid(format!(
+                            "a request of {} bytes exceeds the largest WAL record ({limit} \
+                             bytes); split it",
+                            payload.len()
+                        )),
+                        Bytes::new(),
+                    );
+                }
                 let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
                     return (Status::CopysetNotFound, Bytes::new());
                 };
                 let leads = core.borrow().role() == StateRole::Leader;
                 if leads && !self.admits_proposal(payload.len()) {
+                    let wal = self.engine.wal();
+                    if !wal.could_admit(payload.len() as u64) {
+                        return (
+                            Status::Invalid(format!(
+                                "a request of {} bytes never fits this shard's WAL ring of {} \
+                                 bytes beside the room raft keeps; split it, or enlarge \
+                                 storage.wal_size_per_shard",
+                                payload.len(),
+                                wal.size()
+                            )),
+                            Bytes::new(),
+                        );
+                    }
                     return (
                         Status::Retry("the WAL is full; a checkpoint is reclaiming it".into()),
                         Bytes::new(),

@@ -89,7 +89,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            wal_max_batch: 4 << 20,
+            wal_max_batch: crate::storage::wal::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -693,7 +693,8 @@ impl<B: Bdev> ShardEngine<B> {
         let head = anchor.head;
 
         let block = u64::from(geometry.block_size);
-        let max_batch = options.wal_max_batch.min(geometry.wal_size / 4).max(block) / block * block;
+        let max_batch =
+            crate::storage::wal::max_batch_for(geometry.wal_size, block, options.wal_max_batch);
         let config = WalConfig {
             ring_offset: layout.wal,
             ring_size: geometry.wal_size,
@@ -792,6 +793,21 @@ impl<B: Bdev> ShardEngine<B> {
                 log.applied = index;
             }
         });
+    }
+
+    /// Checks an operation's geometry (page alignment, inside the chunk) before it is
+    /// proposed, as its apply would; the apply checks again.
+    pub fn check_op(&self, op: &crate::copyset::ChunkOp) -> Result<(), StorageError> {
+        use crate::copyset::ChunkOp;
+        match op {
+            ChunkOp::Write { offset, data, .. } | ChunkOp::Paste { offset, data, .. } => {
+                self.check_request(u64::from(*offset), data.len() as u64)
+            }
+            ChunkOp::Recover { offset, len, .. } => {
+                self.check_request(u64::from(*offset), u64::from(*len))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn check_request(&self, offset: u64, len: u64) -> Result<(), StorageError> {
@@ -1915,9 +1931,11 @@ impl<B: Bdev> ShardEngine<B> {
         }
     }
 
-    /// Runs a checkpoint when one is due (see `WalBudget::due`).
+    /// Runs a checkpoint when one is due (see `WalBudget::due`), or when client data was
+    /// refused for room since the last call.
     pub async fn maybe_checkpoint(&self) -> Result<bool, StorageError> {
-        if self.wal.budget().due(self.wal.used()) {
+        let wanted = self.wal.take_wanted();
+        if wanted || self.wal.budget().due(self.wal.used()) {
             self.checkpoint().await?;
             return Ok(true);
         }

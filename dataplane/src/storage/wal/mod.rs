@@ -71,7 +71,40 @@ pub struct WalBudget {
     pub block: u64,
 }
 
+/// The largest batch the engine writes by default.
+pub const DEFAULT_MAX_BATCH: u64 = 4 << 20;
+
+/// The largest batch of a ring of `ring` bytes on a device of `block`-byte blocks, for a
+/// configured largest batch of `max_batch`: at most a quarter of the ring.
+pub fn max_batch_for(ring: u64, block: u64, max_batch: u64) -> u64 {
+    max_batch.min(ring / 4).max(block) / block * block
+}
+
 impl WalBudget {
+    /// The budget of a ring the engine would open with its default largest batch.
+    pub fn for_ring(ring: u64, block: u64) -> WalBudget {
+        WalBudget {
+            ring,
+            max_batch: max_batch_for(ring, block, DEFAULT_MAX_BATCH),
+            block,
+        }
+    }
+
+    /// The largest piece of client data (a request's bytes and its record header) an empty
+    /// ring admits: a larger one could never be taken.
+    pub fn largest_admissible(&self) -> u64 {
+        let (mut low, mut high) = (0u64, self.ring);
+        while low < high {
+            let mid = (low + high).div_ceil(2);
+            if self.admits(0, 0, mid) {
+                low = mid;
+            } else {
+                high = mid - 1;
+            }
+        }
+        low
+    }
+
     /// The budget of a ring.
     pub fn of(config: &WalConfig) -> WalBudget {
         WalBudget {
@@ -179,6 +212,9 @@ struct WalState {
     stats: WalStats,
     /// Where batch write-and-flush latencies go, once the shard set it.
     flush_latency: Option<std::rc::Rc<crate::metrics::Latency>>,
+    /// Client data was refused for room since the last checkpoint: one is wanted even if
+    /// not due by ring use alone.
+    wanted: bool,
 }
 
 impl WalState {
@@ -423,6 +459,7 @@ impl<B: Bdev> ShardWal<B> {
             spare: Vec::new(),
             stats: WalStats::default(),
             flush_latency: None,
+            wanted: false,
         };
         Ok((
             ShardWal {
@@ -544,18 +581,35 @@ impl<B: Bdev> ShardWal<B> {
         self.append_record(copyset, RecordBody::Snapshot(snapshot))
     }
 
+    /// Whether `incoming` bytes of client data could ever enter this ring (they would, were it
+    /// empty).
+    pub fn could_admit(&self, incoming: u64) -> bool {
+        let state = self.state.borrow();
+        WalBudget::of(&state.config).admits(0, 0, incoming + HEADER_LEN as u64)
+    }
+
     /// Whether `incoming` bytes of client data (a proposal's payload, or the entries of a
     /// replicated append) may enter the ring now. Refusing is back-pressure on client writes
     /// only: raft's control records never ask (see [`WalBudget`]).
     pub fn admits(&self, incoming: u64) -> bool {
-        let state = self.state.borrow();
+        let mut state = self.state.borrow_mut();
         let used = state
             .open
             .as_ref()
             .map_or(state.next, |b| b.start + b.bytes.len() as u64)
             - state.head;
         let incoming = incoming + HEADER_LEN as u64;
-        WalBudget::of(&state.config).admits(used, state.live_bytes(), incoming)
+        let admitted = WalBudget::of(&state.config).admits(used, state.live_bytes(), incoming);
+        if !admitted {
+            state.wanted = true;
+        }
+        admitted
+    }
+
+    /// Whether client data was refused for room since the last call (a checkpoint is wanted
+    /// then, whatever the ring's use).
+    pub fn take_wanted(&self) -> bool {
+        std::mem::take(&mut self.state.borrow_mut().wanted)
     }
 
     /// Position of the oldest live record (an entry above its copyset's applied index).
@@ -566,6 +620,12 @@ impl<B: Bdev> ShardWal<B> {
             .values()
             .filter_map(|log| log.first_needed_lsn(log.applied))
             .min()
+    }
+
+    /// The largest entry (its data) one record can hold: a batch less the record's header
+    /// and the header of the pad record that may seal its batch.
+    pub fn entry_limit(&self) -> u64 {
+        self.state.borrow().config.max_batch - 2 * HEADER_LEN as u64
     }
 
     /// Bytes of live records: entries above their copyset's applied index.

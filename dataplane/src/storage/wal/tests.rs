@@ -384,3 +384,34 @@ fn the_budget_always_leaves_room_for_control_records_after_a_checkpoint() {
         }
     }
 }
+
+/// Every record size around the batch limit, alone and after another record: each is placed
+/// with room for the pad record that seals its batch, or refused as too large — never the
+/// seal's assertion (a client chooses the size of its writes).
+#[test]
+fn records_whose_padding_would_overflow_the_batch_are_placed_elsewhere_or_refused() {
+    block_on(async {
+        let config = config(RING, 16 << 10);
+        for len in (16 << 10) - 200..(16 << 10) + 8 {
+            let bdev = device();
+            let wal = fresh(&bdev, config).await;
+            match wal.append_entries(CopysetId(1), &[entry(1, 1, len)]) {
+                Ok(lsn) => wal.sync(lsn).await.unwrap(),
+                Err(StorageError::RecordTooLarge { .. }) => {}
+                Err(error) => panic!("{len}: {error}"),
+            }
+            // After a first record of 1000 bytes, a second one of `len - 1000 - 48`.
+            let wal = fresh(&device(), config).await;
+            let first = wal
+                .append_entries(CopysetId(2), &[entry(1, 1, 1000)])
+                .unwrap();
+            let second_len = len.saturating_sub(1000 + HEADER_LEN);
+            let lsn = match wal.append_entries(CopysetId(2), &[entry(2, 1, second_len)]) {
+                Ok(lsn) => lsn,
+                Err(StorageError::RecordTooLarge { .. }) => first,
+                Err(error) => panic!("{len}: {error}"),
+            };
+            wal.sync(lsn).await.unwrap();
+        }
+    });
+}
