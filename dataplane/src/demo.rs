@@ -82,7 +82,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoReport, String> {
             // config defines a malloc bdev for each, in the no-huge mode.
             let spdk_config = options.data_dir.join("spdk-bdevs.json");
             if !spdk_config.exists() {
-                std::fs::create_dir_all(&options.data_dir).map_err(|e| e.to_string())?;
+                crate::server::node::private_dir(&options.data_dir).map_err(|e| e.to_string())?;
                 let bdevs: Vec<serde_json::Value> = (1..=options.configs.len())
                     .map(|n| {
                         serde_json::json!({"method": "bdev_malloc_create", "params": {

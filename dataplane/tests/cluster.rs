@@ -1196,3 +1196,35 @@ fn two_copysets_creating_one_chunk_id_at_once_get_an_error_not_an_abort() {
         node.stop();
     }
 }
+
+/// Issue 25, item 10: the data directory a node creates and its device image are its user's
+/// alone (0700 and 0600), not world-readable.
+#[test]
+fn the_files_a_node_creates_are_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let data = dir.path().join("fresh").join("node1");
+    let mut node = Node::start(config(1, &ports, &data, "uring"));
+    let image = data.join("node1.img");
+    let started = Instant::now();
+    while !image.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "no image made");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&image), 0o600, "the device image");
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    assert_eq!(
+        mode(&dir.path().join("fresh")),
+        0o700,
+        "a directory made on the way"
+    );
+    node.stop();
+}

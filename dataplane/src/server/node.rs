@@ -120,7 +120,7 @@ fn prepare_shared_device(
         .map(|s| s.bytes());
     let existed = path.exists();
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
+        private_dir(parent)
             .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
     }
     let uri = match size {
@@ -232,9 +232,14 @@ fn prepare_spdk_device(
                             ))
                         })?;
                         if let Some(parent) = path.parent() {
-                            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
+                            private_dir(parent).map_err(|e| fail(e.to_string()))?;
                         }
-                        let file = std::fs::File::create(&path).map_err(|e| fail(e.to_string()))?;
+                        let file = std::os::unix::fs::OpenOptionsExt::mode(
+                            std::fs::OpenOptions::new().write(true).create_new(true),
+                            0o600,
+                        )
+                        .open(&path)
+                        .map_err(|e| fail(e.to_string()))?;
                         file.set_len(size).map_err(|e| fail(e.to_string()))?;
                         fresh = true;
                     }
@@ -553,4 +558,11 @@ pub fn run_node(
         },
     )?;
     results.into_iter().collect()
+}
+
+/// Creates `dir` and its missing parents readable by this user alone (0700); directories that
+/// exist keep their modes (they are the operator's).
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
 }

@@ -74,12 +74,16 @@ impl UringBdev {
         if let Some(size) = size {
             let exists = std::fs::metadata(path).ok();
             if exists.as_ref().map_or(true, |m| m.is_file()) {
-                let sizing = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
-                    .map_err(|e| open_error(e.to_string()))?;
+                // A new image is the node's own: readable and writable by its user alone.
+                let sizing = std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false),
+                    0o600,
+                )
+                .open(path)
+                .map_err(|e| open_error(e.to_string()))?;
                 let current = sizing
                     .metadata()
                     .map_err(|e| open_error(e.to_string()))?
