@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, free_ports, with_client, Node};
+use common::{
+    addresses_of_cluster, config, config_of_cluster, free_ports, with_client, with_client_of, Node,
+};
 use dataplane::client::Client;
 use dataplane::ids::{ChunkId, CopysetId};
 
@@ -218,5 +220,160 @@ fn requests_that_cannot_be_carried_out_are_refused_before_they_stall_a_copyset()
     });
     for node in &mut nodes {
         node.stop();
+    }
+}
+
+/// Issue 25, item 6 (and issue 17): a copyset that lost its quorum keeps entries it can never
+/// apply at the head of a node's ring, while another copyset led by that node writes three
+/// rings' worth through it. Checkpoints move the stuck entries forward instead of letting them
+/// pin the head, so the busy copyset never stalls; once the lost nodes return, the stuck
+/// copyset commits and is led again.
+#[test]
+fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(11);
+    let metrics = ports[10];
+    let start = |id: u32| {
+        let mut config = config_of_cluster(id, 5, &ports, dir.path(), "uring", "tcp");
+        if id == 3 {
+            config.metrics.address = Some(([127, 0, 0, 1], metrics).into());
+        }
+        Node::start(config)
+    };
+    let mut nodes: Vec<Node> = (1..=5).map(start).collect();
+    let addresses = addresses_of_cluster(5, &ports, "tcp", 1);
+    // IDLE stands for the stuck copyset here: on nodes 3, 4 and 5. Both copysets are led by
+    // node 3.
+    let stuck = IDLE;
+    with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(stuck, &[3, 4, 5])
+                .await
+                .expect("create the stuck copyset");
+            client
+                .create_copyset(BUSY, &[1, 2, 3])
+                .await
+                .expect("create the busy copyset");
+            for copyset in [stuck, BUSY] {
+                fill(&client, copyset, 0, 4).await;
+                if client.cached_leader(copyset) != Some(3) {
+                    client.transfer_leader(copyset, 3).await.expect("transfer");
+                }
+                let began = Instant::now();
+                while client.copyset_status(3, copyset).await.map(|s| s.role).ok() != Some(3) {
+                    assert!(began.elapsed() < Duration::from_secs(10), "no transfer");
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    });
+    // Node 4 goes; writes stream to the stuck copyset while node 5 goes too, so its leader
+    // appends entries it can never commit before it notices the lost quorum.
+    nodes[3].stop();
+    let streaming = {
+        let addresses = addresses.clone();
+        std::thread::spawn(move || {
+            with_client_of(addresses, move |client| {
+                Box::pin(async move {
+                    client.set_peers(stuck, &[3]);
+                    let client = std::rc::Rc::new(client);
+                    let began = Instant::now();
+                    let mut i = 4;
+                    while began.elapsed() < Duration::from_millis(1500) {
+                        let (chunk, offset) = place(stuck, i);
+                        let client = std::rc::Rc::clone(&client);
+                        glommio::spawn_local(async move {
+                            // Acknowledged or not: only what the leader appended matters.
+                            let _ = client.write(stuck, chunk, offset, payload(i), 1).await;
+                        })
+                        .detach();
+                        i += 1;
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    nodes[4].stop();
+    streaming.join().expect("stream");
+    // Node 3 holds entries of the stuck copyset above its applied index: they can only be
+    // applied once a quorum returns.
+    let wal_of = |copyset: u64| {
+        let status = common::http_get(metrics, "/status");
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+        let mut found = None;
+        let mut stack = vec![&status];
+        while let Some(value) = stack.pop() {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if map.get("copyset").and_then(|c| c.as_u64()) == Some(copyset) {
+                        found = map.get("wal").cloned();
+                    }
+                    stack.extend(map.values());
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        found.expect("the copyset's WAL status")
+    };
+    let pinned = wal_of(stuck.0);
+    assert!(
+        pinned["log_last"].as_u64() > pinned["log_applied"].as_u64(),
+        "the stuck copyset must hold entries it cannot apply: {pinned}"
+    );
+    with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            // Three rings' worth through the busy copyset, led by node 3.
+            client.set_peers(BUSY, &[1, 2, 3]);
+            fill(&client, BUSY, 4, 768).await;
+            check(&client, BUSY, 772).await;
+        })
+    });
+    // The stuck entries are still there, moved forward past where they first stood.
+    let after = wal_of(stuck.0);
+    assert_eq!(after["log_last"], pinned["log_last"], "{after}");
+    assert!(
+        after["first_needed_lsn"].as_u64() > pinned["first_needed_lsn"].as_u64(),
+        "the stuck entries moved forward: before {pinned}, after {after}"
+    );
+    nodes[3] = start(4);
+    nodes[4] = start(5);
+    with_client_of(addresses, move |client| {
+        Box::pin(async move {
+            client.set_peers(stuck, &[3, 4, 5]);
+            check(&client, stuck, 4).await;
+            every_copyset_led_on(&client, stuck, &[3, 4, 5], Duration::from_secs(10)).await;
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// Waits until `copyset` has one leader among `nodes` and equal applied indexes there.
+async fn every_copyset_led_on(client: &Client, copyset: CopysetId, nodes: &[u64], bound: Duration) {
+    let began = Instant::now();
+    loop {
+        let mut statuses = Vec::new();
+        for node in nodes {
+            if let Ok(status) = client.copyset_status(*node, copyset).await {
+                statuses.push(status);
+            }
+        }
+        let leaders = statuses.iter().filter(|s| s.role == 3).count();
+        if statuses.len() == nodes.len()
+            && leaders == 1
+            && statuses.iter().all(|s| s.applied == statuses[0].applied)
+        {
+            return;
+        }
+        assert!(
+            began.elapsed() < bound,
+            "copyset {copyset} not led: {statuses:?}"
+        );
+        glommio::timer::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -605,7 +605,9 @@ impl<S: LogStorage> CopysetCore<S> {
 fn refusal_of(error: RaftError, leader: Option<NodeId>) -> Refusal {
     match error {
         RaftError::NotLeader { .. } => Refusal::NotLeader { leader },
-        RaftError::ConfChangePending => Refusal::Busy(error.to_string()),
+        RaftError::ConfChangePending | RaftError::UncommittedLimit => {
+            Refusal::Busy(error.to_string())
+        }
         other => Refusal::Invalid(other.to_string()),
     }
 }

@@ -247,6 +247,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
         // or client request wakes it (clients reaching a follower wake it too, see
         // `CopysetCore::propose`), so thousands of idle copysets cost almost nothing.
         config.quiesce_after_ticks = 2 * self.timings.election_ticks;
+        // A group that loses its quorum keeps what it had not committed (live bytes in the
+        // shard's WAL, moved forward at checkpoints) until it commits again: a quarter of what
+        // client data may fill at once, so one such group leaves the others of the shard
+        // room to write (docs/architecture.md, "WAL space").
+        config.max_uncommitted_bytes = self.engine.wal().budget().largest_admissible() / 4;
         let storage = self.engine.log_storage(copyset);
         let node = RawNode::new(config, storage)
             .map_err(|e| StorageError::Copyset(copyset.0, e.to_string()))?;
