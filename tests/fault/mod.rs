@@ -486,6 +486,26 @@ fn final_phase(
                     // A page whose write never happened may be in a chunk never created.
                     (_, Err(_)) => read.is_err(),
                 };
+                if !fine && lost.len() < 3 {
+                    // What each replica holds of the page's chunk (GET_CHUNK_INFO: size, sn,
+                    // snapshot, corrected sn; or why not), for the post-mortem.
+                    let body = bytes::Bytes::copy_from_slice(&chunk.0.to_le_bytes());
+                    for node in 1..=3u64 {
+                        let info = client
+                            .call_node(
+                                node,
+                                COPYSET,
+                                dataplane::server::wire::GET_CHUNK_INFO,
+                                body.clone(),
+                            )
+                            .await;
+                        let status = client.copyset_status(node, COPYSET).await;
+                        lost.push(format!(
+                            "  node {node}: chunk {} info {info:?}; copyset {status:?}",
+                            chunk.0
+                        ));
+                    }
+                }
                 if !fine {
                     lost.push(format!(
                         "write-once page {} (value {}, {:?}) reads back as {seen:?}",
@@ -634,7 +654,16 @@ pub fn run(settings: Settings) {
         Some(net) => net.hosts.clone(),
         None => vec!["127.0.0.1".to_string(); 3],
     };
-    let dir = tempfile::tempdir().expect("temporary directory");
+    let temporary = tempfile::tempdir().expect("temporary directory");
+    // With FAULT_KEEP_DIR the node logs and device images stay for a post-mortem (the
+    // directory is then not removed, whatever the verdict).
+    let (dir, _removed_on_drop) = if std::env::var_os("FAULT_KEEP_DIR").is_some() {
+        let kept = temporary.keep();
+        println!("FAULT_KEEP_DIR: the run's files stay in {}", kept.display());
+        (kept, None)
+    } else {
+        (temporary.path().to_path_buf(), Some(temporary))
+    };
     let ports = free_ports(10);
     // Each node also serves its metrics endpoint, where the suite arms disk faults.
     let control: Vec<String> = (0..3)
@@ -643,7 +672,7 @@ pub fn run(settings: Settings) {
     let configs: Vec<PathBuf> = (1..=3)
         .map(|id| {
             let path = write_config_on_hosts(
-                dir.path(),
+                dir.as_path(),
                 id,
                 &hosts,
                 &ports,
@@ -673,7 +702,7 @@ pub fn run(settings: Settings) {
                 .unwrap_or_default()
         })
         .collect();
-    let mut nodes = Nodes::start(configs, dir.path(), prefixes);
+    let mut nodes = Nodes::start(configs, dir.as_path(), prefixes);
     nodes.set_control(control);
     let addresses = workload::addresses(&hosts, &ports);
 
@@ -715,7 +744,7 @@ pub fn run(settings: Settings) {
     let mut bulk_before = bulk::Written::default();
     let mut bulk_filled_in = Duration::ZERO;
     let bulk = if realistic {
-        let bulk = match bulk::Bulk::start(&configs_dir(dir.path()), dir.path(), ports[9]) {
+        let bulk = match bulk::Bulk::start(&configs_dir(dir.as_path()), dir.as_path(), ports[9]) {
             Ok(bulk) => Arc::new(bulk),
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
