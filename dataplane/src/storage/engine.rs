@@ -373,6 +373,8 @@ pub struct ShardEngine<B: Bdev> {
     /// deleted): a copyset image copied while it changed must start over, since whether a
     /// write to a source is refused depends on them.
     clone_epoch: Cell<u64>,
+    /// The next staged image's id (see `engine::image::STAGING_BASE`).
+    staging: Cell<u64>,
 }
 
 /// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
@@ -747,6 +749,7 @@ impl<B: Bdev> ShardEngine<B> {
             dirty_bitmaps: RefCell::new(BTreeSet::new()),
             clone_sources: RefCell::new(clone_sources),
             clone_epoch: Cell::new(0),
+            staging: Cell::new(0),
         };
         Ok((engine, recovery))
     }
@@ -799,6 +802,20 @@ impl<B: Bdev> ShardEngine<B> {
     /// proposed, as its apply would; the apply checks again.
     pub fn check_op(&self, op: &crate::copyset::ChunkOp) -> Result<(), StorageError> {
         use crate::copyset::ChunkOp;
+        let source = match op {
+            ChunkOp::CreateClone { source, .. } => Some(*source),
+            _ => None,
+        };
+        for chunk in std::iter::once(op.chunk()).chain(source) {
+            if image::is_staging(chunk) {
+                return Err(StorageError::Conflict {
+                    chunk,
+                    reason: "chunk ids from 0xFFFFFFF000000000 are reserved for snapshot \
+                             installs"
+                        .into(),
+                });
+            }
+        }
         match op {
             ChunkOp::Write { offset, data, .. } | ChunkOp::Paste { offset, data, .. } => {
                 self.check_request(u64::from(*offset), data.len() as u64)
@@ -1395,6 +1412,9 @@ impl<B: Bdev> ShardEngine<B> {
     /// Deletes the chunks whose copyset is not on the shard (left by a deletion that a crash
     /// interrupted). Returns how many went.
     pub async fn remove_orphan_chunks(&self) -> Result<usize, StorageError> {
+        // Images an install staged when a crash cut it short: the chunks they were to
+        // replace kept their bytes.
+        let staged = self.remove_staged_images().await?;
         let copysets: BTreeSet<u64> = self.wal.copysets().iter().map(|c| c.0).collect();
         let orphans: Vec<ChunkId> = {
             let table = self.table.borrow();
@@ -1413,7 +1433,7 @@ impl<B: Bdev> ShardEngine<B> {
         for chunk in &orphans {
             self.delete_chunk(*chunk, LogIndex(0)).await?;
         }
-        Ok(orphans.len())
+        Ok(staged + orphans.len())
     }
 
     /// Every chunk in the table.

@@ -89,7 +89,7 @@ impl<B: Bdev> ShardEngine<B> {
             .chunks()
             .filter_map(|(chunk, slot)| {
                 let meta = table.slot(slot)?;
-                (meta.state == SlotState::Chunk && meta.copyset == copyset.0)
+                (meta.state == SlotState::Chunk && meta.copyset == copyset.0 && !is_staging(chunk))
                     .then_some((meta.flags & FLAG_CLONE != 0, chunk))
             })
             .collect();
@@ -176,9 +176,44 @@ impl<B: Bdev> ShardEngine<B> {
         })
     }
 
-    /// Starts copying `chunk` into this shard: whatever the shard held under that id goes.
-    pub async fn begin_chunk_image(&self, chunk: ChunkId) -> Result<(), StorageError> {
-        self.delete_chunk(chunk, LogIndex(0)).await
+    /// A fresh id to stage a chunk's image under (see [`is_staging`]).
+    fn staging_id(&self) -> ChunkId {
+        let n = self.staging.get();
+        self.staging.set(n.wrapping_add(1));
+        ChunkId(STAGING_BASE + n % STAGING_IDS)
+    }
+
+    /// Deletes every staged image (an install cut short; at a shard's start, a crash's).
+    pub async fn remove_staged_images(&self) -> Result<usize, StorageError> {
+        let staged: Vec<ChunkId> = self
+            .table
+            .borrow()
+            .chunks()
+            .map(|(chunk, _)| chunk)
+            .filter(|chunk| is_staging(*chunk))
+            .collect();
+        for chunk in &staged {
+            self.delete_chunk(*chunk, LogIndex(0)).await?;
+        }
+        Ok(staged.len())
+    }
+
+    /// Puts a complete staged image in place of `chunk`, in one step without I/O (no
+    /// checkpoint can see the chunk missing), then deletes what it replaced.
+    async fn swap_in_staged(&self, staging: ChunkId, chunk: ChunkId) -> Result<(), StorageError> {
+        let retired = {
+            let mut table = self.table.borrow_mut();
+            let retired = table.lookup(chunk).map(|_| self.staging_id());
+            if let Some(retired) = retired {
+                table.rename(chunk, retired)?;
+            }
+            table.rename(staging, chunk)?;
+            retired
+        };
+        if let Some(retired) = retired {
+            self.delete_chunk(retired, LogIndex(0)).await?;
+        }
+        Ok(())
     }
 
     /// Writes one piece of a chunk's image: the snapshot part with the snapshot's sn first,
@@ -234,13 +269,20 @@ impl<B: Bdev> ShardEngine<B> {
     {
         let local = |e: StorageError| e.to_string();
         'restart: for _ in 0..restarts_max {
-            self.begin_chunk_image(chunk).await.map_err(local)?;
+            // The image is staged under an id of its own and takes the chunk's place only
+            // once it is whole: until then the chunk keeps its old bytes, which the log above
+            // this replica's applied index brings up to date — also after a crash, when
+            // re-applying the log is all that happens (a deleted chunk would stay lost).
+            let staging = self.staging_id();
             // The versions and the applied index, before any byte is read.
             let Some((first, _)) = fetch(ImagePart::Current, 0, 0).await? else {
-                return Ok(0); // deleted since the list: re-applying the log deletes it too
+                // Deleted at the source since the list, by an entry above this replica's
+                // applied index: re-applying the log deletes it too.
+                self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
+                return Ok(0);
             };
             if let Some(source) = first.clone_source {
-                self.create_clone_chunk_in(copyset, chunk, source, first.sn, LogIndex(0))
+                self.create_clone_chunk_in(copyset, staging, source, first.sn, LogIndex(0))
                     .await
                     .map_err(local)?;
             }
@@ -255,10 +297,16 @@ impl<B: Bdev> ShardEngine<B> {
                 while offset < chunk_size {
                     let len = piece_bytes.min(chunk_size - offset);
                     let Some((meta, data)) = fetch(part, offset, len).await? else {
-                        self.begin_chunk_image(chunk).await.map_err(local)?;
+                        self.delete_chunk(staging, LogIndex(0))
+                            .await
+                            .map_err(local)?;
+                        self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
                         return Ok(bytes);
                     };
                     if !meta.same_versions(&first) {
+                        self.delete_chunk(staging, LogIndex(0))
+                            .await
+                            .map_err(local)?;
                         continue 'restart;
                     }
                     if !data.is_empty() && data.len() as u64 != len {
@@ -281,14 +329,15 @@ impl<B: Bdev> ShardEngine<B> {
                         } else {
                             data
                         };
-                        self.write_image_piece(copyset, chunk, sn, offset, data)
+                        self.write_image_piece(copyset, staging, sn, offset, data)
                             .await
                             .map_err(local)?;
                     }
                     offset += len;
                 }
             }
-            self.finish_chunk_image(chunk, &first).map_err(local)?;
+            self.finish_chunk_image(staging, &first).map_err(local)?;
+            self.swap_in_staged(staging, chunk).await.map_err(local)?;
             return Ok(bytes);
         }
         Err(format!(
@@ -305,6 +354,8 @@ impl<B: Bdev> ShardEngine<B> {
         keep: &BTreeSet<ChunkId>,
         copied: &BTreeSet<ChunkId>,
     ) -> Result<(), StorageError> {
+        // Images staged by an attempt that was cut short.
+        self.remove_staged_images().await?;
         let mut chunks = self.chunks_of(copyset);
         // Clones are listed last: delete from the end.
         chunks.reverse();
@@ -316,4 +367,14 @@ impl<B: Bdev> ShardEngine<B> {
         }
         Ok(())
     }
+}
+
+/// Chunk ids from here on (2^32 of them) are reserved for staged images; no client may use
+/// them (the volume table's chunk lies above them).
+pub const STAGING_BASE: u64 = 0xFFFF_FFF0_0000_0000;
+const STAGING_IDS: u64 = 1 << 32;
+
+/// Whether `chunk` is a staged image's id (see `STAGING_BASE`).
+pub fn is_staging(chunk: ChunkId) -> bool {
+    (STAGING_BASE..STAGING_BASE + STAGING_IDS).contains(&chunk.0)
 }

@@ -1247,3 +1247,109 @@ fn concurrent_creations_of_one_chunk_by_two_copysets_are_refused_not_fatal() {
         assert!(data.as_slice().iter().all(|byte| *byte == expected));
     });
 }
+
+/// An install cut short leaves every chunk whole: the image of a chunk is staged under an id
+/// of its own and takes the chunk's place only once complete. Here the copy of chunk 7 fails
+/// half-way after a checkpoint made the staged half durable, and the shard crashes: after the
+/// restart chunk 7 still holds its old bytes (re-applying the log above the old applied index
+/// is all that will happen to it, and a deleted chunk would stay lost), and nothing staged is
+/// left. A complete copy then replaces it.
+#[test]
+fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let copyset = CopysetId(3);
+        let chunk = ChunkId(7);
+        let old = Bytes::from(vec![0x11; CHUNK as usize]);
+        // The copyset exists on the shard (a restart deletes chunks of copysets it has not).
+        let lsn = engine
+            .wal()
+            .set_hard_state(copyset, HardState::default())
+            .unwrap();
+        engine.wal().sync(lsn).await.unwrap();
+        engine
+            .write_chunk_bytes(copyset, chunk, 0, old.clone(), 1, LogIndex(5))
+            .await
+            .unwrap();
+        engine.checkpoint().await.unwrap();
+        let image_meta = engine.chunk_image_meta(chunk).unwrap();
+        let new_piece =
+            |offset: u64| Bytes::from(vec![0x22 ^ (offset / PAGE) as u8; PAGE as usize]);
+        // The copy: two pieces of the new image arrive, a checkpoint runs, then the source
+        // goes away.
+        let mut pieces = 0;
+        let result = engine
+            .copy_chunk_image(
+                copyset,
+                chunk,
+                CHUNK,
+                PAGE,
+                4,
+                async |_part, offset, len| {
+                    if len == 0 {
+                        return Ok(Some((image_meta, Bytes::new())));
+                    }
+                    pieces += 1;
+                    if pieces == 3 {
+                        engine.checkpoint().await.map_err(|e| e.to_string())?;
+                        return Err("the source went away".to_string());
+                    }
+                    Ok(Some((image_meta, new_piece(offset))))
+                },
+            )
+            .await;
+        assert_eq!(result, Err("the source went away".to_string()));
+        assert!(
+            reads_as(&engine, chunk, &old).await,
+            "the old chunk is whole while the copy is cut short"
+        );
+        assert_eq!(
+            engine.chunks_of(copyset),
+            vec![chunk],
+            "the staged image is not listed"
+        );
+        // The crash: no clean close.
+        drop(engine);
+        let (engine, _) = open(&bdev).await;
+        engine.remove_orphan_chunks().await.unwrap();
+        assert!(
+            reads_as(&engine, chunk, &old).await,
+            "the old chunk is whole after the restart"
+        );
+        assert_eq!(engine.chunk_ids(), vec![chunk], "nothing staged is left");
+        // A complete copy takes the chunk's place.
+        engine
+            .copy_chunk_image(
+                copyset,
+                chunk,
+                CHUNK,
+                PAGE,
+                4,
+                async |_part, offset, len| {
+                    if len == 0 {
+                        return Ok(Some((image_meta, Bytes::new())));
+                    }
+                    Ok(Some((image_meta, new_piece(offset))))
+                },
+            )
+            .await
+            .unwrap();
+        let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+        for page in 0..CHUNK / PAGE {
+            let at = (page * PAGE) as usize;
+            assert_eq!(data.as_slice()[at], 0x22 ^ page as u8, "page {page}");
+        }
+        assert_eq!(engine.chunk_ids(), vec![chunk]);
+        assert_eq!(
+            engine.chunk_image_meta(chunk).unwrap().applied,
+            image_meta.applied
+        );
+    });
+}
+
+/// Whether the whole of `chunk` reads as `expected`.
+async fn reads_as(engine: &ShardEngine<AnyBdev>, chunk: ChunkId, expected: &[u8]) -> bool {
+    let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+    data.as_slice() == expected
+}

@@ -343,6 +343,25 @@ impl ChunkTable {
         self.mark_dirty(slot);
     }
 
+    /// Gives the chunk `from` the id `to` (its slot, data and metadata stay): `to` must be
+    /// free. No I/O; the next checkpoint records it.
+    pub fn rename(&mut self, from: ChunkId, to: ChunkId) -> Result<(), TableError> {
+        if self.lookup(to).is_some() {
+            return Err(TableError::ChunkExists { chunk: to });
+        }
+        let Some((at, slot)) = self.index.find(from, &self.slots) else {
+            return Err(TableError::Inconsistent {
+                page: 0,
+                reason: format!("chunk {from} to rename is not in the table"),
+            });
+        };
+        self.index.remove_at(at, &self.slots);
+        self.slots[slot as usize].chunk = to;
+        self.index.insert(to, slot);
+        self.mark_dirty(slot);
+        Ok(())
+    }
+
     /// Takes a slot out of use: a chunk leaves the index at once; the slot stays out of the
     /// pool (`Releasing`) until [`ChunkTable::release_done`], after its bytes are zeroed.
     pub fn release(&mut self, slot: u32) {
