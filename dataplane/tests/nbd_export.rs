@@ -196,6 +196,7 @@ fn fio_nbd_engine_verifies_what_it_wrote() {
             "--size=8m",
             "--iodepth=16",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--randrepeat=1",
         ],

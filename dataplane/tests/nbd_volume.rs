@@ -134,6 +134,7 @@ fn qemu_and_fio_use_a_three_replica_volume_over_nbd() {
             "--offset=8m",
             "--iodepth=8",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--randrepeat=1",
         ],

@@ -143,6 +143,7 @@ impl Bulk {
                     "--verify=crc32c".into(),
                     "--do_verify=1".into(),
                     "--verify_fatal=1".into(),
+                    "--verify_state_save=0".into(),
                 ];
                 for (_, name) in &VOLUMES[1..] {
                     args.extend([
