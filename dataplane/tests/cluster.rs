@@ -1143,23 +1143,7 @@ fn two_copysets_creating_one_chunk_id_at_once_get_an_error_not_an_abort() {
                 .await
                 .expect("write");
             for copyset in [a, b] {
-                if client.cached_leader(copyset) != Some(1) {
-                    client
-                        .transfer_leader(copyset, 1)
-                        .await
-                        .expect("transfer accepted");
-                }
-                let started = Instant::now();
-                while client
-                    .copyset_status(1, copyset)
-                    .await
-                    .expect("status")
-                    .role
-                    != 3
-                {
-                    assert!(started.elapsed() < Duration::from_secs(10), "no transfer");
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                }
+                common::lead_from(&client, copyset, 1).await;
                 client.set_peers(copyset, &[1, 2, 3]);
             }
             let shared = ChunkId(77);

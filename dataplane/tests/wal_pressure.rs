@@ -257,14 +257,7 @@ fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
                 .expect("create the busy copyset");
             for copyset in [stuck, BUSY] {
                 fill(&client, copyset, 0, 4).await;
-                if client.cached_leader(copyset) != Some(3) {
-                    client.transfer_leader(copyset, 3).await.expect("transfer");
-                }
-                let began = Instant::now();
-                while client.copyset_status(3, copyset).await.map(|s| s.role).ok() != Some(3) {
-                    assert!(began.elapsed() < Duration::from_secs(10), "no transfer");
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                }
+                common::lead_from(&client, copyset, 3).await;
             }
         })
     });

@@ -1414,7 +1414,7 @@ impl<B: Bdev> ShardEngine<B> {
     pub async fn remove_orphan_chunks(&self) -> Result<usize, StorageError> {
         // Images an install staged when a crash cut it short: the chunks they were to
         // replace kept their bytes.
-        let staged = self.remove_staged_images().await?;
+        let staged = self.remove_staged_images(None).await?;
         let copysets: BTreeSet<u64> = self.wal.copysets().iter().map(|c| c.0).collect();
         let orphans: Vec<ChunkId> = {
             let table = self.table.borrow();

@@ -183,15 +183,26 @@ impl<B: Bdev> ShardEngine<B> {
         ChunkId(STAGING_BASE + n % STAGING_IDS)
     }
 
-    /// Deletes every staged image (an install cut short; at a shard's start, a crash's).
-    pub async fn remove_staged_images(&self) -> Result<usize, StorageError> {
-        let staged: Vec<ChunkId> = self
-            .table
-            .borrow()
-            .chunks()
-            .map(|(chunk, _)| chunk)
-            .filter(|chunk| is_staging(*chunk))
-            .collect();
+    /// Deletes the staged images of `copyset` (an install of it cut short), or of every
+    /// copyset (`None`: at a shard's start, what a crash left). Installs of other copysets
+    /// may be staging images at the same time: theirs stay.
+    pub async fn remove_staged_images(
+        &self,
+        copyset: Option<CopysetId>,
+    ) -> Result<usize, StorageError> {
+        let staged: Vec<ChunkId> = {
+            let table = self.table.borrow();
+            table
+                .chunks()
+                .filter(|(chunk, slot)| {
+                    is_staging(*chunk)
+                        && copyset.map_or(true, |c| {
+                            table.slot(*slot).is_some_and(|meta| meta.copyset == c.0)
+                        })
+                })
+                .map(|(chunk, _)| chunk)
+                .collect()
+        };
         for chunk in &staged {
             self.delete_chunk(*chunk, LogIndex(0)).await?;
         }
@@ -354,8 +365,8 @@ impl<B: Bdev> ShardEngine<B> {
         keep: &BTreeSet<ChunkId>,
         copied: &BTreeSet<ChunkId>,
     ) -> Result<(), StorageError> {
-        // Images staged by an attempt that was cut short.
-        self.remove_staged_images().await?;
+        // Images staged by an attempt of this install that was cut short.
+        self.remove_staged_images(Some(copyset)).await?;
         let mut chunks = self.chunks_of(copyset);
         // Clones are listed last: delete from the end.
         chunks.reverse();

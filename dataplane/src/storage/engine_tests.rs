@@ -1278,27 +1278,30 @@ fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
             |offset: u64| Bytes::from(vec![0x22 ^ (offset / PAGE) as u8; PAGE as usize]);
         // The copy: two pieces of the new image arrive, a checkpoint runs, then the source
         // goes away.
-        let mut pieces = 0;
-        let result = engine
-            .copy_chunk_image(
-                copyset,
-                chunk,
-                CHUNK,
-                PAGE,
-                4,
-                async |_part, offset, len| {
-                    if len == 0 {
-                        return Ok(Some((image_meta, Bytes::new())));
-                    }
-                    pieces += 1;
-                    if pieces == 3 {
-                        engine.checkpoint().await.map_err(|e| e.to_string())?;
-                        return Err("the source went away".to_string());
-                    }
-                    Ok(Some((image_meta, new_piece(offset))))
-                },
-            )
-            .await;
+        let copy = async |engine: &ShardEngine<AnyBdev>, fail_at: Option<u32>| {
+            let mut pieces = 0;
+            engine
+                .copy_chunk_image(
+                    copyset,
+                    chunk,
+                    CHUNK,
+                    PAGE,
+                    4,
+                    async |_part, offset, len| {
+                        if len == 0 {
+                            return Ok(Some((image_meta, Bytes::new())));
+                        }
+                        pieces += 1;
+                        if Some(pieces) == fail_at {
+                            engine.checkpoint().await.map_err(|e| e.to_string())?;
+                            return Err("the source went away".to_string());
+                        }
+                        Ok(Some((image_meta, new_piece(offset))))
+                    },
+                )
+                .await
+        };
+        let result = copy(&engine, Some(3)).await;
         assert_eq!(result, Err("the source went away".to_string()));
         assert!(
             reads_as(&engine, chunk, &old).await,
@@ -1319,22 +1322,7 @@ fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
         );
         assert_eq!(engine.chunk_ids(), vec![chunk], "nothing staged is left");
         // A complete copy takes the chunk's place.
-        engine
-            .copy_chunk_image(
-                copyset,
-                chunk,
-                CHUNK,
-                PAGE,
-                4,
-                async |_part, offset, len| {
-                    if len == 0 {
-                        return Ok(Some((image_meta, Bytes::new())));
-                    }
-                    Ok(Some((image_meta, new_piece(offset))))
-                },
-            )
-            .await
-            .unwrap();
+        copy(&engine, None).await.unwrap();
         let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
         for page in 0..CHUNK / PAGE {
             let at = (page * PAGE) as usize;
@@ -1352,4 +1340,57 @@ fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
 async fn reads_as(engine: &ShardEngine<AnyBdev>, chunk: ChunkId, expected: &[u8]) -> bool {
     let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
     data.as_slice() == expected
+}
+
+/// Installs of two copysets of one shard run at once: one preparing (which removes its own
+/// staged images left by an attempt cut short) must not touch the other's image half-way
+/// through its copy — that copy would write its later pieces into a new chunk and swap in one
+/// whose earlier pages read as zeroes (the 30-minute realistic run of 2026-12-07 found it:
+/// fio read back zeroes for acknowledged blocks).
+#[test]
+fn an_install_preparing_leaves_another_copysets_staged_image_alone() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let (a, b) = (CopysetId(3), CopysetId(4));
+        let chunk = ChunkId(7);
+        engine
+            .write_chunk_bytes(
+                a,
+                chunk,
+                0,
+                Bytes::from(vec![0x11; CHUNK as usize]),
+                1,
+                LogIndex(5),
+            )
+            .await
+            .unwrap();
+        let image_meta = engine.chunk_image_meta(chunk).unwrap();
+        let new_piece =
+            |offset: u64| Bytes::from(vec![0x40 ^ (offset / PAGE) as u8; PAGE as usize]);
+        let mut pieces = 0;
+        engine
+            .copy_chunk_image(a, chunk, CHUNK, PAGE, 4, async |_part, offset, len| {
+                if len == 0 {
+                    return Ok(Some((image_meta, Bytes::new())));
+                }
+                pieces += 1;
+                if pieces == 3 {
+                    // Copyset b's install begins meanwhile.
+                    engine
+                        .prepare_image(b, &BTreeSet::new(), &BTreeSet::new())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(Some((image_meta, new_piece(offset))))
+            })
+            .await
+            .unwrap();
+        let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+        for page in 0..CHUNK / PAGE {
+            let at = (page * PAGE) as usize;
+            assert_eq!(data.as_slice()[at], 0x40 ^ page as u8, "page {page}");
+        }
+        assert_eq!(engine.chunk_ids(), vec![chunk], "nothing staged is left");
+    });
 }

@@ -256,3 +256,27 @@ pub fn http_get(port: u16, path: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Hands `copyset`'s leadership to `node` and waits (at most 10 s) until `node` leads it.
+pub async fn lead_from(client: &Client, copyset: dataplane::ids::CopysetId, node: u64) {
+    if client.cached_leader(copyset) != Some(node) {
+        client
+            .transfer_leader(copyset, node)
+            .await
+            .expect("transfer accepted");
+    }
+    let began = std::time::Instant::now();
+    while client
+        .copyset_status(node, copyset)
+        .await
+        .map(|s| s.role)
+        .ok()
+        != Some(3)
+    {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "node {node} does not lead copyset {copyset}"
+        );
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+}
