@@ -37,7 +37,9 @@ use crate::storage::layout::{
     choose_copy, open_page, seal_page, Geometry, PageKind, PageRead, Reader, ShardLayout,
     Superblock, Writer, FORMAT_VERSION, PAGE_HEADER_LEN,
 };
-use crate::storage::table::{ChunkId, ChunkTable, SlotMeta, SlotState, FLAG_CLONE, NO_SLOT};
+use crate::storage::table::{
+    ChunkId, ChunkTable, SlotMeta, SlotState, TableError, FLAG_CLONE, NO_SLOT,
+};
 use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::record::{conf_state_bytes, decode_conf_state, CopysetId};
 use crate::storage::wal::{ShardWal, WalConfig};
@@ -375,6 +377,12 @@ pub struct ShardEngine<B: Bdev> {
     clone_epoch: Cell<u64>,
     /// The next staged image's id (see `engine::image::STAGING_BASE`).
     staging: Cell<u64>,
+    /// Chunks an install's swap retired (renamed to staging ids) that no checkpoint has
+    /// recorded as retired yet: until one does, the committed table still names their slots
+    /// as the chunks they replaced, so their bytes must stay (see `engine::image`).
+    retired: RefCell<Vec<ChunkId>>,
+    /// Retired chunks whose retirement a checkpoint committed: free to delete.
+    retired_durable: RefCell<Vec<ChunkId>>,
 }
 
 /// Which of a page's two copies are leftovers to wipe: a copy newer than the anchor was
@@ -750,6 +758,8 @@ impl<B: Bdev> ShardEngine<B> {
             clone_sources: RefCell::new(clone_sources),
             clone_epoch: Cell::new(0),
             staging: Cell::new(0),
+            retired: RefCell::new(Vec::new()),
+            retired_durable: RefCell::new(Vec::new()),
         };
         Ok((engine, recovery))
     }
@@ -882,7 +892,17 @@ impl<B: Bdev> ShardEngine<B> {
                     });
                 }
             }
-            let slot = self.table.borrow_mut().allocate(meta)?;
+            let allocated = self.table.borrow_mut().allocate(meta);
+            let slot = match allocated {
+                Ok(slot) => slot,
+                // Chunks an install retired hold slots until a checkpoint records the swap
+                // that retired them; the checkpoint frees them.
+                Err(TableError::NoSpace { .. }) if !self.retired.borrow().is_empty() => {
+                    self.checkpoint().await?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             if !self.checkpoint.borrow().maybe_dirty.contains(&slot) {
                 self.checkpoint.borrow_mut().allocations += 1;
                 return Ok(slot);
@@ -1657,21 +1677,23 @@ impl<B: Bdev> ShardEngine<B> {
     /// Makes the chunk metadata and every copyset's state durable and lets the WAL reclaim
     /// what the copysets have applied. Runs one at a time.
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
-        let _turn = Enter(&self.checkpoint_turn).await;
-        if let Some(reason) = &self.checkpoint.borrow().failed {
-            return Err(StorageError::WalFailed(format!(
-                "an earlier checkpoint failed ({reason}); restart the shard"
-            )));
-        }
-        match self.checkpoint_once().await {
-            Ok(()) => Ok(()),
-            Err(error) => {
+        {
+            let _turn = Enter(&self.checkpoint_turn).await;
+            if let Some(reason) = &self.checkpoint.borrow().failed {
+                return Err(StorageError::WalFailed(format!(
+                    "an earlier checkpoint failed ({reason}); restart the shard"
+                )));
+            }
+            if let Err(error) = self.checkpoint_once().await {
                 if self.checkpoint.borrow().failed.is_some() {
                     self.wal.fail(&error.to_string());
                 }
-                Err(error)
+                return Err(error);
             }
         }
+        // Chunks an install retired, now that the committed table no longer names them as
+        // the chunks they replaced.
+        self.delete_retired().await
     }
 
     fn poison(&self, error: &StorageError) {
@@ -1783,8 +1805,11 @@ impl<B: Bdev> ShardEngine<B> {
         }
 
         // 4. Changed metadata pages and the copyset pages go to their alternate copies.
+        // (No await from here to the encoding of the pages: what they record is this
+        // instant's table, renames of retired chunks included.)
         let dirty = self.table.borrow_mut().take_dirty();
         let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
         let result = self
             .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
             .await;
@@ -1795,6 +1820,7 @@ impl<B: Bdev> ShardEngine<B> {
         if let Err(error) = result {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.retired.borrow_mut().extend(retired);
             self.poison(&error);
             return Err(error);
         }
@@ -1811,9 +1837,11 @@ impl<B: Bdev> ShardEngine<B> {
         if let Err(error) = anchored {
             self.table.borrow_mut().restore_dirty(dirty);
             self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.retired.borrow_mut().extend(retired);
             self.poison(&error);
             return Err(error);
         }
+        self.retired_durable.borrow_mut().extend(retired);
 
         // 6. The new state is the current one.
         {

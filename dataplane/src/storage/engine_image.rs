@@ -184,8 +184,9 @@ impl<B: Bdev> ShardEngine<B> {
     }
 
     /// Deletes the staged images of `copyset` (an install of it cut short), or of every
-    /// copyset (`None`: at a shard's start, what a crash left). Installs of other copysets
-    /// may be staging images at the same time: theirs stay.
+    /// copyset (`None`: at a shard's start, what a crash left), with the chunks swaps
+    /// retired. Installs of other copysets may be staging images at the same time: theirs
+    /// stay; so do retired chunks no checkpoint has recorded as retired yet.
     pub async fn remove_staged_images(
         &self,
         copyset: Option<CopysetId>,
@@ -196,6 +197,7 @@ impl<B: Bdev> ShardEngine<B> {
                 .chunks()
                 .filter(|(chunk, slot)| {
                     is_staging(*chunk)
+                        && !self.retired_pending(*chunk)
                         && copyset.map_or(true, |c| {
                             table.slot(*slot).is_some_and(|meta| meta.copyset == c.0)
                         })
@@ -210,21 +212,47 @@ impl<B: Bdev> ShardEngine<B> {
     }
 
     /// Puts a complete staged image in place of `chunk`, in one step without I/O (no
-    /// checkpoint can see the chunk missing), then deletes what it replaced.
+    /// checkpoint can see the chunk missing). What it replaced is retired under a staging id
+    /// and left whole until a checkpoint records the swap: until then the committed table
+    /// still maps `chunk` to the retired slot, and a crash brings that mapping back — the
+    /// slot must then hold the chunk's old bytes, not zeroes or another chunk's image (the
+    /// pool hands out the lowest free slot, so the next chunk's image would land there).
+    /// The checkpoint deletes retired chunks once it committed; a swap runs one when
+    /// [`RETIRED_MAX`] wait, which bounds the slots they hold.
     async fn swap_in_staged(&self, staging: ChunkId, chunk: ChunkId) -> Result<(), StorageError> {
-        let retired = {
+        {
             let mut table = self.table.borrow_mut();
-            let retired = table.lookup(chunk).map(|_| self.staging_id());
-            if let Some(retired) = retired {
+            if table.lookup(chunk).is_some() {
+                let retired = self.staging_id();
                 table.rename(chunk, retired)?;
+                self.retired.borrow_mut().push(retired);
             }
             table.rename(staging, chunk)?;
-            retired
-        };
-        if let Some(retired) = retired {
-            self.delete_chunk(retired, LogIndex(0)).await?;
+        }
+        if self.retired.borrow().len() >= RETIRED_MAX {
+            self.checkpoint().await?;
         }
         Ok(())
+    }
+
+    /// Deletes the retired chunks whose retirement a checkpoint committed.
+    pub(super) async fn delete_retired(&self) -> Result<(), StorageError> {
+        loop {
+            let next = self.retired_durable.borrow_mut().pop();
+            let Some(chunk) = next else {
+                return Ok(());
+            };
+            if let Err(error) = self.delete_chunk(chunk, LogIndex(0)).await {
+                // Still a staging id: the next try (or the shard's next start) deletes it.
+                self.retired_durable.borrow_mut().push(chunk);
+                return Err(error);
+            }
+        }
+    }
+
+    /// Whether `chunk` is a retired chunk that no checkpoint has recorded as such yet.
+    fn retired_pending(&self, chunk: ChunkId) -> bool {
+        self.retired.borrow().contains(&chunk)
     }
 
     /// Writes one piece of a chunk's image: the snapshot part with the snapshot's sn first,
@@ -384,6 +412,9 @@ impl<B: Bdev> ShardEngine<B> {
 /// them (the volume table's chunk lies above them).
 pub const STAGING_BASE: u64 = 0xFFFF_FFF0_0000_0000;
 const STAGING_IDS: u64 = 1 << 32;
+
+/// Chunks retired by swaps that may wait for a checkpoint before the swap runs one.
+const RETIRED_MAX: usize = 4;
 
 /// Whether `chunk` is a staged image's id (see `STAGING_BASE`).
 pub fn is_staging(chunk: ChunkId) -> bool {

@@ -1328,6 +1328,9 @@ fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
             let at = (page * PAGE) as usize;
             assert_eq!(data.as_slice()[at], 0x22 ^ page as u8, "page {page}");
         }
+        // The chunk it replaced stays (retired) until a checkpoint records the swap.
+        assert_eq!(engine.chunk_ids().len(), 2);
+        engine.checkpoint().await.unwrap();
         assert_eq!(engine.chunk_ids(), vec![chunk]);
         assert_eq!(
             engine.chunk_image_meta(chunk).unwrap().applied,
@@ -1391,6 +1394,86 @@ fn an_install_preparing_leaves_another_copysets_staged_image_alone() {
             let at = (page * PAGE) as usize;
             assert_eq!(data.as_slice()[at], 0x40 ^ page as u8, "page {page}");
         }
+        engine.checkpoint().await.unwrap();
         assert_eq!(engine.chunk_ids(), vec![chunk], "nothing staged is left");
+    });
+}
+
+/// An install swaps in one chunk after another; a crash before a checkpoint recorded those
+/// swaps brings back the table of the last checkpoint, which maps each swapped chunk to the
+/// slot it had then. Those slots must still hold the chunks' old bytes: the slot a swap
+/// retires is neither zeroed nor handed out again until a checkpoint recorded the swap.
+/// (The 30-minute realistic run of 2026-12-07 found it: after a power cut in an install the
+/// retired slot of chunk k held the staged image of chunk k+1, and chunks 2..7 of the
+/// write-once area read back their successors' pages.)
+#[test]
+fn a_crash_after_an_install_swapped_chunks_in_leaves_each_chunk_its_own_bytes() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let copyset = CopysetId(3);
+        let lsn = engine
+            .wal()
+            .set_hard_state(copyset, HardState::default())
+            .unwrap();
+        engine.wal().sync(lsn).await.unwrap();
+        // More chunks than may wait retired: the install runs a checkpoint half-way.
+        let chunks: Vec<ChunkId> = (2..9).map(ChunkId).collect();
+        let old = |chunk: ChunkId| vec![0x10 + chunk.0 as u8; CHUNK as usize];
+        let new = |chunk: ChunkId| vec![0x80 + chunk.0 as u8; CHUNK as usize];
+        for &chunk in &chunks {
+            engine
+                .write_chunk_bytes(copyset, chunk, 0, Bytes::from(old(chunk)), 1, LogIndex(5))
+                .await
+                .unwrap();
+        }
+        engine.checkpoint().await.unwrap();
+        let mut image_meta = engine.chunk_image_meta(chunks[0]).unwrap();
+        image_meta.applied = 9;
+        for &chunk in &chunks {
+            engine
+                .copy_chunk_image(
+                    copyset,
+                    chunk,
+                    CHUNK,
+                    4 * PAGE,
+                    4,
+                    async |_part, offset, len| {
+                        if len == 0 {
+                            return Ok(Some((image_meta, Bytes::new())));
+                        }
+                        let at = offset as usize;
+                        Ok(Some((
+                            image_meta,
+                            Bytes::from(new(chunk)[at..at + len as usize].to_vec()),
+                        )))
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(reads_as(&engine, chunk, &new(chunk)).await);
+        }
+        // The crash: no clean close, no checkpoint since the swaps (unless the install ran
+        // one itself).
+        drop(engine);
+        let (engine, _) = open(&bdev).await;
+        engine.remove_orphan_chunks().await.unwrap();
+        let mut swapped = 0;
+        for &chunk in &chunks {
+            let data = engine.read_chunk(chunk, 0, CHUNK).await.unwrap();
+            swapped += usize::from(data.as_slice() == new(chunk).as_slice());
+            assert!(
+                data.as_slice() == old(chunk).as_slice()
+                    || data.as_slice() == new(chunk).as_slice(),
+                "chunk {chunk} holds neither its old nor its new bytes after the crash \
+                 (first byte {:#x})",
+                data.as_slice()[0]
+            );
+        }
+        assert!(
+            swapped > 0 && swapped < chunks.len(),
+            "the checkpoint half-way recorded some swaps, not all ({swapped})"
+        );
+        assert_eq!(engine.chunk_ids(), chunks, "nothing staged is left");
     });
 }
