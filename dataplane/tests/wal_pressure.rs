@@ -370,3 +370,126 @@ async fn every_copyset_led_on(client: &Client, copyset: CopysetId, nodes: &[u64]
         glommio::timer::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A follower that was down while the others wrote less than the WAL's recent history
+/// (`WalBudget::retention`: a quarter of what client data may fill) catches up from the
+/// leader's log when it returns — even though the leader ran checkpoints meanwhile — rather
+/// than by a copy of the copyset's chunks, which would keep it unable to persist anything
+/// for as long as the copy takes.
+#[test]
+fn a_follower_briefly_down_catches_up_from_the_log_not_by_a_copy_of_the_chunks() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let metrics = [ports[6], ports[7]];
+    let start = |id: u32| {
+        let mut config = config(id, &ports, dir.path(), "uring");
+        // A 64 MiB ring: a checkpoint is due at about 24 MiB, 12 MiB of history stay.
+        config.storage.wal_size_per_shard = dataplane::config::ByteSize(64 << 20);
+        if let Some(device) = config.devices.first_mut() {
+            device.size = Some(dataplane::config::ByteSize(128 << 20));
+        }
+        match id {
+            1 => config.metrics.address = Some(([127, 0, 0, 1], metrics[0]).into()),
+            3 => config.metrics.address = Some(([127, 0, 0, 1], metrics[1]).into()),
+            _ => {}
+        }
+        Node::start(config)
+    };
+    let mut nodes: Vec<Node> = (1..=3).map(start).collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(BUSY, &[1, 2, 3])
+                .await
+                .expect("create the copyset");
+            common::lead_from(&client, BUSY, 1).await;
+        })
+    });
+    // 16 MiB with every node up, then 10 MiB with node 3 down: the leader's ring passes the
+    // point where a checkpoint is due while node 3 is away.
+    write_range(&ports, 0..16);
+    nodes[2].stop();
+    let wal_of = |port: u16| {
+        let status = common::http_get(port, "/status");
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+        let mut found = None;
+        let mut stack = vec![&status];
+        while let Some(value) = stack.pop() {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if map.get("copyset").and_then(|c| c.as_u64()) == Some(BUSY.0) {
+                        found = map.get("wal").cloned();
+                    }
+                    stack.extend(map.values());
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        found.expect("the copyset's WAL status")
+    };
+    let before = wal_of(metrics[0]);
+    write_range(&ports, 16..26);
+    let after = wal_of(metrics[0]);
+    assert!(
+        after["head"].as_u64() > before["head"].as_u64(),
+        "the leader ran a checkpoint while node 3 was down: before {before}, after {after}"
+    );
+    assert!(
+        after["log_first"].as_u64() > Some(1),
+        "the leader compacted its log: {after}"
+    );
+    nodes[2] = start(3);
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            every_copyset_led(&client, &[BUSY], Duration::from_secs(10)).await;
+        })
+    });
+    let installs = common::http_get(metrics[1], "/metrics")
+        .lines()
+        .find(|line| line.starts_with("chunkserver_snapshot_installs_total"))
+        .map(|line| line.to_string());
+    assert!(
+        installs.as_deref().is_none_or(|line| line.ends_with(" 0")),
+        "node 3 caught up by a copy of the chunks: {installs:?}"
+    );
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client.set_peers(BUSY, &[1, 2, 3]);
+            // Node 3 leads and serves what was written while it was away.
+            common::lead_from(&client, BUSY, 3).await;
+            for i in 18..26 {
+                let data = client
+                    .read(BUSY, ChunkId(BUSY.0 * 1000 + i % 8), 0, 1 << 20)
+                    .await
+                    .unwrap_or_else(|e| panic!("read {i}: {e}"));
+                assert!(data == big(i), "write {i} reads back from node 3");
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// 1 MiB for write `i` of the catch-up test (the test cluster's chunks are 1 MiB).
+fn big(i: u64) -> bytes::Bytes {
+    let mut data = vec![(i % 251) as u8; 1 << 20];
+    data[..8].copy_from_slice(&i.to_le_bytes());
+    bytes::Bytes::from(data)
+}
+
+/// Writes `range` of the catch-up test, 1 MiB each over 8 chunks of the busy copyset.
+fn write_range(ports: &[u16], range: std::ops::Range<u64>) {
+    with_client(ports, move |client| {
+        Box::pin(async move {
+            client.set_peers(BUSY, &[1, 2, 3]);
+            for i in range {
+                client
+                    .write(BUSY, ChunkId(BUSY.0 * 1000 + i % 8), 0, big(i), 1)
+                    .await
+                    .unwrap_or_else(|e| panic!("write {i}: {e}"));
+            }
+        })
+    });
+}

@@ -727,21 +727,23 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 let core = copysets.get(id)?.borrow();
                 let raft = core.node().raft();
                 let wal = self.engine.wal();
-                let (log_applied, first_needed, log_last) = wal
+                let (log_first, log_applied, first_needed, log_last) = wal
                     .with_log(*id, |log| {
                         (
+                            raftcore::LogStorage::first_index(log).map_or(0, |i| i.0),
                             log.applied.0,
                             log.first_needed_lsn(log.applied),
                             raftcore::LogStorage::last_index(log).map_or(0, |i| i.0),
                         )
                     })
-                    .unwrap_or((0, None, 0));
+                    .unwrap_or((0, 0, None, 0));
                 Some(serde_json::json!({
                     "wal": {
                         "head": wal.head(),
                         "durable": wal.durable(),
                         "used": wal.used(),
                         "size": wal.size(),
+                        "log_first": log_first,
                         "log_applied": log_applied,
                         "first_needed_lsn": first_needed,
                         "log_last": log_last,

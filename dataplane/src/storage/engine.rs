@@ -1718,6 +1718,10 @@ impl<B: Bdev> ShardEngine<B> {
         // 2. Capture the copysets' states and where the WAL can start.
         let logs = self.wal.logs();
         let mut head = self.wal.durable();
+        // Applied entries whose records lie in the ring's recent history stay in the log
+        // (see `WalBudget::retention`): where each copyset's log is compacted to.
+        let floor = appended.saturating_sub(self.wal.budget().retention(self.wal.live_bytes()));
+        let mut compact_to = Vec::with_capacity(logs.len());
         let mut copyset_pages = Vec::new();
         let mut removed = Vec::new();
         {
@@ -1725,9 +1729,11 @@ impl<B: Bdev> ShardEngine<B> {
             let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
             let mut free_pages = (0..geometry.max_copysets).filter(|i| !used.contains(i));
             for (copyset, log) in &logs {
-                if let Some(lsn) = log.first_needed_lsn(log.applied) {
+                let keep = log.retention_point(floor);
+                if let Some(lsn) = log.first_needed_lsn(keep) {
                     head = head.min(lsn);
                 }
+                compact_to.push((*copyset, keep));
                 let (index, copy) = match state.copyset_pages.get(copyset) {
                     Some(found) => *found,
                     None => {
@@ -1868,9 +1874,9 @@ impl<B: Bdev> ShardEngine<B> {
             self.bitmap_copies.borrow_mut().insert(slot, copy);
         }
         self.wal.advance_head(head);
-        for (copyset, log) in &logs {
+        for (copyset, keep) in compact_to {
             self.wal
-                .with_log_mut(*copyset, |current| current.compact(log.applied));
+                .with_log_mut(copyset, |current| current.compact(keep));
         }
         Ok(())
     }

@@ -228,6 +228,19 @@ impl CopysetLog {
             .min()
     }
 
+    /// The index a checkpoint compacts to when it keeps the applied entries whose records lie
+    /// at or after `floor` (the ring's recent history), so that a replica that fell a little
+    /// behind catches up from the log rather than by a copy of the chunks: the lowest index
+    /// such that every applied entry after it has its record at or after `floor`. The
+    /// applied index itself when none qualifies.
+    pub fn retention_point(&self, floor: u64) -> LogIndex {
+        let mut at = self.first_live(self.applied).min(self.entries.len());
+        while at > 0 && self.entries[at - 1].lsn >= floor {
+            at -= 1;
+        }
+        LogIndex(self.snapshot.index.0 + at as u64)
+    }
+
     /// Bytes of ring that the records of the entries above the applied index take: what a
     /// checkpoint cannot reclaim, and what moving them forward costs.
     pub fn live_bytes(&self) -> u64 {
