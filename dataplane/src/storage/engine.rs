@@ -863,14 +863,12 @@ impl<B: Bdev> ShardEngine<B> {
     /// Takes a slot from the pool, first running a checkpoint if the allocations since the
     /// last one reached the bound recovery relies on.
     async fn allocate(&self, meta: SlotMeta) -> Result<u32, StorageError> {
-        if self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
-            self.checkpoint().await?;
-        }
-        // Another task may have taken the slot budget while the checkpoint ran.
-        while self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
-            self.checkpoint().await?;
-        }
         loop {
+            // Checked at every turn, since each await below lets other tasks allocate: from
+            // here to the count's increment nothing awaits.
+            while self.checkpoint.borrow().allocations >= RECOVERY_ZERO_SLOTS {
+                self.checkpoint().await?;
+            }
             // The lookup before this call and the allocation are apart by awaits (a
             // checkpoint, zeroing a slot): another copyset may have created the chunk meanwhile.
             // Its creator keeps it; this creation is refused like any write to another
@@ -904,7 +902,12 @@ impl<B: Bdev> ShardEngine<B> {
                 Err(error) => return Err(error.into()),
             };
             if !self.checkpoint.borrow().maybe_dirty.contains(&slot) {
-                self.checkpoint.borrow_mut().allocations += 1;
+                let mut state = self.checkpoint.borrow_mut();
+                state.allocations += 1;
+                assert!(
+                    state.allocations <= RECOVERY_ZERO_SLOTS,
+                    "more slots taken since the last checkpoint than recovery zeroes"
+                );
                 return Ok(slot);
             }
             // A slot that may hold bytes from before a crash is zeroed first, while it is
@@ -919,6 +922,12 @@ impl<B: Bdev> ShardEngine<B> {
             self.table.borrow_mut().release_done(slot);
             self.checkpoint.borrow_mut().maybe_dirty.remove(&slot);
         }
+    }
+
+    /// Slots taken from the pool since the last checkpoint recorded the table.
+    #[cfg(test)]
+    pub(crate) fn allocations_since_checkpoint(&self) -> u32 {
+        self.checkpoint.borrow().allocations
     }
 
     /// Whether the entry at `index` was already applied to `chunk` (in `slot`): replaying it
@@ -1816,6 +1825,9 @@ impl<B: Bdev> ShardEngine<B> {
         let dirty = self.table.borrow_mut().take_dirty();
         let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
         let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        // The allocations these pages record; those made while they are written count
+        // against the next checkpoint.
+        let recorded_allocations = self.checkpoint.borrow().allocations;
         let result = self
             .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
             .await;
@@ -1868,7 +1880,7 @@ impl<B: Bdev> ShardEngine<B> {
                 state.copyset_pages.remove(copyset);
                 state.tombstones.insert(*index, *copy);
             }
-            state.allocations = 0;
+            state.allocations -= recorded_allocations;
         }
         for (slot, copy) in bitmap_targets {
             self.bitmap_copies.borrow_mut().insert(slot, copy);
