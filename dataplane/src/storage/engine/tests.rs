@@ -1,11 +1,23 @@
 use super::*;
 use crate::storage::bdev::AnyBdev;
+use crate::storage::bdev::Bdev;
+use crate::storage::dma::DmaBuf;
+use crate::storage::table::ChunkId;
 use crate::storage::test_device;
+use crate::storage::wal::record::CopysetId;
+use crate::storage::StorageError;
+use bytes::Bytes;
 use futures_lite::future::block_on;
 use raftcore::EntryKind;
+use raftcore::{
+    Entry, HardState, LogIndex, LogStorage, NodeId, SnapshotMeta, StorageError as RaftStorageError,
+    Term,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeSet;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 const PAGE: u64 = 4096;
 const CHUNK: u64 = 64 << 10;

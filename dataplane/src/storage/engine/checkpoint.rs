@@ -1,0 +1,408 @@
+//! The checkpoint: what makes chunk metadata and copyset state durable and lets the WAL
+//! reclaim what is applied.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use raftcore::{HardState, LogStorage, SnapshotMeta};
+
+use super::device::{
+    encode_copyset_page, writable, write_anchor, Anchor, CopysetPage, COPYSET_PAGE_FIXED,
+};
+use super::ShardEngine;
+use crate::storage::bdev::Bdev;
+use crate::storage::layout::{seal_page, PageKind, Writer, PAGE_HEADER_LEN};
+use crate::storage::wal::record::{conf_state_bytes, CopysetId};
+use crate::storage::StorageError;
+
+/// A local async mutex: the checkpoint runs one at a time.
+#[derive(Debug, Default)]
+pub(super) struct Turnstile {
+    pub(super) busy: Cell<bool>,
+    pub(super) waiters: RefCell<Vec<Waker>>,
+}
+
+pub(super) struct TurnstileGuard<'a>(&'a Turnstile);
+
+impl Drop for TurnstileGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+        for waker in self.0.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+pub(super) struct Enter<'a>(&'a Turnstile);
+
+impl<'a> Future for Enter<'a> {
+    type Output = TurnstileGuard<'a>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TurnstileGuard<'a>> {
+        if self.0.busy.get() {
+            let mut waiters = self.0.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        } else {
+            self.0.busy.set(true);
+            Poll::Ready(TurnstileGuard(self.0))
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct CheckpointState {
+    /// Generation of the anchor on the device.
+    pub(super) generation: u64,
+    /// Which anchor copy holds it.
+    pub(super) anchor_copy: u8,
+    /// Per metadata page, the copy holding its current version.
+    pub(super) meta_copy: Vec<u8>,
+    /// Per copyset, its page and the copy holding its current version.
+    pub(super) copyset_pages: BTreeMap<CopysetId, (u32, u8)>,
+    /// Pages of deleted copysets, free again, with the copy that holds the tombstone (a page
+    /// whose copyset id is 0): a new copyset there writes the other copy first, so a torn
+    /// write cannot bring back the deleted copyset's older copy.
+    pub(super) tombstones: BTreeMap<u32, u8>,
+    /// Slots taken from the pool since the last checkpoint.
+    /// Invariant: at most `RECOVERY_ZERO_SLOTS`.
+    pub(super) allocations: u32,
+    /// Free slots that may hold bytes from before a crash.
+    pub(super) maybe_dirty: BTreeSet<u32>,
+    /// Set when a checkpoint failed after it began writing: whether its pages or anchor
+    /// reached the device is unknown, so no further checkpoint may write over them. The shard
+    /// must restart; recovery sorts out what committed.
+    pub(super) failed: Option<String>,
+}
+
+impl<B: Bdev> ShardEngine<B> {
+    /// Makes the chunk metadata and every copyset's state durable and lets the WAL reclaim
+    /// what the copysets have applied. Runs one at a time.
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        {
+            let _turn = Enter(&self.checkpoint_turn).await;
+            if let Some(reason) = &self.checkpoint.borrow().failed {
+                return Err(StorageError::WalFailed(format!(
+                    "an earlier checkpoint failed ({reason}); restart the shard"
+                )));
+            }
+            if let Err(error) = self.checkpoint_once().await {
+                if self.checkpoint.borrow().failed.is_some() {
+                    self.wal.fail(&error.to_string());
+                }
+                return Err(error);
+            }
+        }
+        // Chunks an install retired, now that the committed table no longer names them as
+        // the chunks they replaced.
+        self.delete_retired().await
+    }
+
+    pub(super) fn poison(&self, error: &StorageError) {
+        self.checkpoint.borrow_mut().failed = Some(error.to_string());
+    }
+
+    pub(super) async fn checkpoint_once(&self) -> Result<(), StorageError> {
+        let geometry = self.layout.geometry;
+        let page = geometry.page_size as usize;
+
+        // 0. Entries that cannot be applied yet (a copyset idle, without quorum, or behind
+        // an install) would pin the head where they are: when reclaiming what is applied is
+        // not enough, they move forward first, so ring use after the checkpoint is bounded by
+        // the live entries alone (docs/architecture.md, "WAL space").
+        self.move_pinning_entries();
+
+        // 1. Everything appended so far is durable, so the state captured below is.
+        let appended = self.wal.appended();
+        self.wal.sync(appended).await?;
+        let generation = self.checkpoint.borrow().generation + 1;
+
+        // 2. Capture the copysets' states and where the WAL can start.
+        let logs = self.wal.logs();
+        let mut head = self.wal.durable();
+        // Applied entries whose records lie in the ring's recent history stay in the log
+        // (see `WalBudget::retention`): where each copyset's log is compacted to.
+        let floor = appended.saturating_sub(self.wal.budget().retention(self.wal.live_bytes()));
+        let mut compact_to = Vec::with_capacity(logs.len());
+        let mut copyset_pages = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut state = self.checkpoint.borrow_mut();
+            let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
+            let mut free_pages = (0..geometry.max_copysets).filter(|i| !used.contains(i));
+            for (copyset, log) in &logs {
+                let keep = log.retention_point(floor);
+                if let Some(lsn) = log.first_needed_lsn(keep) {
+                    head = head.min(lsn);
+                }
+                compact_to.push((*copyset, keep));
+                let (index, copy) = match state.copyset_pages.get(copyset) {
+                    Some(found) => *found,
+                    None => {
+                        let index = free_pages.next().ok_or_else(|| {
+                            StorageError::Copyset(
+                                copyset.0,
+                                format!(
+                                    "the shard holds its maximum of {} copysets",
+                                    geometry.max_copysets
+                                ),
+                            )
+                        })?;
+                        let copy = state.tombstones.remove(&index).unwrap_or(1);
+                        state.copyset_pages.insert(*copyset, (index, copy));
+                        (index, copy)
+                    }
+                };
+                let mut snapshot = log.snapshot.clone();
+                let mut data = log.snapshot_data.clone();
+                if log.applied > snapshot.index {
+                    if let Ok(term) = log.term(log.applied) {
+                        // The engine compacts to the applied index: the chunks are the image.
+                        snapshot.index = log.applied;
+                        snapshot.term = term;
+                        data = Bytes::new();
+                    }
+                }
+                snapshot.conf_state = log.conf_state.clone();
+                let room = page - PAGE_HEADER_LEN - COPYSET_PAGE_FIXED;
+                if conf_state_bytes(&snapshot.conf_state).len() + data.len() > room {
+                    // Too large for the page: the WAL keeps the snapshot's record instead.
+                    if let Some(lsn) = log.snapshot_lsn {
+                        head = head.min(lsn);
+                    }
+                    data = Bytes::new();
+                }
+                copyset_pages.push((
+                    *copyset,
+                    index,
+                    copy ^ 1,
+                    CopysetPage {
+                        copyset: *copyset,
+                        hard_state: log.hard_state,
+                        snapshot,
+                        data,
+                    },
+                ));
+            }
+            // Deleted copysets: a tombstone over their page, in the same generation as the
+            // WAL head that forgets their records.
+            for (copyset, (index, copy)) in &state.copyset_pages {
+                if logs.contains_key(copyset) {
+                    continue;
+                }
+                removed.push((*copyset, *index, copy ^ 1));
+                copyset_pages.push((
+                    CopysetId(0),
+                    *index,
+                    copy ^ 1,
+                    CopysetPage {
+                        copyset: CopysetId(0),
+                        hard_state: HardState::default(),
+                        snapshot: SnapshotMeta::default(),
+                        data: Bytes::new(),
+                    },
+                ));
+            }
+        }
+
+        // 3. The chunk data of every applied write is durable before metadata says so.
+        if let Err(error) = self.bdev.flush().await {
+            let error = StorageError::from(error);
+            self.poison(&error);
+            return Err(error);
+        }
+
+        // 4. Changed metadata pages and the copyset pages go to their alternate copies.
+        // (No await from here to the encoding of the pages: what they record is this
+        // instant's table, renames of retired chunks included.)
+        let dirty = self.table.borrow_mut().take_dirty();
+        let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        // The allocations these pages record; those made while they are written count
+        // against the next checkpoint.
+        let recorded_allocations = self.checkpoint.borrow().allocations;
+        let result = self
+            .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
+            .await;
+        let bitmap_targets = match &result {
+            Ok(targets) => targets.clone(),
+            Err(_) => Vec::new(),
+        };
+        if let Err(error) = result {
+            self.table.borrow_mut().restore_dirty(dirty);
+            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.retired.borrow_mut().extend(retired);
+            self.poison(&error);
+            return Err(error);
+        }
+
+        // 5. The anchor commits the generation and moves the WAL head.
+        let anchor_copy = self.checkpoint.borrow().anchor_copy ^ 1;
+        let anchor = Anchor {
+            head,
+            clean: false,
+            maybe_dirty: self.checkpoint.borrow().maybe_dirty.clone(),
+        };
+        let anchored =
+            write_anchor(&*self.bdev, &self.layout, anchor_copy, generation, &anchor).await;
+        if let Err(error) = anchored {
+            self.table.borrow_mut().restore_dirty(dirty);
+            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
+            self.retired.borrow_mut().extend(retired);
+            self.poison(&error);
+            return Err(error);
+        }
+        self.retired_durable.borrow_mut().extend(retired);
+
+        // 6. The new state is the current one.
+        {
+            let mut state = self.checkpoint.borrow_mut();
+            state.generation = generation;
+            state.anchor_copy = anchor_copy;
+            for page in &dirty {
+                if let Some(copy) = state.meta_copy.get_mut(*page as usize) {
+                    *copy ^= 1;
+                }
+            }
+            for (copyset, index, copy, _) in &copyset_pages {
+                if copyset.0 != 0 {
+                    state.copyset_pages.insert(*copyset, (*index, *copy));
+                }
+            }
+            for (copyset, index, copy) in &removed {
+                state.copyset_pages.remove(copyset);
+                state.tombstones.insert(*index, *copy);
+            }
+            state.allocations -= recorded_allocations;
+        }
+        for (slot, copy) in bitmap_targets {
+            self.bitmap_copies.borrow_mut().insert(slot, copy);
+        }
+        self.wal.advance_head(head);
+        for (copyset, keep) in compact_to {
+            self.wal
+                .with_log_mut(copyset, |current| current.compact(keep));
+        }
+        Ok(())
+    }
+
+    /// Encodes every changed page at one instant (no await in between, so chunk metadata,
+    /// page bitmaps and applied indices agree with each other), then writes them all to their
+    /// alternate copies and flushes.
+    pub(super) async fn write_checkpoint_pages(
+        &self,
+        generation: u64,
+        dirty: &BTreeSet<u32>,
+        dirty_bitmaps: &BTreeSet<u32>,
+        copyset_pages: &[(CopysetId, u32, u8, CopysetPage)],
+    ) -> Result<Vec<(u32, u8)>, StorageError> {
+        let page = self.layout.geometry.page_size as usize;
+        let mut writes =
+            Vec::with_capacity(dirty.len() + dirty_bitmaps.len() + copyset_pages.len());
+        let mut bitmap_targets = Vec::new();
+        {
+            let table = self.table.borrow();
+            let state = self.checkpoint.borrow();
+            for index in dirty {
+                let copy = state.meta_copy.get(*index as usize).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
+                let bytes = writable(&mut buffer)?;
+                table.encode_page(*index, &mut bytes[PAGE_HEADER_LEN..]);
+                seal_page(bytes, PageKind::ChunkMeta, u64::from(*index), generation);
+                writes.push((self.layout.meta_page(*index, copy), buffer));
+            }
+        }
+        {
+            let bitmaps = self.bitmaps.borrow();
+            let sources = self.clone_sources.borrow();
+            for slot in dirty_bitmaps {
+                let Some((bitmap, _)) = bitmaps.get(slot) else {
+                    continue; // the snapshot or clone is gone: its bitmap is not needed
+                };
+                // Never over the copy the last committed checkpoint wrote: the committed
+                // metadata may still need it.
+                let target = self.bitmap_copies.borrow().get(slot).map_or(0, |c| c ^ 1);
+                let mut buffer = self.bdev.alloc(page)?;
+                let bytes = writable(&mut buffer)?;
+                let mut w = Writer::new(&mut bytes[PAGE_HEADER_LEN..]);
+                if let Some(source) = sources.get(slot) {
+                    w.u64(source.0);
+                }
+                for word in bitmap {
+                    w.u64(*word);
+                }
+                seal_page(bytes, PageKind::Bitmap, u64::from(*slot), generation);
+                writes.push((self.layout.bitmap_page(*slot, target), buffer));
+                bitmap_targets.push((*slot, target));
+            }
+        }
+        for (_, index, copy, state) in copyset_pages {
+            let mut buffer = self.bdev.alloc(page)?;
+            let bytes = writable(&mut buffer)?;
+            encode_copyset_page(state, &mut bytes[PAGE_HEADER_LEN..])?;
+            seal_page(bytes, PageKind::Copyset, u64::from(*index), generation);
+            writes.push((self.layout.copyset_page(*index, *copy), buffer));
+        }
+        for (offset, buffer) in writes {
+            self.bdev.write(offset, buffer).await?;
+        }
+        self.bdev.flush().await?;
+        Ok(bitmap_targets)
+    }
+
+    /// Closes the shard cleanly: a checkpoint, then an anchor saying that no slot was taken
+    /// from the pool since, so the next open has no possibly dirty slots.
+    pub async fn close(self) -> Result<(), StorageError> {
+        self.checkpoint().await?;
+        let _turn = Enter(&self.checkpoint_turn).await;
+        let (copy, generation, anchor) = {
+            let state = self.checkpoint.borrow();
+            let anchor = Anchor {
+                head: self.wal.head(),
+                clean: true,
+                maybe_dirty: state.maybe_dirty.clone(),
+            };
+            (state.anchor_copy ^ 1, state.generation + 1, anchor)
+        };
+        write_anchor(&*self.bdev, &self.layout, copy, generation, &anchor).await
+    }
+
+    /// Moves the live entries that keep the WAL's head back forward, when a checkpoint that
+    /// only reclaims what is applied would leave more in use than a checkpoint is due at.
+    pub(super) fn move_pinning_entries(&self) {
+        let budget = self.wal.budget();
+        let appended = self.wal.appended();
+        let Some(pinned_from) = self.wal.oldest_live_lsn() else {
+            return;
+        };
+        if !budget.worth_moving(appended - pinned_from) {
+            return;
+        }
+        // Every live entry moves: ring use after this checkpoint is then bounded by the live
+        // bytes alone, which the WAL's admission rule relies on.
+        let (copysets, bytes) = self.wal.move_live_entries(appended);
+        if copysets > 0 {
+            tracing::info!(
+                copysets,
+                bytes,
+                "WAL: live entries moved forward so the checkpoint can reclaim the ring"
+            );
+        }
+    }
+
+    /// Runs a checkpoint when one is due (see `WalBudget::due`), or when client data was
+    /// refused for room since the last call.
+    pub async fn maybe_checkpoint(&self) -> Result<bool, StorageError> {
+        let wanted = self.wal.take_wanted();
+        if wanted || self.wal.budget().due(self.wal.used()) {
+            self.checkpoint().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,316 @@
+//! Opening a shard's engine: reading the superblock, the anchor and the pages a checkpoint
+//! committed, wiping what a checkpoint that never committed left, and replaying the WAL.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use super::checkpoint::{CheckpointState, Turnstile};
+use super::device::{
+    corrupt, decode_copyset_page, leftovers, read_superblock, write_anchor, Anchor,
+    ANCHOR_DIRTY_MAX,
+};
+use super::{EngineOptions, RecoveredCopyset, Recovery, ShardEngine, RECOVERY_ZERO_SLOTS};
+use crate::storage::bdev::Bdev;
+use crate::storage::layout::{choose_copy, open_page, PageKind, PageRead, Reader};
+use crate::storage::table::{ChunkId, ChunkTable, SlotState, FLAG_CLONE};
+use crate::storage::wal::log::CopysetLog;
+use crate::storage::wal::{ShardWal, WalConfig};
+use crate::storage::StorageError;
+
+impl<B: Bdev> ShardEngine<B> {
+    /// Opens shard `shard` of a formatted device and recovers it.
+    pub async fn open(
+        bdev: Rc<B>,
+        shard: u32,
+        options: EngineOptions,
+    ) -> Result<(ShardEngine<B>, Recovery), StorageError> {
+        let superblock = read_superblock(&*bdev).await?;
+        let layout = superblock.geometry.shard_layout(shard)?;
+        let geometry = layout.geometry;
+        let page = geometry.page_size as usize;
+
+        // The anchor: the valid copy with the higher generation.
+        let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
+        let mut generation = 0;
+        let mut anchor = Anchor::default();
+        let mut anchor_copy = 1;
+        let mut reasons = Vec::new();
+        for copy in 0..2u8 {
+            let bytes = anchors
+                .as_slice()
+                .get(copy as usize * page..(copy as usize + 1) * page)
+                .unwrap_or(&[]);
+            match open_page(bytes, PageKind::Anchor, 0) {
+                PageRead::Blank => {}
+                PageRead::Valid {
+                    generation: g,
+                    body,
+                } => {
+                    if g > generation {
+                        match Anchor::decode(body) {
+                            Some(decoded) => {
+                                generation = g;
+                                anchor = decoded;
+                                anchor_copy = copy;
+                            }
+                            None => reasons.push(format!("copy {copy}: fields do not decode")),
+                        }
+                    }
+                }
+                PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
+            }
+        }
+        if reasons.len() == 2 {
+            return Err(corrupt("WAL anchor", layout.anchor, reasons.join("; ")));
+        }
+
+        // Copyset pages.
+        let max_copysets = geometry.max_copysets as usize;
+        let copyset_bytes = bdev
+            .read(layout.copysets, bdev.alloc(2 * page * max_copysets)?)
+            .await?;
+        let mut logs = BTreeMap::new();
+        let mut copyset_pages = BTreeMap::new();
+        let mut tombstones = BTreeMap::new();
+        let mut wipe = Vec::new();
+        for index in 0..geometry.max_copysets {
+            let offset = layout.copyset_page(index, 0);
+            let at = 2 * page * index as usize;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = copyset_bytes
+                    .as_slice()
+                    .get(at + copy * page..at + (copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::Copyset, u64::from(index))
+            });
+            let stale = leftovers(&copies, generation);
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("copyset page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.copyset_page(index, copy ^ 1));
+            }
+            let Some(body) = body else { continue };
+            let state = decode_copyset_page(body)
+                .ok_or_else(|| corrupt("copyset page", offset, "fields do not decode".into()))?;
+            if state.copyset.0 == 0 {
+                tombstones.insert(index, copy);
+                continue;
+            }
+            copyset_pages.insert(state.copyset, (index, copy));
+            let mut log = CopysetLog::from_checkpoint(
+                state.hard_state,
+                state.snapshot.conf_state.clone(),
+                state.snapshot,
+            );
+            log.snapshot_data = state.data;
+            logs.insert(state.copyset, log);
+        }
+
+        // Chunk metadata pages.
+        let mut table = ChunkTable::new(layout.slots, geometry.entries_per_page());
+        let meta_bytes = bdev
+            .read(
+                layout.meta,
+                bdev.alloc(2 * page * layout.meta_pages as usize)?,
+            )
+            .await?;
+        let mut meta_copy = vec![1u8; layout.meta_pages as usize];
+        for index in 0..layout.meta_pages {
+            let offset = layout.meta_page(index, 0);
+            let at = 2 * page * index as usize;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = meta_bytes
+                    .as_slice()
+                    .get(at + copy * page..at + (copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::ChunkMeta, u64::from(index))
+            });
+            let stale = leftovers(&copies, generation);
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("chunk metadata page", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.meta_page(index, copy ^ 1));
+            }
+            meta_copy[index as usize] = copy;
+            table
+                .load_page(index, body)
+                .map_err(|e| corrupt("chunk metadata page", offset, e.to_string()))?;
+        }
+        drop(meta_bytes);
+
+        // Page bitmaps of snapshot and clone slots.
+        let mut bitmaps = BTreeMap::new();
+        let bitmap_slots: Vec<u32> = (0..layout.slots)
+            .filter(|slot| {
+                table.slot(*slot).is_some_and(|m| {
+                    m.state == SlotState::Snapshot
+                        || (m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0)
+                })
+            })
+            .collect();
+        let words = geometry.pages_per_chunk().div_ceil(64) as usize;
+        let mut clone_sources = BTreeMap::new();
+        let mut bitmap_copies = BTreeMap::new();
+        for slot in bitmap_slots {
+            let offset = layout.bitmap_page(slot, 0);
+            let pair = bdev.read(offset, bdev.alloc(2 * page)?).await?;
+            let copies = [0, 1].map(|copy: usize| {
+                let bytes = pair
+                    .as_slice()
+                    .get(copy * page..(copy + 1) * page)
+                    .unwrap_or(&[]);
+                open_page(bytes, PageKind::Bitmap, u64::from(slot))
+            });
+            let stale = leftovers(&copies, generation);
+            let (copy, _, body) = choose_copy(copies, generation)
+                .map_err(|reason| corrupt("page bitmap", offset, reason))?;
+            if stale[usize::from(copy ^ 1)] {
+                wipe.push(layout.bitmap_page(slot, copy ^ 1));
+            }
+            let is_clone = table
+                .slot(slot)
+                .is_some_and(|m| m.state == SlotState::Chunk && m.flags & FLAG_CLONE != 0);
+            let bitmap = match body {
+                None => vec![0; words],
+                Some(body) => {
+                    let mut r = Reader::new(body);
+                    if is_clone {
+                        clone_sources.insert(slot, ChunkId(r.u64()));
+                    }
+                    (0..words).map(|_| r.u64()).collect()
+                }
+            };
+            if is_clone && !clone_sources.contains_key(&slot) {
+                return Err(corrupt(
+                    "page bitmap",
+                    offset,
+                    "a clone chunk's bitmap does not name its source".into(),
+                ));
+            }
+            bitmaps.insert(slot, (bitmap, copy));
+            bitmap_copies.insert(slot, copy);
+        }
+
+        // Free slots that may hold stale bytes: those listed by the anchor, those that were
+        // being released, and, unless the anchor says nothing was taken from the pool since
+        // it was written, the lowest free ones (where the allocations since went). They are
+        // zeroed when they are next taken, not now: recovery costs no data I/O.
+        let mut maybe_dirty = anchor.maybe_dirty.clone();
+        let releasing: Vec<u32> = (0..layout.slots)
+            .filter(|s| {
+                table
+                    .slot(*s)
+                    .is_some_and(|m| m.state == SlotState::Releasing)
+            })
+            .collect();
+        for slot in releasing {
+            table.release_done(slot);
+            maybe_dirty.insert(slot);
+        }
+        if !anchor.clean {
+            let mut remaining = RECOVERY_ZERO_SLOTS as usize;
+            for (first, count) in table.free_runs() {
+                for slot in first..first + count {
+                    if remaining == 0 {
+                        break;
+                    }
+                    maybe_dirty.insert(slot);
+                    remaining -= 1;
+                }
+            }
+        }
+        maybe_dirty.retain(|slot| {
+            table
+                .slot(*slot)
+                .is_some_and(|m| m.state == SlotState::Free)
+        });
+        // An anchor can list only so many; zero the rest now.
+        while maybe_dirty.len() > ANCHOR_DIRTY_MAX / 2 {
+            let Some(slot) = maybe_dirty.pop_last() else {
+                break;
+            };
+            bdev.write_zeroes(layout.slot_offset(slot), geometry.chunk_size)
+                .await?;
+        }
+        // The wiping is durable before the anchor moves the generation past the leftovers.
+        if !wipe.is_empty() {
+            for offset in wipe {
+                bdev.write_zeroes(offset, page as u64).await?;
+            }
+            bdev.flush().await?;
+        }
+        // From here on slots may be taken: the anchor must no longer say clean.
+        let recovered_generation = generation;
+        generation += 1;
+        anchor_copy ^= 1;
+        let opened = Anchor {
+            head: anchor.head,
+            clean: false,
+            maybe_dirty: maybe_dirty.clone(),
+        };
+        write_anchor(&*bdev, &layout, anchor_copy, generation, &opened).await?;
+        let head = anchor.head;
+
+        let block = u64::from(geometry.block_size);
+        let max_batch =
+            crate::storage::wal::max_batch_for(geometry.wal_size, block, options.wal_max_batch);
+        let config = WalConfig {
+            ring_offset: layout.wal,
+            ring_size: geometry.wal_size,
+            block_size: block,
+            max_batch,
+        };
+        let (wal, report) = ShardWal::recover(Rc::clone(&bdev), config, head, logs).await?;
+
+        let mut copysets = Vec::new();
+        for copyset in wal.copysets() {
+            let recovered = wal.with_log(copyset, |log| {
+                let applied = log.snapshot.index;
+                RecoveredCopyset {
+                    copyset,
+                    hard_state: log.hard_state,
+                    conf_state: log.conf_state.clone(),
+                    applied,
+                    to_apply: log.entries_between(applied.next(), log.hard_state.commit.next()),
+                }
+            });
+            copysets.extend(recovered);
+        }
+        let recovery = Recovery {
+            generation: recovered_generation,
+            chunks: table.chunks().count(),
+            wal_records: report.records,
+            wal_stop: report.stop,
+            possibly_dirty_slots: maybe_dirty.len(),
+            copysets,
+        };
+        let engine = ShardEngine {
+            bdev,
+            layout,
+            superblock,
+            table: RefCell::new(table),
+            wal,
+            checkpoint: RefCell::new(CheckpointState {
+                generation,
+                anchor_copy,
+                meta_copy,
+                copyset_pages,
+                tombstones,
+                allocations: 0,
+                maybe_dirty,
+                failed: None,
+            }),
+            checkpoint_turn: Turnstile::default(),
+            bitmaps: RefCell::new(bitmaps),
+            bitmap_copies: RefCell::new(bitmap_copies),
+            dirty_bitmaps: RefCell::new(BTreeSet::new()),
+            clone_sources: RefCell::new(clone_sources),
+            clone_epoch: Cell::new(0),
+            staging: Cell::new(0),
+            retired: RefCell::new(Vec::new()),
+            retired_durable: RefCell::new(Vec::new()),
+        };
+        Ok((engine, recovery))
+    }
+}
