@@ -1,0 +1,115 @@
+//! Applying committed chunk operations to the engine.
+
+use bytes::Bytes;
+use raftcore::LogIndex;
+
+use crate::copyset::ChunkOp;
+use crate::ids::{ChunkId, CopysetId};
+use crate::storage::bdev::Bdev;
+use crate::storage::engine::ShardEngine;
+use crate::storage::StorageError;
+
+/// Applies one committed chunk operation of `copyset` at `index` to the engine.
+pub(super) async fn apply_op<B: Bdev>(
+    engine: &ShardEngine<B>,
+    copyset: CopysetId,
+    op: ChunkOp,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    if let ChunkOp::Write {
+        chunk,
+        sn,
+        offset,
+        data,
+    } = op
+    {
+        let offset = u64::from(offset);
+        return engine
+            .write_chunk_bytes(copyset, chunk, offset, data, sn, index)
+            .await;
+    }
+    engine.check_owner(op.chunk(), copyset)?;
+    match op {
+        ChunkOp::Write { .. } => Ok(()), // handled above
+        ChunkOp::Delete { chunk, .. } => engine.delete_chunk(chunk, index).await,
+        ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
+            engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
+        }
+        ChunkOp::CreateClone { chunk, source, sn } => {
+            // A clone's source belongs to the same copyset, so every replica has it.
+            engine.check_owner(source, copyset)?;
+            engine
+                .create_clone_chunk_in(copyset, chunk, source, sn, index)
+                .await
+        }
+        ChunkOp::Paste {
+            chunk,
+            offset,
+            data,
+        } => {
+            let buffer = engine.bdev().pool().from_bytes_or_copy(data)?;
+            engine
+                .paste_chunk(chunk, u64::from(offset), buffer, index)
+                .await
+        }
+        ChunkOp::Recover { chunk, offset, len } => {
+            engine
+                .recover_chunk(chunk, u64::from(offset), u64::from(len), index)
+                .await
+        }
+        ChunkOp::Flatten { chunk } => engine.flatten_chunk(chunk, index).await,
+        ChunkOp::VolumeCreate {
+            table,
+            copyset: data_copyset,
+            size,
+            name,
+        } => {
+            let content = read_whole_chunk(engine, table).await?;
+            let chunk_size = engine.layout().geometry.chunk_size;
+            let planned = crate::volume_table::plan_create(
+                &content,
+                &name,
+                size,
+                CopysetId(data_copyset),
+                chunk_size,
+            );
+            let (record_index, record) = planned.map_err(|e| StorageError::Conflict {
+                chunk: table,
+                reason: e.to_string(),
+            })?;
+            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+            let bytes = Bytes::from(record.encode());
+            engine
+                .write_chunk_bytes(copyset, table, offset, bytes, 1, index)
+                .await
+        }
+        ChunkOp::VolumeDelete { table, name } => {
+            let content = read_whole_chunk(engine, table).await?;
+            let (record_index, _) =
+                crate::volume_table::plan_delete(&content, &name).map_err(|e| {
+                    StorageError::Conflict {
+                        chunk: table,
+                        reason: e.to_string(),
+                    }
+                })?;
+            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+            let zeroes = Bytes::from(vec![0u8; crate::volume_table::RECORD_LEN]);
+            engine
+                .write_chunk_bytes(copyset, table, offset, zeroes, 1, index)
+                .await
+        }
+    }
+}
+
+/// A whole chunk's bytes; zeroes when it does not exist.
+pub(super) async fn read_whole_chunk<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+) -> Result<Vec<u8>, StorageError> {
+    let chunk_size = engine.layout().geometry.chunk_size;
+    match engine.read_chunk(chunk, 0, chunk_size).await {
+        Ok(buffer) => Ok(buffer.as_slice().to_vec()),
+        Err(StorageError::ChunkNotFound(_)) => Ok(vec![0u8; chunk_size as usize]),
+        Err(error) => Err(error),
+    }
+}

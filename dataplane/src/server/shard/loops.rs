@@ -1,0 +1,131 @@
+//! The shard's background loops (raft ticks, checkpoints, the outbox) and its listeners.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::{CopysetCell, Destination, RaftMessages, ShardServer};
+use crate::ids::CopysetId;
+use crate::net::{Connection, Listener, Message};
+use crate::server::wire::{self, RaftBatch};
+use crate::storage::bdev::Bdev;
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    pub(super) async fn tick_loop(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(self.timings.tick).await;
+            // Quiescent groups are skipped without being touched further: thousands of idle
+            // copysets cost one flag check each per tick.
+            let awake: Vec<(CopysetId, CopysetCell<B>)> = self
+                .copysets
+                .borrow()
+                .iter()
+                .filter(|(_, c)| !c.borrow().is_quiescent())
+                .map(|(id, c)| (*id, Rc::clone(c)))
+                .collect();
+            for (id, core) in awake {
+                core.borrow_mut().tick();
+                self.drive(id, &core);
+            }
+        }
+    }
+
+    pub(super) async fn checkpoint_loop(self: Rc<Self>) {
+        loop {
+            // A cheap check (a comparison) unless a checkpoint is due.
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            if let Err(error) = self.engine.maybe_checkpoint().await {
+                self.stalled(None, "checkpoint failed", &error);
+            }
+        }
+    }
+
+    pub(super) async fn flush_loop(self: Rc<Self>) {
+        loop {
+            self.outbox_ready.notified().await;
+            let batches: Vec<(Destination, RaftMessages)> =
+                self.outbox.borrow_mut().drain().collect();
+            for ((node, shard), messages) in batches {
+                let Some(peer) = self.peer(node, shard) else {
+                    warn!(node, shard, "no address for raft peer; messages dropped");
+                    continue;
+                };
+                // One frame per destination per flush; raft retries whatever is lost.
+                let copyset = messages.first().map(|(c, _)| *c).unwrap_or(0);
+                let frame = RaftBatch { messages }.encode();
+                self.count_frame("peer", "out", frame.len());
+                let server = Rc::clone(&self);
+                glommio::spawn_local(async move {
+                    if let Err(error) = peer.send(Message::new(wire::RAFT, copyset, frame)).await {
+                        debug!(%error, "raft batch not sent");
+                        server
+                            .metrics
+                            .counter(
+                                "chunkserver_peer_send_errors_total",
+                                "Raft frames to other nodes that could not be sent.",
+                                &[],
+                            )
+                            .inc();
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
+    pub(super) async fn accept_loop(self: Rc<Self>, listener: Listener, class: &'static str) {
+        loop {
+            match listener.accept().await {
+                Ok(connection) => {
+                    let server = Rc::clone(&self);
+                    server
+                        .metrics
+                        .counter(
+                            "chunkserver_connections_accepted_total",
+                            "Connections accepted, by class (peer or client listener).",
+                            &[("class", class)],
+                        )
+                        .inc();
+                    glommio::spawn_local(async move {
+                        server.serve_connection(connection, class).await
+                    })
+                    .detach();
+                }
+                Err(error) => {
+                    warn!(node = self.node, shard = self.shard, %error, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    pub(super) async fn serve_connection(
+        self: Rc<Self>,
+        connection: Connection,
+        class: &'static str,
+    ) {
+        // Remembered so that shutdown closes it (the peer then sees the node go, as it would
+        // if the process exited); closed ones are dropped from the list as new ones arrive.
+        {
+            let mut accepted = self.accepted.borrow_mut();
+            accepted.retain(|c| !c.is_closed());
+            accepted.push(connection.clone());
+        }
+        while let Some(incoming) = connection.next_incoming().await {
+            let server = Rc::clone(&self);
+            glommio::spawn_local(async move { server.serve_request(incoming, class).await })
+                .detach();
+        }
+        if let Some(reason) = connection.closed_reason() {
+            debug!(connection = connection.label(), %reason, "connection closed");
+            self.metrics
+                .counter(
+                    "chunkserver_connection_closes_total",
+                    "Accepted connections that closed, by class.",
+                    &[("class", class)],
+                )
+                .inc();
+        }
+    }
+}

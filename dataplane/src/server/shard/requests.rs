@@ -1,0 +1,416 @@
+//! Service requests: decoded at the edge, forwarded to the shard that owns the copyset, or
+//! carried out here — proposed to the copyset, read at its read index, or answered at once.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use raftcore::{NodeId, StateRole};
+use tracing::{debug, info};
+
+use super::{shard_of, status_of_storage, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
+use crate::copyset::{ChunkOp, Token};
+use crate::ids::{ChunkId, CopysetId};
+use crate::net::queue::oneshot;
+use crate::net::{Incoming, Message};
+use crate::server::wire::{
+    self, CopysetStatus, CreateCopyset, Membership, ReadChunk, ReadSnapshot, ResetPeers, Status,
+};
+use crate::storage::bdev::Bdev;
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    pub(super) async fn serve_request(self: Rc<Self>, incoming: Incoming, class: &'static str) {
+        use tracing::Instrument;
+        let opcode = incoming.message.opcode;
+        let copyset = CopysetId(incoming.message.copyset);
+        let payload = incoming.message.payload.clone();
+        self.count_frame(class, "in", payload.len());
+        if opcode == wire::RAFT {
+            self.receive_raft(&payload);
+            return;
+        }
+        let began = std::time::Instant::now();
+        let request_bytes = payload.len() as u64;
+        let in_flight = Rc::clone(self.hot.in_flight.get_or_init(|| {
+            self.metrics.gauge(
+                "chunkserver_requests_in_flight",
+                "Service requests received and not answered yet (the shard's queue depth).",
+                &[],
+            )
+        }));
+        in_flight.add(1);
+        let seen = self.received.get() + 1;
+        self.received.set(seen);
+        let every = self.trace_every.get();
+        let (status, body) = if every > 0 && seen % every == 0 {
+            let span = tracing::info_span!(
+                "request",
+                node = self.node,
+                shard = self.shard,
+                copyset = copyset.0,
+                op = wire::opcode_name(opcode),
+                trace = seen
+            );
+            info!(parent: &span, bytes = request_bytes, "received");
+            let answer = self
+                .handle(opcode, copyset, payload)
+                .instrument(span.clone())
+                .await;
+            info!(parent: &span, status = answer.0.name(),
+                micros = began.elapsed().as_micros() as u64, "replied");
+            answer
+        } else {
+            self.handle(opcode, copyset, payload).await
+        };
+        in_flight.add(-1);
+        self.count_request(
+            opcode,
+            &status,
+            request_bytes + body.len() as u64,
+            began.elapsed(),
+        );
+        if incoming.expects_response() {
+            let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &body));
+            let len = response.payload.len();
+            match incoming.respond(response).await {
+                Ok(()) => self.count_frame(class, "out", len),
+                Err(error) => debug!(%error, "response not sent"),
+            }
+        }
+    }
+
+    /// The shard of this process that owns `copyset`, when it is not this one.
+    pub(super) fn owner_elsewhere(
+        &self,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+    ) -> Option<u32> {
+        if opcode == wire::LIST_COPYSETS {
+            return None; // asks this shard about itself
+        }
+        let shards = self.mesh.borrow().as_ref().map(|m| m.shard_count())?;
+        let owner = shard_of(copyset, shards);
+        (owner != self.shard).then_some(owner)
+    }
+
+    /// Serves a request another shard of this process received for one of our copysets.
+    pub async fn serve_forwarded(self: Rc<Self>, forwarded: Forwarded) {
+        let Forwarded {
+            opcode,
+            copyset,
+            payload,
+            reply,
+        } = forwarded;
+        let answer = if self.owner_elsewhere(opcode, copyset).is_some() {
+            // Never forwarded twice: the shards disagree on placement.
+            (
+                Status::Invalid(format!("copyset {copyset} is not on shard {}", self.shard)),
+                Bytes::new(),
+            )
+        } else {
+            self.handle_here(opcode, copyset, payload).await
+        };
+        let reply = reply.connect().await;
+        // The forwarding shard may have given up; nothing to do then.
+        let _ = reply.send(answer).await;
+    }
+
+    /// Sends a request to the shard that owns its copyset and waits for the answer.
+    pub(super) async fn forward(
+        &self,
+        to: u32,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        let Some(mesh) = self.mesh.borrow().clone() else {
+            return (
+                Status::Retry("the shard mesh is not up".into()),
+                Bytes::new(),
+            );
+        };
+        let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
+        let message = crate::server::node::ShardMessage::Forward(Forwarded {
+            opcode,
+            copyset,
+            payload,
+            reply: sender,
+        });
+        if mesh.send(crate::shard::ShardId(to), message).await.is_err() {
+            return (
+                Status::Retry(format!("shard {to} is not running")),
+                Bytes::new(),
+            );
+        }
+        self.metrics
+            .counter(
+                "chunkserver_forwarded_requests_total",
+                "Requests that reached another shard than their copyset's and were forwarded.",
+                &[],
+            )
+            .inc();
+        let receiver = receiver.connect().await;
+        let answer = futures_lite::future::or(receiver.recv(), async {
+            glommio::timer::sleep(FORWARD_TIMEOUT).await;
+            None
+        })
+        .await;
+        answer.unwrap_or_else(|| {
+            (
+                Status::Retry(format!("shard {to} did not answer a forwarded request")),
+                Bytes::new(),
+            )
+        })
+    }
+
+    pub(super) async fn handle(
+        self: &Rc<Self>,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        if let Some(owner) = self.owner_elsewhere(opcode, copyset) {
+            return self.forward(owner, opcode, copyset, payload).await;
+        }
+        self.handle_here(opcode, copyset, payload).await
+    }
+
+    pub(super) async fn handle_here(
+        self: &Rc<Self>,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        match opcode {
+            wire::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
+                Ok(request) => (
+                    self.create_copyset(copyset, &request.peers, request.join)
+                        .await,
+                    Bytes::new(),
+                ),
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
+            wire::TRANSFER_LEADER => {
+                let Ok(target) = <[u8; 8]>::try_from(&payload[..]) else {
+                    return (
+                        Status::Invalid("the body is a node id".into()),
+                        Bytes::new(),
+                    );
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let result = core
+                    .borrow_mut()
+                    .transfer_leader(NodeId(u64::from_le_bytes(target)));
+                self.drive(copyset, &core);
+                match result {
+                    Ok(()) => (Status::Ok, Bytes::new()),
+                    Err(raftcore::RaftError::NotLeader { leader }) => (
+                        Status::Redirect {
+                            leader: leader.map_or(0, |l| l.0),
+                        },
+                        Bytes::new(),
+                    ),
+                    Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+                }
+            }
+            wire::CHANGE_PEERS => {
+                let change = match raftcore::ConfChange::decode(payload) {
+                    Ok(change) => change,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let (token, answer) = self.wait_token();
+                core.borrow_mut().propose_conf_change(&change, token);
+                self.drive(copyset, &core);
+                answer.await
+            }
+            wire::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
+            wire::RESET_PEERS => match ResetPeers::decode(&payload) {
+                Ok(request) => (
+                    self.reset_peers(copyset, &request.peers).await,
+                    Bytes::new(),
+                ),
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
+            wire::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
+            wire::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
+            wire::LIST_COPYSETS => {
+                let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
+                ids.sort_unstable();
+                (Status::Ok, wire::encode_copyset_list(&ids))
+            }
+            wire::COPYSET_STATUS => {
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let core = core.borrow();
+                let raft = core.node().raft();
+                let status = CopysetStatus {
+                    role: match core.role() {
+                        StateRole::Follower => 0,
+                        StateRole::PreCandidate => 1,
+                        StateRole::Candidate => 2,
+                        StateRole::Leader => 3,
+                    },
+                    leader: core.leader().map_or(0, |l| l.0),
+                    term: raft.term.0,
+                    commit: raft.log.committed.0,
+                    applied: core.applied().0,
+                    membership: Membership::of(core.conf_state()),
+                };
+                (Status::Ok, status.encode())
+            }
+            wire::WRITE_CHUNK
+            | wire::DELETE_CHUNK
+            | wire::DELETE_SNAPSHOT_OR_CORRECT_SN
+            | wire::CREATE_CLONE_CHUNK
+            | wire::PASTE_CHUNK
+            | wire::RECOVER_CHUNK
+            | wire::FLATTEN_CHUNK
+            | wire::CREATE_VOLUME
+            | wire::DELETE_VOLUME => {
+                match ChunkOp::decode(&payload) {
+                    Ok(op) if wire::opcode_of(&op) == opcode => {
+                        if let Err(error) = self.engine.check_op(&op) {
+                            return (Status::Invalid(error.to_string()), Bytes::new());
+                        }
+                    }
+                    Ok(_) => {
+                        return (
+                            Status::Invalid("operation does not match opcode".into()),
+                            Bytes::new(),
+                        )
+                    }
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                }
+                // The entry must fit one WAL record on every replica, or its persist would
+                // fail there and stall the copyset (issue 25, item 2).
+                let limit = self.engine.wal().entry_limit();
+                if payload.len() as u64 > limit {
+                    return (
+                        Status::Invalid(format!(
+                            "a request of {} bytes exceeds the largest WAL record ({limit} \
+                             bytes); split it",
+                            payload.len()
+                        )),
+                        Bytes::new(),
+                    );
+                }
+                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+                    return (Status::CopysetNotFound, Bytes::new());
+                };
+                let leads = core.borrow().role() == StateRole::Leader;
+                if leads && !self.admits_proposal(payload.len()) {
+                    let wal = self.engine.wal();
+                    if !wal.could_admit(payload.len() as u64) {
+                        return (
+                            Status::Invalid(format!(
+                                "a request of {} bytes never fits this shard's WAL ring of {} \
+                                 bytes beside the room raft keeps; split it, or enlarge \
+                                 storage.wal_size_per_shard",
+                                payload.len(),
+                                wal.size()
+                            )),
+                            Bytes::new(),
+                        );
+                    }
+                    return (
+                        Status::Retry("the WAL is full; a checkpoint is reclaiming it".into()),
+                        Bytes::new(),
+                    );
+                }
+                let (token, answer) = self.wait_token();
+                core.borrow_mut().propose(payload, token);
+                self.drive(copyset, &core);
+                answer.await
+            }
+            wire::READ_SNAPSHOT => {
+                let request = match ReadSnapshot::decode(&payload) {
+                    Ok(request) => request,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                self.read(copyset, ReadRequest::Snapshot(request)).await
+            }
+            wire::READ_CHUNK => {
+                let request = match ReadChunk::decode(&payload) {
+                    Ok(request) => request,
+                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+                };
+                self.read(copyset, ReadRequest::Chunk(request)).await
+            }
+            wire::GET_CHUNK_INFO => {
+                if payload.len() != 8 {
+                    return (
+                        Status::Invalid("chunk info body is a chunk id".into()),
+                        Bytes::new(),
+                    );
+                }
+                let mut word = [0u8; 8];
+                word.copy_from_slice(&payload);
+                match self.engine.chunk_info(ChunkId(u64::from_le_bytes(word))) {
+                    Ok(info) => {
+                        let mut body = Vec::with_capacity(33);
+                        body.extend_from_slice(&info.size.to_le_bytes());
+                        body.extend_from_slice(&info.sn.to_le_bytes());
+                        body.push(u8::from(info.snapshot_sn.is_some()));
+                        body.extend_from_slice(&info.snapshot_sn.unwrap_or(0).to_le_bytes());
+                        body.extend_from_slice(&info.corrected_sn.to_le_bytes());
+                        (Status::Ok, Bytes::from(body))
+                    }
+                    Err(error) => (status_of_storage(&error), Bytes::new()),
+                }
+            }
+            other => (
+                Status::Invalid(format!("unknown opcode {}", other.0)),
+                Bytes::new(),
+            ),
+        }
+    }
+
+    /// A linearizable read: answered once the copyset's applied index reaches its read index
+    /// (leader lease or ReadIndex).
+    pub(super) async fn read(
+        self: &Rc<Self>,
+        copyset: CopysetId,
+        request: ReadRequest,
+    ) -> (Status, Bytes) {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        let (token, answer) = self.wait_token();
+        self.reads.borrow_mut().insert(token, (copyset, request));
+        core.borrow_mut().read(token);
+        self.drive(copyset, &core);
+        answer.await
+    }
+
+    pub(super) fn wait_token(&self) -> (Token, impl std::future::Future<Output = (Status, Bytes)>) {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        // A traced request (its span is entered): its events along the copyset's path
+        // belong to it.
+        let span = tracing::Span::current();
+        if self.trace_every.get() > 0 && !span.is_none() {
+            info!(parent: &span, token, "proposed");
+            self.traced.borrow_mut().insert(token, span);
+        }
+        let (sender, receiver) = oneshot();
+        self.waiters.borrow_mut().insert(token, sender);
+        (token, async move {
+            receiver.await.unwrap_or((
+                Status::Retry("the shard dropped the request".into()),
+                Bytes::new(),
+            ))
+        })
+    }
+
+    pub(super) fn answer(&self, token: Token, status: Status, body: Bytes) {
+        self.traced.borrow_mut().remove(&token);
+        if let Some(sender) = self.waiters.borrow_mut().remove(&token) {
+            sender.send((status, body));
+        }
+    }
+}
