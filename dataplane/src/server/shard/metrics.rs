@@ -242,6 +242,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         "log_last": log_last,
                     },
                     "copyset": id.0,
+                    "installing": self.installing.borrow().contains(id),
                     "shard": self.shard,
                     "role": format!("{:?}", core.role()).to_lowercase(),
                     "leader": core.leader().map_or(0, |l| l.0),

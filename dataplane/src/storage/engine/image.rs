@@ -320,6 +320,9 @@ impl<B: Bdev> ShardEngine<B> {
                 self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
                 return Ok(0);
             };
+            if self.holds_image_of(chunk, &first) {
+                return Ok(0);
+            }
             if let Some(source) = first.clone_source {
                 self.create_clone_chunk_in(copyset, staging, source, first.sn, LogIndex(0))
                     .await
@@ -382,6 +385,24 @@ impl<B: Bdev> ShardEngine<B> {
         Err(format!(
             "chunk {chunk} changed versions {restarts_max} times during its copy"
         ))
+    }
+
+    /// Whether this shard's `chunk` already is what a copy of the image described by `source`
+    /// would give: the same last applied entry (a chunk's content is a function of the log
+    /// entries applied to it, and the index of the last one names that prefix) and the same
+    /// versions. Both sides may hold pages of later entries besides (a fuzzy copy), which
+    /// the log applies again either way. A chunk without a recorded index, with a snapshot or
+    /// a lazy clone is always copied. This keeps an install from copying what did not
+    /// change: a replica that fell behind a compaction usually misses writes to a few chunks.
+    fn holds_image_of(&self, chunk: ChunkId, source: &ChunkImageMeta) -> bool {
+        let Ok(local) = self.chunk_image_meta(chunk) else {
+            return false;
+        };
+        local.applied != 0
+            && local.applied == source.applied
+            && local.same_versions(source)
+            && local.snapshot_sn.is_none()
+            && local.clone_source.is_none()
     }
 
     /// Prepares the shard for an image of `copyset` that holds `keep`: deletes its chunks the

@@ -1285,7 +1285,9 @@ fn an_install_cut_short_by_a_crash_leaves_the_old_chunk_whole() {
             .await
             .unwrap();
         engine.checkpoint().await.unwrap();
-        let image_meta = engine.chunk_image_meta(chunk).unwrap();
+        // The source applied a later entry to the chunk than this replica did.
+        let mut image_meta = engine.chunk_image_meta(chunk).unwrap();
+        image_meta.applied = 9;
         let new_piece =
             |offset: u64| Bytes::from(vec![0x22 ^ (offset / PAGE) as u8; PAGE as usize]);
         // The copy: two pieces of the new image arrive, a checkpoint runs, then the source
@@ -1380,7 +1382,9 @@ fn an_install_preparing_leaves_another_copysets_staged_image_alone() {
             )
             .await
             .unwrap();
-        let image_meta = engine.chunk_image_meta(chunk).unwrap();
+        // The source applied a later entry to the chunk than this replica did.
+        let mut image_meta = engine.chunk_image_meta(chunk).unwrap();
+        image_meta.applied = 9;
         let new_piece =
             |offset: u64| Bytes::from(vec![0x40 ^ (offset / PAGE) as u8; PAGE as usize]);
         let mut pieces = 0;
@@ -1487,5 +1491,55 @@ fn a_crash_after_an_install_swapped_chunks_in_leaves_each_chunk_its_own_bytes() 
             "the checkpoint half-way recorded some swaps, not all ({swapped})"
         );
         assert_eq!(engine.chunk_ids(), chunks, "nothing staged is left");
+    });
+}
+
+/// An install copies only the chunks that differ: a chunk whose last applied entry and
+/// versions are the source's is kept as it is (no byte travels), one the source changed
+/// since is copied.
+#[test]
+fn an_install_skips_a_chunk_whose_last_applied_entry_is_the_sources() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let copyset = CopysetId(3);
+        let chunk = ChunkId(7);
+        let old = Bytes::from(vec![0x11; CHUNK as usize]);
+        engine
+            .write_chunk_bytes(copyset, chunk, 0, old.clone(), 1, LogIndex(5))
+            .await
+            .unwrap();
+        let same = engine.chunk_image_meta(chunk).unwrap();
+        let copy = async |meta: ChunkImageMeta| {
+            let mut pieces = 0u32;
+            let bytes = engine
+                .copy_chunk_image(
+                    copyset,
+                    chunk,
+                    CHUNK,
+                    PAGE,
+                    4,
+                    async |_part, _offset, len| {
+                        if len == 0 {
+                            return Ok(Some((meta, Bytes::new())));
+                        }
+                        pieces += 1;
+                        Ok(Some((meta, Bytes::from(vec![0x22; len as usize]))))
+                    },
+                )
+                .await
+                .unwrap();
+            (bytes, pieces)
+        };
+        assert_eq!(
+            copy(same).await,
+            (0, 0),
+            "nothing travels for an equal chunk"
+        );
+        assert!(reads_as(&engine, chunk, &old).await);
+        let mut newer = same;
+        newer.applied = 6;
+        assert_eq!(copy(newer).await, (CHUNK, (CHUNK / PAGE) as u32));
+        assert!(reads_as(&engine, chunk, &vec![0x22; CHUNK as usize]).await);
     });
 }
