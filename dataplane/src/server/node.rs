@@ -17,22 +17,7 @@ use crate::storage::bdev::{self, AnyBdev, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
 use crate::storage::inject::{DiskFaults, InjectedBdev};
 
-/// What shards say to each other.
-pub enum ShardMessage {
-    /// Send this shard's report through the channel (a scrape of the metrics endpoint).
-    Scrape(glommio::channels::shared_channel::SharedSender<ShardReport>),
-    /// A service request that reached another shard than its copyset's: serve it and send
-    /// the answer back through the channel.
-    Forward(super::shard::Forwarded),
-}
-
-/// One shard's figures, handed to the shard that serves the metrics endpoint.
-pub struct ShardReport {
-    /// Its metrics.
-    pub metrics: crate::metrics::Snapshot,
-    /// Its copysets' raft state.
-    pub status: Vec<serde_json::Value>,
-}
+use super::shard::{ShardMessage, ShardReport};
 
 /// How long a scrape waits for another shard's report.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);

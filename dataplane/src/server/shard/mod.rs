@@ -57,6 +57,23 @@ impl ClusterView {
     }
 }
 
+/// What shards say to each other.
+pub enum ShardMessage {
+    /// Send this shard's report through the channel (a scrape of the metrics endpoint).
+    Scrape(glommio::channels::shared_channel::SharedSender<ShardReport>),
+    /// A service request that reached another shard than its copyset's: serve it and send
+    /// the answer back through the channel.
+    Forward(Forwarded),
+}
+
+/// One shard's figures, handed to the shard that serves the metrics endpoint.
+pub struct ShardReport {
+    /// Its metrics.
+    pub metrics: crate::metrics::Snapshot,
+    /// Its copysets' raft state.
+    pub status: Vec<serde_json::Value>,
+}
+
 /// A request forwarded from the shard that received it to the shard of its copyset.
 pub struct Forwarded {
     /// The service opcode.
@@ -165,7 +182,7 @@ pub struct ShardServer<B: Bdev + 'static> {
     /// Spans of the traced requests waiting on their copyset, by token.
     traced: RefCell<HashMap<Token, tracing::Span>>,
     /// The channel mesh to the process's other shards (for forwarded requests), once set.
-    mesh: RefCell<Option<Rc<crate::shard::Mesh<super::node::ShardMessage>>>>,
+    mesh: RefCell<Option<Rc<crate::shard::Mesh<ShardMessage>>>>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -346,7 +363,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
 
     /// Hands the shard its ends of the channel mesh, through which requests that reach the
     /// wrong shard go to their copyset's.
-    pub fn set_mesh(&self, mesh: Rc<crate::shard::Mesh<super::node::ShardMessage>>) {
+    pub fn set_mesh(&self, mesh: Rc<crate::shard::Mesh<ShardMessage>>) {
         *self.mesh.borrow_mut() = Some(mesh);
     }
 

@@ -129,7 +129,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             );
         };
         let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
-        let message = crate::server::node::ShardMessage::Forward(Forwarded {
+        let message = super::ShardMessage::Forward(Forwarded {
             opcode,
             copyset,
             payload,
