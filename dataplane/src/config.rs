@@ -136,7 +136,7 @@ pub enum SpdkCreate {
 }
 
 /// `[fault]`: fault injection for tests. With `injection = true` every shard's device goes
-/// through the fault injector (storage::inject), armed at run time with `POST /fault` on the
+/// through the fault injector (storage::bdev::inject), armed at run time with `POST /fault` on the
 /// metrics endpoint. Writes then cost a read more; never on for real data.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -48,7 +48,6 @@ const CYCLES: &[&str] = &[
     ": client -> server -> client",
     ": config -> storage -> config",
     "net: message_suite -> verbs -> message_suite",
-    "storage: bdev -> inject -> bdev",
 ];
 
 fn source_root() -> PathBuf {

@@ -186,8 +186,8 @@ const KINDS: [FaultKind; 13] = [
 
 /// Exit status of a node whose device failed (`dataplane::server::EXIT_DEVICE_FAILED`).
 const EXIT_DEVICE_FAILED: i32 = dataplane::server::EXIT_DEVICE_FAILED;
-/// Exit status of a node whose power was cut (`dataplane::storage::inject::EXIT_POWER_CUT`).
-const EXIT_POWER_CUT: i32 = dataplane::storage::inject::EXIT_POWER_CUT;
+/// Exit status of a node whose power was cut (`dataplane::storage::bdev::inject::EXIT_POWER_CUT`).
+const EXIT_POWER_CUT: i32 = dataplane::storage::bdev::inject::EXIT_POWER_CUT;
 
 /// Sets the host's wall clock `delta_ms` away from where it is (`date -s`).
 fn jump_clock(delta_ms: i64) -> Result<(), String> {

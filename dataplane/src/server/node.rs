@@ -13,9 +13,9 @@ use super::shard::{ClusterView, RaftTimings, ShardServer};
 use crate::config::{Backend, Config};
 use crate::net::{Listener, NetContext};
 use crate::shard::{start_shards, ShardContext, ShutdownSignal};
+use crate::storage::bdev::inject::{DiskFaults, InjectedBdev};
 use crate::storage::bdev::{self, AnyBdev, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
-use crate::storage::inject::{DiskFaults, InjectedBdev};
 
 use super::shard::{ShardMessage, ShardReport};
 
@@ -517,7 +517,7 @@ pub fn run_node(
                         if let Some(faults) = &faults {
                             let faults = Arc::clone(faults);
                             pages.fault = Some(Box::new(move |query: &str| {
-                                crate::storage::inject::control(&faults, query)
+                                crate::storage::bdev::inject::control(&faults, query)
                             }));
                         }
                         let stop = ctx.shutdown.clone();

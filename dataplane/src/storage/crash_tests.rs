@@ -25,10 +25,10 @@ use bytes::Bytes;
 use futures_lite::future::block_on;
 use raftcore::{Entry, EntryKind, HardState, LogIndex, Term};
 
+use super::bdev::fault::{CrashMode, FaultBdev, FaultRng};
 use super::bdev::{Bdev, MemBdev};
 use super::dma::DmaBuf;
 use super::engine::{format, EngineOptions, FormatOptions, ShardEngine, RECOVERY_ZERO_SLOTS};
-use super::fault::{CrashMode, FaultBdev, FaultRng};
 use super::table::ChunkId;
 use super::test_device;
 use super::wal::record::CopysetId;

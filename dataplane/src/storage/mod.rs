@@ -5,15 +5,13 @@
 //! - [`layout`]: where everything lives on the device, and the superblock (pure).
 //! - [`table`]: the chunk table and chunk pool (pure).
 //! - [`wal`]: the shard WAL with group commit, its record codec and replay.
-//! - [`fault`]: a fault-injecting device for crash-consistency tests.
-//! - [`inject`]: disk faults armed at run time in a running process (the fault suite).
+//! - [`bdev::fault`]: a fault-injecting device for crash-consistency tests.
+//! - [`bdev::inject`]: disk faults armed at run time in a running process (the fault suite).
 //! - [`engine`]: one shard's engine: format, open and recover, chunk operations, checkpoint.
 
 pub mod bdev;
 pub mod dma;
 pub mod engine;
-pub mod fault;
-pub mod inject;
 pub mod layout;
 pub mod table;
 pub mod wal;

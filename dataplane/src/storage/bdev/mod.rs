@@ -10,6 +10,8 @@
 //! with O_DIRECT through glommio's DMA files) and `mem://?size=…` (memory, like SPDK's malloc
 //! bdev). The SPDK backend plugs into the same trait.
 
+pub mod fault;
+pub mod inject;
 mod mem;
 #[cfg(feature = "spdk")]
 mod spdk;
@@ -191,7 +193,7 @@ pub enum AnyBdev {
     #[cfg(feature = "spdk")]
     Spdk(SpdkBdev),
     /// Any of the others behind the fault injector (`[fault] injection = true`).
-    Injected(Box<crate::storage::inject::InjectedBdev>),
+    Injected(Box<inject::InjectedBdev>),
 }
 
 /// What a device URI says, parsed without touching the device.

@@ -22,10 +22,10 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::bdev::{check_range, AnyBdev, Bdev, BdevError};
-use super::dma::{DmaBuf, DmaPool};
 use super::fault::{FaultRng, SECTOR};
+use super::{check_range, AnyBdev, Bdev, BdevError};
 use crate::metrics::http::FaultAnswer;
+use crate::storage::dma::{DmaBuf, DmaPool};
 
 /// The exit status of a process whose power was cut by fault injection.
 pub const EXIT_POWER_CUT: i32 = 4;

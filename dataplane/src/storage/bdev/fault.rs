@@ -8,8 +8,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::bdev::{check_range, Bdev, BdevError, MemBdev, YieldOnce};
-use super::dma::{DmaBuf, DmaPool};
+use super::{check_range, Bdev, BdevError, MemBdev, YieldOnce};
+use crate::storage::dma::{DmaBuf, DmaPool};
 
 /// The sector: the unit a torn write keeps or loses.
 pub const SECTOR: usize = 512;
