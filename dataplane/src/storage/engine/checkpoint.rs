@@ -125,9 +125,11 @@ impl<B: Bdev> ShardEngine<B> {
         // 2. Capture the copysets' states and where the WAL can start.
         let logs = self.wal.logs();
         let mut head = self.wal.durable();
-        // Applied entries whose records lie in the ring's recent history stay in the log
-        // (see `WalBudget::retention`): where each copyset's log is compacted to.
-        let floor = appended.saturating_sub(self.wal.budget().retention(self.wal.live_bytes()));
+        // Applied entries whose records lie in the ring's recent history stay in the
+        // in-memory log (see `WalBudget::retention`): where each copyset's log is compacted
+        // to. Only in memory: the head still passes their records, since replay from below
+        // the live entries could meet records a later truncation superseded.
+        let floor = appended.saturating_sub(self.wal.budget().retention());
         let mut compact_to = Vec::with_capacity(logs.len());
         let mut copyset_pages = Vec::new();
         let mut removed = Vec::new();
@@ -137,7 +139,7 @@ impl<B: Bdev> ShardEngine<B> {
             let mut free_pages = (0..geometry.max_copysets).filter(|i| !used.contains(i));
             for (copyset, log) in &logs {
                 let keep = log.retention_point(floor);
-                if let Some(lsn) = log.first_needed_lsn(keep) {
+                if let Some(lsn) = log.first_needed_lsn(log.applied) {
                     head = head.min(lsn);
                 }
                 compact_to.push((*copyset, keep));
@@ -186,6 +188,10 @@ impl<B: Bdev> ShardEngine<B> {
                         hard_state: log.hard_state,
                         snapshot,
                         data,
+                        // Everything above the applied index has its record here or later
+                        // (moved or not); entries appended from now on land at `appended`
+                        // or later.
+                        replay_from: log.first_needed_lsn(log.applied).unwrap_or(appended),
                     },
                 ));
             }
@@ -205,6 +211,7 @@ impl<B: Bdev> ShardEngine<B> {
                         hard_state: HardState::default(),
                         snapshot: SnapshotMeta::default(),
                         data: Bytes::new(),
+                        replay_from: 0,
                     },
                 ));
             }

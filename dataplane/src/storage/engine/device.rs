@@ -187,10 +187,15 @@ pub(super) struct CopysetPage {
     pub(super) snapshot: SnapshotMeta,
     /// The snapshot's image when it fits in the page (else the WAL keeps its record).
     pub(super) data: Bytes,
+    /// Replay takes this copyset's entry records from this ring position on: every entry
+    /// the log held at the checkpoint has its record there or later, and an earlier record
+    /// is a copy made again since (a move, a retried append) or one a truncation replaced.
+    /// 0 (pages written before this field): every record from the head.
+    pub(super) replay_from: u64,
 }
 
 /// Bytes of a copyset page body besides the membership and the snapshot image.
-pub(super) const COPYSET_PAGE_FIXED: usize = 56;
+pub(super) const COPYSET_PAGE_FIXED: usize = 64;
 
 pub(super) fn encode_copyset_page(page: &CopysetPage, body: &mut [u8]) -> Result<(), StorageError> {
     let conf = conf_state_bytes(&page.snapshot.conf_state);
@@ -211,6 +216,8 @@ pub(super) fn encode_copyset_page(page: &CopysetPage, body: &mut [u8]) -> Result
     w.bytes(&conf);
     w.u32(page.data.len() as u32);
     w.bytes(&page.data);
+    // Last, so that a page without it (zeroes there) reads as 0: replay everything.
+    w.u64(page.replay_from);
     Ok(())
 }
 
@@ -232,6 +239,7 @@ pub(super) fn decode_copyset_page(body: &[u8]) -> Option<CopysetPage> {
     if r.overrun() {
         return None;
     }
+    let replay_from = r.u64();
     Some(CopysetPage {
         copyset,
         hard_state,
@@ -241,5 +249,6 @@ pub(super) fn decode_copyset_page(body: &[u8]) -> Option<CopysetPage> {
             conf_state,
         },
         data,
+        replay_from,
     })
 }

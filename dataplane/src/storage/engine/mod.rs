@@ -123,6 +123,9 @@ pub struct Recovery {
     pub wal_records: usize,
     /// Why the WAL scan stopped.
     pub wal_stop: String,
+    /// WAL records that did not follow their copyset's log and were skipped (none, unless
+    /// something is wrong: recovery logs each).
+    pub wal_skipped: usize,
     /// Free slots that may hold bytes from before a crash (zeroed when next taken).
     pub possibly_dirty_slots: usize,
     /// The copysets, in id order.

@@ -104,6 +104,7 @@ impl<B: Bdev> ShardEngine<B> {
                 state.snapshot,
             );
             log.snapshot_data = state.data;
+            log.replay_from = state.replay_from;
             logs.insert(state.copyset, log);
         }
 
@@ -282,6 +283,7 @@ impl<B: Bdev> ShardEngine<B> {
             chunks: table.chunks().count(),
             wal_records: report.records,
             wal_stop: report.stop,
+            wal_skipped: report.skipped,
             possibly_dirty_slots: maybe_dirty.len(),
             copysets,
         };

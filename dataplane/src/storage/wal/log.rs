@@ -51,6 +51,9 @@ pub struct CopysetLog {
     /// Highest index whose effects the state machine has applied (in memory).
     /// Invariant: `applied >= snapshot.index` once set by the engine.
     pub applied: LogIndex,
+    /// Entry records before this ring position are not part of the log (see the copyset
+    /// page's field of that name): replay skips them.
+    pub replay_from: u64,
 }
 
 /// Why a record could not be taken into a log.
@@ -77,6 +80,7 @@ impl CopysetLog {
             snapshot_data: Bytes::new(),
             snapshot_lsn: None,
             entries: VecDeque::new(),
+            replay_from: 0,
         }
     }
 
@@ -97,7 +101,7 @@ impl CopysetLog {
     pub fn take(&mut self, body: &RecordBody, lsn: u64) -> Result<(), LogGap> {
         match body {
             RecordBody::Entry(entry) => {
-                if entry.index <= self.snapshot.index {
+                if entry.index <= self.snapshot.index || lsn < self.replay_from {
                     return Ok(());
                 }
                 let last = self.last();

@@ -157,19 +157,13 @@ impl WalBudget {
         2 * used > self.client_room()
     }
 
-    /// Ring bytes of recent history a checkpoint keeps while `live` bytes are live: the
-    /// records of applied entries in the last quarter of what client data may fill stay, so
-    /// that a replica a little behind catches up from the log instead of by a copy of the
-    /// chunks. Half of what makes a checkpoint due, so one never leaves another due at once.
-    /// Ring use after a checkpoint is the larger of this and what the live entries take
-    /// once moved, and this is capped so that, like the latter, it leaves a move of the live
-    /// entries and the reserve free: history never takes the room raft's control records
-    /// need (docs/architecture.md, "WAL space").
-    pub fn retention(&self, live: u64) -> u64 {
-        let free = self
-            .ring
-            .saturating_sub(self.moving_room(live) + self.max_batch + self.reserve());
-        (self.client_room() / 4).min(free)
+    /// Bytes of recent history a checkpoint keeps in memory: the applied entries whose
+    /// records lie in the last quarter of what client data may fill stay in their copyset's
+    /// log, so that a replica a little behind catches up from the log instead of by a copy
+    /// of the chunks. Memory only: the ring's head passes their records as before, and a
+    /// restart forgets them.
+    pub fn retention(&self) -> u64 {
+        self.client_room() / 4
     }
 
     /// Whether moving the live entries forward is worth it: a checkpoint that only reclaims
