@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use raftcore::{HardState, LogStorage, SnapshotMeta};
+use raftcore::{HardState, LogIndex, LogStorage, SnapshotMeta};
 
 use super::device::{
     encode_copyset_page, writable, write_anchor, Anchor, CopysetPage, COPYSET_PAGE_FIXED,
@@ -16,6 +16,7 @@ use super::device::{
 use super::ShardEngine;
 use crate::storage::bdev::Bdev;
 use crate::storage::layout::{seal_page, PageKind, Writer, PAGE_HEADER_LEN};
+use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::record::{conf_state_bytes, CopysetId};
 use crate::storage::StorageError;
 
@@ -108,9 +109,6 @@ impl<B: Bdev> ShardEngine<B> {
     }
 
     pub(super) async fn checkpoint_once(&self) -> Result<(), StorageError> {
-        let geometry = self.layout.geometry;
-        let page = geometry.page_size as usize;
-
         // 0. Entries that cannot be applied yet (a copyset idle, without quorum, or behind
         // an install) would pin the head where they are: when reclaiming what is applied is
         // not enough, they move forward first, so ring use after the checkpoint is bounded by
@@ -123,99 +121,12 @@ impl<B: Bdev> ShardEngine<B> {
         let generation = self.checkpoint.borrow().generation + 1;
 
         // 2. Capture the copysets' states and where the WAL can start.
-        let logs = self.wal.logs();
-        let mut head = self.wal.durable();
-        // Applied entries whose records lie in the ring's recent history stay in the
-        // in-memory log (see `WalBudget::retention`): where each copyset's log is compacted
-        // to. Only in memory: the head still passes their records, since replay from below
-        // the live entries could meet records a later truncation superseded.
-        let floor = appended.saturating_sub(self.wal.budget().retention());
-        let mut compact_to = Vec::with_capacity(logs.len());
-        let mut copyset_pages = Vec::new();
-        let mut removed = Vec::new();
-        {
-            let mut state = self.checkpoint.borrow_mut();
-            let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
-            let mut free_pages = (0..geometry.max_copysets).filter(|i| !used.contains(i));
-            for (copyset, log) in &logs {
-                let keep = log.retention_point(floor);
-                if let Some(lsn) = log.first_needed_lsn(log.applied) {
-                    head = head.min(lsn);
-                }
-                compact_to.push((*copyset, keep));
-                let (index, copy) = match state.copyset_pages.get(copyset) {
-                    Some(found) => *found,
-                    None => {
-                        let index = free_pages.next().ok_or_else(|| {
-                            StorageError::Copyset(
-                                copyset.0,
-                                format!(
-                                    "the shard holds its maximum of {} copysets",
-                                    geometry.max_copysets
-                                ),
-                            )
-                        })?;
-                        let copy = state.tombstones.remove(&index).unwrap_or(1);
-                        state.copyset_pages.insert(*copyset, (index, copy));
-                        (index, copy)
-                    }
-                };
-                let mut snapshot = log.snapshot.clone();
-                let mut data = log.snapshot_data.clone();
-                if log.applied > snapshot.index {
-                    if let Ok(term) = log.term(log.applied) {
-                        // The engine compacts to the applied index: the chunks are the image.
-                        snapshot.index = log.applied;
-                        snapshot.term = term;
-                        data = Bytes::new();
-                    }
-                }
-                snapshot.conf_state = log.conf_state.clone();
-                let room = page - PAGE_HEADER_LEN - COPYSET_PAGE_FIXED;
-                if conf_state_bytes(&snapshot.conf_state).len() + data.len() > room {
-                    // Too large for the page: the WAL keeps the snapshot's record instead.
-                    if let Some(lsn) = log.snapshot_lsn {
-                        head = head.min(lsn);
-                    }
-                    data = Bytes::new();
-                }
-                copyset_pages.push((
-                    *copyset,
-                    index,
-                    copy ^ 1,
-                    CopysetPage {
-                        copyset: *copyset,
-                        hard_state: log.hard_state,
-                        snapshot,
-                        data,
-                        // Everything above the applied index has its record here or later
-                        // (moved or not); entries appended from now on land at `appended`
-                        // or later.
-                        replay_from: log.first_needed_lsn(log.applied).unwrap_or(appended),
-                    },
-                ));
-            }
-            // Deleted copysets: a tombstone over their page, in the same generation as the
-            // WAL head that forgets their records.
-            for (copyset, (index, copy)) in &state.copyset_pages {
-                if logs.contains_key(copyset) {
-                    continue;
-                }
-                removed.push((*copyset, *index, copy ^ 1));
-                copyset_pages.push((
-                    CopysetId(0),
-                    *index,
-                    copy ^ 1,
-                    CopysetPage {
-                        copyset: CopysetId(0),
-                        hard_state: HardState::default(),
-                        snapshot: SnapshotMeta::default(),
-                        data: Bytes::new(),
-                        replay_from: 0,
-                    },
-                ));
-            }
-        }
+        let Captured {
+            head,
+            compact_to,
+            copyset_pages,
+            removed,
+        } = self.capture_copysets(appended)?;
 
         // 3. The chunk data of every applied write is durable before metadata says so.
         if let Err(error) = self.bdev.flush().await {
@@ -296,6 +207,124 @@ impl<B: Bdev> ShardEngine<B> {
                 .with_log_mut(copyset, |current| current.compact(keep));
         }
         Ok(())
+    }
+
+    /// Step 2 of a checkpoint: every copyset's page as of now (a tombstone for each deleted
+    /// one), where the WAL's head can move, and how far each in-memory log is compacted.
+    fn capture_copysets(&self, appended: u64) -> Result<Captured, StorageError> {
+        let logs = self.wal.logs();
+        let mut head = self.wal.durable();
+        // Applied entries whose records lie in the ring's recent history stay in the
+        // in-memory log (see `WalBudget::retention`): where each copyset's log is compacted
+        // to. Only in memory: the head still passes their records, since replay from below
+        // the live entries could meet records a later truncation superseded.
+        let floor = appended.saturating_sub(self.wal.budget().retention());
+        let mut captured = Captured {
+            head: 0,
+            compact_to: Vec::with_capacity(logs.len()),
+            copyset_pages: Vec::new(),
+            removed: Vec::new(),
+        };
+        let mut state = self.checkpoint.borrow_mut();
+        for (copyset, log) in &logs {
+            if let Some(lsn) = log.first_needed_lsn(log.applied) {
+                head = head.min(lsn);
+            }
+            captured
+                .compact_to
+                .push((*copyset, log.retention_point(floor)));
+            let (index, copy) = self.copyset_page_index(&mut state, *copyset)?;
+            let (page, snapshot_lsn) = self.copyset_page_of(*copyset, log, appended);
+            if let Some(lsn) = snapshot_lsn {
+                head = head.min(lsn);
+            }
+            captured
+                .copyset_pages
+                .push((*copyset, index, copy ^ 1, page));
+        }
+        // Deleted copysets: a tombstone over their page, in the same generation as the WAL
+        // head that forgets their records.
+        for (copyset, (index, copy)) in &state.copyset_pages {
+            if logs.contains_key(copyset) {
+                continue;
+            }
+            captured.removed.push((*copyset, *index, copy ^ 1));
+            captured.copyset_pages.push((
+                CopysetId(0),
+                *index,
+                copy ^ 1,
+                CopysetPage {
+                    copyset: CopysetId(0),
+                    hard_state: HardState::default(),
+                    snapshot: SnapshotMeta::default(),
+                    data: Bytes::new(),
+                    replay_from: 0,
+                },
+            ));
+        }
+        captured.head = head;
+        Ok(captured)
+    }
+
+    /// The page index of `copyset` and the copy last written there; a new copyset takes a
+    /// free index.
+    fn copyset_page_index(
+        &self,
+        state: &mut CheckpointState,
+        copyset: CopysetId,
+    ) -> Result<(u32, u8), StorageError> {
+        if let Some(found) = state.copyset_pages.get(&copyset) {
+            return Ok(*found);
+        }
+        let max = self.layout.geometry.max_copysets;
+        let used: BTreeSet<u32> = state.copyset_pages.values().map(|(i, _)| *i).collect();
+        let index = (0..max).find(|i| !used.contains(i)).ok_or_else(|| {
+            StorageError::Copyset(
+                copyset.0,
+                format!("the shard holds its maximum of {max} copysets"),
+            )
+        })?;
+        let copy = state.tombstones.remove(&index).unwrap_or(1);
+        state.copyset_pages.insert(copyset, (index, copy));
+        Ok((index, copy))
+    }
+
+    /// The page that records `log` now, and the position of a snapshot record the WAL must
+    /// keep when the snapshot's image is too large for the page.
+    fn copyset_page_of(
+        &self,
+        copyset: CopysetId,
+        log: &CopysetLog,
+        appended: u64,
+    ) -> (CopysetPage, Option<u64>) {
+        let mut snapshot = log.snapshot.clone();
+        let mut data = log.snapshot_data.clone();
+        if log.applied > snapshot.index {
+            if let Ok(term) = log.term(log.applied) {
+                // The engine compacts to the applied index: the chunks are the image.
+                snapshot.index = log.applied;
+                snapshot.term = term;
+                data = Bytes::new();
+            }
+        }
+        snapshot.conf_state = log.conf_state.clone();
+        let room = self.layout.geometry.page_size as usize - PAGE_HEADER_LEN - COPYSET_PAGE_FIXED;
+        let mut keep_record = None;
+        if conf_state_bytes(&snapshot.conf_state).len() + data.len() > room {
+            // Too large for the page: the WAL keeps the snapshot's record instead.
+            keep_record = log.snapshot_lsn;
+            data = Bytes::new();
+        }
+        let page = CopysetPage {
+            copyset,
+            hard_state: log.hard_state,
+            snapshot,
+            data,
+            // Everything above the applied index has its record here or later (moved or
+            // not); entries appended from now on land at `appended` or later.
+            replay_from: log.first_needed_lsn(log.applied).unwrap_or(appended),
+        };
+        (page, keep_record)
     }
 
     /// Encodes every changed page at one instant (no await in between, so chunk metadata,
@@ -412,4 +441,16 @@ impl<B: Bdev> ShardEngine<B> {
         }
         Ok(false)
     }
+}
+
+/// What step 2 of a checkpoint captured.
+struct Captured {
+    /// Where the WAL's head may move once the checkpoint committed.
+    head: u64,
+    /// Per copyset, the index its in-memory log is compacted to.
+    compact_to: Vec<(CopysetId, LogIndex)>,
+    /// Pages to write: (copyset, page index, copy, page).
+    copyset_pages: Vec<(CopysetId, u32, u8, CopysetPage)>,
+    /// Deleted copysets: (copyset, page index, copy of their tombstone).
+    removed: Vec<(CopysetId, u32, u8)>,
 }

@@ -12,7 +12,7 @@ use super::device::{
 };
 use super::{EngineOptions, RecoveredCopyset, Recovery, ShardEngine, RECOVERY_ZERO_SLOTS};
 use crate::storage::bdev::Bdev;
-use crate::storage::layout::{choose_copy, open_page, PageKind, PageRead, Reader};
+use crate::storage::layout::{choose_copy, open_page, PageKind, PageRead, Reader, ShardLayout};
 use crate::storage::table::{ChunkId, ChunkTable, SlotState, FLAG_CLONE};
 use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::{ShardWal, WalConfig};
@@ -31,39 +31,7 @@ impl<B: Bdev> ShardEngine<B> {
         let page = geometry.page_size as usize;
 
         // The anchor: the valid copy with the higher generation.
-        let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
-        let mut generation = 0;
-        let mut anchor = Anchor::default();
-        let mut anchor_copy = 1;
-        let mut reasons = Vec::new();
-        for copy in 0..2u8 {
-            let bytes = anchors
-                .as_slice()
-                .get(copy as usize * page..(copy as usize + 1) * page)
-                .unwrap_or(&[]);
-            match open_page(bytes, PageKind::Anchor, 0) {
-                PageRead::Blank => {}
-                PageRead::Valid {
-                    generation: g,
-                    body,
-                } => {
-                    if g > generation {
-                        match Anchor::decode(body) {
-                            Some(decoded) => {
-                                generation = g;
-                                anchor = decoded;
-                                anchor_copy = copy;
-                            }
-                            None => reasons.push(format!("copy {copy}: fields do not decode")),
-                        }
-                    }
-                }
-                PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
-            }
-        }
-        if reasons.len() == 2 {
-            return Err(corrupt("WAL anchor", layout.anchor, reasons.join("; ")));
-        }
+        let (mut generation, anchor, mut anchor_copy) = read_anchor(&*bdev, &layout).await?;
 
         // Copyset pages.
         let max_copysets = geometry.max_copysets as usize;
@@ -315,4 +283,46 @@ impl<B: Bdev> ShardEngine<B> {
         };
         Ok((engine, recovery))
     }
+}
+
+/// Reads the anchor: the valid copy with the higher generation, as (generation, anchor, copy).
+async fn read_anchor<B: Bdev>(
+    bdev: &B,
+    layout: &ShardLayout,
+) -> Result<(u64, Anchor, u8), StorageError> {
+    let page = layout.geometry.page_size as usize;
+    let anchors = bdev.read(layout.anchor, bdev.alloc(2 * page)?).await?;
+    let mut generation = 0;
+    let mut anchor = Anchor::default();
+    let mut anchor_copy = 1;
+    let mut reasons = Vec::new();
+    for copy in 0..2u8 {
+        let bytes = anchors
+            .as_slice()
+            .get(copy as usize * page..(copy as usize + 1) * page)
+            .unwrap_or(&[]);
+        match open_page(bytes, PageKind::Anchor, 0) {
+            PageRead::Blank => {}
+            PageRead::Valid {
+                generation: g,
+                body,
+            } => {
+                if g > generation {
+                    match Anchor::decode(body) {
+                        Some(decoded) => {
+                            generation = g;
+                            anchor = decoded;
+                            anchor_copy = copy;
+                        }
+                        None => reasons.push(format!("copy {copy}: fields do not decode")),
+                    }
+                }
+            }
+            PageRead::Corrupt(reason) => reasons.push(format!("copy {copy}: {reason}")),
+        }
+    }
+    if reasons.len() == 2 {
+        return Err(corrupt("WAL anchor", layout.anchor, reasons.join("; ")));
+    }
+    Ok((generation, anchor, anchor_copy))
 }
