@@ -27,8 +27,7 @@ use raftcore::{Entry, EntryKind, HardState, LogIndex, Term};
 
 use super::bdev::fault::{CrashMode, FaultBdev, FaultRng};
 use super::bdev::{Bdev, MemBdev};
-use super::dma::DmaBuf;
-use super::engine::{format, EngineOptions, FormatOptions, ShardEngine, RECOVERY_ZERO_SLOTS};
+use super::engine::{format, EngineOptions, FormatOptions, ShardEngine};
 use super::table::ChunkId;
 use super::test_device;
 use super::wal::record::CopysetId;
@@ -42,14 +41,14 @@ macro_rules! trace {
     };
 }
 
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 const CHUNK: u64 = 32 << 10;
 const PAGES: usize = (CHUNK / PAGE) as usize;
-const DEVICE: u64 = 4 << 20;
+pub(crate) const DEVICE: u64 = 4 << 20;
 const WRITERS: u64 = 4;
 const CHUNKS_PER_WRITER: u64 = 4;
 
-fn options() -> FormatOptions {
+pub(crate) fn options() -> FormatOptions {
     FormatOptions {
         page_size: PAGE as u32,
         chunk_size: CHUNK,
@@ -340,11 +339,11 @@ struct Model {
 }
 
 /// Polls every future until all are done: a deterministic stand-in for spawning tasks.
-type Task<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+pub(crate) type Task<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
 
-struct JoinAll<'a> {
-    futures: Vec<Option<Task<'a>>>,
-    failure: Option<String>,
+pub(crate) struct JoinAll<'a> {
+    pub(crate) futures: Vec<Option<Task<'a>>>,
+    pub(crate) failure: Option<String>,
 }
 
 impl Future for JoinAll<'_> {
@@ -805,101 +804,4 @@ fn acknowledged_writes_survive_power_cuts_many_seeds() {
 #[test]
 fn the_same_seed_runs_the_same_way() {
     assert_eq!(run_seed(7), run_seed(7));
-}
-
-/// Issue 23: the bound on slot allocations between checkpoints (recovery zeroes only the
-/// `RECOVERY_ZERO_SLOTS` lowest free slots) holds under concurrent creations. It used to be
-/// checked once before an await: a creation that found a possibly dirty slot zeroed it and
-/// took the next without checking again, and a checkpoint reset the count of allocations it
-/// had not recorded — both let more slots be taken than a crash would zero.
-#[test]
-fn concurrent_creations_never_take_more_slots_between_checkpoints_than_recovery_zeroes() {
-    block_on(async {
-        let memory = MemBdev::new(DEVICE, 4096, 64 << 20).unwrap();
-        format(&memory, &options(), [3; 16]).await.unwrap();
-        // An unclean stop: the next start marks the lowest free slots possibly dirty.
-        let image = {
-            let device = Rc::new(FaultBdev::new(memory, 1));
-            let (engine, _) = ShardEngine::open(Rc::clone(&device), 0, EngineOptions::default())
-                .await
-                .unwrap();
-            engine
-                .write_chunk(ChunkId(1), 0, page(&engine, 1), 1, LogIndex(0))
-                .await
-                .unwrap();
-            drop(engine);
-            device.crash(CrashMode::LoseAll)
-        };
-        let memory = MemBdev::from_image(image, 4096, 64 << 20).unwrap();
-        let device = Rc::new(FaultBdev::new(memory, 2));
-        let (engine, recovery) = ShardEngine::open(Rc::clone(&device), 0, EngineOptions::default())
-            .await
-            .unwrap();
-        assert!(recovery.possibly_dirty_slots > 0);
-        let engine = &engine;
-        let mut futures: Vec<Option<Task<'_>>> = Vec::new();
-        for creator in 0..6u64 {
-            futures.push(Some(Box::pin(async move {
-                for i in 0..10 {
-                    let chunk = ChunkId(100 + creator * 100 + i);
-                    engine
-                        .write_chunk(chunk, 0, page(engine, 2), 1, LogIndex(0))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let taken = engine.allocations_since_checkpoint();
-                    if taken > RECOVERY_ZERO_SLOTS {
-                        return Err(format!(
-                            "{taken} slots taken since the last checkpoint, more than the \
-                             {RECOVERY_ZERO_SLOTS} recovery zeroes"
-                        ));
-                    }
-                }
-                Ok(())
-            })));
-        }
-        JoinAll {
-            futures,
-            failure: None,
-        }
-        .await
-        .unwrap();
-        let created = engine.chunk_ids().iter().filter(|c| c.0 >= 100).count();
-        assert_eq!(created, 6 * 10);
-        // The power goes with writes in flight; every slot the creations took since the last
-        // checkpoint may hold their bytes. A new chunk in any free slot reads zeroes where it
-        // was not written.
-        drop(engine);
-        let image = device.crash(CrashMode::Random);
-        let memory = MemBdev::from_image(image, 4096, 64 << 20).unwrap();
-        let device = Rc::new(FaultBdev::new(memory, 3));
-        let (engine, _) = ShardEngine::open(Rc::clone(&device), 0, EngineOptions::default())
-            .await
-            .unwrap();
-        let mut fresh = 0;
-        for i in 0.. {
-            let chunk = ChunkId(10_000 + i);
-            match engine
-                .write_chunk(chunk, PAGE, page(&engine, 7), 1, LogIndex(0))
-                .await
-            {
-                Ok(()) => {}
-                Err(StorageError::Table(_)) => break, // the pool is used up
-                Err(error) => panic!("{error}"),
-            }
-            let read = engine.read_chunk(chunk, 0, PAGE).await.unwrap();
-            assert!(
-                read.as_slice().iter().all(|b| *b == 0),
-                "a new chunk in a reused slot reads bytes from before the crash"
-            );
-            fresh += 1;
-        }
-        assert!(fresh > 0);
-    });
-}
-
-/// One page of `fill`.
-fn page<B: Bdev>(engine: &ShardEngine<B>, fill: u8) -> DmaBuf {
-    let mut buffer = engine.bdev().alloc(PAGE as usize).unwrap();
-    buffer.as_mut_slice().unwrap().fill(fill);
-    buffer
 }

@@ -254,11 +254,30 @@ impl<B: Bdev + 'static> ShardServer<B> {
         // once the applied index passes them).
         info!(node = self.node, %copyset, %index, voters = ?conf_state.voters,
             outgoing = ?conf_state.voters_outgoing, "membership changed");
-        self.engine.set_applied(copyset, index);
         let membership = Membership::of(&conf_state).encode();
         let wal = self.engine.wal();
-        let lsn = match wal.set_conf_state(copyset, conf_state) {
-            Ok(lsn) => lsn,
+        // The membership goes into the WAL before the applied index passes its entry, so no
+        // checkpoint can record the new index with the old membership (issue 25, item 4).
+        let lsn = match wal.set_conf_state(copyset, conf_state.clone()) {
+            Ok(lsn) => {
+                self.engine.set_applied(copyset, index);
+                lsn
+            }
+            Err(StorageError::WalFull { .. }) => {
+                // Room comes with a checkpoint; until the record is in, the applied index
+                // stays below the change.
+                self.engine.hold_applied_below(copyset, index);
+                let server = Rc::clone(self);
+                glommio::spawn_local(async move {
+                    server
+                        .record_membership_after_room(
+                            copyset, index, conf_state, tokens, membership,
+                        )
+                        .await;
+                })
+                .detach();
+                return;
+            }
             Err(error) => {
                 if error.is_device_failure() {
                     self.stalled(Some(copyset), "membership not recorded", &error);
@@ -285,6 +304,48 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
         })
         .detach();
+    }
+
+    /// Records a membership change the full WAL refused: checkpoints until the record fits
+    /// (the ring's reserve guarantees room for raft's records after one), then lets the
+    /// applied index pass the change and answers.
+    async fn record_membership_after_room(
+        self: Rc<Self>,
+        copyset: CopysetId,
+        index: raftcore::LogIndex,
+        conf_state: raftcore::ConfState,
+        tokens: Vec<Token>,
+        membership: Bytes,
+    ) {
+        let wal = self.engine.wal();
+        let recorded = loop {
+            if let Err(error) = self.make_wal_room().await {
+                break Err(error);
+            }
+            match wal.set_conf_state(copyset, conf_state.clone()) {
+                Ok(lsn) => break wal.sync(lsn).await,
+                Err(StorageError::WalFull { .. }) => continue,
+                Err(error) => break Err(error),
+            }
+        };
+        let status = match recorded {
+            Ok(()) => {
+                self.engine.release_applied(copyset);
+                self.engine.set_applied(copyset, index);
+                if let Some(core) = self.copysets.borrow().get(&copyset).cloned() {
+                    self.engine.set_applied(copyset, core.borrow().applied());
+                }
+                Status::Ok
+            }
+            Err(error) => {
+                // The hold stays: the applied index never passes an unrecorded membership.
+                self.stalled(Some(copyset), "membership not recorded", &error);
+                status_of_storage(&error)
+            }
+        };
+        for token in tokens {
+            self.answer(token, status.clone(), membership.clone());
+        }
     }
 }
 

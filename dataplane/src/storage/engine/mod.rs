@@ -207,10 +207,28 @@ impl<B: Bdev> ShardEngine<B> {
     /// Call it only once every write of those entries has completed.
     pub fn set_applied(&self, copyset: CopysetId, index: LogIndex) {
         self.wal.with_log_mut(copyset, |log| {
+            let index = log.applied_cap.map_or(index, |cap| index.min(cap));
             if index > log.applied {
                 log.applied = index;
             }
         });
+    }
+
+    /// Keeps the applied index of `copyset` below `index` until [`release_applied`]: the
+    /// entry at `index` changed the membership, and the WAL could not take the new membership
+    /// yet. A checkpoint meanwhile records the old membership with an applied index below the
+    /// change, so a restart applies the change again instead of losing it (issue 25, item 4).
+    ///
+    /// [`release_applied`]: Self::release_applied
+    pub fn hold_applied_below(&self, copyset: CopysetId, index: LogIndex) {
+        self.wal.with_log_mut(copyset, |log| {
+            log.applied_cap = Some(LogIndex(index.0.saturating_sub(1)).max(log.applied));
+        });
+    }
+
+    /// Ends a [`hold_applied_below`](Self::hold_applied_below).
+    pub fn release_applied(&self, copyset: CopysetId) {
+        self.wal.with_log_mut(copyset, |log| log.applied_cap = None);
     }
 
     /// Checks an operation's geometry (page alignment, inside the chunk) before it is

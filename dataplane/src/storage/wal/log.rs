@@ -54,6 +54,9 @@ pub struct CopysetLog {
     /// Entry records before this ring position are not part of the log (see the copyset
     /// page's field of that name): replay skips them.
     pub replay_from: u64,
+    /// The applied index may not pass this (a membership change at the next index is not in
+    /// the WAL yet: a checkpoint must not record the new index with the old membership).
+    pub applied_cap: Option<LogIndex>,
 }
 
 /// Why a record could not be taken into a log.
@@ -81,6 +84,7 @@ impl CopysetLog {
             snapshot_lsn: None,
             entries: VecDeque::new(),
             replay_from: 0,
+            applied_cap: None,
         }
     }
 

@@ -825,5 +825,6 @@ fn concurrent_creations_of_one_chunk_by_two_copysets_are_refused_not_fatal() {
     });
 }
 
+mod alloc;
 mod images;
 mod wal;

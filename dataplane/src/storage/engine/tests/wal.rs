@@ -285,3 +285,76 @@ fn a_replaced_suffix_does_not_come_back_when_another_copyset_pins_the_head() {
         assert_eq!(stuck_last, LogIndex(1));
     });
 }
+
+/// Issue 25, item 4: a membership change whose record the full WAL refused must not be lost
+/// at a restart. The shell holds the applied index below the change until the record is in;
+/// a checkpoint meanwhile records the old membership with the old index, so the restart
+/// applies the change again (its entry is above the applied index, in the log).
+#[test]
+fn a_membership_change_the_full_wal_refused_is_not_lost_at_a_restart() {
+    block_on(async {
+        let bdev = formatted(8 << 20).await;
+        let (engine, _) = open(&bdev).await;
+        let wal = engine.wal().clone();
+        let (copyset, busy) = (CopysetId(3), CopysetId(4));
+        let voters = |ids: &[u64]| raftcore::ConfState {
+            voters: ids.iter().map(|i| NodeId(*i)).collect(),
+            ..Default::default()
+        };
+        wal.set_conf_state(copyset, voters(&[1, 2, 3])).unwrap();
+        // Entries 1..=5 of the copyset; the fifth adds node 4. All committed.
+        let entries: Vec<Entry> = (1..=5)
+            .map(|i| entry(i, Bytes::from(vec![i as u8; 64])))
+            .collect();
+        wal.append_entries(copyset, &entries).unwrap();
+        let hs = HardState {
+            term: Term(1),
+            vote: Some(NodeId(1)),
+            commit: LogIndex(5),
+        };
+        let lsn = wal.set_hard_state(copyset, hs).unwrap();
+        wal.sync(lsn).await.unwrap();
+        engine.set_applied(copyset, LogIndex(4));
+        // Another copyset's unapplied entries fill the ring, then votes fill the rest.
+        let mut index = 0;
+        while wal
+            .append_entries(busy, &[entry(index + 1, Bytes::from(vec![1u8; 2000]))])
+            .is_ok()
+        {
+            index += 1;
+        }
+        let vote = HardState {
+            term: Term(1),
+            vote: Some(NodeId(2)),
+            commit: LogIndex(0),
+        };
+        while wal.set_hard_state(busy, vote).is_ok() {}
+        // The change is applied, and its record is refused.
+        let refused = wal.set_conf_state(copyset, voters(&[1, 2, 3, 4]));
+        assert!(
+            matches!(refused, Err(StorageError::WalFull { .. })),
+            "{refused:?}"
+        );
+        engine.hold_applied_below(copyset, LogIndex(5));
+        engine.set_applied(copyset, LogIndex(5));
+        // A checkpoint (it makes room), then a crash before the record made it.
+        engine.checkpoint().await.unwrap();
+        drop(engine);
+        let (engine, recovery) = open(&bdev).await;
+        let recovered = recovery
+            .copysets
+            .iter()
+            .find(|c| c.copyset == copyset)
+            .expect("the copyset is back");
+        let knows_node_4 = recovered.conf_state.voters.contains(&NodeId(4));
+        let reapplies_the_change = recovered.applied < LogIndex(5)
+            && recovered.to_apply.iter().any(|e| e.index == LogIndex(5));
+        assert!(
+            knows_node_4 || reapplies_the_change,
+            "membership lost: applied {}, voters {:?}",
+            recovered.applied,
+            recovered.conf_state.voters
+        );
+        drop(engine);
+    });
+}
