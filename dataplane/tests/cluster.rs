@@ -1212,3 +1212,86 @@ fn the_files_a_node_creates_are_private_to_its_user() {
     );
     node.stop();
 }
+
+/// Issue 25, item 8: raft frames are taken on the peer port only, and only from nodes of the
+/// cluster's configuration. An append forged as node 7 (no such node) with a far higher term
+/// neither on the client port nor on the peer port reaches raft: the leader keeps its term.
+#[test]
+fn raft_frames_from_outside_the_cluster_or_on_a_client_port_are_dropped() {
+    use dataplane::server::wire::{RaftBatch, Status, RAFT};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::start(config(id, &ports, dir.path(), "mem")))
+        .collect();
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            client
+                .write(COPYSET, ChunkId(5), 0, block(1), 1)
+                .await
+                .expect("write");
+            common::lead_from(&client, COPYSET, 1).await;
+        })
+    });
+    let forged = || {
+        let message = raftcore::Message::new(
+            raftcore::MessageType::Append,
+            raftcore::NodeId(7),
+            raftcore::NodeId(1),
+            raftcore::Term(1000),
+        );
+        RaftBatch {
+            messages: vec![(COPYSET.0, raftcore::encode_to_bytes(&message))],
+        }
+        .encode()
+    };
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            let (status, _) = client
+                .call_node(1, COPYSET, RAFT, forged())
+                .await
+                .expect("an answer from the client port");
+            assert!(matches!(status, Status::Invalid(_)), "{status:?}");
+        })
+    });
+    // The peer port, reached as a client would: node 1's address is its peer listener.
+    let peer = vec![dataplane::client::NodeAddress {
+        id: 1,
+        endpoint: format!("tcp://127.0.0.1:{}", ports[0])
+            .parse()
+            .expect("endpoint"),
+        shards: 1,
+    }];
+    with_client_of(peer, move |client| {
+        Box::pin(async move {
+            let (status, _) = client
+                .call_node(1, COPYSET, RAFT, forged())
+                .await
+                .expect("an answer from the peer port");
+            assert!(matches!(status, Status::Ok), "{status:?}");
+        })
+    });
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            let status = client.copyset_status(1, COPYSET).await.expect("status");
+            assert_eq!(status.role, 3, "node 1 still leads: {status:?}");
+            assert!(
+                status.term < 1000,
+                "the forged term reached raft: {status:?}"
+            );
+            client.set_peers(COPYSET, &[1, 2, 3]);
+            let data = client
+                .read(COPYSET, ChunkId(5), 0, 4096)
+                .await
+                .expect("read");
+            assert_eq!(data, block(1));
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

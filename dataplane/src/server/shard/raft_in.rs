@@ -28,6 +28,19 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     continue;
                 }
             };
+            // Only from a node of the cluster's configuration, and to this one (issue 25,
+            // item 8): a frame forged as another node must not reach raft.
+            let known = self.cluster.nodes.contains_key(&message.from.0);
+            if !known || message.to.0 != self.node {
+                self.count_raft_dropped(if known {
+                    "addressed to another node"
+                } else {
+                    "from a node outside the cluster"
+                });
+                warn!(node = self.node, %copyset, from = message.from.0, to = message.to.0,
+                    "raft message from outside the cluster or to another node dropped");
+                continue;
+            }
             let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
                 debug!(%copyset, "raft message for a copyset this shard does not have");
                 continue;
@@ -40,6 +53,17 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
             self.drive(copyset, &core);
         }
+    }
+
+    /// Counts a raft message or frame dropped for where it came from.
+    pub(super) fn count_raft_dropped(&self, reason: &'static str) {
+        self.metrics
+            .counter(
+                "chunkserver_raft_dropped_total",
+                "Raft messages dropped for their origin: a client port, a sender outside the cluster, another recipient.",
+                &[("reason", reason)],
+            )
+            .inc();
     }
 
     /// Whether the WAL admits the client data an append from the leader carries (entries

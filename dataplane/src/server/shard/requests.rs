@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use raftcore::{NodeId, StateRole};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{shard_of, status_of_storage, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
 use crate::copyset::{ChunkOp, Token};
@@ -25,7 +25,26 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let payload = incoming.message.payload.clone();
         self.count_frame(class, "in", payload.len());
         if opcode == wire::RAFT {
-            self.receive_raft(&payload);
+            // Raft frames come from peers only; on a client port they are refused whole
+            // (issue 25, item 8).
+            let status = if class == "peer" {
+                self.receive_raft(&payload);
+                Status::Ok
+            } else {
+                self.count_raft_dropped("on a client port");
+                warn!(
+                    node = self.node,
+                    shard = self.shard,
+                    "raft frame on a client port refused"
+                );
+                Status::Invalid("raft frames are taken on the peer port only".into())
+            };
+            if incoming.expects_response() {
+                let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &[]));
+                if let Err(error) = incoming.respond(response).await {
+                    debug!(%error, "response not sent");
+                }
+            }
             return;
         }
         let began = std::time::Instant::now();
