@@ -24,6 +24,10 @@ pub struct ConnectionConfig {
     pub send_queue_frames: usize,
     /// Received requests queued for the server before the link stops reading.
     pub incoming_queue_frames: usize,
+    /// Payload bytes queued for sending, and received payload bytes queued for the server,
+    /// before the same happens (a frame larger than this still passes alone): what bounds a
+    /// connection's memory when its peer sends faster than it reads.
+    pub queue_bytes: usize,
     /// Requests awaiting a response at once on this connection.
     pub max_in_flight_requests: usize,
     /// How long `call` waits for its response (queueing included).
@@ -44,6 +48,7 @@ impl Default for ConnectionConfig {
         ConnectionConfig {
             send_queue_frames: 256,
             incoming_queue_frames: 256,
+            queue_bytes: 32 << 20,
             max_in_flight_requests: 1024,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
@@ -152,8 +157,16 @@ pub(crate) fn new_connection(label: String, config: ConnectionConfig) -> (Connec
     }
     let state = Rc::new(ConnectionState {
         label,
-        outgoing: BoundedQueue::new(config.send_queue_frames.max(1)),
-        incoming: BoundedQueue::new(config.incoming_queue_frames.max(1)),
+        outgoing: BoundedQueue::weighted(
+            config.send_queue_frames.max(1),
+            config.queue_bytes,
+            frame_bytes,
+        ),
+        incoming: BoundedQueue::weighted(
+            config.incoming_queue_frames.max(1),
+            config.queue_bytes,
+            frame_bytes,
+        ),
         pending: RefCell::new(HashMap::new()),
         next_request_id: Cell::new(1),
         in_flight_slots: slots,
@@ -514,4 +527,9 @@ impl LinkSide {
         self.state.outgoing.clear();
         self.state.incoming.close();
     }
+}
+
+/// A frame's weight in a connection's queues: its payload's bytes.
+fn frame_bytes(frame: &Frame) -> usize {
+    frame.payload.len()
 }

@@ -16,6 +16,12 @@ struct QueueState<T> {
     items: VecDeque<T>,
     /// Invariant: `items.len() <= capacity`.
     capacity: usize,
+    /// The weight of each item (bytes it holds), and the most the queue holds at once; one
+    /// item always fits an empty queue, whatever its weight.
+    weight: fn(&T) -> usize,
+    weight_capacity: usize,
+    /// Invariant: the sum of `weight` over `items`.
+    weight_held: usize,
     closed: bool,
     push_wakers: Vec<Waker>,
     pop_wakers: Vec<Waker>,
@@ -41,11 +47,24 @@ pub struct QueueClosed<T>(pub T);
 impl<T> BoundedQueue<T> {
     /// A queue that holds at most `capacity` items.
     pub fn new(capacity: usize) -> BoundedQueue<T> {
+        BoundedQueue::weighted(capacity, usize::MAX, |_| 0)
+    }
+
+    /// A queue that holds at most `capacity` items and at most `weight_capacity` of their
+    /// `weight` (bytes, say) — but always one item, so that a heavy one still passes.
+    pub fn weighted(
+        capacity: usize,
+        weight_capacity: usize,
+        weight: fn(&T) -> usize,
+    ) -> BoundedQueue<T> {
         assert!(capacity > 0, "a bounded queue needs room for one item");
         BoundedQueue {
             state: Rc::new(RefCell::new(QueueState {
                 items: VecDeque::with_capacity(capacity.min(1024)),
                 capacity,
+                weight,
+                weight_capacity,
+                weight_held: 0,
                 closed: false,
                 push_wakers: Vec::new(),
                 pop_wakers: Vec::new(),
@@ -61,8 +80,10 @@ impl<T> BoundedQueue<T> {
             if state.closed {
                 return Poll::Ready(Err(QueueClosed(item.take())));
             }
-            if state.items.len() < state.capacity {
+            let heavy = item.as_ref().map_or(0, |i| (state.weight)(i));
+            if state.has_room(heavy) {
                 if let Some(item) = item.take() {
+                    state.weight_held += heavy;
                     state.items.push_back(item);
                 }
                 wake_all(&mut state.pop_wakers);
@@ -81,9 +102,11 @@ impl<T> BoundedQueue<T> {
         if state.closed {
             return Err(TryPushError::Closed(item));
         }
-        if state.items.len() >= state.capacity {
+        let heavy = (state.weight)(&item);
+        if !state.has_room(heavy) {
             return Err(TryPushError::Full(item));
         }
+        state.weight_held += heavy;
         state.items.push_back(item);
         wake_all(&mut state.pop_wakers);
         Ok(())
@@ -94,7 +117,7 @@ impl<T> BoundedQueue<T> {
     pub async fn pop(&self) -> Option<T> {
         std::future::poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if let Some(item) = state.items.pop_front() {
+            if let Some(item) = state.pop_front() {
                 wake_all(&mut state.push_wakers);
                 return Poll::Ready(Some(item));
             }
@@ -124,7 +147,7 @@ impl<T> BoundedQueue<T> {
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if state.items.len() < state.capacity || state.closed {
+            if state.has_room(0) || state.closed {
                 return Poll::Ready(());
             }
             register(&mut state.push_wakers, cx.waker());
@@ -136,7 +159,7 @@ impl<T> BoundedQueue<T> {
     /// Takes the first item if there is one.
     pub fn try_pop(&self) -> Option<T> {
         let mut state = self.state.borrow_mut();
-        let item = state.items.pop_front();
+        let item = state.pop_front();
         if item.is_some() {
             wake_all(&mut state.push_wakers);
         }
@@ -155,6 +178,7 @@ impl<T> BoundedQueue<T> {
     pub fn clear(&self) -> Vec<T> {
         let mut state = self.state.borrow_mut();
         let items = state.items.drain(..).collect();
+        state.weight_held = 0;
         wake_all(&mut state.push_wakers);
         items
     }
@@ -172,6 +196,21 @@ impl<T> BoundedQueue<T> {
     /// Whether no item is queued.
     pub fn is_empty(&self) -> bool {
         self.state.borrow().items.is_empty()
+    }
+}
+
+impl<T> QueueState<T> {
+    /// Whether an item of weight `heavy` may enter now.
+    fn has_room(&self, heavy: usize) -> bool {
+        self.items.len() < self.capacity
+            && (self.items.is_empty()
+                || self.weight_held.saturating_add(heavy) <= self.weight_capacity)
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let item = self.items.pop_front()?;
+        self.weight_held -= (self.weight)(&item);
+        Some(item)
     }
 }
 

@@ -112,10 +112,22 @@ impl<B: Bdev + 'static> ShardServer<B> {
             accepted.retain(|c| !c.is_closed());
             accepted.push(connection.clone());
         }
+        // Requests served at once on this connection, weighed by the bytes they hold and
+        // will answer: a peer that sends faster than it reads the answers (pipelined reads
+        // never collected) is held here, then by the bounded queues, then by TCP — never
+        // by the process's memory (issue 25, item 7).
+        let budget = Rc::new(glommio::sync::Semaphore::new(CONNECTION_REQUEST_BYTES));
         while let Some(incoming) = connection.next_incoming().await {
+            let weight = request_weight(&incoming.message).min(CONNECTION_REQUEST_BYTES);
+            let Ok(permit) = budget.acquire_static_permit(weight).await else {
+                break;
+            };
             let server = Rc::clone(&self);
-            glommio::spawn_local(async move { server.serve_request(incoming, class).await })
-                .detach();
+            glommio::spawn_local(async move {
+                server.serve_request(incoming, class).await;
+                drop(permit);
+            })
+            .detach();
         }
         if let Some(reason) = connection.closed_reason() {
             debug!(connection = connection.label(), %reason, "connection closed");
@@ -128,4 +140,23 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 .inc();
         }
     }
+}
+
+/// Bytes of requests and their answers one connection may have in service at once.
+const CONNECTION_REQUEST_BYTES: u64 = 64 << 20;
+
+/// What serving `message` holds in memory: its payload and, for a read, the bytes it answers
+/// (at least a page, so that many tiny requests count too).
+fn request_weight(message: &crate::net::Message) -> u64 {
+    use crate::server::wire::{
+        ReadChunk, ReadImagePiece, ReadSnapshot, READ_CHUNK, READ_CHUNK_IMAGE, READ_SNAPSHOT,
+    };
+    let payload = &message.payload;
+    let answer = match message.opcode {
+        READ_CHUNK => ReadChunk::decode(payload).map_or(0, |r| r.len),
+        READ_SNAPSHOT => ReadSnapshot::decode(payload).map_or(0, |r| r.len),
+        READ_CHUNK_IMAGE => ReadImagePiece::decode(payload).map_or(0, |r| r.len),
+        _ => 0,
+    };
+    (payload.len() as u64 + u64::from(answer)).max(4096)
 }
