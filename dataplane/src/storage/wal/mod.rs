@@ -435,6 +435,26 @@ impl<B: Bdev> ShardWal<B> {
         );
         let image = read_ring(&*bdev, &config, head).await?;
         let scan = record::scan(&image, head);
+        // Where replay stopped must be the tail: the WAL writes one batch at a time and
+        // flushes it before the next, so a crash tears at most the batch in flight, and no
+        // record of this lap lies more than a batch past the last valid one. A valid record
+        // further on means the ring is damaged before its tail, and stopping here would drop
+        // acknowledged records and votes after the damage: refuse instead (issue 25, item 5).
+        let beyond_tear = scan.end + config.max_batch + config.block_size;
+        if let Some(at) =
+            record::first_valid_record_from(&image, head, beyond_tear, config.block_size)
+        {
+            return Err(StorageError::CorruptMetadata {
+                what: "WAL ring",
+                offset: config.ring_offset + scan.end % config.ring_size,
+                reason: format!(
+                    "replay stopped at position {} ({}), but a valid record follows at {at}, \
+                     past the one batch a crash can tear: the ring is damaged before its tail, \
+                     and starting would lose what follows the damage",
+                    scan.end, scan.stop
+                ),
+            });
+        }
         drop(image);
         let mut skipped = 0;
         let records = scan.records.len();

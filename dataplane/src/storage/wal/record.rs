@@ -359,6 +359,24 @@ pub fn scan(image: &[u8], head: u64) -> Scan {
     }
 }
 
+/// The first position at or after `from`, on a `block` boundary, that holds a valid record of
+/// this lap (`image` is the ring rotated to start at logical position `head`). Batches start
+/// on block boundaries, so a record written after `from` is found.
+pub fn first_valid_record_from(image: &[u8], head: u64, from: u64, block: u64) -> Option<u64> {
+    let end = head + image.len() as u64;
+    let mut at = from.div_ceil(block) * block;
+    while at < end {
+        let offset = (at - head) as usize;
+        if let Some(bytes) = image.get(offset..) {
+            if matches!(decode(bytes, at), Decoded::Record(..)) {
+                return Some(at);
+            }
+        }
+        at += block;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

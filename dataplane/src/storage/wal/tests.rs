@@ -415,3 +415,48 @@ fn records_whose_padding_would_overflow_the_batch_are_placed_elsewhere_or_refuse
         }
     });
 }
+
+/// Issue 25, item 5: damage before the ring's tail is not taken for a torn tail. A crash tears
+/// at most the batch in flight, so a valid record more than a batch past where replay stops
+/// means the ring is damaged in the middle: recovery refuses (silently stopping there would
+/// drop acknowledged entries and votes written after the damage). Damage within the last
+/// batch is a torn tail and recovers as before.
+#[test]
+fn damage_before_the_tail_is_refused_and_a_torn_tail_is_not() {
+    block_on(async {
+        let config = config(RING, 16 << 10);
+        let bdev = device();
+        let wal = fresh(&bdev, config).await;
+        let mut positions = Vec::new();
+        for index in 1..=40 {
+            let lsn = wal
+                .append_entries(CopysetId(1), &[entry(index, 1, 5000)])
+                .unwrap();
+            wal.sync(lsn).await.unwrap();
+            positions.push(lsn);
+        }
+        drop(wal);
+        let image_before = test_device::image(&bdev).await;
+        // The last record's batch, torn: a torn tail.
+        let last = align_up(positions[38], 4096);
+        test_device::modify(&bdev, |image| image[(8192 + last + 100) as usize] ^= 0x40).await;
+        let (_, report) = ShardWal::recover(Rc::clone(&bdev), config, 0, BTreeMap::new())
+            .await
+            .expect("a torn tail recovers");
+        assert_eq!(report.records, 39, "{report:?}");
+        // Entry 6 damaged with 34 valid records after it: refused.
+        test_device::write_image(&bdev, &image_before).await;
+        let sixth = align_up(positions[4], 4096);
+        test_device::modify(&bdev, |image| image[(8192 + sixth + 100) as usize] ^= 0x40).await;
+        let refused = ShardWal::recover(Rc::clone(&bdev), config, 0, BTreeMap::new()).await;
+        match refused {
+            Err(StorageError::CorruptMetadata { reason, .. }) => {
+                assert!(reason.contains("damaged before its tail"), "{reason}")
+            }
+            other => panic!(
+                "damage before the tail was not refused: {:?}",
+                other.map(|(_, r)| r)
+            ),
+        }
+    });
+}
