@@ -293,25 +293,7 @@ fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
     streaming.join().expect("stream");
     // Node 3 holds entries of the stuck copyset above its applied index: they can only be
     // applied once a quorum returns.
-    let wal_of = |copyset: u64| {
-        let status = common::http_get(metrics, "/status");
-        let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
-        let mut found = None;
-        let mut stack = vec![&status];
-        while let Some(value) = stack.pop() {
-            match value {
-                serde_json::Value::Object(map) => {
-                    if map.get("copyset").and_then(|c| c.as_u64()) == Some(copyset) {
-                        found = map.get("wal").cloned();
-                    }
-                    stack.extend(map.values());
-                }
-                serde_json::Value::Array(items) => stack.extend(items),
-                _ => {}
-            }
-        }
-        found.expect("the copyset's WAL status")
-    };
+    let wal_of = |copyset: u64| wal_status(metrics, copyset);
     let pinned = wal_of(stuck.0);
     assert!(
         pinned["log_last"].as_u64() > pinned["log_applied"].as_u64(),
@@ -409,25 +391,7 @@ fn a_follower_briefly_down_catches_up_from_the_log_not_by_a_copy_of_the_chunks()
     // point where a checkpoint is due while node 3 is away.
     write_range(&ports, 0..16);
     nodes[2].stop();
-    let wal_of = |port: u16| {
-        let status = common::http_get(port, "/status");
-        let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
-        let mut found = None;
-        let mut stack = vec![&status];
-        while let Some(value) = stack.pop() {
-            match value {
-                serde_json::Value::Object(map) => {
-                    if map.get("copyset").and_then(|c| c.as_u64()) == Some(BUSY.0) {
-                        found = map.get("wal").cloned();
-                    }
-                    stack.extend(map.values());
-                }
-                serde_json::Value::Array(items) => stack.extend(items),
-                _ => {}
-            }
-        }
-        found.expect("the copyset's WAL status")
-    };
+    let wal_of = |port: u16| wal_status(port, BUSY.0);
     let before = wal_of(metrics[0]);
     write_range(&ports, 16..26);
     let after = wal_of(metrics[0]);
@@ -492,4 +456,25 @@ fn write_range(ports: &[u16], range: std::ops::Range<u64>) {
             }
         })
     });
+}
+
+/// The `wal` object of `copyset` in the `/status` of the node whose metrics listen on `port`.
+fn wal_status(port: u16, copyset: u64) -> serde_json::Value {
+    let status = common::http_get(port, "/status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let mut found = None;
+    let mut stack = vec![&status];
+    while let Some(value) = stack.pop() {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("copyset").and_then(|c| c.as_u64()) == Some(copyset) {
+                    found = map.get("wal").cloned();
+                }
+                stack.extend(map.values());
+            }
+            serde_json::Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    found.expect("the copyset's WAL status")
 }
