@@ -157,11 +157,9 @@ impl WalBudget {
         2 * used > self.client_room()
     }
 
-    /// Bytes of recent history a checkpoint keeps in memory: the applied entries whose
-    /// records lie in the last quarter of what client data may fill stay in their copyset's
-    /// log, so that a replica a little behind catches up from the log instead of by a copy
-    /// of the chunks. Memory only: the ring's head passes their records as before, and a
-    /// restart forgets them.
+    /// Bytes of recent history a checkpoint keeps in memory (applied entries whose records
+    /// lie in the last quarter of what client data may fill), so that a replica a little behind
+    /// catches up from the log, not by a copy of the chunks. A restart forgets them.
     pub fn retention(&self) -> u64 {
         self.client_room() / 4
     }
@@ -435,26 +433,14 @@ impl<B: Bdev> ShardWal<B> {
         );
         let image = read_ring(&*bdev, &config, head).await?;
         let scan = record::scan(&image, head);
-        // Where replay stopped must be the tail: the WAL writes one batch at a time and
-        // flushes it before the next, so a crash tears at most the batch in flight, and no
-        // record of this lap lies more than a batch past the last valid one. A valid record
-        // further on means the ring is damaged before its tail, and stopping here would drop
-        // acknowledged records and votes after the damage: refuse instead (issue 25, item 5).
-        let beyond_tear = scan.end + config.max_batch + config.block_size;
-        if let Some(at) =
-            record::first_valid_record_from(&image, head, beyond_tear, config.block_size)
-        {
-            return Err(StorageError::CorruptMetadata {
+        // Damage before the tail is refused, not taken for a torn tail (issue 25, item 5).
+        record::check_tail(&image, head, &scan, config.max_batch, config.block_size).map_err(
+            |reason| StorageError::CorruptMetadata {
                 what: "WAL ring",
                 offset: config.ring_offset + scan.end % config.ring_size,
-                reason: format!(
-                    "replay stopped at position {} ({}), but a valid record follows at {at}, \
-                     past the one batch a crash can tear: the ring is damaged before its tail, \
-                     and starting would lose what follows the damage",
-                    scan.end, scan.stop
-                ),
-            });
-        }
+                reason,
+            },
+        )?;
         drop(image);
         let mut skipped = 0;
         let records = scan.records.len();

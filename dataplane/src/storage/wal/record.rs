@@ -359,6 +359,30 @@ pub fn scan(image: &[u8], head: u64) -> Scan {
     }
 }
 
+/// Checks that where `scan` stopped is the ring's tail. The WAL writes one batch at a time and
+/// flushes it before the next, so a crash tears at most the batch in flight, and no record of
+/// this lap lies more than a batch past the last valid one. A valid record further on means
+/// the ring is damaged before its tail, and stopping there would drop acknowledged records and
+/// votes after the damage: the reason is returned to refuse recovery.
+pub fn check_tail(
+    image: &[u8],
+    head: u64,
+    scan: &Scan,
+    max_batch: u64,
+    block: u64,
+) -> Result<(), String> {
+    let beyond_tear = scan.end + max_batch + block;
+    match first_valid_record_from(image, head, beyond_tear, block) {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "replay stopped at position {} ({}), but a valid record follows at {at}, past the \
+             one batch a crash can tear: the ring is damaged before its tail, and starting \
+             would lose what follows the damage",
+            scan.end, scan.stop
+        )),
+    }
+}
+
 /// The first position at or after `from`, on a `block` boundary, that holds a valid record of
 /// this lap (`image` is the ring rotated to start at logical position `head`). Batches start
 /// on block boundaries, so a record written after `from` is found.
