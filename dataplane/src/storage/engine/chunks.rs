@@ -250,12 +250,27 @@ impl<B: Bdev> ShardEngine<B> {
                 chunk,
                 reason: "the clone's source chunk no longer exists".into(),
             })?;
+        self.overlay_pages(&mut data, offset, source_slot, missing)
+            .await?;
+        Ok(data)
+    }
+
+    /// Copies `pages` (page numbers of the chunk) from `slot` into `data`, which holds the
+    /// chunk's bytes from `offset` on: what a read takes from a clone's source or from a
+    /// snapshot's preserved pages.
+    pub(super) async fn overlay_pages(
+        &self,
+        data: &mut DmaBuf,
+        offset: u64,
+        slot: u32,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> Result<(), StorageError> {
         let page = u64::from(self.layout.geometry.page_size);
-        for p in missing {
+        for p in pages {
             let from = self
                 .bdev
                 .read(
-                    self.layout.slot_offset(source_slot) + p * page,
+                    self.layout.slot_offset(slot) + p * page,
                     self.bdev.alloc(page as usize)?,
                 )
                 .await?;
@@ -267,7 +282,7 @@ impl<B: Bdev> ShardEngine<B> {
                 target.copy_from_slice(from.as_slice());
             }
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Deletes `chunk` (and its snapshot), as the entry at `index`: its slots are zeroed and

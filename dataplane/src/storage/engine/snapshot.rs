@@ -164,22 +164,8 @@ impl<B: Bdev> ShardEngine<B> {
                 })
                 .collect()
         };
-        for p in preserved {
-            let old = self
-                .bdev
-                .read(
-                    self.layout.slot_offset(snapshot) + p * page,
-                    self.bdev.alloc(page as usize)?,
-                )
-                .await?;
-            let at = (p * page - offset) as usize;
-            if let Some(target) = data
-                .as_mut_slice()
-                .and_then(|d| d.get_mut(at..at + page as usize))
-            {
-                target.copy_from_slice(old.as_slice());
-            }
-        }
+        self.overlay_pages(&mut data, offset, snapshot, preserved)
+            .await?;
         Ok(data)
     }
 
