@@ -16,8 +16,11 @@ use crate::config::Endpoint;
 use crate::copyset::ChunkOp;
 use crate::ids::{ChunkId, CopysetId};
 use crate::net::{Backoff, Message, NetContext, NetError, Opcode, PeerConnection};
-use crate::server::shard_of;
-use crate::server::wire::{self, CopysetStatus, CreateCopyset, Membership, ReadChunk, Status};
+/// A node's client address (defined with the protocol's routing rules).
+pub use crate::protocol::NodeAddress;
+use crate::protocol::{
+    self, shard_of, CopysetStatus, CreateCopyset, Membership, ReadChunk, Status,
+};
 
 /// Why a client call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,46 +89,6 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_millis(200),
             attempt_timeout: Duration::from_secs(3),
         }
-    }
-}
-
-/// A chunkserver as the client sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct NodeAddress {
-    /// Its node id.
-    pub id: u64,
-    /// Its client listener (base port; shard i at port + i).
-    pub endpoint: Endpoint,
-    /// Its shard count.
-    pub shards: u32,
-}
-
-impl NodeAddress {
-    /// The cluster's nodes as a configuration lists them in `[cluster]` (each by its first
-    /// client listener); a configuration without a `[cluster]` section names only itself.
-    pub fn from_config(config: &crate::config::Config) -> Vec<NodeAddress> {
-        let mut nodes: Vec<NodeAddress> = config
-            .cluster
-            .nodes
-            .iter()
-            .filter_map(|n| {
-                Some(NodeAddress {
-                    id: u64::from(n.id),
-                    endpoint: *n.client.first()?,
-                    shards: n.shards,
-                })
-            })
-            .collect();
-        if nodes.is_empty() {
-            if let Some(endpoint) = config.listen.client.first() {
-                nodes.push(NodeAddress {
-                    id: u64::from(config.node.id),
-                    endpoint: *endpoint,
-                    shards: 1,
-                });
-            }
-        }
-        nodes
     }
 }
 
@@ -211,7 +174,7 @@ impl Client {
             .call(Message::new(opcode, copyset.0, payload))
             .await
             .map_err(|e: NetError| e.to_string())?;
-        wire::decode_response(&answer.payload).map_err(|e| e.to_string())
+        protocol::decode_response(&answer.payload).map_err(|e| e.to_string())
     }
 
     /// Every copyset `node` holds, from each of its shards.
@@ -224,10 +187,10 @@ impl Client {
         for shard in 0..address.shards {
             let connection = self.shard_connection(node, shard)?;
             let answer = connection
-                .call(Message::new(wire::LIST_COPYSETS, 0, Bytes::new()))
+                .call(Message::new(protocol::LIST_COPYSETS, 0, Bytes::new()))
                 .await
                 .map_err(|e| ClientError::Malformed(format!("node {node} shard {shard}: {e}")))?;
-            let (status, body) = wire::decode_response(&answer.payload)
+            let (status, body) = protocol::decode_response(&answer.payload)
                 .map_err(|e| ClientError::Malformed(e.to_string()))?;
             if status != Status::Ok {
                 return Err(ClientError::Refused {
@@ -236,7 +199,7 @@ impl Client {
                     status,
                 });
             }
-            let ids = wire::decode_copyset_list(&body)
+            let ids = protocol::decode_copyset_list(&body)
                 .map_err(|e| ClientError::Malformed(e.to_string()))?;
             all.extend(ids.into_iter().map(CopysetId));
         }
@@ -261,7 +224,7 @@ impl Client {
                 "create copyset",
                 copyset,
                 Some(node),
-                wire::CREATE_COPYSET,
+                protocol::CREATE_COPYSET,
                 &body,
             )
             .await?;
@@ -276,7 +239,7 @@ impl Client {
             "delete copyset",
             copyset,
             Some(node),
-            wire::DELETE_COPYSET,
+            protocol::DELETE_COPYSET,
             &Bytes::new(),
         )
         .await
@@ -292,13 +255,19 @@ impl Client {
         node: u64,
         voters: &[u64],
     ) -> Result<(), ClientError> {
-        let body = wire::ResetPeers {
+        let body = protocol::ResetPeers {
             peers: voters.iter().map(|&p| NodeId(p)).collect(),
         }
         .encode();
-        self.with_retries("reset peers", copyset, Some(node), wire::RESET_PEERS, &body)
-            .await
-            .map(|_| ())
+        self.with_retries(
+            "reset peers",
+            copyset,
+            Some(node),
+            protocol::RESET_PEERS,
+            &body,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Creates a replica of an existing copyset on `node`, which is not one of its voters yet:
@@ -321,7 +290,7 @@ impl Client {
             "create joining replica",
             copyset,
             Some(node),
-            wire::CREATE_COPYSET,
+            protocol::CREATE_COPYSET,
             &body,
         )
         .await
@@ -337,7 +306,12 @@ impl Client {
         change: &ConfChange,
     ) -> Result<Membership, ClientError> {
         let answer = self
-            .leader_call("change peers", copyset, wire::CHANGE_PEERS, change.encode())
+            .leader_call(
+                "change peers",
+                copyset,
+                protocol::CHANGE_PEERS,
+                change.encode(),
+            )
             .await?;
         let membership =
             Membership::decode(&answer).map_err(|e| ClientError::Malformed(e.to_string()))?;
@@ -371,7 +345,7 @@ impl Client {
             let mut best: Option<(u64, CopysetStatus)> = None;
             for &node in candidates {
                 let body = match self
-                    .call_node(node, copyset, wire::COPYSET_STATUS, Bytes::new())
+                    .call_node(node, copyset, protocol::COPYSET_STATUS, Bytes::new())
                     .await
                 {
                     Ok((Status::Ok, body)) => body,
@@ -468,7 +442,7 @@ impl Client {
                 "copyset status",
                 copyset,
                 Some(node),
-                wire::COPYSET_STATUS,
+                protocol::COPYSET_STATUS,
                 &Bytes::new(),
             )
             .await?;
@@ -479,7 +453,7 @@ impl Client {
     /// accepted; the transfer itself completes within an election timeout.
     pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {
         let body = Bytes::copy_from_slice(&to.to_le_bytes());
-        self.leader_call("transfer leader", copyset, wire::TRANSFER_LEADER, body)
+        self.leader_call("transfer leader", copyset, protocol::TRANSFER_LEADER, body)
             .await?;
         // The cached leader is about to be wrong.
         self.leaders.borrow_mut().remove(&copyset);
@@ -502,7 +476,7 @@ impl Client {
             data,
         }
         .encode();
-        self.leader_call("write", copyset, wire::WRITE_CHUNK, body)
+        self.leader_call("write", copyset, protocol::WRITE_CHUNK, body)
             .await
             .map(|_| ())
     }
@@ -515,7 +489,7 @@ impl Client {
         sn: u64,
     ) -> Result<(), ClientError> {
         let body = ChunkOp::Delete { chunk, sn }.encode();
-        self.leader_call("delete", copyset, wire::DELETE_CHUNK, body)
+        self.leader_call("delete", copyset, protocol::DELETE_CHUNK, body)
             .await
             .map(|_| ())
     }
@@ -530,14 +504,14 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
-        let body = wire::ReadSnapshot {
+        let body = protocol::ReadSnapshot {
             chunk,
             sn,
             offset,
             len,
         }
         .encode();
-        self.leader_call("read snapshot", copyset, wire::READ_SNAPSHOT, body)
+        self.leader_call("read snapshot", copyset, protocol::READ_SNAPSHOT, body)
             .await
     }
 
@@ -550,7 +524,7 @@ impl Client {
     ) -> Result<Option<u64>, ClientError> {
         let body = Bytes::copy_from_slice(&chunk.0.to_le_bytes());
         match self
-            .leader_call("chunk info", copyset, wire::GET_CHUNK_INFO, body)
+            .leader_call("chunk info", copyset, protocol::GET_CHUNK_INFO, body)
             .await
         {
             Ok(info) => {
@@ -572,8 +546,8 @@ impl Client {
     /// Applies one chunk operation (write, delete, snapshot deletion, clone operations)
     /// through the copyset's leader; returns once replicated and applied.
     pub async fn apply(&self, copyset: CopysetId, op: &ChunkOp) -> Result<(), ClientError> {
-        let name = wire::opcode_name(wire::opcode_of(op));
-        self.leader_call(name, copyset, wire::opcode_of(op), op.encode())
+        let name = protocol::opcode_name(protocol::opcode_of(op));
+        self.leader_call(name, copyset, protocol::opcode_of(op), op.encode())
             .await
             .map(|_| ())
     }
@@ -651,7 +625,7 @@ impl Client {
         len: u32,
     ) -> Result<Bytes, ClientError> {
         let body = ReadChunk { chunk, offset, len }.encode();
-        self.leader_call("read", copyset, wire::READ_CHUNK, body)
+        self.leader_call("read", copyset, protocol::READ_CHUNK, body)
             .await
     }
 
@@ -676,7 +650,7 @@ impl Client {
         body: &Bytes,
     ) -> Result<Bytes, ClientError> {
         let started = Instant::now();
-        let max = crate::net::frame::DEFAULT_MAX_PAYLOAD;
+        let max = crate::protocol::frame::DEFAULT_MAX_PAYLOAD;
         if body.len() > max as usize {
             return Err(ClientError::TooLarge {
                 op,

@@ -10,6 +10,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod storage;

@@ -14,7 +14,7 @@ use crate::client::{Client, ClientError};
 use crate::copyset::ChunkOp;
 use crate::ids::{ChunkId, CopysetId};
 use crate::nbd::{Export, ExportError, ExportFuture};
-use crate::server::wire::Status;
+use crate::protocol::Status;
 use crate::volume_table::{self, TableError, VolumeRecord, METADATA_COPYSET, TABLE_CHUNK};
 
 /// Where a volume lives.

@@ -277,8 +277,8 @@ async fn wait_status(
     client: &dataplane::client::Client,
     node: u64,
     what: &str,
-    done: impl Fn(&dataplane::server::wire::CopysetStatus) -> bool,
-) -> dataplane::server::wire::CopysetStatus {
+    done: impl Fn(&dataplane::protocol::CopysetStatus) -> bool,
+) -> dataplane::protocol::CopysetStatus {
     let started = Instant::now();
     loop {
         if let Ok(status) = client.copyset_status(node, COPYSET).await {
@@ -650,12 +650,12 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
                 .call_node(
                     follower,
                     COPYSET,
-                    dataplane::server::wire::GET_CHUNK_INFO,
+                    dataplane::protocol::GET_CHUNK_INFO,
                     bytes::Bytes::copy_from_slice(&3u64.to_le_bytes()),
                 )
                 .await
                 .expect("chunk info");
-            assert_eq!(status, dataplane::server::wire::Status::Ok);
+            assert_eq!(status, dataplane::protocol::Status::Ok);
             assert_eq!(&body[8..16], &2u64.to_le_bytes(), "chunk 3's sn");
             assert_eq!(body[16], 1, "chunk 3 has a snapshot");
             assert_eq!(&body[17..25], &1u64.to_le_bytes(), "its snapshot's sn");
@@ -663,14 +663,14 @@ fn a_follower_behind_the_log_compaction_installs_the_chunks_and_serves_them() {
                 .call_node(
                     follower,
                     COPYSET,
-                    dataplane::server::wire::GET_CHUNK_INFO,
+                    dataplane::protocol::GET_CHUNK_INFO,
                     bytes::Bytes::copy_from_slice(&2u64.to_le_bytes()),
                 )
                 .await
                 .expect("chunk info");
             assert_eq!(
                 status,
-                dataplane::server::wire::Status::ChunkNotFound,
+                dataplane::protocol::Status::ChunkNotFound,
                 "chunk 2 was deleted while the follower was down"
             );
             // Lead from the follower and read everything back from its chunks.
@@ -828,7 +828,7 @@ fn a_member_added_after_the_log_compaction_installs_the_chunks() {
 /// every acknowledged write.
 #[test]
 fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
-    use dataplane::server::wire::{Status, GET_CHUNK_INFO};
+    use dataplane::protocol::{Status, GET_CHUNK_INFO};
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
     let mut nodes: Vec<Node> = (1..=3)
@@ -925,7 +925,7 @@ fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
 #[test]
 fn requests_that_reach_the_wrong_shard_are_forwarded_to_their_copysets_shard() {
     use dataplane::config::CoreSpec;
-    use dataplane::server::wire::{decode_copyset_list, Status, LIST_COPYSETS};
+    use dataplane::protocol::{decode_copyset_list, Status, LIST_COPYSETS};
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
     let mut nodes: Vec<Node> = (1..=3)
@@ -941,7 +941,7 @@ fn requests_that_reach_the_wrong_shard_are_forwarded_to_their_copysets_shard() {
     let copysets: Vec<CopysetId> = (1..=6).map(CopysetId).collect();
     let owners: Vec<u32> = copysets
         .iter()
-        .map(|c| dataplane::server::shard::shard_of(*c, 2))
+        .map(|c| dataplane::protocol::shard_of(*c, 2))
         .collect();
     assert!(
         owners.contains(&1),
@@ -997,7 +997,7 @@ fn requests_that_reach_the_wrong_shard_are_forwarded_to_their_copysets_shard() {
 #[test]
 fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
     use dataplane::copyset::ChunkOp;
-    use dataplane::server::wire::{self, Status};
+    use dataplane::protocol::{self, Status};
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
     let mut nodes: Vec<Node> = (1..=3)
@@ -1034,35 +1034,39 @@ fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
             };
             // No such copyset.
             assert_eq!(
-                call(CopysetId(999), wire::WRITE_CHUNK, write(0, block(9), 2)).await,
+                call(CopysetId(999), protocol::WRITE_CHUNK, write(0, block(9), 2)).await,
                 Status::CopysetNotFound
             );
             // Outside the chunk (1 MiB), unaligned, and an older sn.
-            let outside = call(COPYSET, wire::WRITE_CHUNK, write(1 << 20, block(9), 2)).await;
+            let outside = call(COPYSET, protocol::WRITE_CHUNK, write(1 << 20, block(9), 2)).await;
             assert!(matches!(outside, Status::Invalid(_)), "{outside:?}");
-            let unaligned = call(COPYSET, wire::WRITE_CHUNK, write(100, block(9), 2)).await;
+            let unaligned = call(COPYSET, protocol::WRITE_CHUNK, write(100, block(9), 2)).await;
             assert!(matches!(unaligned, Status::Invalid(_)), "{unaligned:?}");
-            let older = call(COPYSET, wire::WRITE_CHUNK, write(0, block(9), 1)).await;
+            let older = call(COPYSET, protocol::WRITE_CHUNK, write(0, block(9), 1)).await;
             assert_eq!(older, Status::BackwardSn);
-            let read_outside = wire::ReadChunk {
+            let read_outside = protocol::ReadChunk {
                 chunk: ChunkId(5),
                 offset: (1 << 20) - 4096,
                 len: 8192,
             }
             .encode();
-            let read = call(COPYSET, wire::READ_CHUNK, read_outside).await;
+            let read = call(COPYSET, protocol::READ_CHUNK, read_outside).await;
             assert!(matches!(read, Status::Invalid(_)), "{read:?}");
             // Bodies that do not decode, an operation under the wrong opcode, an unknown
             // opcode.
             let garbage = bytes::Bytes::from_static(&[1, 2, 3]);
-            for opcode in [wire::WRITE_CHUNK, wire::READ_CHUNK, wire::CREATE_COPYSET] {
+            for opcode in [
+                protocol::WRITE_CHUNK,
+                protocol::READ_CHUNK,
+                protocol::CREATE_COPYSET,
+            ] {
                 let status = call(COPYSET, opcode, garbage.clone()).await;
                 assert!(
                     matches!(status, Status::Invalid(_)),
                     "{opcode:?}: {status:?}"
                 );
             }
-            let mismatched = call(COPYSET, wire::DELETE_CHUNK, write(0, block(9), 2)).await;
+            let mismatched = call(COPYSET, protocol::DELETE_CHUNK, write(0, block(9), 2)).await;
             assert!(matches!(mismatched, Status::Invalid(_)), "{mismatched:?}");
             let unknown = call(COPYSET, dataplane::net::Opcode(250), garbage.clone()).await;
             assert!(matches!(unknown, Status::Invalid(_)), "{unknown:?}");
@@ -1097,7 +1101,7 @@ fn wrong_input_over_the_wire_gets_an_error_and_changes_nothing() {
                 .call_node(
                     1,
                     COPYSET,
-                    dataplane::server::wire::GET_CHUNK_INFO,
+                    dataplane::protocol::GET_CHUNK_INFO,
                     bytes::Bytes::copy_from_slice(&5u64.to_le_bytes()),
                 )
                 .await
@@ -1218,7 +1222,7 @@ fn the_files_a_node_creates_are_private_to_its_user() {
 /// neither on the client port nor on the peer port reaches raft: the leader keeps its term.
 #[test]
 fn raft_frames_from_outside_the_cluster_or_on_a_client_port_are_dropped() {
-    use dataplane::server::wire::{RaftBatch, Status, RAFT};
+    use dataplane::protocol::{RaftBatch, Status, RAFT};
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
     let mut nodes: Vec<Node> = (1..=3)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{config, free_ports, with_client, Node};
 use dataplane::ids::{ChunkId, CopysetId};
 use dataplane::net::{Frame, FrameFlags};
-use dataplane::server::wire::{ReadChunk, READ_CHUNK};
+use dataplane::protocol::{ReadChunk, READ_CHUNK};
 
 const COPYSET: CopysetId = CopysetId(7);
 /// The test cluster's chunk size: each read asks for a whole chunk.

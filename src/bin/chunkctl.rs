@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use dataplane::client::{Client, ClientConfig, NodeAddress};
 use dataplane::config::{ByteSize, Config};
 use dataplane::ids::CopysetId;
-use dataplane::server::wire::Membership;
+use dataplane::protocol::Membership;
 use dataplane::volume;
 use dataplane::volume_table::VolumeRecord;
 use glommio::{LocalExecutorBuilder, Placement};

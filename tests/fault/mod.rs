@@ -495,7 +495,7 @@ fn final_phase(
                             .call_node(
                                 node,
                                 COPYSET,
-                                dataplane::server::wire::GET_CHUNK_INFO,
+                                dataplane::protocol::GET_CHUNK_INFO,
                                 body.clone(),
                             )
                             .await;

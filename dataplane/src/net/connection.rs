@@ -13,9 +13,9 @@ use bytes::Bytes;
 use futures_lite::future;
 use tracing::{debug, warn};
 
-use super::frame::{Frame, FrameCodec, FrameFlags, Opcode, DEFAULT_MAX_PAYLOAD};
 use super::queue::{oneshot, BoundedQueue, OneshotSender, TryPushError};
 use super::NetError;
+use crate::protocol::frame::{Frame, FrameCodec, FrameFlags, Opcode, DEFAULT_MAX_PAYLOAD};
 
 /// Bounds and timeouts of one connection, taken from the configuration at start-up.
 #[derive(Debug, Clone)]

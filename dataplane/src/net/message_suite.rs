@@ -11,10 +11,10 @@ use bytes::Bytes;
 use futures_lite::future;
 
 use super::connection::{Connection, Message};
-use super::frame::Opcode;
 use super::transport::{connect, Listener, NetContext};
 use super::NetError;
 use crate::config::{Endpoint, Transport};
+use crate::protocol::frame::Opcode;
 
 /// Opcode the echo server answers with an error.
 pub(crate) const FAIL: Opcode = Opcode(200);

@@ -1,6 +1,8 @@
 //! Transports: how bytes move between replicas and between clients and servers.
 //!
-//! - [`frame`]: the one binary frame format (docs/protocol.md).
+//! Frames, opcodes and bodies are the wire protocol's, in [`crate::protocol`]; this module
+//! moves them.
+//!
 //! - [`connection`]: the message API every transport offers — requests with responses matched
 //!   by request id, one-way messages, incoming requests to serve.
 //! - [`tcp`]: the TCP transport on glommio.
@@ -10,7 +12,6 @@
 //! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
 
 pub mod connection;
-pub mod frame;
 pub mod payload;
 pub mod queue;
 pub mod rdma;
@@ -26,8 +27,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use crate::protocol::frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
 pub use connection::{Connection, ConnectionConfig, Incoming, Message};
-pub use frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
 pub use payload::{AlignedHeapAllocator, AllocError, PayloadAllocator, PayloadBuffer};
 pub use transport::{connect, connect_shard, Backoff, Listener, NetContext, PeerConnection};
 

@@ -34,7 +34,6 @@ use glommio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use super::connection::{new_connection, Connection, LinkSide};
-use super::frame::{Frame, FrameCodec, FRAME_HEADER_LEN};
 use super::payload::{freeze, PayloadAllocator};
 use super::queue::Latch;
 use super::tcp::within;
@@ -46,6 +45,7 @@ use super::verbs::{
 };
 use super::NetError;
 use crate::config::{Endpoint, Transport};
+use crate::protocol::frame::{Frame, FrameCodec, FRAME_HEADER_LEN};
 
 /// Sizes of the RDMA transport's rings and slots, per connection.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ impl Default for RdmaConfig {
             recv_ring_depth: 64,
             recv_buffer_size: 8192,
             landing_slots: 4,
-            landing_slot_size: super::frame::DEFAULT_MAX_PAYLOAD as usize,
+            landing_slot_size: crate::protocol::frame::DEFAULT_MAX_PAYLOAD as usize,
             device: None,
             gid_index: 1,
         }
@@ -1254,7 +1254,7 @@ mod tests {
                 };
                 let frame = Frame::new(
                     Opcode::PING,
-                    super::super::frame::FrameFlags::ONE_WAY,
+                    crate::protocol::frame::FrameFlags::ONE_WAY,
                     0,
                     0,
                     Bytes::from_static(b"payload"),

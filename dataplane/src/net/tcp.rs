@@ -14,10 +14,10 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{Preallocated, TcpListener, TcpStream};
 
 use super::connection::{new_connection, Connection, ConnectionConfig, LinkSide};
-use super::frame::{Frame, FRAME_HEADER_LEN};
 use super::payload::{freeze, PayloadAllocator};
 use super::queue::Latch;
 use super::NetError;
+use crate::protocol::frame::{Frame, FRAME_HEADER_LEN};
 
 /// A shard's TCP listener.
 pub struct TcpTransportListener {
@@ -145,8 +145,8 @@ impl From<NetError> for ReadEnd {
     }
 }
 
-impl From<super::frame::FrameError> for ReadEnd {
-    fn from(error: super::frame::FrameError) -> Self {
+impl From<crate::protocol::frame::FrameError> for ReadEnd {
+    fn from(error: crate::protocol::frame::FrameError) -> Self {
         ReadEnd::Failed(error.into())
     }
 }
@@ -309,10 +309,10 @@ mod tests {
 
     use super::*;
     use crate::config::{Endpoint, Transport};
-    use crate::net::frame::{FrameCodec, FrameFlags, Opcode};
     use crate::net::message_suite::{context, run_case, start_echo_server};
     use crate::net::transport::connect as connect_endpoint;
     use crate::net::Message;
+    use crate::protocol::frame::{FrameCodec, FrameFlags, Opcode};
 
     /// Reads until the peer closes; returns what was read.
     async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {

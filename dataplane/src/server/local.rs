@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use crate::client::NodeAddress;
 use crate::config::{Config, HostTopology};
+use crate::protocol::NodeAddress;
 use crate::server::run_node;
 use crate::shard::ShutdownSignal;
 

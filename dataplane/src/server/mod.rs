@@ -1,12 +1,12 @@
 //! The chunkserver proper: shards that serve copysets over the network.
 //!
-//! - `wire`: the chunk and copyset services on the frame protocol.
+//! The wire format they speak lives in [`crate::protocol`].
+//!
 //! - `shard`: one shard's server — engine, copysets, listeners, peer connections.
 
 pub mod local;
 pub mod node;
 pub mod shard;
-pub mod wire;
 
 pub use local::{free_ports, GeneratedCluster, LocalCluster};
 
@@ -28,4 +28,4 @@ pub(crate) fn fail_stop(
     std::process::exit(EXIT_DEVICE_FAILED)
 }
 pub use node::{run_node, NodeError};
-pub use shard::{shard_of, ClusterView, RaftTimings, ShardServer};
+pub use shard::{ClusterView, RaftTimings, ShardServer};

@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 use super::{status_of_storage, CopysetCell, ShardServer};
 use crate::copyset::Token;
 use crate::ids::CopysetId;
-use crate::server::wire::Status;
+use crate::protocol::Status;
 use crate::storage::bdev::Bdev;
 use crate::storage::StorageError;
 

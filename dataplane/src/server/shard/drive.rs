@@ -9,7 +9,7 @@ use super::apply::apply_op;
 use super::{install, status_of_storage, CopysetCell, ReadRequest, ShardServer};
 use crate::copyset::{Action, Refusal, Token};
 use crate::ids::CopysetId;
-use crate::server::wire::{Membership, Status};
+use crate::protocol::{Membership, Status};
 use crate::storage::bdev::Bdev;
 use crate::storage::engine::ShardEngine;
 use crate::storage::StorageError;

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::{status_of_storage, CopysetCell, ShardServer};
 use crate::ids::{ChunkId, CopysetId};
 use crate::net::Message;
-use crate::server::wire::{
+use crate::protocol::{
     self, ImageList, ImagePieceHeader, ReadImagePiece, Status, IMAGE_PIECE_HEADER_LEN,
 };
 use crate::storage::bdev::Bdev;
@@ -308,7 +308,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .call(Message::new(opcode, copyset.0, body))
             .await
             .map_err(|e| e.to_string())?;
-        wire::decode_response(&response.payload).map_err(|e| e.to_string())
+        protocol::decode_response(&response.payload).map_err(|e| e.to_string())
     }
 
     /// Copies the image of `copyset` from `source`, skipping the chunks in `copied` (done by
@@ -322,7 +322,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         bytes: &mut u64,
     ) -> Result<(), String> {
         let (status, body) = self
-            .image_call(copyset, source, wire::LIST_CHUNK_IMAGE, Bytes::new())
+            .image_call(copyset, source, protocol::LIST_CHUNK_IMAGE, Bytes::new())
             .await?;
         if status != Status::Ok {
             return Err(format!("list refused: {status:?}"));
@@ -412,7 +412,12 @@ impl<B: Bdev + 'static> ShardServer<B> {
             len: len as u32,
         };
         let (status, body) = self
-            .image_call(copyset, source, wire::READ_CHUNK_IMAGE, request.encode())
+            .image_call(
+                copyset,
+                source,
+                protocol::READ_CHUNK_IMAGE,
+                request.encode(),
+            )
             .await?;
         match status {
             Status::Ok => {}

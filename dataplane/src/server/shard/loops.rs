@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 use super::{CopysetCell, Destination, RaftMessages, ShardServer};
 use crate::ids::CopysetId;
 use crate::net::{Connection, Listener, Message};
-use crate::server::wire::{self, RaftBatch};
+use crate::protocol::{self, RaftBatch};
 use crate::storage::bdev::Bdev;
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -57,7 +57,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.count_frame("peer", "out", frame.len());
                 let server = Rc::clone(&self);
                 glommio::spawn_local(async move {
-                    if let Err(error) = peer.send(Message::new(wire::RAFT, copyset, frame)).await {
+                    if let Err(error) = peer
+                        .send(Message::new(protocol::RAFT, copyset, frame))
+                        .await
+                    {
                         debug!(%error, "raft batch not sent");
                         server
                             .metrics
@@ -148,7 +151,7 @@ const CONNECTION_REQUEST_BYTES: u64 = 64 << 20;
 /// What serving `message` holds in memory: its payload and, for a read, the bytes it answers
 /// (at least a page, so that many tiny requests count too).
 fn request_weight(message: &crate::net::Message) -> u64 {
-    use crate::server::wire::{
+    use crate::protocol::{
         ReadChunk, ReadImagePiece, ReadSnapshot, READ_CHUNK, READ_CHUNK_IMAGE, READ_SNAPSHOT,
     };
     let payload = &message.payload;

@@ -6,7 +6,7 @@ use raftcore::StateRole;
 
 use super::ShardServer;
 use crate::ids::CopysetId;
-use crate::server::wire::{self, Status};
+use crate::protocol::{self, Status};
 use crate::storage::bdev::Bdev;
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -40,7 +40,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         bytes: u64,
         latency: Duration,
     ) {
-        let op = wire::opcode_name(opcode);
+        let op = protocol::opcode_name(opcode);
         let result = status.name();
         self.hot
             .requests

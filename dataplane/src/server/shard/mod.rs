@@ -12,27 +12,16 @@ use bytes::Bytes;
 use raftcore::{Config as RaftConfig, LogIndex, NodeId, RawNode};
 use tracing::{error, info, warn};
 
-use super::wire::{ReadChunk, ReadSnapshot, Status};
 use crate::config::Endpoint;
 use crate::copyset::{CopysetCore, Token};
 use crate::ids::CopysetId;
 use crate::net::queue::{Notify, OneshotSender};
 use crate::net::{Backoff, Connection, Listener, NetContext, PeerConnection};
+use crate::protocol::{shard_of, ReadChunk, ReadSnapshot, Status};
 use crate::shard::ShutdownSignal;
 use crate::storage::bdev::Bdev;
 use crate::storage::engine::{CopysetStorage, Recovery, ShardEngine};
 use crate::storage::StorageError;
-
-/// Where copysets live: the same rule on every node, so a sender knows the destination shard
-/// from the copyset id and the destination's shard count alone.
-pub fn shard_of(copyset: CopysetId, shard_count: u32) -> u32 {
-    // splitmix64: a fixed, well-mixed hash (the standard library's hasher may change).
-    let mut x = copyset.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    (x % u64::from(shard_count.max(1))) as u32
-}
 
 /// What a shard knows of the cluster: every node's peer listener and shard count.
 #[derive(Debug, Clone, Default)]

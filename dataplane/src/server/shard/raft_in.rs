@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 
 use super::{CopysetCell, ShardServer};
 use crate::ids::CopysetId;
-use crate::server::wire::RaftBatch;
+use crate::protocol::RaftBatch;
 use crate::storage::bdev::Bdev;
 
 impl<B: Bdev + 'static> ShardServer<B> {

@@ -7,13 +7,14 @@ use bytes::Bytes;
 use raftcore::{NodeId, StateRole};
 use tracing::{debug, info, warn};
 
-use super::{shard_of, status_of_storage, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
+use super::{status_of_storage, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
 use crate::copyset::{ChunkOp, Token};
 use crate::ids::{ChunkId, CopysetId};
 use crate::net::queue::oneshot;
 use crate::net::{Incoming, Message};
-use crate::server::wire::{
-    self, CopysetStatus, CreateCopyset, Membership, ReadChunk, ReadSnapshot, ResetPeers, Status,
+use crate::protocol::{
+    self, shard_of, CopysetStatus, CreateCopyset, Membership, ReadChunk, ReadSnapshot, ResetPeers,
+    Status,
 };
 use crate::storage::bdev::Bdev;
 
@@ -24,7 +25,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let copyset = CopysetId(incoming.message.copyset);
         let payload = incoming.message.payload.clone();
         self.count_frame(class, "in", payload.len());
-        if opcode == wire::RAFT {
+        if opcode == protocol::RAFT {
             // Raft frames come from peers only; on a client port they are refused whole
             // (issue 25, item 8).
             let status = if class == "peer" {
@@ -40,7 +41,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Status::Invalid("raft frames are taken on the peer port only".into())
             };
             if incoming.expects_response() {
-                let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &[]));
+                let response =
+                    Message::new(opcode, copyset.0, protocol::encode_response(&status, &[]));
                 if let Err(error) = incoming.respond(response).await {
                     debug!(%error, "response not sent");
                 }
@@ -66,7 +68,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 node = self.node,
                 shard = self.shard,
                 copyset = copyset.0,
-                op = wire::opcode_name(opcode),
+                op = protocol::opcode_name(opcode),
                 trace = seen
             );
             info!(parent: &span, bytes = request_bytes, "received");
@@ -88,7 +90,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
             began.elapsed(),
         );
         if incoming.expects_response() {
-            let response = Message::new(opcode, copyset.0, wire::encode_response(&status, &body));
+            let response =
+                Message::new(opcode, copyset.0, protocol::encode_response(&status, &body));
             let len = response.payload.len();
             match incoming.respond(response).await {
                 Ok(()) => self.count_frame(class, "out", len),
@@ -103,7 +106,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         opcode: crate::net::Opcode,
         copyset: CopysetId,
     ) -> Option<u32> {
-        if opcode == wire::LIST_COPYSETS {
+        if opcode == protocol::LIST_COPYSETS {
             return None; // asks this shard about itself
         }
         let shards = self.mesh.borrow().as_ref().map(|m| m.shard_count())?;
@@ -200,7 +203,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         payload: Bytes,
     ) -> (Status, Bytes) {
         match opcode {
-            wire::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
+            protocol::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
                 Ok(request) => (
                     self.create_copyset(copyset, &request.peers, request.join)
                         .await,
@@ -208,7 +211,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
-            wire::TRANSFER_LEADER => {
+            protocol::TRANSFER_LEADER => {
                 let Ok(target) = <[u8; 8]>::try_from(&payload[..]) else {
                     return (
                         Status::Invalid("the body is a node id".into()),
@@ -233,7 +236,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                     Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
                 }
             }
-            wire::CHANGE_PEERS => {
+            protocol::CHANGE_PEERS => {
                 let change = match raftcore::ConfChange::decode(payload) {
                     Ok(change) => change,
                     Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
@@ -246,22 +249,22 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.drive(copyset, &core);
                 answer.await
             }
-            wire::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
-            wire::RESET_PEERS => match ResetPeers::decode(&payload) {
+            protocol::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
+            protocol::RESET_PEERS => match ResetPeers::decode(&payload) {
                 Ok(request) => (
                     self.reset_peers(copyset, &request.peers).await,
                     Bytes::new(),
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
-            wire::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
-            wire::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
-            wire::LIST_COPYSETS => {
+            protocol::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
+            protocol::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
+            protocol::LIST_COPYSETS => {
                 let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
                 ids.sort_unstable();
-                (Status::Ok, wire::encode_copyset_list(&ids))
+                (Status::Ok, protocol::encode_copyset_list(&ids))
             }
-            wire::COPYSET_STATUS => {
+            protocol::COPYSET_STATUS => {
                 let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
                     return (Status::CopysetNotFound, Bytes::new());
                 };
@@ -282,17 +285,17 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 };
                 (Status::Ok, status.encode())
             }
-            wire::WRITE_CHUNK
-            | wire::DELETE_CHUNK
-            | wire::DELETE_SNAPSHOT_OR_CORRECT_SN
-            | wire::CREATE_CLONE_CHUNK
-            | wire::PASTE_CHUNK
-            | wire::RECOVER_CHUNK
-            | wire::FLATTEN_CHUNK
-            | wire::CREATE_VOLUME
-            | wire::DELETE_VOLUME => {
+            protocol::WRITE_CHUNK
+            | protocol::DELETE_CHUNK
+            | protocol::DELETE_SNAPSHOT_OR_CORRECT_SN
+            | protocol::CREATE_CLONE_CHUNK
+            | protocol::PASTE_CHUNK
+            | protocol::RECOVER_CHUNK
+            | protocol::FLATTEN_CHUNK
+            | protocol::CREATE_VOLUME
+            | protocol::DELETE_VOLUME => {
                 match ChunkOp::decode(&payload) {
-                    Ok(op) if wire::opcode_of(&op) == opcode => {
+                    Ok(op) if protocol::opcode_of(&op) == opcode => {
                         if let Err(error) = self.engine.check_op(&op) {
                             return (Status::Invalid(error.to_string()), Bytes::new());
                         }
@@ -346,21 +349,21 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 self.drive(copyset, &core);
                 answer.await
             }
-            wire::READ_SNAPSHOT => {
+            protocol::READ_SNAPSHOT => {
                 let request = match ReadSnapshot::decode(&payload) {
                     Ok(request) => request,
                     Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
                 };
                 self.read(copyset, ReadRequest::Snapshot(request)).await
             }
-            wire::READ_CHUNK => {
+            protocol::READ_CHUNK => {
                 let request = match ReadChunk::decode(&payload) {
                     Ok(request) => request,
                     Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
                 };
                 self.read(copyset, ReadRequest::Chunk(request)).await
             }
-            wire::GET_CHUNK_INFO => {
+            protocol::GET_CHUNK_INFO => {
                 if payload.len() != 8 {
                     return (
                         Status::Invalid("chunk info body is a chunk id".into()),
