@@ -14,5 +14,6 @@ pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod units;
 pub mod volume;
 pub mod volume_table;

@@ -12,7 +12,7 @@ const FN_LINES_MAX: usize = 80;
 
 /// Files over `FILE_LINES_MAX` lines, with their length today.
 const LONG_FILES: &[(&str, usize)] = &[
-    ("config.rs", 1317),
+    ("config.rs", 1256),
     ("net/rdma.rs", 1292),
     ("net/verbs/soft.rs", 1079),
     ("storage/wal/mod.rs", 936),
@@ -42,7 +42,6 @@ const LONG_FNS: &[(&str, usize)] = &[
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.
 const CYCLES: &[&str] = &[
-    ": config -> storage -> config",
     "net: message_suite -> verbs -> message_suite",
 ];
 

@@ -133,7 +133,7 @@ fn format_if_new(
 ) -> Result<(), String> {
     let options = FormatOptions {
         device_is_zeroed: zeroed,
-        ..FormatOptions::from_config(&config.storage, shards)
+        ..config.storage.format_options(shards)
     };
     let open_uri = uri.to_string();
     let seed = u64::from(config.node.id);
@@ -427,7 +427,7 @@ pub fn run_node(
                     if fresh_memory {
                         let options = FormatOptions {
                             device_is_zeroed: true,
-                            ..FormatOptions::from_config(&storage, 1)
+                            ..storage.format_options(1)
                         };
                         format(&bdev, &options, device_uuid(node ^ u64::from(shard)))
                             .await

@@ -9,15 +9,7 @@ use std::collections::BTreeSet;
 
 use crate::storage::layout::{Reader, Writer, META_ENTRY_LEN};
 
-/// A chunk's cluster-wide id.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChunkId(pub u64);
-
-impl std::fmt::Display for ChunkId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use crate::ids::ChunkId;
 
 /// What a slot holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,8 +27,8 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
 
-use crate::config::ByteSize;
 use crate::storage::dma::{DmaBuf, DmaError, DmaPool};
+use crate::units::ByteSize;
 
 /// What a block device operation can fail with. Submission failures (the request never
 /// reached the device) are told apart from completion failures (the device reported an

@@ -53,20 +53,6 @@ pub struct FormatOptions {
     pub device_is_zeroed: bool,
 }
 
-impl FormatOptions {
-    /// Options from the configuration's `[storage]` section.
-    pub fn from_config(storage: &crate::config::StorageSection, shard_count: u32) -> Self {
-        FormatOptions {
-            page_size: storage.page_size.bytes() as u32,
-            chunk_size: storage.chunk_size.bytes(),
-            wal_size: storage.wal_size_per_shard.bytes(),
-            shard_count,
-            max_copysets: storage.max_copysets_per_shard,
-            device_is_zeroed: false,
-        }
-    }
-}
-
 /// How a shard runs its engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {

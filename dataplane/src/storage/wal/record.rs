@@ -23,15 +23,7 @@ pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"WAL1");
 /// Size of a record header.
 pub const HEADER_LEN: usize = 48;
 
-/// A copyset (a raft group) on this shard.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CopysetId(pub u64);
-
-impl std::fmt::Display for CopysetId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use crate::ids::CopysetId;
 
 /// What a record carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
