@@ -13,7 +13,6 @@ const FN_LINES_MAX: usize = 80;
 /// Files over `FILE_LINES_MAX` lines, with their length today.
 const LONG_FILES: &[(&str, usize)] = &[
     ("config.rs", 1256),
-    ("net/rdma.rs", 1292),
     ("net/verbs/soft.rs", 1079),
     ("storage/wal/mod.rs", 936),
 ];
@@ -24,7 +23,7 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("config.rs::validate", 379),
     ("copyset/op.rs::decode", 97),
     ("nbd/server.rs::handshake", 129),
-    ("net/rdma.rs::set_up", 136),
+    ("net/rdma/link.rs::set_up", 136),
     ("net/verbs/soft.rs::on_request", 100),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
@@ -41,9 +40,7 @@ const LONG_FNS: &[(&str, usize)] = &[
 ];
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.
-const CYCLES: &[&str] = &[
-    "net: message_suite -> verbs -> message_suite",
-];
+const CYCLES: &[&str] = &[];
 
 fn source_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

@@ -3,7 +3,6 @@
 //! Soft-RoCE guest). Each case runs on its own glommio executor under a time bound.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -11,7 +10,11 @@ use bytes::Bytes;
 use futures_lite::future;
 
 use super::connection::{Connection, Message};
-use super::transport::{connect, Listener, NetContext};
+use super::context::NetContext;
+use super::test_kit::{listen_addr, run_case};
+use super::transport::{connect, Listener};
+#[cfg(feature = "rdma")]
+use super::verbs::rdma_device_present;
 use super::NetError;
 use crate::config::{Endpoint, Transport};
 use crate::protocol::frame::Opcode;
@@ -22,34 +25,6 @@ pub(crate) const FAIL: Opcode = Opcode(200);
 pub(crate) const IGNORE: Opcode = Opcode(201);
 /// Opcode of numbered one-way messages whose order the server records.
 pub(crate) const SEQUENCE: Opcode = Opcode(202);
-
-/// The address tests listen on: loopback, unless `NET_TEST_ADDR` names the address of the
-/// RDMA device's interface (inside the Soft-RoCE guest).
-pub(crate) fn listen_addr() -> SocketAddr {
-    let ip = std::env::var("NET_TEST_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-    format!("{ip}:0")
-        .parse()
-        .unwrap_or_else(|_| panic!("NET_TEST_ADDR={ip} is not an IP address"))
-}
-
-/// Runs one case on a fresh executor, failing it if it takes longer than `limit`.
-pub(crate) fn run_case<F, Fut>(limit: Duration, case: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    let executor = glommio::LocalExecutorBuilder::default()
-        .name("net-test")
-        .spawn(move || async move {
-            future::or(case(), async {
-                glommio::timer::sleep(limit).await;
-                panic!("test case exceeded its bound of {limit:?}");
-            })
-            .await
-        })
-        .expect("start a glommio executor");
-    executor.join().expect("test case panicked");
-}
 
 pub(crate) fn context() -> NetContext {
     let mut context = NetContext::default();
@@ -66,26 +41,6 @@ pub(crate) fn context() -> NetContext {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     context
-}
-
-/// Whether real-verbs tests can run: an RDMA device is present. Without one they skip and
-/// say why, unless `RDMA_TESTS_REQUIRE_DEVICE` is set (scripts/rdma-tests sets it where it
-/// expects a device), which makes a missing device a failure.
-#[cfg(feature = "rdma")]
-pub(crate) fn rdma_device_present() -> bool {
-    let devices = crate::net::verbs::ibverbs::IbVerbs::device_names();
-    if !devices.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("RDMA_TESTS_REQUIRE_DEVICE").is_none(),
-        "RDMA_TESTS_REQUIRE_DEVICE is set but ibv_get_device_list finds no RDMA device"
-    );
-    eprintln!(
-        "skipped: no RDMA device on this host (scripts/rdma-tests runs these on rxe0 in a \
-         Soft-RoCE guest)"
-    );
-    false
 }
 
 /// Starts a server on a fresh port: it echoes requests, records the numbers of `SEQUENCE`

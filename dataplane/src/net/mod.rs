@@ -12,6 +12,7 @@
 //! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
 
 pub mod connection;
+pub mod context;
 pub mod payload;
 pub mod queue;
 pub mod rdma;
@@ -22,6 +23,8 @@ pub mod verbs;
 
 #[cfg(test)]
 mod message_suite;
+#[cfg(test)]
+mod test_kit;
 
 use std::time::Duration;
 
@@ -29,8 +32,9 @@ use thiserror::Error;
 
 pub use crate::protocol::frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
 pub use connection::{Connection, ConnectionConfig, Incoming, Message};
+pub use context::NetContext;
 pub use payload::{AlignedHeapAllocator, AllocError, PayloadAllocator, PayloadBuffer};
-pub use transport::{connect, connect_shard, Backoff, Listener, NetContext, PeerConnection};
+pub use transport::{connect, connect_shard, Backoff, Listener, PeerConnection};
 
 /// Why a transport operation failed. Cloneable, so one failure can fail every request that
 /// was waiting on the connection.

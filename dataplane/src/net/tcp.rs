@@ -309,7 +309,8 @@ mod tests {
 
     use super::*;
     use crate::config::{Endpoint, Transport};
-    use crate::net::message_suite::{context, run_case, start_echo_server};
+    use crate::net::message_suite::{context, start_echo_server};
+    use crate::net::test_kit::run_case;
     use crate::net::transport::connect as connect_endpoint;
     use crate::net::Message;
     use crate::protocol::frame::{FrameCodec, FrameFlags, Opcode};

@@ -11,36 +11,12 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use super::connection::{Connection, ConnectionConfig, Message};
-use super::payload::{AlignedHeapAllocator, PayloadAllocator};
-use super::rdma::{RdmaConfig, RdmaDevices, RdmaListener};
+use super::connection::{Connection, Message};
+use super::context::NetContext;
+use super::rdma::RdmaListener;
 use super::tcp::TcpTransportListener;
 use super::NetError;
 use crate::config::{Endpoint, Transport};
-
-/// What every connection of a shard shares: bounds, timeouts and the payload allocator.
-#[derive(Clone)]
-pub struct NetContext {
-    /// Bounds and timeouts of each connection.
-    pub connection: ConnectionConfig,
-    /// RDMA rings and slots (for `softrdma://` and `rdma://`).
-    pub rdma: RdmaConfig,
-    /// Where received payloads land.
-    pub allocator: Rc<dyn PayloadAllocator>,
-    /// The verbs devices this shard opened (one per IP for softverbs, one ibverbs device).
-    pub rdma_devices: Rc<RdmaDevices>,
-}
-
-impl Default for NetContext {
-    fn default() -> Self {
-        NetContext {
-            connection: ConnectionConfig::default(),
-            rdma: RdmaConfig::default(),
-            allocator: AlignedHeapAllocator::shared_default(),
-            rdma_devices: Rc::new(RdmaDevices::default()),
-        }
-    }
-}
 
 /// A listening endpoint of one shard, whatever its transport.
 pub enum Listener {

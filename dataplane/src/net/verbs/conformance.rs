@@ -10,7 +10,7 @@ use super::{
     CompletionQueue, MemoryRegion, QpCaps, QpState, QueuePair, SendOp, SendRequest, Verbs,
     VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
-use crate::net::message_suite::run_case;
+use crate::net::test_kit::run_case;
 
 /// Two connected queue pairs on one device, each with its own completion queue.
 pub(crate) struct Pair<V: Verbs> {
@@ -461,7 +461,7 @@ macro_rules! verbs_conformance {
 
 fn open_soft() -> Option<super::soft::SoftVerbs> {
     Some(
-        super::soft::SoftVerbs::open(crate::net::message_suite::listen_addr().ip())
+        super::soft::SoftVerbs::open(crate::net::test_kit::listen_addr().ip())
             .expect("open softverbs"),
     )
 }
@@ -473,7 +473,7 @@ verbs_conformance!(softverbs, open_soft);
 /// host has no RDMA device; with `RDMA_TESTS_REQUIRE_DEVICE` set that is a failure instead.
 #[cfg(feature = "rdma")]
 pub(crate) fn open_ib() -> Option<super::ibverbs::IbVerbs> {
-    if !crate::net::message_suite::rdma_device_present() {
+    if !super::rdma_device_present() {
         return None;
     }
     let device = std::env::var("RDMA_DEVICE").ok();

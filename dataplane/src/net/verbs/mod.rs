@@ -370,3 +370,23 @@ pub trait Verbs {
     /// An RC queue pair whose sends and receives complete on `cq`.
     fn create_qp(&self, cq: &Self::Cq, caps: QpCaps) -> Result<Self::Qp, VerbsError>;
 }
+
+/// Whether real-verbs tests can run: an RDMA device is present. Without one they skip and
+/// say why, unless `RDMA_TESTS_REQUIRE_DEVICE` is set (scripts/rdma-tests sets it where it
+/// expects a device), which makes a missing device a failure.
+#[cfg(all(test, feature = "rdma"))]
+pub(crate) fn rdma_device_present() -> bool {
+    let devices = ibverbs::IbVerbs::device_names();
+    if !devices.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("RDMA_TESTS_REQUIRE_DEVICE").is_none(),
+        "RDMA_TESTS_REQUIRE_DEVICE is set but ibv_get_device_list finds no RDMA device"
+    );
+    eprintln!(
+        "skipped: no RDMA device on this host (scripts/rdma-tests runs these on rxe0 in a \
+         Soft-RoCE guest)"
+    );
+    false
+}
