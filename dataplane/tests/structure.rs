@@ -12,7 +12,6 @@ const FN_LINES_MAX: usize = 80;
 
 /// Files over `FILE_LINES_MAX` lines, with their length today.
 const LONG_FILES: &[(&str, usize)] = &[
-    ("config.rs", 1256),
     ("net/rdma.rs", 1292),
     ("net/verbs/soft.rs", 1079),
     ("storage/wal/mod.rs", 936),
@@ -21,7 +20,6 @@ const LONG_FILES: &[(&str, usize)] = &[
 /// Functions outside tests over `FN_LINES_MAX` lines (`file::function`), with their length today.
 const LONG_FNS: &[(&str, usize)] = &[
     ("client.rs::with_retries", 114),
-    ("config.rs::validate", 379),
     ("copyset/op.rs::decode", 97),
     ("nbd/server.rs::handshake", 129),
     ("net/rdma.rs::set_up", 136),
@@ -41,9 +39,7 @@ const LONG_FNS: &[(&str, usize)] = &[
 ];
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.
-const CYCLES: &[&str] = &[
-    "net: message_suite -> verbs -> message_suite",
-];
+const CYCLES: &[&str] = &["net: message_suite -> verbs -> message_suite"];
 
 fn source_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
