@@ -33,8 +33,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("server/shard/requests.rs::handle_here", 195),
     ("shard/runtime.rs::start_shards", 112),
     ("storage/bdev/mod.rs::from_str", 81),
-    ("storage/engine/image.rs::copy_chunk_image", 92),
-    ("storage/engine/snapshot.rs::preserve_for_snapshot", 103),
     ("storage/wal/record.rs::decode", 95),
 ];
 
