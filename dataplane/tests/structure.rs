@@ -32,8 +32,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("server/shard/metrics.rs::metrics_snapshot", 135),
     ("server/shard/requests.rs::handle_here", 195),
     ("shard/runtime.rs::start_shards", 112),
-    ("storage/bdev/mod.rs::from_str", 81),
-    ("storage/wal/record.rs::decode", 95),
 ];
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.
