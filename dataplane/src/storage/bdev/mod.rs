@@ -230,14 +230,40 @@ impl FromStr for DeviceUri {
     type Err = BdevError;
 
     fn from_str(uri: &str) -> Result<DeviceUri, BdevError> {
-        let bad = |reason: &str| BdevError::BadUri {
-            uri: uri.to_string(),
-            reason: reason.to_string(),
-        };
         let (scheme, rest) = uri
             .split_once("://")
-            .ok_or_else(|| bad("expected SCHEME://…"))?;
+            .ok_or_else(|| bad_uri(uri, "expected SCHEME://…"))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let params = UriParams::parse(uri, query)?;
+        if params.offset.is_some() && scheme != "spdk" {
+            return Err(bad_uri(uri, "only spdk:// takes an offset"));
+        }
+        DeviceUri::of_scheme(uri, scheme, path, params)
+    }
+}
+
+/// The refusal of `uri`, for `reason`.
+fn bad_uri(uri: &str, reason: &str) -> BdevError {
+    BdevError::BadUri {
+        uri: uri.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The query parameters of a device URI.
+struct UriParams {
+    /// `size`, in bytes.
+    size: Option<u64>,
+    /// `offset`, in bytes.
+    offset: Option<u64>,
+    /// `block`, in bytes: a power of two from 512 to 64 KiB.
+    block_size: Option<u32>,
+}
+
+impl UriParams {
+    /// Parses `query` (`KEY=VALUE` pairs joined by `&`) of `uri`.
+    fn parse(uri: &str, query: &str) -> Result<UriParams, BdevError> {
+        let bad = |reason: &str| bad_uri(uri, reason);
         let mut size = None;
         let mut offset = None;
         let mut block_size = None;
@@ -264,9 +290,28 @@ impl FromStr for DeviceUri {
                 _ => {}
             }
         }
-        if offset.is_some() && scheme != "spdk" {
-            return Err(bad("only spdk:// takes an offset"));
-        }
+        Ok(UriParams {
+            size,
+            offset,
+            block_size,
+        })
+    }
+}
+
+impl DeviceUri {
+    /// The device `uri` names, from its scheme, path and parameters.
+    fn of_scheme(
+        uri: &str,
+        scheme: &str,
+        path: &str,
+        params: UriParams,
+    ) -> Result<DeviceUri, BdevError> {
+        let bad = |reason: &str| bad_uri(uri, reason);
+        let UriParams {
+            size,
+            offset,
+            block_size,
+        } = params;
         match scheme {
             "mem" => {
                 if !path.is_empty() {

@@ -16,6 +16,7 @@ use super::device::{
 use super::ShardEngine;
 use crate::storage::bdev::Bdev;
 use crate::storage::layout::{seal_page, PageKind, Writer, PAGE_HEADER_LEN};
+use crate::storage::table::ChunkId;
 use crate::storage::wal::log::CopysetLog;
 use crate::storage::wal::record::{conf_state_bytes, CopysetId};
 use crate::storage::StorageError;
@@ -121,12 +122,7 @@ impl<B: Bdev> ShardEngine<B> {
         let generation = self.checkpoint.borrow().generation + 1;
 
         // 2. Capture the copysets' states and where the WAL can start.
-        let Captured {
-            head,
-            compact_to,
-            copyset_pages,
-            removed,
-        } = self.capture_copysets(appended)?;
+        let captured = self.capture_copysets(appended)?;
 
         // 3. The chunk data of every applied write is durable before metadata says so.
         if let Err(error) = self.bdev.flush().await {
@@ -138,75 +134,104 @@ impl<B: Bdev> ShardEngine<B> {
         // 4. Changed metadata pages and the copyset pages go to their alternate copies.
         // (No await from here to the encoding of the pages: what they record is this
         // instant's table, renames of retired chunks included.)
-        let dirty = self.table.borrow_mut().take_dirty();
-        let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
-        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        let taken = self.take_changes();
         // The allocations these pages record; those made while they are written count
         // against the next checkpoint.
         let recorded_allocations = self.checkpoint.borrow().allocations;
         let result = self
-            .write_checkpoint_pages(generation, &dirty, &dirty_bitmaps, &copyset_pages)
+            .write_checkpoint_pages(
+                generation,
+                &taken.dirty,
+                &taken.dirty_bitmaps,
+                &captured.copyset_pages,
+            )
             .await;
-        let bitmap_targets = match &result {
-            Ok(targets) => targets.clone(),
-            Err(_) => Vec::new(),
+        let bitmap_targets = match result {
+            Ok(targets) => targets,
+            Err(error) => return Err(self.give_back(taken, error)),
         };
-        if let Err(error) = result {
-            self.table.borrow_mut().restore_dirty(dirty);
-            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
-            self.retired.borrow_mut().extend(retired);
-            self.poison(&error);
-            return Err(error);
-        }
 
         // 5. The anchor commits the generation and moves the WAL head.
         let anchor_copy = self.checkpoint.borrow().anchor_copy ^ 1;
         let anchor = Anchor {
-            head,
+            head: captured.head,
             clean: false,
             maybe_dirty: self.checkpoint.borrow().maybe_dirty.clone(),
         };
         let anchored =
             write_anchor(&*self.bdev, &self.layout, anchor_copy, generation, &anchor).await;
         if let Err(error) = anchored {
-            self.table.borrow_mut().restore_dirty(dirty);
-            self.dirty_bitmaps.borrow_mut().extend(dirty_bitmaps);
-            self.retired.borrow_mut().extend(retired);
-            self.poison(&error);
-            return Err(error);
+            return Err(self.give_back(taken, error));
         }
-        self.retired_durable.borrow_mut().extend(retired);
+        self.retired_durable.borrow_mut().extend(taken.retired);
 
         // 6. The new state is the current one.
+        let committed = Committed {
+            generation,
+            anchor_copy,
+            dirty: taken.dirty,
+            recorded_allocations,
+            bitmap_targets,
+        };
+        self.adopt_checkpoint(committed, captured);
+        Ok(())
+    }
+
+    /// Step 4 of a checkpoint: takes what changed since the last one (metadata pages, page
+    /// bitmaps, retired chunks) for the pages to record.
+    fn take_changes(&self) -> Taken {
+        let dirty = self.table.borrow_mut().take_dirty();
+        let dirty_bitmaps = std::mem::take(&mut *self.dirty_bitmaps.borrow_mut());
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        Taken {
+            dirty,
+            dirty_bitmaps,
+            retired,
+        }
+    }
+
+    /// A checkpoint that failed after [`take_changes`](Self::take_changes): gives back what
+    /// it took, for the next one to record, poisons the checkpoint, and returns `error`.
+    fn give_back(&self, taken: Taken, error: StorageError) -> StorageError {
+        self.table.borrow_mut().restore_dirty(taken.dirty);
+        self.dirty_bitmaps.borrow_mut().extend(taken.dirty_bitmaps);
+        self.retired.borrow_mut().extend(taken.retired);
+        self.poison(&error);
+        error
+    }
+
+    /// Step 6 of a checkpoint, once its anchor is written: the new generation, page copies
+    /// and allocation count are the current ones, the WAL's head moves and the in-memory
+    /// logs are compacted.
+    fn adopt_checkpoint(&self, committed: Committed, captured: Captured) {
         {
             let mut state = self.checkpoint.borrow_mut();
-            state.generation = generation;
-            state.anchor_copy = anchor_copy;
-            for page in &dirty {
+            state.generation = committed.generation;
+            state.anchor_copy = committed.anchor_copy;
+            for page in &committed.dirty {
                 if let Some(copy) = state.meta_copy.get_mut(*page as usize) {
                     *copy ^= 1;
                 }
             }
-            for (copyset, index, copy, _) in &copyset_pages {
+            for (copyset, index, copy, _) in &captured.copyset_pages {
                 if copyset.0 != 0 {
                     state.copyset_pages.insert(*copyset, (*index, *copy));
                 }
             }
-            for (copyset, index, copy) in &removed {
+            for (copyset, index, copy) in &captured.removed {
                 state.copyset_pages.remove(copyset);
                 state.tombstones.insert(*index, *copy);
             }
-            state.allocations -= recorded_allocations;
+            state.allocations -= committed.recorded_allocations;
         }
-        for (slot, copy) in bitmap_targets {
+        for (slot, copy) in committed.bitmap_targets {
             self.bitmap_copies.borrow_mut().insert(slot, copy);
         }
-        self.wal.advance_head(head);
-        for (copyset, keep) in compact_to {
+        self.wal.advance_head(captured.head);
+        for (copyset, keep) in captured.compact_to {
             self.wal
                 .with_log_mut(copyset, |current| current.compact(keep));
         }
-        Ok(())
     }
 
     /// Step 2 of a checkpoint: every copyset's page as of now (a tombstone for each deleted
@@ -453,4 +478,29 @@ struct Captured {
     copyset_pages: Vec<(CopysetId, u32, u8, CopysetPage)>,
     /// Deleted copysets: (copyset, page index, copy of their tombstone).
     removed: Vec<(CopysetId, u32, u8)>,
+}
+
+/// What step 4 of a checkpoint took from the engine to record: given back if the checkpoint
+/// fails.
+struct Taken {
+    /// Chunk metadata pages changed since the last checkpoint.
+    dirty: BTreeSet<u32>,
+    /// Page bitmaps changed since the last checkpoint.
+    dirty_bitmaps: BTreeSet<u32>,
+    /// Chunks retired by swaps since the last checkpoint.
+    retired: Vec<ChunkId>,
+}
+
+/// What a checkpoint whose anchor is written changes in the engine's checkpoint state.
+struct Committed {
+    /// The generation the anchor committed.
+    generation: u64,
+    /// The anchor copy written.
+    anchor_copy: u8,
+    /// The chunk metadata pages written (to their alternate copies).
+    dirty: BTreeSet<u32>,
+    /// The allocations the pages recorded.
+    recorded_allocations: u32,
+    /// The page bitmaps written: (slot, copy).
+    bitmap_targets: Vec<(u32, u8)>,
 }

@@ -306,85 +306,147 @@ impl<B: Bdev> ShardEngine<B> {
     where
         F: AsyncFnMut(ImagePart, u64, u64) -> Result<Option<(ChunkImageMeta, Bytes)>, String>,
     {
-        let local = |e: StorageError| e.to_string();
-        'restart: for _ in 0..restarts_max {
-            // The image is staged under an id of its own and takes the chunk's place only
-            // once it is whole: until then the chunk keeps its old bytes, which the log above
-            // this replica's applied index brings up to date — also after a crash, when
-            // re-applying the log is all that happens (a deleted chunk would stay lost).
-            let staging = self.staging_id();
-            // The versions and the applied index, before any byte is read.
-            let Some((first, _)) = fetch(ImagePart::Current, 0, 0).await? else {
-                // Deleted at the source since the list, by an entry above this replica's
-                // applied index: re-applying the log deletes it too.
-                self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
-                return Ok(0);
-            };
-            if self.holds_image_of(chunk, &first) {
-                return Ok(0);
+        for _ in 0..restarts_max {
+            let attempt = self
+                .copy_image_attempt(copyset, chunk, chunk_size, piece_bytes, &mut fetch)
+                .await?;
+            if let Some(bytes) = attempt {
+                return Ok(bytes);
             }
-            if let Some(source) = first.clone_source {
-                self.create_clone_chunk_in(copyset, staging, source, first.sn, LogIndex(0))
-                    .await
-                    .map_err(local)?;
-            }
-            let mut bytes = 0;
-            let mut parts = Vec::new();
-            if let Some(snapshot_sn) = first.snapshot_sn {
-                parts.push((ImagePart::Snapshot, snapshot_sn));
-            }
-            parts.push((ImagePart::Current, first.sn));
-            for (part, sn) in parts {
-                let mut offset = 0;
-                while offset < chunk_size {
-                    let len = piece_bytes.min(chunk_size - offset);
-                    let Some((meta, data)) = fetch(part, offset, len).await? else {
-                        self.delete_chunk(staging, LogIndex(0))
-                            .await
-                            .map_err(local)?;
-                        self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
-                        return Ok(bytes);
-                    };
-                    if !meta.same_versions(&first) {
-                        self.delete_chunk(staging, LogIndex(0))
-                            .await
-                            .map_err(local)?;
-                        continue 'restart;
-                    }
-                    if !data.is_empty() && data.len() as u64 != len {
-                        return Err(format!(
-                            "piece of chunk {chunk} at {offset}: {} bytes, expected {len}",
-                            data.len()
-                        ));
-                    }
-                    bytes += data.len() as u64;
-                    // Zero pages need no write in a fresh slot, except the first (it makes
-                    // the chunk), when the chunk has a snapshot the current part's (their
-                    // writes rebuild the snapshot by copy-on-write), and a clone's (an
-                    // unwritten page would read its source's bytes).
-                    let must_write = offset == 0
-                        || first.clone_source.is_some()
-                        || (part == ImagePart::Current && first.snapshot_sn.is_some());
-                    if !data.is_empty() || must_write {
-                        let data = if data.is_empty() {
-                            Bytes::from(vec![0u8; len as usize])
-                        } else {
-                            data
-                        };
-                        self.write_image_piece(copyset, staging, sn, offset, data)
-                            .await
-                            .map_err(local)?;
-                    }
-                    offset += len;
-                }
-            }
-            self.finish_chunk_image(staging, &first).map_err(local)?;
-            self.swap_in_staged(staging, chunk).await.map_err(local)?;
-            return Ok(bytes);
         }
         Err(format!(
             "chunk {chunk} changed versions {restarts_max} times during its copy"
         ))
+    }
+
+    /// One attempt at copying `chunk` (see [`copy_chunk_image`](Self::copy_chunk_image)):
+    /// the bytes that travelled, or `None` when the chunk's versions changed between pieces
+    /// and the copy must start over (its staged image is deleted then).
+    async fn copy_image_attempt<F>(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+        chunk_size: u64,
+        piece_bytes: u64,
+        fetch: &mut F,
+    ) -> Result<Option<u64>, String>
+    where
+        F: AsyncFnMut(ImagePart, u64, u64) -> Result<Option<(ChunkImageMeta, Bytes)>, String>,
+    {
+        let local = |e: StorageError| e.to_string();
+        // The image is staged under an id of its own and takes the chunk's place only
+        // once it is whole: until then the chunk keeps its old bytes, which the log above
+        // this replica's applied index brings up to date — also after a crash, when
+        // re-applying the log is all that happens (a deleted chunk would stay lost).
+        let staging = self.staging_id();
+        // The versions and the applied index, before any byte is read.
+        let Some((first, _)) = fetch(ImagePart::Current, 0, 0).await? else {
+            // Deleted at the source since the list, by an entry above this replica's
+            // applied index: re-applying the log deletes it too.
+            self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
+            return Ok(Some(0));
+        };
+        if self.holds_image_of(chunk, &first) {
+            return Ok(Some(0));
+        }
+        if let Some(source) = first.clone_source {
+            self.create_clone_chunk_in(copyset, staging, source, first.sn, LogIndex(0))
+                .await
+                .map_err(local)?;
+        }
+        let copy = ImageCopy {
+            copyset,
+            chunk,
+            staging,
+            first,
+            chunk_size,
+            piece_bytes,
+        };
+        let mut bytes = 0;
+        let mut parts = Vec::new();
+        if let Some(snapshot_sn) = first.snapshot_sn {
+            parts.push((ImagePart::Snapshot, snapshot_sn));
+        }
+        parts.push((ImagePart::Current, first.sn));
+        for (part, sn) in parts {
+            match self
+                .copy_image_part(&copy, part, sn, fetch, &mut bytes)
+                .await?
+            {
+                PartCopy::Whole => {}
+                PartCopy::Gone => {
+                    self.delete_chunk(staging, LogIndex(0))
+                        .await
+                        .map_err(local)?;
+                    self.delete_chunk(chunk, LogIndex(0)).await.map_err(local)?;
+                    return Ok(Some(bytes));
+                }
+                PartCopy::VersionsChanged => {
+                    self.delete_chunk(staging, LogIndex(0))
+                        .await
+                        .map_err(local)?;
+                    return Ok(None);
+                }
+            }
+        }
+        self.finish_chunk_image(staging, &first).map_err(local)?;
+        self.swap_in_staged(staging, chunk).await.map_err(local)?;
+        Ok(Some(bytes))
+    }
+
+    /// Copies the `part` of a chunk's image (with sequence number `sn`) piece by piece into
+    /// its staged chunk, adding the bytes that travelled to `bytes`. Stops at the first piece
+    /// that finds the chunk gone at the source or its versions changed, and says which; the
+    /// caller cleans up.
+    async fn copy_image_part<F>(
+        &self,
+        copy: &ImageCopy,
+        part: ImagePart,
+        sn: u64,
+        fetch: &mut F,
+        bytes: &mut u64,
+    ) -> Result<PartCopy, String>
+    where
+        F: AsyncFnMut(ImagePart, u64, u64) -> Result<Option<(ChunkImageMeta, Bytes)>, String>,
+    {
+        let local = |e: StorageError| e.to_string();
+        let (chunk, first) = (copy.chunk, &copy.first);
+        let mut offset = 0;
+        while offset < copy.chunk_size {
+            let len = copy.piece_bytes.min(copy.chunk_size - offset);
+            let Some((meta, data)) = fetch(part, offset, len).await? else {
+                return Ok(PartCopy::Gone);
+            };
+            if !meta.same_versions(first) {
+                return Ok(PartCopy::VersionsChanged);
+            }
+            if !data.is_empty() && data.len() as u64 != len {
+                return Err(format!(
+                    "piece of chunk {chunk} at {offset}: {} bytes, expected {len}",
+                    data.len()
+                ));
+            }
+            *bytes += data.len() as u64;
+            // Zero pages need no write in a fresh slot, except the first (it makes
+            // the chunk), when the chunk has a snapshot the current part's (their
+            // writes rebuild the snapshot by copy-on-write), and a clone's (an
+            // unwritten page would read its source's bytes).
+            let must_write = offset == 0
+                || first.clone_source.is_some()
+                || (part == ImagePart::Current && first.snapshot_sn.is_some());
+            if !data.is_empty() || must_write {
+                let data = if data.is_empty() {
+                    Bytes::from(vec![0u8; len as usize])
+                } else {
+                    data
+                };
+                self.write_image_piece(copy.copyset, copy.staging, sn, offset, data)
+                    .await
+                    .map_err(local)?;
+            }
+            offset += len;
+        }
+        Ok(PartCopy::Whole)
     }
 
     /// Whether this shard's `chunk` already is what a copy of the image described by `source`
@@ -433,6 +495,32 @@ impl<B: Bdev> ShardEngine<B> {
 /// them (the volume table's chunk lies above them).
 pub const STAGING_BASE: u64 = 0xFFFF_FFF0_0000_0000;
 const STAGING_IDS: u64 = 1 << 32;
+
+/// One attempt at copying a chunk's image (see `ShardEngine::copy_chunk_image`).
+struct ImageCopy {
+    /// The copyset whose image it is.
+    copyset: CopysetId,
+    /// The chunk copied.
+    chunk: ChunkId,
+    /// The id the image is staged under until it is whole.
+    staging: ChunkId,
+    /// The versions and the applied index the source reported before any byte was read.
+    first: ChunkImageMeta,
+    /// The chunk's size.
+    chunk_size: u64,
+    /// The most bytes one piece asks for.
+    piece_bytes: u64,
+}
+
+/// How copying one part of a chunk's image ended.
+enum PartCopy {
+    /// Every piece was copied.
+    Whole,
+    /// The chunk is gone at the source.
+    Gone,
+    /// A piece was read under other versions than the first: the chunk starts over.
+    VersionsChanged,
+}
 
 /// Chunks retired by swaps that may wait for a checkpoint before the swap runs one.
 const RETIRED_MAX: usize = 4;

@@ -31,65 +31,100 @@ impl<B: Bdev> ShardEngine<B> {
                 self.table.borrow_mut().update(slot, meta);
                 return Ok(());
             }
-            if meta.link != NO_SLOT {
-                let snapshot_sn = self.slot_meta(meta.link)?.sn;
-                return Err(StorageError::Conflict {
-                    chunk,
-                    reason: format!(
-                        "a write with sn {sn} needs a new snapshot but the chunk still has the                          one at sn {snapshot_sn}; delete it first"
-                    ),
-                });
-            }
-            let snapshot = self
-                .allocate(SlotMeta {
-                    chunk,
-                    sn: meta.sn,
-                    link: slot,
-                    state: SlotState::Snapshot,
-                    copyset: meta.copyset,
-                    ..SlotMeta::FREE
-                })
-                .await?;
-            let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
-            let current = self
-                .bitmap_copies
-                .borrow()
-                .get(&snapshot)
-                .copied()
-                .unwrap_or(1);
-            self.bitmaps
-                .borrow_mut()
-                .insert(snapshot, (vec![0; words], current));
-            self.dirty_bitmaps.borrow_mut().insert(snapshot);
-            meta = self.slot_meta(slot)?;
-            meta.link = snapshot;
-            meta.sn = sn;
-            self.table.borrow_mut().update(slot, meta);
+            meta = self.take_snapshot(chunk, slot, meta, sn).await?;
         }
         if meta.link == NO_SLOT {
             return Ok(());
         }
         let snapshot = meta.link;
-        let page = u64::from(self.layout.geometry.page_size);
-        let first = (offset / page) as usize;
-        let last = ((offset + len) / page) as usize;
-        let missing: Vec<usize> = {
-            let bitmaps = self.bitmaps.borrow();
-            let bitmap = bitmaps
-                .get(&snapshot)
-                .map(|(b, _)| b.as_slice())
-                .unwrap_or(&[]);
-            (first..last)
-                .filter(|p| {
-                    bitmap
-                        .get(p / 64)
-                        .map_or(true, |w| w & (1 << (p % 64)) == 0)
-                })
-                .collect()
-        };
+        let missing = self.pages_not_preserved(snapshot, offset, len);
         if missing.is_empty() {
             return Ok(());
         }
+        self.copy_pages_to_snapshot(slot, snapshot, &missing)
+            .await?;
+        self.mark_preserved(snapshot, &missing);
+        self.dirty_bitmaps.borrow_mut().insert(snapshot);
+        self.checkpoint().await
+    }
+
+    /// Turns the current version of `chunk` (in `slot`, with metadata `meta`) into a snapshot
+    /// for a write with the newer sequence number `sn`: a fresh slot with an empty page bitmap
+    /// becomes the snapshot, and the chunk takes `sn`. Refused while the chunk still has a
+    /// snapshot. Returns the chunk's metadata after.
+    async fn take_snapshot(
+        &self,
+        chunk: ChunkId,
+        slot: u32,
+        mut meta: SlotMeta,
+        sn: u64,
+    ) -> Result<SlotMeta, StorageError> {
+        if meta.link != NO_SLOT {
+            let snapshot_sn = self.slot_meta(meta.link)?.sn;
+            return Err(StorageError::Conflict {
+                chunk,
+                reason: format!(
+                    "a write with sn {sn} needs a new snapshot but the chunk still has the                          one at sn {snapshot_sn}; delete it first"
+                ),
+            });
+        }
+        let snapshot = self
+            .allocate(SlotMeta {
+                chunk,
+                sn: meta.sn,
+                link: slot,
+                state: SlotState::Snapshot,
+                copyset: meta.copyset,
+                ..SlotMeta::FREE
+            })
+            .await?;
+        let words = self.layout.geometry.pages_per_chunk().div_ceil(64) as usize;
+        let current = self
+            .bitmap_copies
+            .borrow()
+            .get(&snapshot)
+            .copied()
+            .unwrap_or(1);
+        self.bitmaps
+            .borrow_mut()
+            .insert(snapshot, (vec![0; words], current));
+        self.dirty_bitmaps.borrow_mut().insert(snapshot);
+        meta = self.slot_meta(slot)?;
+        meta.link = snapshot;
+        meta.sn = sn;
+        self.table.borrow_mut().update(slot, meta);
+        Ok(meta)
+    }
+
+    /// The pages of the range `offset..offset + len` that `snapshot`'s page bitmap does not
+    /// mark as preserved, in order.
+    fn pages_not_preserved(&self, snapshot: u32, offset: u64, len: u64) -> Vec<usize> {
+        let page = u64::from(self.layout.geometry.page_size);
+        let first = (offset / page) as usize;
+        let last = ((offset + len) / page) as usize;
+        let bitmaps = self.bitmaps.borrow();
+        let bitmap = bitmaps
+            .get(&snapshot)
+            .map(|(b, _)| b.as_slice())
+            .unwrap_or(&[]);
+        (first..last)
+            .filter(|p| {
+                bitmap
+                    .get(p / 64)
+                    .map_or(true, |w| w & (1 << (p % 64)) == 0)
+            })
+            .collect()
+    }
+
+    /// Copies the chunk's `missing` pages (in `slot`) into `snapshot`'s slot, a run of
+    /// consecutive pages at a time.
+    async fn copy_pages_to_snapshot(
+        &self,
+        slot: u32,
+        snapshot: u32,
+        missing: &[usize],
+    ) -> Result<(), StorageError> {
+        let page = u64::from(self.layout.geometry.page_size);
         let mut run_start = 0;
         while run_start < missing.len() {
             let mut run_end = run_start + 1;
@@ -108,15 +143,18 @@ impl<B: Bdev> ShardEngine<B> {
                 .await?;
             run_start = run_end;
         }
+        Ok(())
+    }
+
+    /// Marks the `missing` pages as preserved in `snapshot`'s page bitmap.
+    fn mark_preserved(&self, snapshot: u32, missing: &[usize]) {
         if let Some((bitmap, _)) = self.bitmaps.borrow_mut().get_mut(&snapshot) {
-            for p in &missing {
+            for p in missing {
                 if let Some(word) = bitmap.get_mut(p / 64) {
                     *word |= 1 << (p % 64);
                 }
             }
         }
-        self.dirty_bitmaps.borrow_mut().insert(snapshot);
-        self.checkpoint().await
     }
 
     /// Reads `len` bytes at `offset` of the version of `chunk` with sequence number `sn`:

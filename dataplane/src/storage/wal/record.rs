@@ -216,8 +216,36 @@ pub enum Decoded {
 /// Decodes the record expected at logical position `lsn` from `bytes` (which start there).
 /// Entry payloads are copied out, so the caller's buffer is not kept alive.
 pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
+    let decoded = check_framing(bytes, lsn).and_then(|(header, payload, total)| {
+        let body = decode_body(&header, payload)?;
+        Ok((header.copyset, body, total))
+    });
+    match decoded {
+        Ok((copyset, body, total)) => Decoded::Record(Record { lsn, copyset, body }, total),
+        Err(reason) => Decoded::End(reason),
+    }
+}
+
+/// The fields of a record header that say what the payload holds.
+struct Header {
+    /// Whose record.
+    copyset: CopysetId,
+    /// An entry's or a snapshot's term.
+    term: u64,
+    /// An entry's or a snapshot's index.
+    index: u64,
+    /// The payload's length (a pad's: the whole record's).
+    len: usize,
+    /// What the record carries.
+    kind: u8,
+}
+
+/// Reads the header of the record expected at `lsn` from `bytes` and checks it and the
+/// checksum: returns the header, the payload and the record's length in the ring, or why the
+/// log ends here.
+fn check_framing(bytes: &[u8], lsn: u64) -> Result<(Header, &[u8], usize), String> {
     let Some(header) = bytes.get(..HEADER_LEN) else {
-        return Decoded::End("too few bytes for a header".into());
+        return Err("too few bytes for a header".into());
     };
     let mut r = Reader::new(header);
     let magic = r.u32();
@@ -229,14 +257,14 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
     let len = r.u32() as usize;
     let kind = r.u8();
     if magic != RECORD_MAGIC {
-        return Decoded::End(if magic == 0 {
+        return Err(if magic == 0 {
             "zeroes (the end of the log)".into()
         } else {
             format!("bad magic {magic:#010x}")
         });
     }
     if stored_lsn != lsn {
-        return Decoded::End(format!(
+        return Err(format!(
             "record for position {stored_lsn} found at {lsn} (stale)"
         ));
     }
@@ -246,18 +274,37 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
         (len, HEADER_LEN + len)
     };
     if total < HEADER_LEN {
-        return Decoded::End(format!("pad of {len} bytes is shorter than a header"));
+        return Err(format!("pad of {len} bytes is shorter than a header"));
     }
     let Some(record_bytes) = bytes.get(..HEADER_LEN + payload_len) else {
-        return Decoded::End(format!("payload of {len} bytes runs past the ring"));
+        return Err(format!("payload of {len} bytes runs past the ring"));
     };
     let crc = crc32c::crc32c(&record_bytes[8..]);
     if crc != stored_crc {
-        return Decoded::End(format!(
+        return Err(format!(
             "checksum {stored_crc:#010x} does not match ({crc:#010x}): torn or corrupt"
         ));
     }
     let payload = &record_bytes[HEADER_LEN..];
+    let header = Header {
+        copyset,
+        term,
+        index,
+        len,
+        kind,
+    };
+    Ok((header, payload, total))
+}
+
+/// Decodes the payload of a record whose framing checked out, or says why the log ends here.
+fn decode_body(header: &Header, payload: &[u8]) -> Result<RecordBody, String> {
+    let Header {
+        term,
+        index,
+        len,
+        kind,
+        ..
+    } = *header;
     let mut p = Reader::new(payload);
     let body = match kind {
         KIND_NORMAL | KIND_CONF_CHANGE => RecordBody::Entry(Entry {
@@ -280,17 +327,17 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
         }
         KIND_CONF_STATE => match decode_conf_state(&mut p) {
             Some(cs) => RecordBody::ConfState(cs),
-            None => return Decoded::End("membership record shorter than its sets".into()),
+            None => return Err("membership record shorter than its sets".into()),
         },
         KIND_SNAPSHOT => {
             let index = LogIndex(p.u64());
             let term = Term(p.u64());
             let Some(conf_state) = decode_conf_state(&mut p) else {
-                return Decoded::End("snapshot record shorter than its fields".into());
+                return Err("snapshot record shorter than its fields".into());
             };
             let data_len = p.u32() as usize;
             let Some(data) = p.take(data_len) else {
-                return Decoded::End("snapshot record shorter than its data".into());
+                return Err("snapshot record shorter than its data".into());
             };
             RecordBody::Snapshot(Snapshot {
                 meta: SnapshotMeta {
@@ -303,12 +350,12 @@ pub fn decode(bytes: &[u8], lsn: u64) -> Decoded {
         }
         KIND_PAD => RecordBody::Pad(len as u32),
         KIND_REMOVED => RecordBody::Removed,
-        other => return Decoded::End(format!("unknown record kind {other}")),
+        other => return Err(format!("unknown record kind {other}")),
     };
     if p.overrun() {
-        return Decoded::End("payload shorter than its fields".into());
+        return Err("payload shorter than its fields".into());
     }
-    Decoded::Record(Record { lsn, copyset, body }, total)
+    Ok(body)
 }
 
 /// The valid records of a ring image, from `head` on, and where they end.
