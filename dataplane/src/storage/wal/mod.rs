@@ -318,6 +318,7 @@ impl<B: Bdev> ShardWal<B> {
                 reason,
             },
         )?;
+        let (tail, closing) = record::close_tail(&image, head, scan.end, config.block_size);
         drop(image);
         let mut skipped = 0;
         let records = scan.records.len();
@@ -336,7 +337,9 @@ impl<B: Bdev> ShardWal<B> {
                 );
             }
         }
-        let tail = align_up(scan.end, config.block_size);
+        if let Some((start, bytes)) = closing {
+            write_ring(&*bdev, &config, start, &bytes).await?;
+        }
         zero_ring(&*bdev, &config, tail, config.max_batch).await?;
         bdev.flush().await?;
         let state = WalState {
@@ -787,6 +790,25 @@ async fn read_ring<B: Bdev>(
     }
     image.rotate_left((head % config.ring_size) as usize);
     Ok(image)
+}
+
+/// Writes `bytes` (whole blocks) into the ring from logical position `from`, in two pieces
+/// where they cross the ring's end.
+async fn write_ring<B: Bdev>(
+    bdev: &B,
+    config: &WalConfig,
+    from: u64,
+    bytes: &[u8],
+) -> Result<(), StorageError> {
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let physical = (from + done as u64) % config.ring_size;
+        let piece = (bytes.len() - done).min((config.ring_size - physical) as usize);
+        let buffer = bdev.pool().alloc_copy(&bytes[done..done + piece])?;
+        bdev.write(config.ring_offset + physical, buffer).await?;
+        done += piece;
+    }
+    Ok(())
 }
 
 /// Writes zeroes (real writes: the ring keeps its blocks allocated) over `len` bytes of ring

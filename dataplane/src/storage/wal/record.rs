@@ -422,6 +422,42 @@ pub fn check_tail(
     }
 }
 
+/// How recovery closes a ring whose valid records end at `end` (`image` is the ring rotated
+/// to start at logical position `head`, `ring` bytes long): where new batches start, and the
+/// bytes to write first, from a block boundary, to make that start reachable.
+///
+/// A torn tail leaves `end` inside a block, in front of the torn record's bytes, whose header
+/// may still read as a record. Batches start on block boundaries, so if new batches simply
+/// began at the next one, the next scan would stop at that torn header again and never reach
+/// them. Instead the block is rewritten with its valid bytes, then a pad record from `end` to
+/// the new start (at least a header long: one block more when the rest of the block is
+/// shorter), as a sealed batch ends; the next scan steps over it.
+pub fn close_tail(image: &[u8], head: u64, end: u64, block: u64) -> (u64, Option<(u64, Vec<u8>)>) {
+    if end % block == 0 {
+        return (end, None);
+    }
+    let start = end / block * block;
+    let mut pad = end.div_ceil(block) * block - end;
+    if pad < HEADER_LEN as u64 {
+        pad += block;
+    }
+    let tail = end + pad;
+    let ring = image.len() as u64;
+    // Bytes of logical position p sit at image[(p - head) mod ring]; the block's valid bytes
+    // may lie before `head` (the same physical bytes either way).
+    let mut bytes: Vec<u8> = (start..end)
+        .map(|p| image[((p + ring - head % ring) % ring) as usize])
+        .collect();
+    Record {
+        lsn: end,
+        copyset: CopysetId(0),
+        body: RecordBody::Pad(pad as u32),
+    }
+    .encode(&mut bytes);
+    bytes.resize((tail - start) as usize, 0);
+    (tail, Some((start, bytes)))
+}
+
 /// The first position at or after `from`, on a `block` boundary, that holds a valid record of
 /// this lap (`image` is the ring rotated to start at logical position `head`). Batches start
 /// on block boundaries, so a record written after `from` is found.
@@ -553,5 +589,75 @@ mod tests {
             }
             let _ = decode(&bytes, 0);
         }
+    }
+
+    /// After `close_tail`, a scan of the ring walks past the torn record to what is appended
+    /// at the new tail, whether the rest of the block holds a pad header or not (then the
+    /// pad takes one more block).
+    #[test]
+    fn a_closed_tail_leads_the_next_scan_to_what_is_appended_after_it() {
+        let block = 512u64;
+        let ring = 32 * block;
+        for lap in [0u64, 3] {
+            let head = lap * ring + 2 * block;
+            for gap in [1u64, 10, 47, 48, 49, 200, 511] {
+                let end = head + 9 * block - gap;
+                let mut image = vec![0u8; ring as usize];
+                let put = |image: &mut Vec<u8>, at: u64, record: &Record| {
+                    let mut bytes = Vec::new();
+                    record.encode(&mut bytes);
+                    let i = (at - head) as usize;
+                    image[i..i + bytes.len()].copy_from_slice(&bytes);
+                    bytes.len() as u64
+                };
+                // Valid records up to `end`, then a torn record whose header still reads.
+                put(
+                    &mut image,
+                    head,
+                    &Record {
+                        lsn: head,
+                        copyset: CopysetId(0),
+                        body: RecordBody::Pad((end - head) as u32),
+                    },
+                );
+                let torn = Record {
+                    lsn: end,
+                    copyset: CopysetId(1),
+                    body: RecordBody::Entry(Entry {
+                        term: Term(1),
+                        index: LogIndex(7),
+                        kind: EntryKind::Normal,
+                        data: Bytes::from(vec![5u8; 900]),
+                    }),
+                };
+                let len = put(&mut image, end, &torn);
+                image[(end - head + len - 1) as usize] ^= 1;
+                let before = scan(&image, head);
+                assert_eq!(before.end, end, "gap {gap}");
+                let (tail, closing) = close_tail(&image, head, end, block);
+                assert_eq!(tail % block, 0, "gap {gap}");
+                assert!(tail - end >= HEADER_LEN as u64, "gap {gap}");
+                let (start, bytes) = closing.expect("a mid-block end is closed");
+                assert_eq!(start, end / block * block);
+                let i = (start - head) as usize;
+                image[i..i + bytes.len()].copy_from_slice(&bytes);
+                // What the next run appends at the tail is found.
+                let appended = Record {
+                    lsn: tail,
+                    copyset: CopysetId(1),
+                    body: RecordBody::Entry(Entry {
+                        term: Term(2),
+                        index: LogIndex(7),
+                        kind: EntryKind::Normal,
+                        data: Bytes::from(vec![6u8; 100]),
+                    }),
+                };
+                put(&mut image, tail, &appended);
+                let after = scan(&image, head);
+                assert_eq!(after.records, vec![appended], "gap {gap}, lap {lap}");
+            }
+        }
+        // A block-aligned end needs nothing.
+        assert_eq!(close_tail(&[0u8; 4096], 0, 1024, 512), (1024, None));
     }
 }
