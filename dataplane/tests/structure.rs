@@ -24,7 +24,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("server/node.rs::run_node", 206),
     ("server/shard/apply.rs::apply_op", 90),
     ("server/shard/metrics.rs::metrics_snapshot", 135),
-    ("server/shard/requests.rs::handle_here", 195),
     ("shard/runtime.rs::start_shards", 112),
 ];
 
