@@ -23,7 +23,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
     ("server/shard/apply.rs::apply_op", 90),
-    ("server/shard/metrics.rs::metrics_snapshot", 135),
     ("shard/runtime.rs::start_shards", 112),
 ];
 
