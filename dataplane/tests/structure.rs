@@ -22,7 +22,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("net/verbs/soft.rs::on_request", 100),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
-    ("server/shard/apply.rs::apply_op", 90),
     ("shard/runtime.rs::start_shards", 112),
 ];
 
