@@ -22,7 +22,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("net/verbs/soft.rs::on_request", 100),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
-    ("shard/runtime.rs::start_shards", 112),
 ];
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.
