@@ -20,12 +20,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("nbd/server.rs::handshake", 129),
     ("net/rdma/link.rs::set_up", 136),
     ("net/verbs/soft.rs::on_request", 100),
-    ("server/node.rs::prepare_spdk_device", 89),
-    ("server/node.rs::run_node", 206),
-    ("server/shard/apply.rs::apply_op", 90),
-    ("server/shard/metrics.rs::metrics_snapshot", 135),
-    ("server/shard/requests.rs::handle_here", 195),
-    ("shard/runtime.rs::start_shards", 112),
 ];
 
 /// Import cycles between sibling modules that remain, as `parent: a -> b -> … -> a`.

@@ -1,18 +1,20 @@
 //! Starting a chunkserver process from its configuration: prepare the device, start one pinned
 //! shard per core, serve until the shutdown signal, stop cleanly.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::info;
 
 use super::shard::{ClusterView, RaftTimings, ShardServer};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, DeviceSection, Endpoint, StorageSection};
 use crate::net::{Listener, NetContext};
-use crate::shard::{start_shards, ShardContext, ShutdownSignal};
+use crate::shard::{start_shards, ShardContext, ShardId, ShutdownSignal};
 use crate::storage::bdev::inject::{DiskFaults, InjectedBdev};
 use crate::storage::bdev::{self, AnyBdev, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
@@ -180,69 +182,12 @@ fn prepare_spdk_device(
     device: &crate::config::DeviceSection,
     shards: u32,
 ) -> Result<DevicePlan, NodeError> {
-    use crate::config::SpdkCreate;
     let name = device.bdev.clone().unwrap_or_default();
     let fail = |reason: String| NodeError::Device {
         device: format!("spdk://{name}"),
         reason,
     };
-    let mut fresh = false;
-    let json = match &config.spdk.config_file {
-        Some(file) => {
-            let path = config.node.data_dir.join(file);
-            std::fs::read_to_string(&path).map_err(|e| {
-                fail(format!(
-                    "cannot read the SPDK config {}: {e}",
-                    path.display()
-                ))
-            })?
-        }
-        None => {
-            let method = match device.create {
-                Some(SpdkCreate::Malloc) => {
-                    fresh = true;
-                    let size = device.size.map(|s| s.bytes()).unwrap_or(0);
-                    serde_json::json!({"method": "bdev_malloc_create", "params": {
-                        "name": name, "num_blocks": size / 4096, "block_size": 4096}})
-                }
-                Some(SpdkCreate::Aio) => {
-                    let path = config
-                        .device_path(device)
-                        .ok_or_else(|| fail("an aio bdev needs a path".into()))?;
-                    if !path.exists() {
-                        let size = device.size.map(|s| s.bytes()).ok_or_else(|| {
-                            fail(format!(
-                                "{} does not exist and no size is given",
-                                path.display()
-                            ))
-                        })?;
-                        if let Some(parent) = path.parent() {
-                            private_dir(parent).map_err(|e| fail(e.to_string()))?;
-                        }
-                        let file = std::os::unix::fs::OpenOptionsExt::mode(
-                            std::fs::OpenOptions::new().write(true).create_new(true),
-                            0o600,
-                        )
-                        .open(&path)
-                        .map_err(|e| fail(e.to_string()))?;
-                        file.set_len(size).map_err(|e| fail(e.to_string()))?;
-                        fresh = true;
-                    }
-                    serde_json::json!({"method": "bdev_aio_create", "params": {
-                        "name": name, "filename": path.display().to_string(), "block_size": 4096}})
-                }
-                Some(SpdkCreate::Nvme) => {
-                    let controller = name.strip_suffix("n1").unwrap_or(&name);
-                    serde_json::json!({"method": "bdev_nvme_attach_controller", "params": {
-                        "name": controller, "trtype": "PCIe",
-                        "traddr": device.pcie.clone().unwrap_or_default()}})
-                }
-                None => return Err(fail("no spdk.config_file and no `create`".into())),
-            };
-            serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [method]}]})
-                .to_string()
-        }
-    };
+    let (json, fresh) = spdk_json_config(config, device, &name).map_err(fail)?;
     let options = ffi::spdk::EnvOptions {
         name: "chunkserver".into(),
         hugepages: config.spdk.hugepages,
@@ -263,6 +208,94 @@ fn prepare_spdk_device(
     )
     .map_err(fail)?;
     Ok(DevicePlan::Shared { uri })
+}
+
+/// The SPDK JSON configuration: the operator's `spdk.config_file`, or one that creates the
+/// bdev `name` as the device's `create` says; with whether that bdev is fresh (created empty
+/// by this start).
+#[cfg(feature = "spdk")]
+fn spdk_json_config(
+    config: &Config,
+    device: &crate::config::DeviceSection,
+    name: &str,
+) -> Result<(String, bool), String> {
+    match &config.spdk.config_file {
+        Some(file) => {
+            let path = config.node.data_dir.join(file);
+            let json = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the SPDK config {}: {e}", path.display()))?;
+            Ok((json, false))
+        }
+        None => {
+            let (method, fresh) = spdk_create_method(config, device, name)?;
+            let json =
+                serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [method]}]})
+                    .to_string();
+            Ok((json, fresh))
+        }
+    }
+}
+
+/// The SPDK call that creates the bdev `name` as the device's `create` says, with whether
+/// the bdev is fresh: a malloc bdev always is, an aio bdev when this start creates its file.
+#[cfg(feature = "spdk")]
+fn spdk_create_method(
+    config: &Config,
+    device: &crate::config::DeviceSection,
+    name: &str,
+) -> Result<(serde_json::Value, bool), String> {
+    use crate::config::SpdkCreate;
+    let mut fresh = false;
+    let method = match device.create {
+        Some(SpdkCreate::Malloc) => {
+            fresh = true;
+            let size = device.size.map(|s| s.bytes()).unwrap_or(0);
+            serde_json::json!({"method": "bdev_malloc_create", "params": {
+                "name": name, "num_blocks": size / 4096, "block_size": 4096}})
+        }
+        Some(SpdkCreate::Aio) => {
+            let path = config
+                .device_path(device)
+                .ok_or_else(|| "an aio bdev needs a path".to_string())?;
+            if !path.exists() {
+                create_aio_file(device, &path)?;
+                fresh = true;
+            }
+            serde_json::json!({"method": "bdev_aio_create", "params": {
+                "name": name, "filename": path.display().to_string(), "block_size": 4096}})
+        }
+        Some(SpdkCreate::Nvme) => {
+            let controller = name.strip_suffix("n1").unwrap_or(name);
+            serde_json::json!({"method": "bdev_nvme_attach_controller", "params": {
+                "name": controller, "trtype": "PCIe",
+                "traddr": device.pcie.clone().unwrap_or_default()}})
+        }
+        None => return Err("no spdk.config_file and no `create`".into()),
+    };
+    Ok((method, fresh))
+}
+
+/// Creates the file `path` of an aio bdev, of the device's size and readable by this user
+/// alone (0600), its missing directories too.
+#[cfg(feature = "spdk")]
+fn create_aio_file(
+    device: &crate::config::DeviceSection,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let size = device
+        .size
+        .map(|s| s.bytes())
+        .ok_or_else(|| format!("{} does not exist and no size is given", path.display()))?;
+    if let Some(parent) = path.parent() {
+        private_dir(parent).map_err(|e| e.to_string())?;
+    }
+    let file = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        0o600,
+    )
+    .open(path)
+    .map_err(|e| e.to_string())?;
+    file.set_len(size).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "spdk"))]
@@ -337,6 +370,62 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
     }
 }
 
+/// What every shard of the node starts from, read from the configuration once.
+struct ShardSettings {
+    node: u64,
+    /// How the shards reach the device.
+    plan: DevicePlan,
+    cluster: ClusterView,
+    timings: RaftTimings,
+    storage: StorageSection,
+    peer_endpoint: Endpoint,
+    client_endpoints: Vec<Endpoint>,
+    /// Raised when a shard cannot run, to stop the others.
+    stop_all: ShutdownSignal,
+    metrics_address: Option<SocketAddr>,
+    trace_every: u64,
+    collect_metrics: bool,
+    /// The NUMA node to bind the shards' memory to.
+    numa_node: Option<u32>,
+    /// The disk faults to inject, when `[fault] injection` is on.
+    faults: Option<Arc<DiskFaults>>,
+}
+
+impl ShardSettings {
+    /// The settings of the `shards` shards that `config` describes, reaching `device` by
+    /// `plan`; `shutdown` is what stops them all.
+    fn new(
+        config: &Config,
+        device: &DeviceSection,
+        plan: DevicePlan,
+        shards: u32,
+        shutdown: &ShutdownSignal,
+    ) -> ShardSettings {
+        let cluster = cluster_view(config, shards);
+        let timings = raft_timings(config);
+        let node = u64::from(config.node.id);
+        // Memory is bound to the configured NUMA node only where the host has more than one.
+        let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
+            .then_some(config.node.numa_node);
+        let faults = disk_faults(config, device, &plan, node);
+        ShardSettings {
+            node,
+            plan,
+            cluster,
+            timings,
+            storage: config.storage.clone(),
+            peer_endpoint: config.listen.peer,
+            client_endpoints: config.listen.client.clone(),
+            stop_all: shutdown.clone(),
+            metrics_address: config.metrics.address,
+            trace_every: config.log.trace_every,
+            collect_metrics: config.metrics.collect,
+            numa_node,
+            faults,
+        }
+    }
+}
+
 /// Runs the node until `shutdown` is raised; returns once every shard has stopped.
 pub fn run_node(
     config: &Config,
@@ -344,6 +433,31 @@ pub fn run_node(
     shutdown: &ShutdownSignal,
 ) -> Result<(), NodeError> {
     let shards = cores.len() as u32;
+    let (device, plan) = prepare_device(config, shards)?;
+    let settings = Arc::new(ShardSettings::new(config, device, plan, shards, shutdown));
+    let results = start_shards(
+        cores,
+        64,
+        shutdown,
+        move |ctx: ShardContext<ShardMessage>| {
+            let settings = Arc::clone(&settings);
+            async move {
+                let shard = ctx.shard.0;
+                let result = run_shard(&settings, ctx).await;
+                if result.is_err() {
+                    // One shard that cannot run takes the node down rather than serving partly.
+                    settings.stop_all.raise();
+                }
+                result.map_err(|reason| NodeError::Shard { shard, reason })
+            }
+        },
+    )?;
+    results.into_iter().collect()
+}
+
+/// Checks that the configuration names one device, and prepares it by its backend: how each
+/// shard will reach it.
+fn prepare_device(config: &Config, shards: u32) -> Result<(&DeviceSection, DevicePlan), NodeError> {
     let device = config
         .devices
         .first()
@@ -369,180 +483,215 @@ pub fn run_node(
         }
         Backend::Spdk => prepare_spdk_device(config, device, shards)?,
     };
-    let cluster = cluster_view(config, shards);
+    Ok((device, plan))
+}
+
+/// Raft's timings in ticks, from the configuration's milliseconds.
+fn raft_timings(config: &Config) -> RaftTimings {
     let tick = Duration::from_millis(config.raft.tick_ms);
-    let timings = RaftTimings {
+    RaftTimings {
         tick,
         election_ticks: (config.raft.election_timeout_ms / config.raft.tick_ms).max(2) as u32,
         heartbeat_ticks: (config.raft.heartbeat_interval_ms / config.raft.tick_ms).max(1) as u32,
-    };
-    let node = u64::from(config.node.id);
-    let storage = config.storage.clone();
-    let peer_endpoint = config.listen.peer;
-    let client_endpoints = config.listen.client.clone();
-    let stop_all = shutdown.clone();
-    let metrics_address = config.metrics.address;
-    let trace_every = config.log.trace_every;
-    let collect_metrics = config.metrics.collect;
-    // Memory is bound to the configured NUMA node only where the host has more than one.
-    let numa_node = (crate::config::HostTopology::detect().numa_nodes.len() > 1)
-        .then_some(config.node.numa_node);
-    let faults = config.fault.injection.then(|| {
-        let file = match &plan {
+    }
+}
+
+/// The disk faults the shards' devices inject, when `[fault] injection` is on (announced with
+/// a warning); a shared device's file is named so that faults can target it.
+fn disk_faults(
+    config: &Config,
+    device: &DeviceSection,
+    plan: &DevicePlan,
+    node: u64,
+) -> Option<Arc<DiskFaults>> {
+    config.fault.injection.then(|| {
+        let file = match plan {
             DevicePlan::Shared { .. } => config.device_path(device),
             DevicePlan::PerShardMemory { .. } => None,
         };
         tracing::warn!(node, "fault injection is on: POST /fault arms disk faults");
         DiskFaults::new(config.fault.seed, file)
-    });
+    })
+}
 
-    let results = start_shards(
-        cores,
-        64,
-        shutdown,
-        move |mut ctx: ShardContext<ShardMessage>| {
-            let plan = plan.clone();
-            let cluster = cluster.clone();
-            let storage = storage.clone();
-            let client_endpoints = client_endpoints.clone();
-            let stop_all = stop_all.clone();
-            let faults = faults.clone();
-            async move {
-                let shard = ctx.shard.0;
-                let result = async {
-                    if let Some(numa) = numa_node {
-                        ffi::numa::bind_thread_memory(numa)
-                            .map_err(|e| format!("binding memory to NUMA node {numa}: {e}"))?;
-                        info!(node, shard, numa, "shard memory bound to its NUMA node");
-                    }
-                    let (uri, device_shard, fresh_memory) = match &plan {
-                        DevicePlan::Shared { uri } => (uri.clone(), shard, false),
-                        DevicePlan::PerShardMemory { size } => {
-                            (format!("mem://?size={size}"), 0, true)
-                        }
-                    };
-                    let bdev = bdev::open(&uri, POOL_BYTES)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if fresh_memory {
-                        let options = FormatOptions {
-                            device_is_zeroed: true,
-                            ..storage.format_options(1)
+/// Runs one shard until shutdown: binds its memory, opens its device and its server, binds
+/// its listeners, serves the other shards (and, on shard 0, the metrics endpoint), then
+/// serves its copysets.
+async fn run_shard(
+    settings: &ShardSettings,
+    mut ctx: ShardContext<ShardMessage>,
+) -> Result<(), String> {
+    let (node, shard) = (settings.node, ctx.shard.0);
+    if let Some(numa) = settings.numa_node {
+        ffi::numa::bind_thread_memory(numa)
+            .map_err(|e| format!("binding memory to NUMA node {numa}: {e}"))?;
+        info!(node, shard, numa, "shard memory bound to its NUMA node");
+    }
+    let (bdev, device_shard) = open_device(settings, shard).await?;
+    let server = open_server(settings, shard, bdev, device_shard).await?;
+    let net = NetContext::default();
+    let (peer, clients) = bind_listeners(settings, shard, &net).await?;
+    // Answer other shards' scrapes and serve the requests they forward.
+    serve_other_shards(&server, ctx.mesh.take_receivers());
+    let mesh = Rc::new(ctx.mesh);
+    server.set_mesh(Rc::clone(&mesh));
+    if let (0, Some(address)) = (shard, settings.metrics_address) {
+        serve_metrics_endpoint(settings, address, &server, &mesh, &ctx.shutdown)?;
+    }
+    info!(node, shard, core = ctx.core, "shard serving");
+    server.run(peer, clients, ctx.shutdown.clone()).await;
+    Ok(())
+}
+
+/// Opens the shard's device: a memory device of its own, formatted now, or the shared
+/// device; behind the fault injector when that is on. Gives it with the shard's index on it.
+async fn open_device(settings: &ShardSettings, shard: u32) -> Result<(AnyBdev, u32), String> {
+    let (uri, device_shard, fresh_memory) = match &settings.plan {
+        DevicePlan::Shared { uri } => (uri.clone(), shard, false),
+        DevicePlan::PerShardMemory { size } => (format!("mem://?size={size}"), 0, true),
+    };
+    let bdev = bdev::open(&uri, POOL_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    if fresh_memory {
+        let options = FormatOptions {
+            device_is_zeroed: true,
+            ..settings.storage.format_options(1)
+        };
+        format(
+            &bdev,
+            &options,
+            device_uuid(settings.node ^ u64::from(shard)),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    #[cfg(feature = "spdk")]
+    if let AnyBdev::Spdk(spdk) = &bdev {
+        glommio::spawn_local(spdk.idle_poller()).detach();
+    }
+    let bdev = match &settings.faults {
+        Some(faults) => {
+            AnyBdev::Injected(Box::new(InjectedBdev::new(bdev, Arc::clone(faults), shard)))
+        }
+        None => bdev,
+    };
+    Ok((bdev, device_shard))
+}
+
+/// Opens the shard's engine on `bdev` (shard `device_shard` of it), which recovers its
+/// copysets, and the shard's server over it.
+async fn open_server(
+    settings: &ShardSettings,
+    shard: u32,
+    bdev: AnyBdev,
+    device_shard: u32,
+) -> Result<Rc<ShardServer<AnyBdev>>, String> {
+    let node = settings.node;
+    let capacity = bdev.capacity();
+    let (engine, recovery) =
+        ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+    info!(
+        node,
+        shard,
+        capacity,
+        copysets = recovery.copysets.len(),
+        wal_records = recovery.wal_records,
+        "shard engine open"
+    );
+    let server = ShardServer::new(
+        node,
+        shard,
+        Rc::new(engine),
+        &recovery,
+        settings.cluster.clone(),
+        settings.timings,
+        settings.collect_metrics,
+    )
+    .map_err(|e| e.to_string())?;
+    server.set_trace_every(settings.trace_every);
+    Ok(server)
+}
+
+/// Binds the shard's peer listener, then its client listeners.
+async fn bind_listeners(
+    settings: &ShardSettings,
+    shard: u32,
+    net: &NetContext,
+) -> Result<(Listener, Vec<Listener>), String> {
+    let peer = Listener::bind_shard(&settings.peer_endpoint, shard, net)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut clients = Vec::new();
+    for endpoint in &settings.client_endpoints {
+        clients.push(
+            Listener::bind_shard(endpoint, shard, net)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok((peer, clients))
+}
+
+/// Drains the mesh's `receivers`, one task each: answers the other shards' scrapes and serves
+/// the requests they forward.
+fn serve_other_shards<B: Bdev + 'static>(
+    server: &Rc<ShardServer<B>>,
+    receivers: Vec<(ShardId, ConnectedReceiver<ShardMessage>)>,
+) {
+    for (_, receiver) in receivers {
+        let server = Rc::clone(server);
+        glommio::spawn_local(async move {
+            while let Some(message) = receiver.recv().await {
+                match message {
+                    ShardMessage::Scrape(reply) => {
+                        let reply = reply.connect().await;
+                        let report = ShardReport {
+                            metrics: server.metrics_snapshot(),
+                            status: server.status_json(),
                         };
-                        format(&bdev, &options, device_uuid(node ^ u64::from(shard)))
-                            .await
-                            .map_err(|e| e.to_string())?;
+                        // The scraper may have given up; nothing to do then.
+                        let _ = reply.send(report).await;
                     }
-                    #[cfg(feature = "spdk")]
-                    if let AnyBdev::Spdk(spdk) = &bdev {
-                        glommio::spawn_local(spdk.idle_poller()).detach();
-                    }
-                    let bdev = match &faults {
-                        Some(faults) => AnyBdev::Injected(Box::new(InjectedBdev::new(
-                            bdev,
-                            Arc::clone(faults),
-                            shard,
-                        ))),
-                        None => bdev,
-                    };
-                    let capacity = bdev.capacity();
-                    let (engine, recovery) =
-                        ShardEngine::open(Rc::new(bdev), device_shard, EngineOptions::default())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    info!(
-                        node,
-                        shard,
-                        capacity,
-                        copysets = recovery.copysets.len(),
-                        wal_records = recovery.wal_records,
-                        "shard engine open"
-                    );
-                    let server = ShardServer::new(
-                        node,
-                        shard,
-                        Rc::new(engine),
-                        &recovery,
-                        cluster,
-                        timings,
-                        collect_metrics,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    server.set_trace_every(trace_every);
-                    let net = NetContext::default();
-                    let peer = Listener::bind_shard(&peer_endpoint, shard, &net)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let mut clients = Vec::new();
-                    for endpoint in &client_endpoints {
-                        clients.push(
-                            Listener::bind_shard(endpoint, shard, &net)
-                                .await
-                                .map_err(|e| e.to_string())?,
-                        );
-                    }
-                    // Answer other shards' scrapes and serve the requests they forward.
-                    for (_, receiver) in ctx.mesh.take_receivers() {
+                    ShardMessage::Forward(forwarded) => {
                         let server = Rc::clone(&server);
-                        glommio::spawn_local(async move {
-                            while let Some(message) = receiver.recv().await {
-                                match message {
-                                    ShardMessage::Scrape(reply) => {
-                                        let reply = reply.connect().await;
-                                        let report = ShardReport {
-                                            metrics: server.metrics_snapshot(),
-                                            status: server.status_json(),
-                                        };
-                                        // The scraper may have given up; nothing to do then.
-                                        let _ = reply.send(report).await;
-                                    }
-                                    ShardMessage::Forward(forwarded) => {
-                                        let server = Rc::clone(&server);
-                                        glommio::spawn_local(async move {
-                                            server.serve_forwarded(forwarded).await
-                                        })
-                                        .detach();
-                                    }
-                                }
-                            }
-                        })
+                        glommio::spawn_local(
+                            async move { server.serve_forwarded(forwarded).await },
+                        )
                         .detach();
                     }
-                    let mesh = Rc::new(ctx.mesh);
-                    server.set_mesh(Rc::clone(&mesh));
-                    if let (0, Some(address)) = (shard, metrics_address) {
-                        let listener = crate::metrics::http::bind(address)
-                            .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
-                        let mut pages = metrics_pages(node, Rc::clone(&server), Rc::clone(&mesh));
-                        if let Some(faults) = &faults {
-                            let faults = Arc::clone(faults);
-                            pages.fault = Some(Box::new(move |query: &str| {
-                                crate::storage::bdev::inject::control(&faults, query)
-                            }));
-                        }
-                        let stop = ctx.shutdown.clone();
-                        glommio::spawn_local(crate::metrics::http::serve(
-                            listener,
-                            Rc::new(pages),
-                            stop,
-                        ))
-                        .detach();
-                        info!(node, %address, "metrics endpoint serving /metrics and /status");
-                    }
-                    info!(node, shard, core = ctx.core, "shard serving");
-                    server.run(peer, clients, ctx.shutdown.clone()).await;
-                    Ok::<(), String>(())
                 }
-                .await;
-                if result.is_err() {
-                    // One shard that cannot run takes the node down rather than serving partly.
-                    stop_all.raise();
-                }
-                result.map_err(|reason| NodeError::Shard { shard, reason })
             }
-        },
-    )?;
-    results.into_iter().collect()
+        })
+        .detach();
+    }
+}
+
+/// Serves the node's `/metrics` and `/status` (and `/fault` when fault injection is on) at
+/// `address` from this shard, until `stop`.
+fn serve_metrics_endpoint<B: Bdev + 'static>(
+    settings: &ShardSettings,
+    address: SocketAddr,
+    server: &Rc<ShardServer<B>>,
+    mesh: &Rc<crate::shard::Mesh<ShardMessage>>,
+    stop: &ShutdownSignal,
+) -> Result<(), String> {
+    let node = settings.node;
+    let listener = crate::metrics::http::bind(address)
+        .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
+    let mut pages = metrics_pages(node, Rc::clone(server), Rc::clone(mesh));
+    if let Some(faults) = &settings.faults {
+        let faults = Arc::clone(faults);
+        pages.fault = Some(Box::new(move |query: &str| {
+            crate::storage::bdev::inject::control(&faults, query)
+        }));
+    }
+    let stop = stop.clone();
+    glommio::spawn_local(crate::metrics::http::serve(listener, Rc::new(pages), stop)).detach();
+    info!(node, %address, "metrics endpoint serving /metrics and /status");
+    Ok(())
 }
 
 /// Creates `dir` and its missing parents readable by this user alone (0700); directories that

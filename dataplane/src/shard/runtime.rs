@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 /// A shard's index within its process: 0 .. shard count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -153,6 +153,12 @@ pub struct ShardContext<M: Send + 'static> {
     pub shutdown: ShutdownSignal,
 }
 
+/// The sending ends of the mesh, by source shard then destination shard (`None` where they
+/// are the same).
+type MeshSenders<M> = Vec<Vec<Option<shared_channel::SharedSender<M>>>>;
+/// The receiving ends of the mesh, by destination shard, each with its source shard.
+type MeshReceivers<M> = Vec<Vec<(ShardId, shared_channel::SharedReceiver<M>)>>;
+
 /// Starts one pinned executor per core, runs `shard_main` on each, and waits for all of them.
 /// Results come back in shard order. `mesh_capacity` bounds each pair's queue.
 pub fn start_shards<M, T, F, Fut>(
@@ -171,20 +177,7 @@ where
         return Err(ShardError::NoCores);
     }
     let count = cores.len();
-    let mut senders: Vec<Vec<Option<shared_channel::SharedSender<M>>>> = (0..count)
-        .map(|_| (0..count).map(|_| None).collect())
-        .collect();
-    let mut receivers: Vec<Vec<(ShardId, shared_channel::SharedReceiver<M>)>> =
-        (0..count).map(|_| Vec::new()).collect();
-    for (from, row) in senders.iter_mut().enumerate() {
-        for (to, slot) in row.iter_mut().enumerate() {
-            if from != to {
-                let (sender, receiver) = shared_channel::new_bounded(mesh_capacity.max(1));
-                *slot = Some(sender);
-                receivers[to].push((ShardId(from as u32), receiver));
-            }
-        }
-    }
+    let (senders, receivers) = mesh_channels::<M>(count, mesh_capacity);
 
     let mut handles = Vec::with_capacity(count);
     for (index, ((&core, my_senders), my_receivers)) in
@@ -196,36 +189,7 @@ where
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core as usize))
             .name(&format!("shard-{index}"))
             .spawn(move || async move {
-                // Each end's connect waits for its peer's, so all of them are started before
-                // any is awaited; awaiting them one by one would deadlock two shards that each
-                // wait on the other's first channel.
-                let senders: Vec<_> = my_senders
-                    .into_iter()
-                    .map(|sender| sender.map(|s| glommio::spawn_local(s.connect()).detach()))
-                    .collect();
-                let receivers: Vec<_> = my_receivers
-                    .into_iter()
-                    .map(|(from, r)| (from, glommio::spawn_local(r.connect()).detach()))
-                    .collect();
-                let mut connected_senders = Vec::with_capacity(senders.len());
-                for sender in senders {
-                    connected_senders.push(match sender {
-                        Some(task) => task.await,
-                        None => None,
-                    });
-                }
-                let mut connected_receivers = Vec::with_capacity(receivers.len());
-                for (from, task) in receivers {
-                    if let Some(receiver) = task.await {
-                        connected_receivers.push((from, receiver));
-                    }
-                }
-                let (senders, receivers) = (connected_senders, connected_receivers);
-                let mesh = Mesh {
-                    me: shard,
-                    senders,
-                    receivers,
-                };
+                let mesh = connect_mesh(shard, my_senders, my_receivers).await;
                 shard_main(ShardContext {
                     shard,
                     core,
@@ -252,7 +216,76 @@ where
             }
         }
     }
-    let mut results = Vec::with_capacity(count);
+    join_shards(handles)
+}
+
+/// The channels of the mesh, not connected yet: one bounded channel of `capacity` (at least
+/// 1) for every ordered pair of the `count` shards.
+fn mesh_channels<M: Send + 'static>(
+    count: usize,
+    capacity: usize,
+) -> (MeshSenders<M>, MeshReceivers<M>) {
+    let mut senders: MeshSenders<M> = (0..count)
+        .map(|_| (0..count).map(|_| None).collect())
+        .collect();
+    let mut receivers: MeshReceivers<M> = (0..count).map(|_| Vec::new()).collect();
+    for (from, row) in senders.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (sender, receiver) = shared_channel::new_bounded(capacity.max(1));
+                *slot = Some(sender);
+                receivers[to].push((ShardId(from as u32), receiver));
+            }
+        }
+    }
+    (senders, receivers)
+}
+
+/// Connects one shard's ends of the mesh, on its executor, once the other shards connect
+/// theirs.
+async fn connect_mesh<M: Send + 'static>(
+    shard: ShardId,
+    my_senders: Vec<Option<shared_channel::SharedSender<M>>>,
+    my_receivers: Vec<(ShardId, shared_channel::SharedReceiver<M>)>,
+) -> Mesh<M> {
+    // Each end's connect waits for its peer's, so all of them are started before
+    // any is awaited; awaiting them one by one would deadlock two shards that each
+    // wait on the other's first channel.
+    let senders: Vec<_> = my_senders
+        .into_iter()
+        .map(|sender| sender.map(|s| glommio::spawn_local(s.connect()).detach()))
+        .collect();
+    let receivers: Vec<_> = my_receivers
+        .into_iter()
+        .map(|(from, r)| (from, glommio::spawn_local(r.connect()).detach()))
+        .collect();
+    let mut connected_senders = Vec::with_capacity(senders.len());
+    for sender in senders {
+        connected_senders.push(match sender {
+            Some(task) => task.await,
+            None => None,
+        });
+    }
+    let mut connected_receivers = Vec::with_capacity(receivers.len());
+    for (from, task) in receivers {
+        if let Some(receiver) = task.await {
+            connected_receivers.push((from, receiver));
+        }
+    }
+    let (senders, receivers) = (connected_senders, connected_receivers);
+    Mesh {
+        me: shard,
+        senders,
+        receivers,
+    }
+}
+
+/// Waits for every started shard to end: their results in shard order, or the first shard
+/// that panicked.
+fn join_shards<T: Send + 'static>(
+    handles: Vec<(ShardId, ExecutorJoinHandle<T>)>,
+) -> Result<Vec<T>, ShardError> {
+    let mut results = Vec::with_capacity(handles.len());
     let mut failure = None;
     for (shard, handle) in handles {
         match handle.join() {

@@ -64,41 +64,59 @@ pub(super) async fn apply_op<B: Bdev>(
             size,
             name,
         } => {
-            let content = read_whole_chunk(engine, table).await?;
-            let chunk_size = engine.layout().geometry.chunk_size;
-            let planned = crate::volume_table::plan_create(
-                &content,
-                &name,
-                size,
-                CopysetId(data_copyset),
-                chunk_size,
-            );
-            let (record_index, record) = planned.map_err(|e| StorageError::Conflict {
-                chunk: table,
-                reason: e.to_string(),
-            })?;
-            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
-            let bytes = Bytes::from(record.encode());
-            engine
-                .write_chunk_bytes(copyset, table, offset, bytes, 1, index)
-                .await
+            let data_copyset = CopysetId(data_copyset);
+            create_volume(engine, copyset, table, &name, size, data_copyset, index).await
         }
         ChunkOp::VolumeDelete { table, name } => {
-            let content = read_whole_chunk(engine, table).await?;
-            let (record_index, _) =
-                crate::volume_table::plan_delete(&content, &name).map_err(|e| {
-                    StorageError::Conflict {
-                        chunk: table,
-                        reason: e.to_string(),
-                    }
-                })?;
-            let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
-            let zeroes = Bytes::from(vec![0u8; crate::volume_table::RECORD_LEN]);
-            engine
-                .write_chunk_bytes(copyset, table, offset, zeroes, 1, index)
-                .await
+            delete_volume(engine, copyset, table, &name, index).await
         }
     }
+}
+
+/// Adds the record of the volume `name` of `size` bytes, its data in `data_copyset`, to the
+/// volume table in chunk `table` of `copyset`.
+async fn create_volume<B: Bdev>(
+    engine: &ShardEngine<B>,
+    copyset: CopysetId,
+    table: ChunkId,
+    name: &str,
+    size: u64,
+    data_copyset: CopysetId,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let content = read_whole_chunk(engine, table).await?;
+    let chunk_size = engine.layout().geometry.chunk_size;
+    let planned = crate::volume_table::plan_create(&content, name, size, data_copyset, chunk_size);
+    let (record_index, record) = planned.map_err(|e| StorageError::Conflict {
+        chunk: table,
+        reason: e.to_string(),
+    })?;
+    let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+    let bytes = Bytes::from(record.encode());
+    engine
+        .write_chunk_bytes(copyset, table, offset, bytes, 1, index)
+        .await
+}
+
+/// Zeroes the record of the volume `name` in the volume table in chunk `table` of `copyset`.
+async fn delete_volume<B: Bdev>(
+    engine: &ShardEngine<B>,
+    copyset: CopysetId,
+    table: ChunkId,
+    name: &str,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let content = read_whole_chunk(engine, table).await?;
+    let (record_index, _) =
+        crate::volume_table::plan_delete(&content, name).map_err(|e| StorageError::Conflict {
+            chunk: table,
+            reason: e.to_string(),
+        })?;
+    let offset = (record_index * crate::volume_table::RECORD_LEN) as u64;
+    let zeroes = Bytes::from(vec![0u8; crate::volume_table::RECORD_LEN]);
+    engine
+        .write_chunk_bytes(copyset, table, offset, zeroes, 1, index)
+        .await
 }
 
 /// A whole chunk's bytes; zeroes when it does not exist.

@@ -1,13 +1,17 @@
 //! The shard's metrics and its `/status` view.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use raftcore::StateRole;
 
-use super::ShardServer;
+use super::{CopysetCell, ShardServer};
+use crate::copyset::CopysetCore;
 use crate::ids::CopysetId;
 use crate::protocol::{self, Status};
 use crate::storage::bdev::Bdev;
+use crate::storage::engine::CopysetStorage;
+use crate::storage::wal::WalStats;
 
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Counts one frame of `bytes` payload bytes on a connection of `class`, `direction` in
@@ -76,6 +80,26 @@ impl<B: Bdev + 'static> ShardServer<B> {
     /// This shard's metrics, with the gauges read now.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         let copysets = self.copysets.borrow();
+        self.gauge_copyset_counts(&copysets);
+        let wal = self.engine.wal().stats();
+        self.gauge_wal_counts(&wal);
+        self.gauge_executor();
+        self.gauge_peer_connects();
+        for (id, core) in copysets.iter() {
+            self.gauge_copyset(*id, core);
+        }
+        self.metrics
+            .gauge(
+                "chunkserver_wal_bytes",
+                "Bytes written to the WAL ring.",
+                &[],
+            )
+            .set(wal.bytes as i64);
+        self.metrics.snapshot()
+    }
+
+    /// Sets the gauges of the shard's copysets: how many there are, how many it leads.
+    fn gauge_copyset_counts(&self, copysets: &HashMap<CopysetId, CopysetCell<B>>) {
         let leaders = copysets
             .values()
             .filter(|c| c.borrow().role() == StateRole::Leader)
@@ -90,7 +114,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 &[],
             )
             .set(leaders as i64);
-        let wal = self.engine.wal().stats();
+    }
+
+    /// Sets the gauges of the WAL's batches and records.
+    fn gauge_wal_counts(&self, wal: &WalStats) {
         self.metrics
             .gauge(
                 "chunkserver_wal_batches",
@@ -101,6 +128,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
         self.metrics
             .gauge("chunkserver_wal_records", "WAL records appended.", &[])
             .set(wal.records as i64);
+    }
+
+    /// Sets the gauges of the shard's executor and of its DMA buffer pool.
+    fn gauge_executor(&self) {
         let reactor = glommio::executor().executor_stats();
         self.metrics
             .gauge(
@@ -123,6 +154,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 &[],
             )
             .set(self.engine.bdev().pool().in_use() as i64);
+    }
+
+    /// Sets the gauges of the connections this shard dialled to other nodes' shards.
+    fn gauge_peer_connects(&self) {
         let (made, failed) = self
             .peers
             .borrow()
@@ -144,70 +179,71 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 &[],
             )
             .set(failed as i64);
-        for (id, core) in copysets.iter() {
-            let core = core.borrow();
-            let raft = core.node().raft();
-            let label = id.0.to_string();
-            let labels = [("copyset", label.as_str())];
-            let role = match core.role() {
-                StateRole::Follower => 0,
-                StateRole::PreCandidate => 1,
-                StateRole::Candidate => 2,
-                StateRole::Leader => 3,
-            };
-            let lag = if core.role() == StateRole::Leader {
-                let last = raft.log.last_index();
-                core.conf_state()
-                    .voters
-                    .iter()
-                    .chain(&core.conf_state().learners)
-                    .filter_map(|n| raft.progress(*n))
-                    .map(|p| last.0.saturating_sub(p.matched.0))
-                    .max()
-                    .unwrap_or(0)
-            } else {
-                0
-            };
-            for (name, help, value) in [
-                (
-                    "chunkserver_copyset_role",
-                    "0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
-                    role,
-                ),
-                (
-                    "chunkserver_copyset_term",
-                    "The replica's raft term.",
-                    raft.term.0,
-                ),
-                (
-                    "chunkserver_copyset_commit_index",
-                    "The replica's commit index.",
-                    raft.log.committed.0,
-                ),
-                (
-                    "chunkserver_copyset_applied_index",
-                    "Entries applied to the chunks.",
-                    core.applied().0,
-                ),
-                (
-                    "chunkserver_copyset_follower_lag",
-                    "On a leader: entries the furthest follower is behind its log.",
-                    lag,
-                ),
-            ] {
-                self.metrics
-                    .gauge(name, help, &labels)
-                    .set(value.min(i64::MAX as u64) as i64);
-            }
+    }
+
+    /// Sets the gauges of one copyset's replica: its role, term, commit and applied indexes,
+    /// and its followers' lag.
+    fn gauge_copyset(&self, id: CopysetId, core: &CopysetCell<B>) {
+        let core = core.borrow();
+        let raft = core.node().raft();
+        let label = id.0.to_string();
+        let labels = [("copyset", label.as_str())];
+        let role = match core.role() {
+            StateRole::Follower => 0,
+            StateRole::PreCandidate => 1,
+            StateRole::Candidate => 2,
+            StateRole::Leader => 3,
+        };
+        let lag = Self::follower_lag(&core);
+        for (name, help, value) in [
+            (
+                "chunkserver_copyset_role",
+                "0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
+                role,
+            ),
+            (
+                "chunkserver_copyset_term",
+                "The replica's raft term.",
+                raft.term.0,
+            ),
+            (
+                "chunkserver_copyset_commit_index",
+                "The replica's commit index.",
+                raft.log.committed.0,
+            ),
+            (
+                "chunkserver_copyset_applied_index",
+                "Entries applied to the chunks.",
+                core.applied().0,
+            ),
+            (
+                "chunkserver_copyset_follower_lag",
+                "On a leader: entries the furthest follower is behind its log.",
+                lag,
+            ),
+        ] {
+            self.metrics
+                .gauge(name, help, &labels)
+                .set(value.min(i64::MAX as u64) as i64);
         }
-        self.metrics
-            .gauge(
-                "chunkserver_wal_bytes",
-                "Bytes written to the WAL ring.",
-                &[],
-            )
-            .set(wal.bytes as i64);
-        self.metrics.snapshot()
+    }
+
+    /// On a leader, the entries the furthest follower (or learner) is behind its log; 0 on
+    /// any other replica.
+    fn follower_lag(core: &CopysetCore<CopysetStorage<B>>) -> u64 {
+        if core.role() != StateRole::Leader {
+            return 0;
+        }
+        let raft = core.node().raft();
+        let last = raft.log.last_index();
+        core.conf_state()
+            .voters
+            .iter()
+            .chain(&core.conf_state().learners)
+            .filter_map(|n| raft.progress(*n))
+            .map(|p| last.0.saturating_sub(p.matched.0))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The copysets' raft state, for `/status`.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use raftcore::{NodeId, StateRole};
 use tracing::{debug, info, warn};
 
-use super::{status_of_storage, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
+use super::{status_of_storage, CopysetCell, Forwarded, ReadRequest, ShardServer, FORWARD_TIMEOUT};
 use crate::copyset::{ChunkOp, Token};
 use crate::ids::{ChunkId, CopysetId};
 use crate::net::queue::oneshot;
@@ -196,6 +196,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
         self.handle_here(opcode, copyset, payload).await
     }
 
+    /// Carries out a request for a copyset of this shard, by opcode: copyset operations are
+    /// answered by the shard, chunk operations are proposed to the copyset, reads are served
+    /// at its read index.
     pub(super) async fn handle_here(
         self: &Rc<Self>,
         opcode: crate::net::Opcode,
@@ -203,6 +206,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         payload: Bytes,
     ) -> (Status, Bytes) {
         match opcode {
+            // The copyset operations.
             protocol::CREATE_COPYSET => match CreateCopyset::decode(&payload) {
                 Ok(request) => (
                     self.create_copyset(copyset, &request.peers, request.join)
@@ -211,44 +215,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
-            protocol::TRANSFER_LEADER => {
-                let Ok(target) = <[u8; 8]>::try_from(&payload[..]) else {
-                    return (
-                        Status::Invalid("the body is a node id".into()),
-                        Bytes::new(),
-                    );
-                };
-                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-                    return (Status::CopysetNotFound, Bytes::new());
-                };
-                let result = core
-                    .borrow_mut()
-                    .transfer_leader(NodeId(u64::from_le_bytes(target)));
-                self.drive(copyset, &core);
-                match result {
-                    Ok(()) => (Status::Ok, Bytes::new()),
-                    Err(raftcore::RaftError::NotLeader { leader }) => (
-                        Status::Redirect {
-                            leader: leader.map_or(0, |l| l.0),
-                        },
-                        Bytes::new(),
-                    ),
-                    Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
-                }
-            }
-            protocol::CHANGE_PEERS => {
-                let change = match raftcore::ConfChange::decode(payload) {
-                    Ok(change) => change,
-                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
-                };
-                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-                    return (Status::CopysetNotFound, Bytes::new());
-                };
-                let (token, answer) = self.wait_token();
-                core.borrow_mut().propose_conf_change(&change, token);
-                self.drive(copyset, &core);
-                answer.await
-            }
+            protocol::TRANSFER_LEADER => self.transfer_leader(copyset, &payload),
+            protocol::CHANGE_PEERS => self.change_peers(copyset, payload).await,
             protocol::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
             protocol::RESET_PEERS => match ResetPeers::decode(&payload) {
                 Ok(request) => (
@@ -259,32 +227,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
             },
             protocol::LIST_CHUNK_IMAGE => self.serve_image_list(copyset),
             protocol::READ_CHUNK_IMAGE => self.serve_image_piece(copyset, &payload).await,
-            protocol::LIST_COPYSETS => {
-                let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
-                ids.sort_unstable();
-                (Status::Ok, protocol::encode_copyset_list(&ids))
-            }
-            protocol::COPYSET_STATUS => {
-                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-                    return (Status::CopysetNotFound, Bytes::new());
-                };
-                let core = core.borrow();
-                let raft = core.node().raft();
-                let status = CopysetStatus {
-                    role: match core.role() {
-                        StateRole::Follower => 0,
-                        StateRole::PreCandidate => 1,
-                        StateRole::Candidate => 2,
-                        StateRole::Leader => 3,
-                    },
-                    leader: core.leader().map_or(0, |l| l.0),
-                    term: raft.term.0,
-                    commit: raft.log.committed.0,
-                    applied: core.applied().0,
-                    membership: Membership::of(core.conf_state()),
-                };
-                (Status::Ok, status.encode())
-            }
+            protocol::LIST_COPYSETS => self.list_copysets(),
+            protocol::COPYSET_STATUS => self.copyset_status(copyset),
+            // The chunk operations that change chunks.
             protocol::WRITE_CHUNK
             | protocol::DELETE_CHUNK
             | protocol::DELETE_SNAPSHOT_OR_CORRECT_SN
@@ -293,102 +238,193 @@ impl<B: Bdev + 'static> ShardServer<B> {
             | protocol::RECOVER_CHUNK
             | protocol::FLATTEN_CHUNK
             | protocol::CREATE_VOLUME
-            | protocol::DELETE_VOLUME => {
-                match ChunkOp::decode(&payload) {
-                    Ok(op) if protocol::opcode_of(&op) == opcode => {
-                        if let Err(error) = self.engine.check_op(&op) {
-                            return (Status::Invalid(error.to_string()), Bytes::new());
-                        }
-                    }
-                    Ok(_) => {
-                        return (
-                            Status::Invalid("operation does not match opcode".into()),
-                            Bytes::new(),
-                        )
-                    }
-                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
-                }
-                // The entry must fit one WAL record on every replica, or its persist would
-                // fail there and stall the copyset (issue 25, item 2).
-                let limit = self.engine.wal().entry_limit();
-                if payload.len() as u64 > limit {
-                    return (
-                        Status::Invalid(format!(
-                            "a request of {} bytes exceeds the largest WAL record ({limit} \
-                             bytes); split it",
-                            payload.len()
-                        )),
-                        Bytes::new(),
-                    );
-                }
-                let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
-                    return (Status::CopysetNotFound, Bytes::new());
-                };
-                let leads = core.borrow().role() == StateRole::Leader;
-                if leads && !self.admits_proposal(payload.len()) {
-                    let wal = self.engine.wal();
-                    if !wal.could_admit(payload.len() as u64) {
-                        return (
-                            Status::Invalid(format!(
-                                "a request of {} bytes never fits this shard's WAL ring of {} \
-                                 bytes beside the room raft keeps; split it, or enlarge \
-                                 storage.wal_size_per_shard",
-                                payload.len(),
-                                wal.size()
-                            )),
-                            Bytes::new(),
-                        );
-                    }
-                    return (
-                        Status::Retry("the WAL is full; a checkpoint is reclaiming it".into()),
-                        Bytes::new(),
-                    );
-                }
-                let (token, answer) = self.wait_token();
-                core.borrow_mut().propose(payload, token);
-                self.drive(copyset, &core);
-                answer.await
-            }
-            protocol::READ_SNAPSHOT => {
-                let request = match ReadSnapshot::decode(&payload) {
-                    Ok(request) => request,
-                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
-                };
-                self.read(copyset, ReadRequest::Snapshot(request)).await
-            }
-            protocol::READ_CHUNK => {
-                let request = match ReadChunk::decode(&payload) {
-                    Ok(request) => request,
-                    Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
-                };
-                self.read(copyset, ReadRequest::Chunk(request)).await
-            }
-            protocol::GET_CHUNK_INFO => {
-                if payload.len() != 8 {
-                    return (
-                        Status::Invalid("chunk info body is a chunk id".into()),
-                        Bytes::new(),
-                    );
-                }
-                let mut word = [0u8; 8];
-                word.copy_from_slice(&payload);
-                match self.engine.chunk_info(ChunkId(u64::from_le_bytes(word))) {
-                    Ok(info) => {
-                        let mut body = Vec::with_capacity(33);
-                        body.extend_from_slice(&info.size.to_le_bytes());
-                        body.extend_from_slice(&info.sn.to_le_bytes());
-                        body.push(u8::from(info.snapshot_sn.is_some()));
-                        body.extend_from_slice(&info.snapshot_sn.unwrap_or(0).to_le_bytes());
-                        body.extend_from_slice(&info.corrected_sn.to_le_bytes());
-                        (Status::Ok, Bytes::from(body))
-                    }
-                    Err(error) => (status_of_storage(&error), Bytes::new()),
-                }
-            }
+            | protocol::DELETE_VOLUME => self.propose_chunk_op(opcode, copyset, payload).await,
+            // The reads.
+            protocol::READ_SNAPSHOT => match ReadSnapshot::decode(&payload) {
+                Ok(request) => self.read(copyset, ReadRequest::Snapshot(request)).await,
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
+            protocol::READ_CHUNK => match ReadChunk::decode(&payload) {
+                Ok(request) => self.read(copyset, ReadRequest::Chunk(request)).await,
+                Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+            },
+            protocol::GET_CHUNK_INFO => self.chunk_info(&payload),
             other => (
                 Status::Invalid(format!("unknown opcode {}", other.0)),
                 Bytes::new(),
             ),
+        }
+    }
+
+    /// `TRANSFER_LEADER`: asks the copyset's leader to hand its leadership to the node whose
+    /// id is the body.
+    fn transfer_leader(self: &Rc<Self>, copyset: CopysetId, payload: &[u8]) -> (Status, Bytes) {
+        let Ok(target) = <[u8; 8]>::try_from(payload) else {
+            return (
+                Status::Invalid("the body is a node id".into()),
+                Bytes::new(),
+            );
+        };
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        let result = core
+            .borrow_mut()
+            .transfer_leader(NodeId(u64::from_le_bytes(target)));
+        self.drive(copyset, &core);
+        match result {
+            Ok(()) => (Status::Ok, Bytes::new()),
+            Err(raftcore::RaftError::NotLeader { leader }) => (
+                Status::Redirect {
+                    leader: leader.map_or(0, |l| l.0),
+                },
+                Bytes::new(),
+            ),
+            Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
+        }
+    }
+
+    /// `CHANGE_PEERS`: proposes the membership change the body encodes; answered once it is
+    /// applied.
+    async fn change_peers(self: &Rc<Self>, copyset: CopysetId, payload: Bytes) -> (Status, Bytes) {
+        let change = match raftcore::ConfChange::decode(payload) {
+            Ok(change) => change,
+            Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+        };
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        let (token, answer) = self.wait_token();
+        core.borrow_mut().propose_conf_change(&change, token);
+        self.drive(copyset, &core);
+        answer.await
+    }
+
+    /// `LIST_COPYSETS`: the ids of this shard's copysets, in order.
+    fn list_copysets(&self) -> (Status, Bytes) {
+        let mut ids: Vec<u64> = self.copysets.borrow().keys().map(|c| c.0).collect();
+        ids.sort_unstable();
+        (Status::Ok, protocol::encode_copyset_list(&ids))
+    }
+
+    /// `COPYSET_STATUS`: the replica's raft state.
+    fn copyset_status(&self, copyset: CopysetId) -> (Status, Bytes) {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return (Status::CopysetNotFound, Bytes::new());
+        };
+        let core = core.borrow();
+        let raft = core.node().raft();
+        let status = CopysetStatus {
+            role: match core.role() {
+                StateRole::Follower => 0,
+                StateRole::PreCandidate => 1,
+                StateRole::Candidate => 2,
+                StateRole::Leader => 3,
+            },
+            leader: core.leader().map_or(0, |l| l.0),
+            term: raft.term.0,
+            commit: raft.log.committed.0,
+            applied: core.applied().0,
+            membership: Membership::of(core.conf_state()),
+        };
+        (Status::Ok, status.encode())
+    }
+
+    /// A chunk operation that changes chunks: admitted (`admit_chunk_op`), then proposed to
+    /// the copyset; answered once it is applied.
+    async fn propose_chunk_op(
+        self: &Rc<Self>,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: Bytes,
+    ) -> (Status, Bytes) {
+        let core = match self.admit_chunk_op(opcode, copyset, &payload) {
+            Ok(core) => core,
+            Err(refusal) => return (refusal, Bytes::new()),
+        };
+        let (token, answer) = self.wait_token();
+        core.borrow_mut().propose(payload, token);
+        self.drive(copyset, &core);
+        answer.await
+    }
+
+    /// The checks a chunk operation passes before it is proposed, in this order: it is well
+    /// formed (`check_chunk_op`), its copyset is on this shard, and a leader's WAL has room
+    /// for it. Gives the copyset, or the status that refuses the request.
+    fn admit_chunk_op(
+        &self,
+        opcode: crate::net::Opcode,
+        copyset: CopysetId,
+        payload: &Bytes,
+    ) -> Result<CopysetCell<B>, Status> {
+        self.check_chunk_op(opcode, payload)?;
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return Err(Status::CopysetNotFound);
+        };
+        let leads = core.borrow().role() == StateRole::Leader;
+        if leads && !self.admits_proposal(payload.len()) {
+            let wal = self.engine.wal();
+            if !wal.could_admit(payload.len() as u64) {
+                return Err(Status::Invalid(format!(
+                    "a request of {} bytes never fits this shard's WAL ring of {} bytes beside \
+                     the room raft keeps; split it, or enlarge storage.wal_size_per_shard",
+                    payload.len(),
+                    wal.size()
+                )));
+            }
+            return Err(Status::Retry(
+                "the WAL is full; a checkpoint is reclaiming it".into(),
+            ));
+        }
+        Ok(core)
+    }
+
+    /// Whether a chunk operation's body is one the copyset can take: it decodes to an
+    /// operation of its opcode, the engine accepts that operation, and it fits one WAL record.
+    fn check_chunk_op(&self, opcode: crate::net::Opcode, payload: &Bytes) -> Result<(), Status> {
+        match ChunkOp::decode(payload) {
+            Ok(op) if protocol::opcode_of(&op) == opcode => {
+                if let Err(error) = self.engine.check_op(&op) {
+                    return Err(Status::Invalid(error.to_string()));
+                }
+            }
+            Ok(_) => return Err(Status::Invalid("operation does not match opcode".into())),
+            Err(error) => return Err(Status::Invalid(error.to_string())),
+        }
+        // The entry must fit one WAL record on every replica, or its persist would
+        // fail there and stall the copyset (issue 25, item 2).
+        let limit = self.engine.wal().entry_limit();
+        if payload.len() as u64 > limit {
+            return Err(Status::Invalid(format!(
+                "a request of {} bytes exceeds the largest WAL record ({limit} \
+                 bytes); split it",
+                payload.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `GET_CHUNK_INFO`: the chunk's size and sequence numbers, read from the engine at once.
+    fn chunk_info(&self, payload: &[u8]) -> (Status, Bytes) {
+        if payload.len() != 8 {
+            return (
+                Status::Invalid("chunk info body is a chunk id".into()),
+                Bytes::new(),
+            );
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(payload);
+        match self.engine.chunk_info(ChunkId(u64::from_le_bytes(word))) {
+            Ok(info) => {
+                let mut body = Vec::with_capacity(33);
+                body.extend_from_slice(&info.size.to_le_bytes());
+                body.extend_from_slice(&info.sn.to_le_bytes());
+                body.push(u8::from(info.snapshot_sn.is_some()));
+                body.extend_from_slice(&info.snapshot_sn.unwrap_or(0).to_le_bytes());
+                body.extend_from_slice(&info.corrected_sn.to_le_bytes());
+                (Status::Ok, Bytes::from(body))
+            }
+            Err(error) => (status_of_storage(&error), Bytes::new()),
         }
     }
 
