@@ -248,15 +248,21 @@ impl Client {
 
     /// Forces `node`'s replica of `copyset` to take `voters` as its membership, without
     /// consensus: disaster recovery for a copyset that lost its quorum for good. Send it to
-    /// every surviving replica named in `voters`.
+    /// every surviving replica named in `voters`. The admin role: `confirm` says the caller
+    /// accepts losing writes no named voter holds, `admin_token` is the node's
+    /// (`[admin] token_file`); without either the node refuses.
     pub async fn reset_peers(
         &self,
         copyset: CopysetId,
         node: u64,
         voters: &[u64],
+        confirm: bool,
+        admin_token: &[u8],
     ) -> Result<(), ClientError> {
         let body = protocol::ResetPeers {
             peers: voters.iter().map(|&p| NodeId(p)).collect(),
+            confirm,
+            token: admin_token.to_vec(),
         }
         .encode();
         self.with_retries(

@@ -1,6 +1,8 @@
 //! The chunkserver dataplane: configuration, and (as they land) shards, copysets, the storage
 //! engine, the transports, the services, the client library and the NBD export.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod config;
 pub mod copyset;

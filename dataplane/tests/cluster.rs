@@ -825,14 +825,23 @@ fn a_member_added_after_the_log_compaction_installs_the_chunks() {
 /// CopysetService delete and CliService reset peers: a replica removed from the membership
 /// is deleted with its chunks and stays deleted across a restart; when the copyset then loses
 /// its quorum for good, resetting the survivor's peers to itself lets it serve again with
-/// every acknowledged write.
+/// every acknowledged write. The reset needs the admin role (issue 25, item 8): it is refused
+/// without the caller's confirmation and without the node's admin token.
 #[test]
 fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
     use dataplane::protocol::{Status, GET_CHUNK_INFO};
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "node-one-admin-token-0123\n").expect("token file");
     let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| Node::start(config(id, &ports, dir.path(), "uring")))
+        .map(|id| {
+            let mut config = config(id, &ports, dir.path(), "uring");
+            if id == 1 {
+                config.admin.token_file = Some(token_file.clone());
+            }
+            Node::start(config)
+        })
         .collect();
     with_client(&ports, |client| {
         Box::pin(async move {
@@ -896,7 +905,22 @@ fn a_removed_replica_is_deleted_and_a_lost_quorum_is_reset() {
                 !listed.contains(&COPYSET),
                 "a deleted replica stays deleted across a restart"
             );
-            client.reset_peers(COPYSET, 1, &[1]).await.expect("reset");
+            let token = b"node-one-admin-token-0123";
+            for (confirm, token, refusal) in [
+                (false, &token[..], "confirmation"),
+                (true, &b"node-one-admin-token-0124"[..], "does not match"),
+                (true, &b""[..], "does not match"),
+            ] {
+                let refused = client.reset_peers(COPYSET, 1, &[1], confirm, token).await;
+                match refused {
+                    Err(error) => assert!(error.to_string().contains(refusal), "{error}"),
+                    Ok(()) => panic!("a reset without the admin role was carried out"),
+                }
+            }
+            client
+                .reset_peers(COPYSET, 1, &[1], true, token)
+                .await
+                .expect("reset");
             client.set_peers(COPYSET, &[1]);
             wait_status(&client, 1, "lead alone", |s| s.role == 3).await;
             client

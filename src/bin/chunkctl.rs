@@ -174,6 +174,12 @@ enum CopysetCommand {
         /// The surviving nodes that become the voters, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         peers: Vec<u64>,
+        /// Confirms that writes no named voter holds may be lost (the nodes refuse without).
+        #[arg(long)]
+        confirm_data_loss: bool,
+        /// The nodes' admin token file (their `[admin] token_file`).
+        #[arg(long)]
+        admin_token_file: std::path::PathBuf,
     },
     /// Makes the given nodes the copyset's voters, adding and removing in one change (joint
     /// consensus when more than one voter changes), e.g. to replace a node.
@@ -470,9 +476,22 @@ fn main() -> ExitCode {
                         Err(error) => Err(error.to_string()),
                     }
                 }
-                Command::Copyset(CopysetCommand::ResetPeers { id, peers }) => {
+                Command::Copyset(CopysetCommand::ResetPeers {
+                    id,
+                    peers,
+                    confirm_data_loss,
+                    admin_token_file,
+                }) => {
+                    let token = dataplane::config::read_admin_token(&admin_token_file)?;
                     for &node in &peers {
-                        if let Err(error) = client.reset_peers(CopysetId(id), node, &peers).await {
+                        let reset = client.reset_peers(
+                            CopysetId(id),
+                            node,
+                            &peers,
+                            confirm_data_loss,
+                            &token,
+                        );
+                        if let Err(error) = reset.await {
                             return Err(format!("node {node}: {error}"));
                         }
                     }

@@ -86,6 +86,54 @@ pub struct Config {
     /// The SPDK environment, for `spdk` devices.
     #[serde(default, skip_serializing_if = "SpdkSection::is_default")]
     pub spdk: SpdkSection,
+    /// Who may use the disaster-recovery operations.
+    #[serde(default, skip_serializing_if = "AdminSection::is_default")]
+    pub admin: AdminSection,
+}
+
+/// `[admin]`: the admin role. Operations that bypass consensus (`RESET_PEERS`) are served
+/// only to a request that carries this node's admin token, read from `token_file` at start
+/// (at least 16 bytes; surrounding whitespace is not part of it). Without a token file they
+/// are refused on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// A file holding the admin token (keep it 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The fewest bytes an admin token may have.
+pub const ADMIN_TOKEN_MIN: usize = 16;
+
+impl AdminSection {
+    fn is_default(&self) -> bool {
+        *self == AdminSection::default()
+    }
+
+    /// The admin token, read from `token_file` (`None` without one).
+    pub fn token(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        read_admin_token(path).map(Some)
+    }
+}
+
+/// Reads an admin token file: its bytes without surrounding whitespace, at least
+/// [`ADMIN_TOKEN_MIN`] of them.
+pub fn read_admin_token(path: &Path) -> Result<Vec<u8>, String> {
+    let text =
+        std::fs::read(path).map_err(|e| format!("admin token file {}: {e}", path.display()))?;
+    let token = text.trim_ascii().to_vec();
+    if token.len() < ADMIN_TOKEN_MIN {
+        return Err(format!(
+            "admin token file {}: the token has {} bytes, fewer than {ADMIN_TOKEN_MIN}",
+            path.display(),
+            token.len()
+        ));
+    }
+    Ok(token)
 }
 
 /// `[spdk]`: how the SPDK environment starts (only with `spdk` devices; feature `spdk`).

@@ -33,21 +33,34 @@ pub fn decode_copyset_list(bytes: &[u8]) -> Result<Vec<u64>, WireError> {
     Ok(ids)
 }
 
-/// The voters a `RESET_PEERS` forces on a replica.
+/// The voters a `RESET_PEERS` forces on a replica, with what the admin role requires: the
+/// caller's confirmation that acknowledged writes may be lost, and the node's admin token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResetPeers {
     /// The new voters (1 to [`MAX_PEERS`], none 0).
     pub peers: Vec<NodeId>,
+    /// The caller confirms it accepts losing writes no named voter holds.
+    pub confirm: bool,
+    /// The node's admin token (`[admin] token_file`).
+    pub token: Vec<u8>,
 }
 
+/// The longest admin token a request may carry.
+pub const MAX_ADMIN_TOKEN: usize = 1024;
+
 impl ResetPeers {
-    /// Encodes: count u16, then node ids u64.
+    /// Encodes: count u16, then node ids u64, then confirm u8, token length u16 and token
+    /// bytes (a body that ends after the ids, from an older client, confirms nothing).
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(2 + 8 * self.peers.len());
+        let token = &self.token[..self.token.len().min(MAX_ADMIN_TOKEN)];
+        let mut out = BytesMut::with_capacity(5 + 8 * self.peers.len() + token.len());
         out.put_u16_le(self.peers.len() as u16);
         for peer in &self.peers {
             out.put_u64_le(peer.0);
         }
+        out.put_u8(u8::from(self.confirm));
+        out.put_u16_le(token.len() as u16);
+        out.put_slice(token);
         out.freeze()
     }
 
@@ -55,6 +68,28 @@ impl ResetPeers {
     pub fn decode(bytes: &[u8]) -> Result<ResetPeers, WireError> {
         let mut reader = Reader::new(bytes, "reset peers");
         let ids = read_ids(&mut reader)?;
+        let (confirm, token) = if reader.is_empty() {
+            (false, Vec::new())
+        } else {
+            let confirm = match reader.u8()? {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Err(WireError {
+                        what: "reset peers",
+                        why: "confirm is neither 0 nor 1",
+                    })
+                }
+            };
+            let len = reader.u16()? as usize;
+            if len > MAX_ADMIN_TOKEN {
+                return Err(WireError {
+                    what: "reset peers",
+                    why: "admin token too long",
+                });
+            }
+            (confirm, reader.take(len)?.to_vec())
+        };
         reader.finish()?;
         if ids.is_empty() || ids.contains(&0) {
             return Err(WireError {
@@ -64,6 +99,8 @@ impl ResetPeers {
         }
         Ok(ResetPeers {
             peers: ids.into_iter().map(NodeId).collect(),
+            confirm,
+            token,
         })
     }
 }

@@ -107,8 +107,13 @@ proptest! {
 fn reset_peers_round_trips_and_refuses_an_empty_list() {
     let reset = ResetPeers {
         peers: vec![NodeId(1), NodeId(4)],
+        confirm: true,
+        token: b"0123456789abcdef".to_vec(),
     };
     assert_eq!(ResetPeers::decode(&reset.encode()), Ok(reset));
+    // An older client's body (the ids alone) confirms nothing and carries no token.
+    let old = ResetPeers::decode(&[1, 0, 2, 0, 0, 0, 0, 0, 0, 0]).expect("ids alone");
+    assert_eq!((old.confirm, old.token.len()), (false, 0));
     assert!(ResetPeers::decode(&[0, 0]).is_err());
     assert!(ResetPeers::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
 }

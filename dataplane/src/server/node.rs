@@ -389,6 +389,8 @@ struct ShardSettings {
     numa_node: Option<u32>,
     /// The disk faults to inject, when `[fault] injection` is on.
     faults: Option<Arc<DiskFaults>>,
+    /// The admin token (`[admin] token_file`), read at start.
+    admin_token: Option<Vec<u8>>,
 }
 
 impl ShardSettings {
@@ -400,6 +402,7 @@ impl ShardSettings {
         plan: DevicePlan,
         shards: u32,
         shutdown: &ShutdownSignal,
+        admin_token: Option<Vec<u8>>,
     ) -> ShardSettings {
         let cluster = cluster_view(config, shards);
         let timings = raft_timings(config);
@@ -422,6 +425,7 @@ impl ShardSettings {
             collect_metrics: config.metrics.collect,
             numa_node,
             faults,
+            admin_token,
         }
     }
 }
@@ -433,8 +437,16 @@ pub fn run_node(
     shutdown: &ShutdownSignal,
 ) -> Result<(), NodeError> {
     let shards = cores.len() as u32;
+    let admin_token = config.admin.token().map_err(NodeError::Config)?;
     let (device, plan) = prepare_device(config, shards)?;
-    let settings = Arc::new(ShardSettings::new(config, device, plan, shards, shutdown));
+    let settings = Arc::new(ShardSettings::new(
+        config,
+        device,
+        plan,
+        shards,
+        shutdown,
+        admin_token,
+    ));
     let results = start_shards(
         cores,
         64,
@@ -612,6 +624,7 @@ async fn open_server(
     )
     .map_err(|e| e.to_string())?;
     server.set_trace_every(settings.trace_every);
+    server.set_admin_token(settings.admin_token.as_deref());
     Ok(server)
 }
 

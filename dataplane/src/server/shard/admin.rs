@@ -173,6 +173,44 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
     }
 
+    /// `RESET_PEERS` as the admin role allows it: only with the caller's confirmation that
+    /// writes may be lost and this node's admin token (compared in constant time); every
+    /// refusal is logged, as is every reset carried out.
+    pub(super) async fn reset_peers_as_admin(
+        &self,
+        copyset: CopysetId,
+        request: &crate::protocol::ResetPeers,
+    ) -> Status {
+        let refuse = |why: &str| {
+            warn!(
+                node = self.node,
+                copyset = copyset.0,
+                "RESET_PEERS refused: {why}"
+            );
+            Status::Invalid(format!("RESET_PEERS refused: {why}"))
+        };
+        if !request.confirm {
+            return refuse(
+                "it forces a membership without consensus and can lose acknowledged writes; \
+                 it needs the caller's confirmation (chunkctl: --confirm-data-loss)",
+            );
+        }
+        let token = self.admin_token.borrow().clone();
+        let Some(token) = token else {
+            return refuse("this node has no admin token ([admin] token_file)");
+        };
+        if !same_secret(&token, &request.token) {
+            return refuse("the admin token does not match this node's");
+        }
+        warn!(
+            node = self.node,
+            copyset = copyset.0,
+            peers = ?request.peers,
+            "RESET_PEERS: forcing the membership without consensus, as the admin asked"
+        );
+        self.reset_peers(copyset, &request.peers).await
+    }
+
     /// Forces this replica's membership to `peers` (CliService reset peers), for a copyset
     /// whose quorum is gone for good: the membership is recorded with the applied index and
     /// checkpointed, and raft restarts on it. Entries above the applied index that the log
@@ -220,4 +258,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
             Err(error) => status_of_storage(&error),
         }
     }
+}
+
+/// Whether two secrets are equal, in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (x, y) in a.iter().zip(b.iter()) {
+        diff |= x ^ y;
+    }
+    diff == 0
 }

@@ -166,6 +166,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     hot: HotMetrics,
     /// One service request in this many is traced with a `request` span (0: none).
     trace_every: Cell<u64>,
+    /// The node's admin token (`[admin] token_file`): what `RESET_PEERS` must carry.
+    admin_token: RefCell<Option<Rc<[u8]>>>,
     /// Service requests received, for the trace sampling.
     received: Cell<u64>,
     /// Spans of the traced requests waiting on their copyset, by token.
@@ -214,6 +216,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             mesh: RefCell::new(None),
             hot: HotMetrics::default(),
             trace_every: Cell::new(0),
+            admin_token: RefCell::new(None),
             received: Cell::new(0),
             traced: RefCell::new(HashMap::new()),
         });
@@ -343,6 +346,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .borrow_mut()
             .insert((node, shard), Rc::clone(&peer));
         Some(peer)
+    }
+
+    /// The admin token `RESET_PEERS` must carry (`None`: the operation is refused).
+    pub fn set_admin_token(&self, token: Option<&[u8]>) {
+        *self.admin_token.borrow_mut() = token.map(Rc::from);
     }
 
     /// Traces one service request in `every` with a `request` span (0: none).

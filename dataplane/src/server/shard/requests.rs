@@ -220,7 +220,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             protocol::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
             protocol::RESET_PEERS => match ResetPeers::decode(&payload) {
                 Ok(request) => (
-                    self.reset_peers(copyset, &request.peers).await,
+                    self.reset_peers_as_admin(copyset, &request).await,
                     Bytes::new(),
                 ),
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
