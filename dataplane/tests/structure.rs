@@ -18,7 +18,6 @@ const LONG_FNS: &[(&str, usize)] = &[
     ("client.rs::with_retries", 114),
     ("copyset/op.rs::decode", 97),
     ("nbd/server.rs::handshake", 129),
-    ("net/rdma/link.rs::set_up", 136),
     ("net/verbs/soft.rs::on_request", 100),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
