@@ -17,7 +17,6 @@ const LONG_FILES: &[(&str, usize)] = &[];
 const LONG_FNS: &[(&str, usize)] = &[
     ("client.rs::with_retries", 114),
     ("copyset/op.rs::decode", 97),
-    ("nbd/server.rs::handshake", 129),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
     ("server/shard/apply.rs::apply_op", 90),
