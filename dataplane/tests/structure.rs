@@ -15,7 +15,6 @@ const LONG_FILES: &[(&str, usize)] = &[];
 
 /// Functions outside tests over `FN_LINES_MAX` lines (`file::function`), with their length today.
 const LONG_FNS: &[(&str, usize)] = &[
-    ("copyset/op.rs::decode", 97),
     ("server/node.rs::prepare_spdk_device", 89),
     ("server/node.rs::run_node", 206),
     ("server/shard/apply.rs::apply_op", 90),
