@@ -656,96 +656,16 @@ impl Client {
         body: &Bytes,
     ) -> Result<Bytes, ClientError> {
         let started = Instant::now();
-        let max = crate::protocol::frame::DEFAULT_MAX_PAYLOAD;
-        if body.len() > max as usize {
-            return Err(ClientError::TooLarge {
-                op,
-                copyset,
-                len: body.len(),
-                max,
-            });
-        }
-        let candidates: Vec<u64> = match fixed {
-            Some(node) => vec![node],
-            None => self
-                .peers
-                .borrow()
-                .get(&copyset)
-                .cloned()
-                .unwrap_or_else(|| {
-                    let mut all: Vec<u64> = self.nodes.keys().copied().collect();
-                    all.sort_unstable();
-                    all
-                }),
-        };
+        check_fits(op, copyset, body)?;
+        let candidates = self.candidates(copyset, fixed);
         let mut next_candidate = 0;
         let mut wait = self.config.backoff_initial;
-        let mut last;
         loop {
-            let target = match fixed {
-                Some(node) => node,
-                None => match self.cached_leader(copyset) {
-                    Some(leader) => leader,
-                    None => {
-                        let node = candidates[next_candidate % candidates.len().max(1)];
-                        next_candidate += 1;
-                        node
-                    }
-                },
-            };
-            let remaining = self.config.deadline.saturating_sub(started.elapsed());
-            let limit = self
-                .config
-                .attempt_timeout
-                .min(remaining)
-                .max(Duration::from_millis(1));
-            let outcome = futures_lite::future::or(
-                self.call_node(target, copyset, opcode, body.clone()),
-                async {
-                    glommio::timer::sleep(limit).await;
-                    Err(format!("no answer within {limit:?}"))
-                },
-            )
-            .await;
-            let redirect_now = match outcome {
-                Ok((Status::Ok, body)) => {
-                    if fixed.is_none() {
-                        self.leaders.borrow_mut().insert(copyset, target);
-                    }
-                    return Ok(body);
-                }
-                Ok((Status::Redirect { leader }, _)) => {
-                    last = format!("node {target} redirects to {leader}");
-                    if leader != 0 && leader != target && self.nodes.contains_key(&leader) {
-                        self.leaders.borrow_mut().insert(copyset, leader);
-                        true
-                    } else {
-                        self.leaders.borrow_mut().remove(&copyset);
-                        false
-                    }
-                }
-                Ok((Status::Retry(reason), _)) => {
-                    last = format!("node {target}: {reason}");
-                    false
-                }
-                Ok((Status::CopysetNotFound, _)) if fixed.is_none() => {
-                    // That node does not hold it (yet): look elsewhere.
-                    last = format!("node {target} does not have the copyset");
-                    self.leaders.borrow_mut().remove(&copyset);
-                    false
-                }
-                Ok((status, _)) => {
-                    return Err(ClientError::Refused {
-                        op,
-                        copyset,
-                        status,
-                    })
-                }
-                Err(error) => {
-                    last = format!("node {target}: {error}");
-                    self.leaders.borrow_mut().remove(&copyset);
-                    false
-                }
+            let target = self.target(copyset, fixed, &candidates, &mut next_candidate);
+            let outcome = self.attempt(target, copyset, opcode, body, started).await;
+            let (last, redirect_now) = match self.judge(op, copyset, fixed, target, outcome)? {
+                Judged::Answered(body) => return Ok(body),
+                Judged::Again { last, redirect_now } => (last, redirect_now),
             };
             if started.elapsed() >= self.config.deadline {
                 return Err(ClientError::Deadline {
@@ -761,4 +681,148 @@ impl Client {
             }
         }
     }
+
+    /// The nodes to try in turn when no leader is cached: `fixed` alone, else the copyset's
+    /// peers, else every known node in id order.
+    fn candidates(&self, copyset: CopysetId, fixed: Option<u64>) -> Vec<u64> {
+        match fixed {
+            Some(node) => vec![node],
+            None => self
+                .peers
+                .borrow()
+                .get(&copyset)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let mut all: Vec<u64> = self.nodes.keys().copied().collect();
+                    all.sort_unstable();
+                    all
+                }),
+        }
+    }
+
+    /// The node this attempt goes to: `fixed`, else the cached leader, else the next
+    /// candidate in turn.
+    fn target(
+        &self,
+        copyset: CopysetId,
+        fixed: Option<u64>,
+        candidates: &[u64],
+        next_candidate: &mut usize,
+    ) -> u64 {
+        match fixed {
+            Some(node) => node,
+            None => match self.cached_leader(copyset) {
+                Some(leader) => leader,
+                None => {
+                    let node = candidates[*next_candidate % candidates.len().max(1)];
+                    *next_candidate += 1;
+                    node
+                }
+            },
+        }
+    }
+
+    /// One attempt against `target`, given up after the attempt timeout (or what remains of
+    /// the deadline, at least 1 ms).
+    async fn attempt(
+        &self,
+        target: u64,
+        copyset: CopysetId,
+        opcode: Opcode,
+        body: &Bytes,
+        started: Instant,
+    ) -> Result<(Status, Bytes), String> {
+        let remaining = self.config.deadline.saturating_sub(started.elapsed());
+        let limit = self
+            .config
+            .attempt_timeout
+            .min(remaining)
+            .max(Duration::from_millis(1));
+        futures_lite::future::or(
+            self.call_node(target, copyset, opcode, body.clone()),
+            async {
+                glommio::timer::sleep(limit).await;
+                Err(format!("no answer within {limit:?}"))
+            },
+        )
+        .await
+    }
+
+    /// What an attempt's outcome means: the answer, a refusal (`Err`), or another attempt;
+    /// the leader cache learns from it (unless the target is `fixed`).
+    fn judge(
+        &self,
+        op: &'static str,
+        copyset: CopysetId,
+        fixed: Option<u64>,
+        target: u64,
+        outcome: Result<(Status, Bytes), String>,
+    ) -> Result<Judged, ClientError> {
+        let again = |last: String, redirect_now: bool| Ok(Judged::Again { last, redirect_now });
+        match outcome {
+            Ok((Status::Ok, body)) => {
+                if fixed.is_none() {
+                    self.leaders.borrow_mut().insert(copyset, target);
+                }
+                Ok(Judged::Answered(body))
+            }
+            Ok((Status::Redirect { leader }, _)) => {
+                let last = format!("node {target} redirects to {leader}");
+                again(last, self.follow_redirect(copyset, target, leader))
+            }
+            Ok((Status::Retry(reason), _)) => again(format!("node {target}: {reason}"), false),
+            Ok((Status::CopysetNotFound, _)) if fixed.is_none() => {
+                // That node does not hold it (yet): look elsewhere.
+                let last = format!("node {target} does not have the copyset");
+                self.leaders.borrow_mut().remove(&copyset);
+                again(last, false)
+            }
+            Ok((status, _)) => Err(ClientError::Refused {
+                op,
+                copyset,
+                status,
+            }),
+            Err(error) => {
+                let last = format!("node {target}: {error}");
+                self.leaders.borrow_mut().remove(&copyset);
+                again(last, false)
+            }
+        }
+    }
+
+    /// Caches the leader `target` redirected to, when it is a known node other than `target`
+    /// (then the next attempt goes there at once: returns true); otherwise forgets the
+    /// cached leader.
+    fn follow_redirect(&self, copyset: CopysetId, target: u64, leader: u64) -> bool {
+        if leader != 0 && leader != target && self.nodes.contains_key(&leader) {
+            self.leaders.borrow_mut().insert(copyset, leader);
+            true
+        } else {
+            self.leaders.borrow_mut().remove(&copyset);
+            false
+        }
+    }
+}
+
+/// What one attempt of `with_retries` came to, short of a refusal.
+enum Judged {
+    /// The request succeeded with this answer.
+    Answered(Bytes),
+    /// Another attempt is due; `last` says why this one failed, `redirect_now` that it goes
+    /// to the leader named by a redirect, without a backoff.
+    Again { last: String, redirect_now: bool },
+}
+
+/// Refuses a request larger than any frame may carry: sending it again cannot help.
+fn check_fits(op: &'static str, copyset: CopysetId, body: &Bytes) -> Result<(), ClientError> {
+    let max = crate::protocol::frame::DEFAULT_MAX_PAYLOAD;
+    if body.len() > max as usize {
+        return Err(ClientError::TooLarge {
+            op,
+            copyset,
+            len: body.len(),
+            max,
+        });
+    }
+    Ok(())
 }

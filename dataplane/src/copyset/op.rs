@@ -218,14 +218,58 @@ impl ChunkOp {
 
     /// Decodes an operation; the data of a write is a slice of `bytes`, not a copy.
     pub fn decode(bytes: &Bytes) -> Result<ChunkOp, OpDecodeError> {
-        let malformed = |why| OpDecodeError::Malformed {
-            len: bytes.len(),
-            why,
-        };
+        let raw = Raw::read(bytes)?;
+        if raw.code == OP_RECOVER {
+            return raw.recover();
+        }
+        if raw.data_len != raw.len {
+            return Err(raw.malformed("the data length does not match the trailer"));
+        }
+        match raw.code {
+            OP_WRITE => Ok(raw.write()),
+            OP_PASTE => Ok(raw.paste()),
+            OP_CREATE_CLONE => raw.create_clone(),
+            OP_VOLUME_CREATE => raw.volume_create(),
+            OP_VOLUME_DELETE => raw.volume_delete(),
+            OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if raw.len != 0 => {
+                Err(raw.malformed("data on an operation that takes none"))
+            }
+            OP_DELETE => Ok(ChunkOp::Delete {
+                chunk: raw.chunk,
+                sn: raw.sn,
+            }),
+            OP_DELETE_SNAPSHOT => Ok(ChunkOp::DeleteSnapshotOrCorrectSn {
+                chunk: raw.chunk,
+                sn: raw.sn,
+            }),
+            OP_FLATTEN => Ok(ChunkOp::Flatten { chunk: raw.chunk }),
+            code => Err(OpDecodeError::Unknown(code)),
+        }
+    }
+}
+
+/// An encoded operation with its trailer read: what each kind's decoder starts from.
+struct Raw<'a> {
+    /// The whole encoding.
+    bytes: &'a Bytes,
+    /// Bytes before the trailer.
+    data_len: usize,
+    code: u8,
+    chunk: ChunkId,
+    sn: u64,
+    offset: u32,
+    /// The trailer's `len` field.
+    len: usize,
+}
+
+impl<'a> Raw<'a> {
+    /// Reads the trailer at the end of `bytes`, after checking there is one of a known
+    /// version.
+    fn read(bytes: &'a Bytes) -> Result<Raw<'a>, OpDecodeError> {
         let data_len = bytes
             .len()
             .checked_sub(OP_HEADER_LEN)
-            .ok_or_else(|| malformed("shorter than the trailer"))?;
+            .ok_or_else(|| malformed(bytes, "shorter than the trailer"))?;
         let header = &bytes[data_len..];
         if header[0] != OP_VERSION {
             return Err(OpDecodeError::Version(header[0]));
@@ -240,79 +284,106 @@ impl ChunkOp {
             word.copy_from_slice(&header[at..at + 4]);
             u32::from_le_bytes(word)
         };
-        let chunk = ChunkId(u64_at(2));
-        let sn = u64_at(10);
-        let offset = u32_at(18);
-        let len = u32_at(22) as usize;
-        let code = header[1];
-        if code == OP_RECOVER {
-            if data_len != 0 {
-                return Err(malformed("data on a recover"));
-            }
-            return Ok(ChunkOp::Recover {
-                chunk,
-                offset,
-                len: len as u32,
-            });
+        Ok(Raw {
+            bytes,
+            data_len,
+            chunk: ChunkId(u64_at(2)),
+            sn: u64_at(10),
+            offset: u32_at(18),
+            len: u32_at(22) as usize,
+            code: header[1],
+        })
+    }
+
+    /// The error for this encoding, malformed because of `why`.
+    fn malformed(&self, why: &'static str) -> OpDecodeError {
+        malformed(self.bytes, why)
+    }
+
+    /// The data before the trailer, as a slice of the encoding (not a copy).
+    fn data(&self) -> Bytes {
+        self.bytes.slice(..self.data_len)
+    }
+
+    /// A recover: no data, `len` is the range's length.
+    fn recover(&self) -> Result<ChunkOp, OpDecodeError> {
+        if self.data_len != 0 {
+            return Err(self.malformed("data on a recover"));
         }
-        if data_len != len {
-            return Err(malformed("the data length does not match the trailer"));
+        Ok(ChunkOp::Recover {
+            chunk: self.chunk,
+            offset: self.offset,
+            len: self.len as u32,
+        })
+    }
+
+    /// A write: the data is what to write.
+    fn write(&self) -> ChunkOp {
+        ChunkOp::Write {
+            chunk: self.chunk,
+            sn: self.sn,
+            offset: self.offset,
+            data: self.data(),
         }
-        match code {
-            OP_WRITE => Ok(ChunkOp::Write {
-                chunk,
-                sn,
-                offset,
-                data: bytes.slice(..data_len),
-            }),
-            OP_PASTE => Ok(ChunkOp::Paste {
-                chunk,
-                offset,
-                data: bytes.slice(..data_len),
-            }),
-            OP_CREATE_CLONE => {
-                let source = bytes
-                    .get(..8)
-                    .filter(|_| data_len == 8)
-                    .ok_or_else(|| malformed("a clone's body is its source chunk id"))?;
-                let mut word = [0u8; 8];
-                word.copy_from_slice(source);
-                Ok(ChunkOp::CreateClone {
-                    chunk,
-                    source: ChunkId(u64::from_le_bytes(word)),
-                    sn,
-                })
-            }
-            OP_VOLUME_CREATE => {
-                let body = &bytes[..data_len];
-                let (copyset, name) = body
-                    .split_first_chunk::<8>()
-                    .ok_or_else(|| malformed("a volume creation's body is a copyset and a name"))?;
-                let name = std::str::from_utf8(name)
-                    .map_err(|_| malformed("a volume name that is not UTF-8"))?;
-                Ok(ChunkOp::VolumeCreate {
-                    table: chunk,
-                    copyset: u64::from_le_bytes(*copyset),
-                    size: sn,
-                    name: name.to_string(),
-                })
-            }
-            OP_VOLUME_DELETE => {
-                let name = std::str::from_utf8(&bytes[..data_len])
-                    .map_err(|_| malformed("a volume name that is not UTF-8"))?;
-                Ok(ChunkOp::VolumeDelete {
-                    table: chunk,
-                    name: name.to_string(),
-                })
-            }
-            OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if len != 0 => {
-                Err(malformed("data on an operation that takes none"))
-            }
-            OP_DELETE => Ok(ChunkOp::Delete { chunk, sn }),
-            OP_DELETE_SNAPSHOT => Ok(ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn }),
-            OP_FLATTEN => Ok(ChunkOp::Flatten { chunk }),
-            code => Err(OpDecodeError::Unknown(code)),
+    }
+
+    /// A paste: the data is what to paste.
+    fn paste(&self) -> ChunkOp {
+        ChunkOp::Paste {
+            chunk: self.chunk,
+            offset: self.offset,
+            data: self.data(),
         }
+    }
+
+    /// A clone's creation: the data is the source chunk id.
+    fn create_clone(&self) -> Result<ChunkOp, OpDecodeError> {
+        let source = self
+            .bytes
+            .get(..8)
+            .filter(|_| self.data_len == 8)
+            .ok_or_else(|| self.malformed("a clone's body is its source chunk id"))?;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(source);
+        Ok(ChunkOp::CreateClone {
+            chunk: self.chunk,
+            source: ChunkId(u64::from_le_bytes(word)),
+            sn: self.sn,
+        })
+    }
+
+    /// A volume's creation: the data is the copyset u64, then the name; `sn` is the size.
+    fn volume_create(&self) -> Result<ChunkOp, OpDecodeError> {
+        let body = &self.bytes[..self.data_len];
+        let (copyset, name) = body
+            .split_first_chunk::<8>()
+            .ok_or_else(|| self.malformed("a volume creation's body is a copyset and a name"))?;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| self.malformed("a volume name that is not UTF-8"))?;
+        Ok(ChunkOp::VolumeCreate {
+            table: self.chunk,
+            copyset: u64::from_le_bytes(*copyset),
+            size: self.sn,
+            name: name.to_string(),
+        })
+    }
+
+    /// A volume's deletion: the data is the name.
+    fn volume_delete(&self) -> Result<ChunkOp, OpDecodeError> {
+        let name = std::str::from_utf8(&self.bytes[..self.data_len])
+            .map_err(|_| self.malformed("a volume name that is not UTF-8"))?;
+        Ok(ChunkOp::VolumeDelete {
+            table: self.chunk,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The error for `bytes`, malformed because of `why`.
+fn malformed(bytes: &Bytes, why: &'static str) -> OpDecodeError {
+    OpDecodeError::Malformed {
+        len: bytes.len(),
+        why,
     }
 }
 

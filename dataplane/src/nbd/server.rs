@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -158,11 +159,44 @@ fn transmission_flags(export: &dyn Export) -> u16 {
     flags
 }
 
+/// Where one option of the negotiation leaves it: `Continue` with the next option, or
+/// `Break` with its end — `None` when the client aborted, the export otherwise.
+type OptionStep = ControlFlow<Option<Negotiated>>;
+
+/// The fixed-newstyle negotiation: the greeting, then options until the client chooses an
+/// export (`Some`) or aborts (`None`); at most `config.max_options` of them.
 async fn handshake(
     stream: &mut SharedStream,
     exports: &Exports,
     config: NbdConfig,
 ) -> Result<Option<Negotiated>, NbdError> {
+    let no_zeroes = greet(stream).await?;
+    let mut structured = false;
+
+    for _ in 0..config.max_options {
+        let (header, data) = read_option(stream).await?;
+        let step = match header.option {
+            option::EXPORT_NAME => {
+                export_name(stream, exports, &data, no_zeroes, structured).await?
+            }
+            option::ABORT => abort(stream).await,
+            option::LIST => list(stream, exports, &data).await?,
+            option::STRUCTURED_REPLY => structured_reply(stream, &data, &mut structured).await?,
+            option::INFO | option::GO => {
+                info_or_go(stream, exports, config, header.option, &data, structured).await?
+            }
+            other => unsupported(stream, other).await?,
+        };
+        if let ControlFlow::Break(end) = step {
+            return Ok(end);
+        }
+    }
+    Err(NbdError::TooManyOptions(config.max_options))
+}
+
+/// Sends the server greeting and reads the client's flags, which must be fixed newstyle.
+/// Returns whether the client asked for no zeroes after the export-name reply.
+async fn greet(stream: &mut SharedStream) -> Result<bool, NbdError> {
     stream.write_all(&protocol::server_greeting()).await?;
     let mut client_flags = [0u8; 4];
     stream.read_exact(&mut client_flags).await?;
@@ -170,122 +204,178 @@ async fn handshake(
     if client_flags & protocol::CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
         return Err(ProtocolError::NotFixedNewstyle(client_flags).into());
     }
-    let no_zeroes = client_flags & protocol::CLIENT_FLAG_NO_ZEROES != 0;
-    let mut structured = false;
+    Ok(client_flags & protocol::CLIENT_FLAG_NO_ZEROES != 0)
+}
 
-    for _ in 0..config.max_options {
-        let mut header = [0u8; 16];
-        stream.read_exact(&mut header).await?;
-        let header = protocol::decode_option_header(&header)?;
-        let mut data = vec![0u8; header.len as usize];
-        stream.read_exact(&mut data).await?;
-        let send =
-            |option: u32, kind: u32, payload: &[u8]| protocol::option_reply(option, kind, payload);
+/// Reads one option: its header, then its data.
+async fn read_option(
+    stream: &mut SharedStream,
+) -> Result<(protocol::OptionHeader, Vec<u8>), NbdError> {
+    let mut header = [0u8; 16];
+    stream.read_exact(&mut header).await?;
+    let header = protocol::decode_option_header(&header)?;
+    let mut data = vec![0u8; header.len as usize];
+    stream.read_exact(&mut data).await?;
+    Ok((header, data))
+}
 
-        match header.option {
-            option::EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                let export = exports.get(&name).ok_or(NbdError::UnknownExport(name))?;
-                let flags = transmission_flags(export.as_ref());
-                let mut out = Vec::with_capacity(10 + 124);
-                out.extend_from_slice(&export.size().to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
-                }
-                stream.write_all(&out).await?;
-                return Ok(Some(Negotiated {
-                    export,
-                    structured,
-                    flags,
-                }));
-            }
-            option::ABORT => {
-                // The client may already have closed; a failed ack changes nothing.
-                drop(
-                    stream
-                        .write_all(&send(option::ABORT, reply::ACK, &[]))
-                        .await,
-                );
-                return Ok(None);
-            }
-            option::LIST => {
-                if !data.is_empty() {
-                    stream
-                        .write_all(&send(option::LIST, reply::ERR_INVALID, &[]))
-                        .await?;
-                    continue;
-                }
-                for name in exports.by_name.keys() {
-                    let mut entry = Vec::with_capacity(4 + name.len());
-                    entry.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                    entry.extend_from_slice(name.as_bytes());
-                    stream
-                        .write_all(&send(option::LIST, reply::SERVER, &entry))
-                        .await?;
-                }
-                stream
-                    .write_all(&send(option::LIST, reply::ACK, &[]))
-                    .await?;
-            }
-            option::STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    structured = true;
-                    stream
-                        .write_all(&send(option::STRUCTURED_REPLY, reply::ACK, &[]))
-                        .await?;
-                } else {
-                    stream
-                        .write_all(&send(option::STRUCTURED_REPLY, reply::ERR_INVALID, &[]))
-                        .await?;
-                }
-            }
-            option::INFO | option::GO => {
-                let Some(request) = protocol::decode_info_request(&data) else {
-                    stream
-                        .write_all(&send(header.option, reply::ERR_INVALID, &[]))
-                        .await?;
-                    continue;
-                };
-                let Some(export) = exports.get(&request.name) else {
-                    let message = format!("no export named `{}`", request.name);
-                    stream
-                        .write_all(&send(header.option, reply::ERR_UNKNOWN, message.as_bytes()))
-                        .await?;
-                    continue;
-                };
-                let flags = transmission_flags(export.as_ref());
-                let info = protocol::info_export(export.size(), flags);
-                stream
-                    .write_all(&send(header.option, reply::INFO, &info))
-                    .await?;
-                if request.requests.contains(&protocol::info::BLOCK_SIZE) {
-                    let (minimum, preferred, maximum) = export.block_sizes();
-                    let maximum = maximum.min(config.max_request_len);
-                    let info = protocol::info_block_size(minimum, preferred, maximum);
-                    stream
-                        .write_all(&send(header.option, reply::INFO, &info))
-                        .await?;
-                }
-                stream
-                    .write_all(&send(header.option, reply::ACK, &[]))
-                    .await?;
-                if header.option == option::GO {
-                    return Ok(Some(Negotiated {
-                        export,
-                        structured,
-                        flags,
-                    }));
-                }
-            }
-            other => {
-                stream
-                    .write_all(&send(other, reply::ERR_UNSUP, &[]))
-                    .await?;
-            }
-        }
+/// `NBD_OPT_EXPORT_NAME`: the old way to choose an export. An unknown name ends the
+/// connection (there is no reply for it); a known one is answered with its size and flags,
+/// and transmission starts.
+async fn export_name(
+    stream: &mut SharedStream,
+    exports: &Exports,
+    data: &[u8],
+    no_zeroes: bool,
+    structured: bool,
+) -> Result<OptionStep, NbdError> {
+    let name = String::from_utf8_lossy(data).into_owned();
+    let export = exports.get(&name).ok_or(NbdError::UnknownExport(name))?;
+    let flags = transmission_flags(export.as_ref());
+    let mut out = Vec::with_capacity(10 + 124);
+    out.extend_from_slice(&export.size().to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
     }
-    Err(NbdError::TooManyOptions(config.max_options))
+    stream.write_all(&out).await?;
+    Ok(ControlFlow::Break(Some(Negotiated {
+        export,
+        structured,
+        flags,
+    })))
+}
+
+/// `NBD_OPT_ABORT`: acknowledged (if the client still listens), and the negotiation ends.
+async fn abort(stream: &mut SharedStream) -> OptionStep {
+    // The client may already have closed; a failed ack changes nothing.
+    drop(
+        stream
+            .write_all(&protocol::option_reply(option::ABORT, reply::ACK, &[]))
+            .await,
+    );
+    ControlFlow::Break(None)
+}
+
+/// `NBD_OPT_LIST`: one reply per export name, then an acknowledgement; refused when the
+/// option carries data.
+async fn list(
+    stream: &mut SharedStream,
+    exports: &Exports,
+    data: &[u8],
+) -> Result<OptionStep, NbdError> {
+    if !data.is_empty() {
+        stream
+            .write_all(&protocol::option_reply(
+                option::LIST,
+                reply::ERR_INVALID,
+                &[],
+            ))
+            .await?;
+        return Ok(ControlFlow::Continue(()));
+    }
+    for name in exports.by_name.keys() {
+        let mut entry = Vec::with_capacity(4 + name.len());
+        entry.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        entry.extend_from_slice(name.as_bytes());
+        stream
+            .write_all(&protocol::option_reply(option::LIST, reply::SERVER, &entry))
+            .await?;
+    }
+    stream
+        .write_all(&protocol::option_reply(option::LIST, reply::ACK, &[]))
+        .await?;
+    Ok(ControlFlow::Continue(()))
+}
+
+/// `NBD_OPT_STRUCTURED_REPLY`: without data, structured replies are on and acknowledged;
+/// with data, refused.
+async fn structured_reply(
+    stream: &mut SharedStream,
+    data: &[u8],
+    structured: &mut bool,
+) -> Result<OptionStep, NbdError> {
+    if data.is_empty() {
+        *structured = true;
+        stream
+            .write_all(&protocol::option_reply(
+                option::STRUCTURED_REPLY,
+                reply::ACK,
+                &[],
+            ))
+            .await?;
+    } else {
+        stream
+            .write_all(&protocol::option_reply(
+                option::STRUCTURED_REPLY,
+                reply::ERR_INVALID,
+                &[],
+            ))
+            .await?;
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+/// `NBD_OPT_INFO` and `NBD_OPT_GO`: the export's size and flags (and block sizes when asked),
+/// then an acknowledgement; `GO` then starts transmission. A malformed request or an unknown
+/// export is refused, and the negotiation goes on.
+async fn info_or_go(
+    stream: &mut SharedStream,
+    exports: &Exports,
+    config: NbdConfig,
+    requested: u32,
+    data: &[u8],
+    structured: bool,
+) -> Result<OptionStep, NbdError> {
+    let Some(request) = protocol::decode_info_request(data) else {
+        stream
+            .write_all(&protocol::option_reply(requested, reply::ERR_INVALID, &[]))
+            .await?;
+        return Ok(ControlFlow::Continue(()));
+    };
+    let Some(export) = exports.get(&request.name) else {
+        let message = format!("no export named `{}`", request.name);
+        stream
+            .write_all(&protocol::option_reply(
+                requested,
+                reply::ERR_UNKNOWN,
+                message.as_bytes(),
+            ))
+            .await?;
+        return Ok(ControlFlow::Continue(()));
+    };
+    let flags = transmission_flags(export.as_ref());
+    let info = protocol::info_export(export.size(), flags);
+    stream
+        .write_all(&protocol::option_reply(requested, reply::INFO, &info))
+        .await?;
+    if request.requests.contains(&protocol::info::BLOCK_SIZE) {
+        let (minimum, preferred, maximum) = export.block_sizes();
+        let maximum = maximum.min(config.max_request_len);
+        let info = protocol::info_block_size(minimum, preferred, maximum);
+        stream
+            .write_all(&protocol::option_reply(requested, reply::INFO, &info))
+            .await?;
+    }
+    stream
+        .write_all(&protocol::option_reply(requested, reply::ACK, &[]))
+        .await?;
+    if requested == option::GO {
+        return Ok(ControlFlow::Break(Some(Negotiated {
+            export,
+            structured,
+            flags,
+        })));
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+/// Any other option: refused as unsupported.
+async fn unsupported(stream: &mut SharedStream, other: u32) -> Result<OptionStep, NbdError> {
+    stream
+        .write_all(&protocol::option_reply(other, reply::ERR_UNSUP, &[]))
+        .await?;
+    Ok(ControlFlow::Continue(()))
 }
 
 /// Checks a request against the export before anything runs; `Err` is the errno to answer.

@@ -17,12 +17,12 @@ use super::{
     RELEASED_MAX, TICK, WR_INDEX_MASK, WR_RECV, WR_SEND, WR_WRITE,
 };
 use crate::net::connection::{new_connection, Connection, LinkSide};
-use crate::net::context::NetContext;
+use crate::net::context::{NetContext, RdmaConfig};
 use crate::net::payload::{freeze, PayloadAllocator};
 use crate::net::queue::Latch;
 use crate::net::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QueuePair, RemoteAddress, SendOp, SendRequest, Verbs,
-    WcOpcode, WcStatus, WorkCompletion,
+    VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
 use crate::net::NetError;
 use crate::protocol::frame::{Frame, FrameCodec, FRAME_HEADER_LEN};
@@ -63,6 +63,18 @@ struct RdmaLink<V: Verbs> {
     scratch: Vec<u8>,
 }
 
+/// The registered memory of one connection.
+struct Regions<V: Verbs> {
+    recv: V::Region,
+    send: V::Region,
+    staging: V::Region,
+    landing: V::Region,
+}
+
+/// Sets up an RDMA connection over the out-of-band `stream`: registers its memory, creates
+/// its queue pair and posts the receive ring, exchanges hellos with the peer, moves the queue
+/// pair to ReadyToSend, exchanges the ready byte, then spawns the pump (and the watcher of the
+/// out-of-band connection) on the current shard.
 pub(super) async fn set_up<V: Verbs + 'static>(
     device: Rc<V>,
     mut stream: TcpStream,
@@ -70,30 +82,74 @@ pub(super) async fn set_up<V: Verbs + 'static>(
     context: &NetContext,
 ) -> Result<Connection, NetError> {
     let config = &context.rdma;
-    let verbs_error = |what: &'static str| {
-        let label = label.clone();
-        move |e: crate::net::verbs::VerbsError| NetError::Io {
-            context: format!("{label}: {what}"),
-            reason: e.to_string(),
-        }
-    };
+    let regions = register_regions(&*device, config, &label)?;
+    let (cq, qp) = create_queues(&*device, config, &label)?;
+    post_receive_ring(&qp, &regions.recv, config, &label)?;
+    let hello = own_hello(&qp, &regions.landing, config);
+    let peer = exchange_hellos(&mut stream, &hello, &label).await?;
+    connect_queue_pair(&qp, &peer, &label)?;
+    exchange_ready(&mut stream, &label).await?;
+
+    let (connection, link_side) = new_connection(label.clone(), context.connection.clone());
+    let link = RdmaLink::<V>::new(label, context, qp, cq, regions, peer);
+    spawn_pump(device, stream, link, link_side);
+    Ok(connection)
+}
+
+/// Maps a verbs failure of set-up step `what` to an I/O error naming the connection.
+fn verbs_error(label: &str, what: &'static str) -> impl FnOnce(VerbsError) -> NetError {
+    let label = label.to_string();
+    move |e: VerbsError| NetError::Io {
+        context: format!("{label}: {what}"),
+        reason: e.to_string(),
+    }
+}
+
+/// Maps an out-of-band I/O failure of set-up step `what` to an error naming the connection.
+fn io_error(label: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> NetError {
+    let label = label.to_string();
+    move |e: std::io::Error| NetError::io(format!("{label}: {what}"), &e)
+}
+
+/// Registers the receive ring, the send buffers, the staging slots and the landing slots.
+fn register_regions<V: Verbs>(
+    device: &V,
+    config: &RdmaConfig,
+    label: &str,
+) -> Result<Regions<V>, NetError> {
     let depth = usize::from(config.recv_ring_depth);
     let slots = usize::from(config.landing_slots);
-    let recv_region = device
+    let recv = device
         .register(depth * config.recv_buffer_size)
-        .map_err(verbs_error("register the receive ring"))?;
-    let send_region = device
+        .map_err(verbs_error(label, "register the receive ring"))?;
+    let send = device
         .register(depth * config.recv_buffer_size)
-        .map_err(verbs_error("register the send buffers"))?;
+        .map_err(verbs_error(label, "register the send buffers"))?;
     let staging = device
         .register(slots * config.landing_slot_size)
-        .map_err(verbs_error("register the staging slots"))?;
+        .map_err(verbs_error(label, "register the staging slots"))?;
     let landing = device
         .register(slots * config.landing_slot_size)
-        .map_err(verbs_error("register the landing slots"))?;
+        .map_err(verbs_error(label, "register the landing slots"))?;
+    Ok(Regions {
+        recv,
+        send,
+        staging,
+        landing,
+    })
+}
+
+/// Creates the completion queue and the queue pair, and moves the queue pair to Init.
+fn create_queues<V: Verbs>(
+    device: &V,
+    config: &RdmaConfig,
+    label: &str,
+) -> Result<(V::Cq, V::Qp), NetError> {
+    let depth = usize::from(config.recv_ring_depth);
+    let slots = usize::from(config.landing_slots);
     let cq = device
         .create_cq(u32::try_from(3 * depth + slots + 16).unwrap_or(u32::MAX))
-        .map_err(verbs_error("create the completion queue"))?;
+        .map_err(verbs_error(label, "create the completion queue"))?;
     let caps = QpCaps {
         max_send_wr: u32::try_from(depth + slots + 4).unwrap_or(u32::MAX),
         max_recv_wr: u32::from(config.recv_ring_depth),
@@ -101,82 +157,97 @@ pub(super) async fn set_up<V: Verbs + 'static>(
     };
     let qp = device
         .create_qp(&cq, caps)
-        .map_err(verbs_error("create the queue pair"))?;
-    qp.to_init().map_err(verbs_error("queue pair to Init"))?;
-    for index in 0..depth {
+        .map_err(verbs_error(label, "create the queue pair"))?;
+    qp.to_init()
+        .map_err(verbs_error(label, "queue pair to Init"))?;
+    Ok((cq, qp))
+}
+
+/// Posts every buffer of the receive ring.
+fn post_receive_ring<Q: QueuePair>(
+    qp: &Q,
+    recv_region: &Q::Region,
+    config: &RdmaConfig,
+    label: &str,
+) -> Result<(), NetError> {
+    for index in 0..usize::from(config.recv_ring_depth) {
         qp.post_recv(
             WR_RECV | index as u64,
-            &recv_region,
+            recv_region,
             index * config.recv_buffer_size,
             config.recv_buffer_size,
         )
-        .map_err(verbs_error("post the receive ring"))?;
+        .map_err(verbs_error(label, "post the receive ring"))?;
     }
-    let hello = Hello {
+    Ok(())
+}
+
+/// The hello this side sends: its queue-pair address, receive ring and landing slots.
+fn own_hello<Q: QueuePair>(qp: &Q, landing: &Q::Region, config: &RdmaConfig) -> Hello {
+    Hello {
         endpoint: qp.endpoint(),
         recv_ring_depth: config.recv_ring_depth,
         recv_buffer_size: u32::try_from(config.recv_buffer_size).unwrap_or(u32::MAX),
         landing_slots: config.landing_slots,
         landing_slot_size: u32::try_from(config.landing_slot_size).unwrap_or(u32::MAX),
         landing: landing.remote_address(0),
-    };
-    let io = |what: &'static str| {
-        let label = label.clone();
-        move |e: std::io::Error| NetError::io(format!("{label}: {what}"), &e)
-    };
+    }
+}
+
+/// Sends our hello over the out-of-band connection, then reads and decodes the peer's.
+async fn exchange_hellos(
+    stream: &mut TcpStream,
+    hello: &Hello,
+    label: &str,
+) -> Result<Hello, NetError> {
     stream
         .write_all(&hello.encode())
         .await
-        .map_err(io("send the hello"))?;
+        .map_err(io_error(label, "send the hello"))?;
     let mut peer_hello = [0u8; HELLO_LEN];
     stream
         .read_exact(&mut peer_hello)
         .await
-        .map_err(io("read the peer's hello"))?;
-    let peer = Hello::decode(&peer_hello)?;
+        .map_err(io_error(label, "read the peer's hello"))?;
+    Hello::decode(&peer_hello)
+}
+
+/// Moves the queue pair to ReadyToReceive (towards the peer's) and on to ReadyToSend.
+fn connect_queue_pair<Q: QueuePair>(qp: &Q, peer: &Hello, label: &str) -> Result<(), NetError> {
     qp.to_ready_to_receive(&peer.endpoint)
-        .map_err(verbs_error("queue pair to ReadyToReceive"))?;
+        .map_err(verbs_error(label, "queue pair to ReadyToReceive"))?;
     qp.to_ready_to_send()
-        .map_err(verbs_error("queue pair to ReadyToSend"))?;
+        .map_err(verbs_error(label, "queue pair to ReadyToSend"))
+}
+
+/// Sends the ready byte and waits for the peer's.
+async fn exchange_ready(stream: &mut TcpStream, label: &str) -> Result<(), NetError> {
     // Neither side sends before both queue pairs can receive.
-    stream.write_all(b"R").await.map_err(io("send ready"))?;
+    stream
+        .write_all(b"R")
+        .await
+        .map_err(io_error(label, "send ready"))?;
     let mut ready = [0u8; 1];
     stream
         .read_exact(&mut ready)
         .await
-        .map_err(io("read ready"))?;
+        .map_err(io_error(label, "read ready"))?;
     if &ready != b"R" {
         return Err(NetError::Protocol {
             reason: format!("{label}: bad ready byte {ready:?}"),
         });
     }
+    Ok(())
+}
 
-    let (connection, link_side) = new_connection(label.clone(), context.connection.clone());
-    let link = RdmaLink::<V> {
-        label,
-        codec: context.connection.codec(),
-        allocator: Rc::clone(&context.allocator),
-        qp,
-        cq,
-        recv_region,
-        send_region,
-        staging,
-        landing,
-        recv_buffer_size: config.recv_buffer_size,
-        landing_slot_size: config.landing_slot_size,
-        credits: u32::from(peer.recv_ring_depth),
-        owed: 0,
-        free_send_buffers: (0..depth).rev().collect(),
-        free_peer_slots: (0..peer.landing_slots).collect(),
-        peer_slot_in_use: vec![false; usize::from(peer.landing_slots)],
-        staging_busy: vec![false; slots],
-        released: Vec::new(),
-        held: VecDeque::new(),
-        waiting: None,
-        completions: Vec::with_capacity(64),
-        scratch: vec![0u8; PREFIX_LEN + 2 * RELEASED_MAX + FRAME_HEADER_LEN],
-        peer,
-    };
+/// Spawns the watcher of the out-of-band connection and the pump, detached; when the pump
+/// ends, the out-of-band connection closes, and the device is kept a little longer.
+fn spawn_pump<V: Verbs + 'static>(
+    device: Rc<V>,
+    stream: TcpStream,
+    link: RdmaLink<V>,
+    link_side: LinkSide,
+) {
     let peer_gone = Latch::new();
     let stop_watch = Latch::new();
     let stream = Rc::new(RefCell::new(Some(stream)));
@@ -197,7 +268,6 @@ pub(super) async fn set_up<V: Verbs + 'static>(
         drop(device);
     })
     .detach();
-    Ok(connection)
 }
 
 async fn tick_after(period: Duration) {
@@ -254,6 +324,46 @@ async fn pump<V: Verbs>(mut link: RdmaLink<V>, side: LinkSide, peer_gone: Latch)
 }
 
 impl<V: Verbs> RdmaLink<V> {
+    /// A connected link, before its first turn: all the peer's receive buffers are credits,
+    /// all send buffers and peer landing slots are free.
+    fn new(
+        label: String,
+        context: &NetContext,
+        qp: V::Qp,
+        cq: V::Cq,
+        regions: Regions<V>,
+        peer: Hello,
+    ) -> RdmaLink<V> {
+        let config = &context.rdma;
+        let depth = usize::from(config.recv_ring_depth);
+        let slots = usize::from(config.landing_slots);
+        RdmaLink::<V> {
+            label,
+            codec: context.connection.codec(),
+            allocator: Rc::clone(&context.allocator),
+            qp,
+            cq,
+            recv_region: regions.recv,
+            send_region: regions.send,
+            staging: regions.staging,
+            landing: regions.landing,
+            recv_buffer_size: config.recv_buffer_size,
+            landing_slot_size: config.landing_slot_size,
+            credits: u32::from(peer.recv_ring_depth),
+            owed: 0,
+            free_send_buffers: (0..depth).rev().collect(),
+            free_peer_slots: (0..peer.landing_slots).collect(),
+            peer_slot_in_use: vec![false; usize::from(peer.landing_slots)],
+            staging_busy: vec![false; slots],
+            released: Vec::new(),
+            held: VecDeque::new(),
+            waiting: None,
+            completions: Vec::with_capacity(64),
+            scratch: vec![0u8; PREFIX_LEN + 2 * RELEASED_MAX + FRAME_HEADER_LEN],
+            peer,
+        }
+    }
+
     async fn run(&mut self, side: &LinkSide, peer_gone: &Latch) -> PumpEnd {
         let mut idle_turns = 0u32;
         let mut gone_since: Option<Instant> = None;
