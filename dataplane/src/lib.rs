@@ -2,6 +2,7 @@
 //! engine, the transports, the services, the client library and the NBD export.
 
 #![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 pub mod client;
 pub mod config;
