@@ -50,6 +50,10 @@ pub enum ClientError {
     /// The client knows no such node.
     #[error("node {0} is not in the client's cluster map")]
     UnknownNode(u64),
+    /// The client knows no node to send a copyset's request to: its peer list for the
+    /// copyset is empty and so is its cluster map.
+    #[error("copyset {0}: no node to ask (an empty peer list and an empty cluster map)")]
+    NoNodes(CopysetId),
     /// The answer could not be decoded.
     #[error("malformed answer: {0}")]
     Malformed(String),
@@ -658,6 +662,9 @@ impl Client {
         let started = Instant::now();
         check_fits(op, copyset, body)?;
         let candidates = self.candidates(copyset, fixed);
+        if candidates.is_empty() && self.cached_leader(copyset).is_none() {
+            return Err(ClientError::NoNodes(copyset));
+        }
         let mut next_candidate = 0;
         let mut wait = self.config.backoff_initial;
         loop {
@@ -714,7 +721,12 @@ impl Client {
             None => match self.cached_leader(copyset) {
                 Some(leader) => leader,
                 None => {
-                    let node = candidates[*next_candidate % candidates.len().max(1)];
+                    // Not empty: `with_retries` refuses a request with no candidate and no
+                    // leader, and a leader forgotten since falls back to node 0, unknown.
+                    let node = candidates
+                        .get(*next_candidate % candidates.len().max(1))
+                        .copied()
+                        .unwrap_or(0);
                     *next_candidate += 1;
                     node
                 }
@@ -825,4 +837,31 @@ fn check_fits(op: &'static str, copyset: CopysetId, body: &Bytes) -> Result<(), 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that knows no node answers a request with an error, not a panic (the
+    /// candidate list was indexed without a check).
+    #[test]
+    fn a_client_without_nodes_refuses_instead_of_panicking() {
+        let executor = glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let client = Client::new(&[], ClientConfig::default());
+                let read = client.read(CopysetId(1), ChunkId(1), 0, 4096).await;
+                assert!(
+                    matches!(read, Err(ClientError::NoNodes(CopysetId(1)))),
+                    "{read:?}"
+                );
+                client.set_peers(CopysetId(2), &[]);
+                let write = client
+                    .write(CopysetId(2), ChunkId(1), 0, Bytes::from(vec![1u8; 4096]), 1)
+                    .await;
+                assert!(matches!(write, Err(ClientError::NoNodes(_))), "{write:?}");
+            })
+            .expect("executor");
+        executor.join().expect("the client panicked");
+    }
 }
