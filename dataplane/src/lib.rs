@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod protocol;
+pub mod rng;
 pub mod server;
 pub mod shard;
 pub mod storage;

@@ -9,10 +9,7 @@ use crate::ids::CopysetId;
 /// from the copyset id and the destination's shard count alone.
 pub fn shard_of(copyset: CopysetId, shard_count: u32) -> u32 {
     // splitmix64: a fixed, well-mixed hash (the standard library's hasher may change).
-    let mut x = copyset.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
+    let x = crate::rng::mix64(copyset.0.wrapping_add(0x9e37_79b9_7f4a_7c15));
     (x % u64::from(shard_count.max(1))) as u32
 }
 

@@ -14,32 +14,8 @@ use crate::storage::dma::{DmaBuf, DmaPool};
 /// The sector: the unit a torn write keeps or loses.
 pub const SECTOR: usize = 512;
 
-/// A small seeded generator (splitmix64): faults must replay from their seed.
-#[derive(Debug, Clone)]
-pub struct FaultRng(u64);
-
-impl FaultRng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> FaultRng {
-        FaultRng(seed)
-    }
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// A number in `0..bound` (0 when `bound` is 0).
-    pub fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 {
-            0
-        } else {
-            self.next_u64() % bound
-        }
-    }
-}
+/// The seeded generator faults replay from (`crate::rng::SplitMix64`).
+pub type FaultRng = crate::rng::SplitMix64;
 
 /// What happens to the writes no flush covers when the power goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
