@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod placement;
 pub mod protocol;
 pub mod rng;
 pub mod server;
