@@ -93,8 +93,20 @@ fn chunkctl_creates_reports_and_checks_health() {
 fn chunkctl_replaces_a_node_and_changes_peers() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(8);
+    // Every node has an admin token: reset-peers needs it (issue 25, item 8).
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "chunkctl-test-admin-token\n").expect("token file");
     let configs: Vec<_> = (1..=4)
-        .map(|id| write_config(dir.path(), id, &ports))
+        .map(|id| {
+            let path = write_config(dir.path(), id, &ports);
+            let mut text = std::fs::read_to_string(&path).expect("read config");
+            text.push_str(&format!(
+                "\n[admin]\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ));
+            std::fs::write(&path, text).expect("write config");
+            path
+        })
         .collect();
     let mut cluster = Cluster {
         children: configs.iter().map(|c| Some(start(c))).collect(),
@@ -219,9 +231,25 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         child.kill().expect("kill node 4");
         child.wait().expect("reap");
     }
+    let token = token_file.to_string_lossy().into_owned();
+    let reset = ["copyset", "reset-peers", "--id", "5", "--peers", "1"];
+    let unconfirmed = chunkctl(
+        config,
+        &[&reset[..], &["--admin-token-file", &token]].concat(),
+    );
+    assert!(!unconfirmed.status.success(), "{}", text(&unconfirmed));
+    assert!(
+        text(&unconfirmed).contains("needs the caller's confirmation"),
+        "{}",
+        text(&unconfirmed)
+    );
     let reset = chunkctl(
         config,
-        &["copyset", "reset-peers", "--id", "5", "--peers", "1"],
+        &[
+            &reset[..],
+            &["--admin-token-file", &token, "--confirm-data-loss"],
+        ]
+        .concat(),
     );
     assert!(reset.status.success(), "{}", text(&reset));
     assert_eq!(
