@@ -256,8 +256,14 @@ impl Drop for MemoryRegion {
 }
 
 impl MemoryRegion {
-    /// Allocates and registers `len` bytes.
-    pub fn register(context: &Rc<Context>, len: usize) -> Result<MemoryRegion, IbError> {
+    /// Allocates and registers `len` bytes for local write, and for remote write and remote
+    /// read only as asked: a peer's access to a region without them fails.
+    pub fn register(
+        context: &Rc<Context>,
+        len: usize,
+        remote_write: bool,
+        remote_read: bool,
+    ) -> Result<MemoryRegion, IbError> {
         let layout = Layout::from_size_align(len.max(1), 4096).map_err(|e| IbError::Call {
             call: "allocate a region",
             reason: e.to_string(),
@@ -267,9 +273,13 @@ impl MemoryRegion {
             call: "allocate a region",
             reason: format!("out of memory for {len} bytes"),
         })?;
-        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
-            | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
-            | ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
+        let mut access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        if remote_write {
+            access |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        }
+        if remote_read {
+            access |= ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
+        }
         // SAFETY: the protection domain is alive (held by `context`), and the buffer stays
         // allocated until this region is dropped, after deregistration.
         let mr = unsafe {

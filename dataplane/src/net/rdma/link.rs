@@ -21,8 +21,8 @@ use crate::net::context::{NetContext, RdmaConfig};
 use crate::net::payload::{freeze, PayloadAllocator};
 use crate::net::queue::Latch;
 use crate::net::verbs::{
-    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RemoteAddress, SendOp, SendRequest, Verbs,
-    VerbsError, WcOpcode, WcStatus, WorkCompletion,
+    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RemoteAccess, RemoteAddress, SendOp,
+    SendRequest, Verbs, VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
 use crate::net::NetError;
 use crate::protocol::frame::{Frame, FrameCodec, FRAME_HEADER_LEN};
@@ -119,17 +119,19 @@ fn register_regions<V: Verbs>(
 ) -> Result<Regions<V>, NetError> {
     let depth = usize::from(config.recv_ring_depth);
     let slots = usize::from(config.landing_slots);
+    // Only the landing slots are the peer's to reach (its RDMA writes land there); the rings
+    // and the staging slots are for this side's own sends and writes.
     let recv = device
-        .register(depth * config.recv_buffer_size)
+        .register(depth * config.recv_buffer_size, RemoteAccess::None)
         .map_err(verbs_error(label, "register the receive ring"))?;
     let send = device
-        .register(depth * config.recv_buffer_size)
+        .register(depth * config.recv_buffer_size, RemoteAccess::None)
         .map_err(verbs_error(label, "register the send buffers"))?;
     let staging = device
-        .register(slots * config.landing_slot_size)
+        .register(slots * config.landing_slot_size, RemoteAccess::None)
         .map_err(verbs_error(label, "register the staging slots"))?;
     let landing = device
-        .register(slots * config.landing_slot_size)
+        .register(slots * config.landing_slot_size, RemoteAccess::Write)
         .map_err(verbs_error(label, "register the landing slots"))?;
     Ok(Regions {
         recv,

@@ -11,7 +11,7 @@ use crate::config::{Endpoint, Transport};
 use crate::net::context::NetContext;
 use crate::net::verbs::soft::SoftVerbs;
 use crate::net::verbs::{
-    MemoryRegion, QpCaps, QueuePair, RemoteAddress, SendOp, SendRequest, Verbs,
+    MemoryRegion, QpCaps, QueuePair, RemoteAccess, RemoteAddress, SendOp, SendRequest, Verbs,
 };
 use crate::net::NetError;
 use crate::protocol::frame::Frame;
@@ -105,7 +105,7 @@ async fn hand_made_peer(listener: Listener, landing: RemoteAddress) -> HandMadeP
     let cq = device.create_cq(64).expect("cq");
     let qp = device.create_qp(&cq, QpCaps::default()).expect("qp");
     qp.to_init().expect("init");
-    let ring = device.register(8 * 8192).expect("ring");
+    let ring = device.register(8 * 8192, RemoteAccess::None).expect("ring");
     for i in 0..8 {
         qp.post_recv(i as u64, &ring, i * 8192, 8192).expect("recv");
     }
@@ -224,7 +224,10 @@ fn a_malformed_message_closes_the_connection() {
             let mut message = vec![KIND_INLINE, 0, 0, 0, 0, 0, 0, 0];
             frame.encode_into(&mut message);
             corrupt(&mut message);
-            let region = peer.device.register(message.len()).expect("register");
+            let region = peer
+                .device
+                .register(message.len(), RemoteAccess::None)
+                .expect("register");
             region.write_at(0, &message).expect("fill");
             peer.qp
                 .post_send(SendRequest {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures_lite::future;
 
 use super::{
-    CompletionQueue, MemoryRegion, QpCaps, QpState, QueuePair, SendOp, SendRequest, Verbs,
-    VerbsError, WcOpcode, WcStatus, WorkCompletion,
+    CompletionQueue, MemoryRegion, QpCaps, QpState, QueuePair, RemoteAccess, SendOp, SendRequest,
+    Verbs, VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
 use crate::net::test_kit::run_case;
 
@@ -22,6 +22,18 @@ pub(crate) struct Pair<V: Verbs> {
 }
 
 pub(crate) fn connect_pair<V: Verbs>(device: V, caps: QpCaps) -> Pair<V> {
+    let (a, a_cq, b, b_cq) = connected_qps(&device, caps);
+    Pair {
+        device,
+        a,
+        a_cq,
+        b,
+        b_cq,
+    }
+}
+
+/// Two queue pairs of `device`, connected to each other, with their completion queues.
+pub(crate) fn connected_qps<V: Verbs>(device: &V, caps: QpCaps) -> (V::Qp, V::Cq, V::Qp, V::Cq) {
     let a_cq = device.create_cq(1024).expect("create cq");
     let b_cq = device.create_cq(1024).expect("create cq");
     let a = device.create_qp(&a_cq, caps).expect("create qp");
@@ -34,13 +46,7 @@ pub(crate) fn connect_pair<V: Verbs>(device: V, caps: QpCaps) -> Pair<V> {
     b.to_ready_to_receive(&a.endpoint()).expect("b to rtr");
     a.to_ready_to_send().expect("a to rts");
     b.to_ready_to_send().expect("b to rts");
-    Pair {
-        device,
-        a,
-        a_cq,
-        b,
-        b_cq,
-    }
+    (a, a_cq, b, b_cq)
 }
 
 /// Polls until `count` completions arrived, or fails after `limit`.
@@ -99,8 +105,14 @@ fn send<R>(region: &R, wr_id: u64, op: SendOp, offset: usize, len: usize) -> Sen
 
 pub(crate) async fn sends_arrive_in_order_with_immediate_data<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let send_region = pair.device.register(64 * 16).expect("register");
-    let recv_region = pair.device.register(64 * 16).expect("register");
+    let send_region = pair
+        .device
+        .register(64 * 16, RemoteAccess::None)
+        .expect("register");
+    let recv_region = pair
+        .device
+        .register(64 * 16, RemoteAccess::None)
+        .expect("register");
     for i in 0..16u64 {
         pair.b
             .post_recv(100 + i, &recv_region, i as usize * 64, 64)
@@ -146,14 +158,20 @@ pub(crate) async fn sends_arrive_in_order_with_immediate_data<V: Verbs>(device: 
 
 pub(crate) async fn a_send_without_a_receive_waits_then_completes<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let region = pair.device.register(4096).expect("register");
+    let region = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
     region.write_at(0, b"late receive").expect("fill");
     pair.a
         .post_send(send(&region, 1, SendOp::Send, 0, 12))
         .expect("post send");
     // No receive posted: the send is refused (RNR) and retried, nothing completes.
     no_completion(&pair.b_cq, Duration::from_millis(50)).await;
-    let recv_region = pair.device.register(4096).expect("register");
+    let recv_region = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
     pair.b
         .post_recv(7, &recv_region, 0, 4096)
         .expect("post recv");
@@ -173,7 +191,10 @@ pub(crate) async fn rnr_retries_run_out<V: Verbs>(device: V) {
         ..QpCaps::default()
     };
     let pair = connect_pair(device, caps);
-    let region = pair.device.register(4096).expect("register");
+    let region = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
     pair.a
         .post_send(send(&region, 1, SendOp::Send, 0, 8))
         .expect("post send");
@@ -190,8 +211,14 @@ pub(crate) async fn rnr_retries_run_out<V: Verbs>(device: V) {
 
 pub(crate) async fn rdma_write_and_read_reach_registered_memory<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let local = pair.device.register(256 * 1024).expect("register");
-    let remote = pair.device.register(256 * 1024).expect("register");
+    let local = pair
+        .device
+        .register(256 * 1024, RemoteAccess::None)
+        .expect("register");
+    let remote = pair
+        .device
+        .register(256 * 1024, RemoteAccess::ReadWrite)
+        .expect("register");
     let pattern: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     local.write_at(1000, &pattern).expect("fill");
     pair.a
@@ -226,7 +253,10 @@ pub(crate) async fn rdma_write_and_read_reach_registered_memory<V: Verbs>(device
     local.read_at(0, &mut back).expect("read");
     assert_eq!(back, pattern[..50_000]);
     // A write with immediate data consumes a receive that carries the immediate.
-    let recv_region = pair.device.register(64).expect("register");
+    let recv_region = pair
+        .device
+        .register(64, RemoteAccess::None)
+        .expect("register");
     pair.b.post_recv(9, &recv_region, 0, 64).expect("post recv");
     pair.a
         .post_send(send(
@@ -249,8 +279,14 @@ pub(crate) async fn rdma_write_and_read_reach_registered_memory<V: Verbs>(device
 
 pub(crate) async fn a_bad_rkey_completes_with_a_remote_access_error<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let local = pair.device.register(4096).expect("register");
-    let remote = pair.device.register(4096).expect("register");
+    let local = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
+    let remote = pair
+        .device
+        .register(4096, RemoteAccess::ReadWrite)
+        .expect("register");
     let mut bad = remote.remote_address(0);
     bad.rkey ^= 0x00F0_0F00;
     pair.a
@@ -271,12 +307,79 @@ pub(crate) async fn a_bad_rkey_completes_with_a_remote_access_error<V: Verbs>(de
     assert_eq!(flushed[0].status, WcStatus::WrFlushError);
 }
 
+/// A region registered without remote access refuses a peer's write and read through its
+/// rkey (issue 25, item 9); one registered for remote write only refuses a read.
+pub(crate) async fn regions_take_only_the_remote_access_they_were_registered_for<V: Verbs>(
+    device: V,
+) {
+    for (access, write) in [
+        (RemoteAccess::None, true),
+        (RemoteAccess::None, false),
+        (RemoteAccess::Write, false),
+    ] {
+        // A fresh pair each time: a remote access error moves the queue pair to Error.
+        let (a, a_cq, _b, _b_cq) = connected_qps(&device, QpCaps::default());
+        let local = device.register(4096, RemoteAccess::None).expect("register");
+        let target = device.register(4096, access).expect("register");
+        target.write_at(0, b"untouched").expect("fill");
+        let request = if write {
+            SendOp::Write(target.remote_address(0))
+        } else {
+            SendOp::Read(target.remote_address(0))
+        };
+        a.post_send(send(&local, 1, request, 0, 64)).expect("post");
+        let done = completions(&a_cq, 1, WAIT).await;
+        assert_eq!(
+            done[0].status,
+            WcStatus::RemoteAccessError,
+            "{access:?}, {}",
+            if write { "write" } else { "read" }
+        );
+        let mut data = [0u8; 9];
+        target.read_at(0, &mut data).expect("read");
+        assert_eq!(&data, b"untouched");
+    }
+    // Remote write only: a write goes through.
+    let pair = connect_pair(device, QpCaps::default());
+    let local = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
+    let target = pair
+        .device
+        .register(4096, RemoteAccess::Write)
+        .expect("register");
+    local.write_at(0, b"landed").expect("fill");
+    pair.a
+        .post_send(send(
+            &local,
+            1,
+            SendOp::Write(target.remote_address(0)),
+            0,
+            6,
+        ))
+        .expect("post write");
+    assert_eq!(
+        completions(&pair.a_cq, 1, WAIT).await[0].status,
+        WcStatus::Success
+    );
+    let mut data = [0u8; 6];
+    target.read_at(0, &mut data).expect("read");
+    assert_eq!(&data, b"landed");
+}
+
 pub(crate) async fn a_range_beyond_the_region_completes_with_a_remote_access_error<V: Verbs>(
     device: V,
 ) {
     let pair = connect_pair(device, QpCaps::default());
-    let local = pair.device.register(8192).expect("register");
-    let remote = pair.device.register(4096).expect("register");
+    let local = pair
+        .device
+        .register(8192, RemoteAccess::None)
+        .expect("register");
+    let remote = pair
+        .device
+        .register(4096, RemoteAccess::ReadWrite)
+        .expect("register");
     pair.a
         .post_send(send(
             &local,
@@ -292,8 +395,14 @@ pub(crate) async fn a_range_beyond_the_region_completes_with_a_remote_access_err
 
 pub(crate) async fn a_send_longer_than_the_receive_fails_both_sides<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let local = pair.device.register(4096).expect("register");
-    let recv_region = pair.device.register(4096).expect("register");
+    let local = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
+    let recv_region = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
     pair.b.post_recv(5, &recv_region, 0, 16).expect("post recv");
     pair.a
         .post_send(send(&local, 1, SendOp::Send, 0, 100))
@@ -323,7 +432,7 @@ pub(crate) async fn a_send_longer_than_the_receive_fails_both_sides<V: Verbs>(de
 pub(crate) async fn transitions_follow_the_rc_state_machine<V: Verbs>(device: V) {
     let cq = device.create_cq(16).expect("cq");
     let qp = device.create_qp(&cq, QpCaps::default()).expect("qp");
-    let region = device.register(64).expect("register");
+    let region = device.register(64, RemoteAccess::None).expect("register");
     assert!(matches!(
         qp.to_ready_to_send(),
         Err(VerbsError::BadTransition { .. })
@@ -342,8 +451,14 @@ pub(crate) async fn transitions_follow_the_rc_state_machine<V: Verbs>(device: V)
 
 pub(crate) async fn a_vanished_peer_fails_outstanding_requests<V: Verbs>(device: V) {
     let pair = connect_pair(device, QpCaps::default());
-    let local = pair.device.register(4096).expect("register");
-    let recv_region = pair.device.register(4096).expect("register");
+    let local = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
+    let recv_region = pair
+        .device
+        .register(4096, RemoteAccess::None)
+        .expect("register");
     pair.b
         .post_recv(1, &recv_region, 0, 4096)
         .expect("post recv");
@@ -427,6 +542,14 @@ macro_rules! verbs_conformance {
                 run(
                     $open,
                     super::a_bad_rkey_completes_with_a_remote_access_error,
+                );
+            }
+
+            #[test]
+            fn regions_take_only_the_remote_access_they_were_registered_for() {
+                run(
+                    $open,
+                    super::regions_take_only_the_remote_access_they_were_registered_for,
                 );
             }
 

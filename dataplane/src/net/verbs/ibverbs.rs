@@ -10,8 +10,8 @@ use ffi::verbs::{
 };
 
 use super::{
-    CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QpState, QueuePair, RemoteAddress, SendOp,
-    SendRequest, Verbs, VerbsError, WcOpcode, WcStatus, WorkCompletion,
+    CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QpState, QueuePair, RemoteAccess,
+    RemoteAddress, SendOp, SendRequest, Verbs, VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
 use crate::net::queue::Notify;
 
@@ -232,8 +232,14 @@ impl Verbs for IbVerbs {
         self.context.name().to_owned()
     }
 
-    fn register(&self, len: usize) -> Result<IbMemoryRegion, VerbsError> {
-        let region = IbRegion::register(&self.context, len).map_err(convert("ibv_reg_mr"))?;
+    fn register(&self, len: usize, remote: RemoteAccess) -> Result<IbMemoryRegion, VerbsError> {
+        let region = IbRegion::register(
+            &self.context,
+            len,
+            remote.allows_write(),
+            remote.allows_read(),
+        )
+        .map_err(convert("ibv_reg_mr"))?;
         Ok(IbMemoryRegion { region })
     }
 

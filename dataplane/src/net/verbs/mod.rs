@@ -353,6 +353,31 @@ pub trait QueuePair {
     fn post_send(&self, request: SendRequest<'_, Self::Region>) -> Result<(), VerbsError>;
 }
 
+/// What a peer may do to a registered region through its rkey. A connection registers for
+/// remote access only the regions its peer must reach (issue 25, item 9): the RDMA transport's
+/// landing slots take remote writes; its rings and staging slots take none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteAccess {
+    /// Local use only: a peer's read or write through the rkey fails.
+    None,
+    /// Peers may RDMA-write into it.
+    Write,
+    /// Peers may RDMA-read and RDMA-write it.
+    ReadWrite,
+}
+
+impl RemoteAccess {
+    /// Whether a peer may write the region.
+    pub fn allows_write(self) -> bool {
+        matches!(self, RemoteAccess::Write | RemoteAccess::ReadWrite)
+    }
+
+    /// Whether a peer may read the region.
+    pub fn allows_read(self) -> bool {
+        self == RemoteAccess::ReadWrite
+    }
+}
+
 /// A verbs device with its protection domain.
 pub trait Verbs {
     /// Registered memory of this device.
@@ -363,8 +388,9 @@ pub trait Verbs {
     type Qp: QueuePair<Region = Self::Region>;
     /// The device's name (`rxe0`, `mlx5_0`, `softverbs`).
     fn device_name(&self) -> String;
-    /// Allocates and registers `len` bytes for local write and remote read and write.
-    fn register(&self, len: usize) -> Result<Self::Region, VerbsError>;
+    /// Allocates and registers `len` bytes for local write, and for what `remote` allows a
+    /// peer to do through the region's rkey (nothing, unless the region is an RDMA target).
+    fn register(&self, len: usize, remote: RemoteAccess) -> Result<Self::Region, VerbsError>;
     /// A completion queue with room for `depth` completions.
     fn create_cq(&self, depth: u32) -> Result<Self::Cq, VerbsError>;
     /// An RC queue pair whose sends and receives complete on `cq`.

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
 
-use super::{QpCaps, QpState, Verbs, VerbsError};
+use super::{QpCaps, QpState, RemoteAccess, Verbs, VerbsError};
 use crate::net::queue::{Latch, Notify};
 
 mod cq;
@@ -69,6 +69,18 @@ const PARKED_WIRES_MAX: usize = 256;
 /// Regions are given disjoint virtual address ranges of this size (so at most 4 GiB each).
 const REGION_ADDRESS_SPAN: u64 = 1 << 32;
 
+/// A seed no peer can predict: the standard library's per-process random hash keys (taken
+/// from the operating system), mixed with the time.
+fn unpredictable_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(now);
+    hasher.finish()
+}
+
 /// A softverbs device and its protection domain.
 pub struct SoftVerbs {
     device: Rc<SoftDevice>,
@@ -82,7 +94,9 @@ struct SoftDevice {
     /// Wires that arrived before their queue pair was ready: destination QPN → (source QPN,
     /// stream). Invariant: at most `PARKED_WIRES_MAX` entries.
     parked_wires: RefCell<HashMap<u32, (u32, TcpStream)>>,
-    next_key: Cell<u32>,
+    /// Where rkeys come from: seeded from the operating system's randomness, so a peer
+    /// cannot guess another connection's keys from its own.
+    keys: RefCell<crate::rng::SplitMix64>,
     next_qp_num: Cell<u32>,
     closed: Latch,
 }
@@ -110,7 +124,7 @@ impl SoftVerbs {
             regions: RefCell::new(HashMap::new()),
             queue_pairs: RefCell::new(HashMap::new()),
             parked_wires: RefCell::new(HashMap::new()),
-            next_key: Cell::new(1),
+            keys: RefCell::new(crate::rng::SplitMix64::new(unpredictable_seed())),
             next_qp_num: Cell::new(1),
             closed: Latch::new(),
         });
@@ -137,22 +151,28 @@ impl Verbs for SoftVerbs {
         format!("softverbs@{}", self.device.addr)
     }
 
-    fn register(&self, len: usize) -> Result<SoftRegion, VerbsError> {
+    fn register(&self, len: usize, remote: RemoteAccess) -> Result<SoftRegion, VerbsError> {
         if len as u64 >= REGION_ADDRESS_SPAN {
             return Err(VerbsError::Call {
                 call: "softverbs register",
                 reason: format!("{len} bytes is beyond the 4 GiB region limit"),
             });
         }
-        let rkey = self.device.next_key.get();
-        self.device.next_key.set(rkey.wrapping_add(1).max(1));
+        let mut regions = self.device.regions.borrow_mut();
+        regions.retain(|_, region| region.strong_count() > 0);
+        // A fresh random key no live region holds (0 is never a key).
+        let rkey = loop {
+            let key = self.device.keys.borrow_mut().next_u64() as u32;
+            if key != 0 && !regions.contains_key(&key) {
+                break key;
+            }
+        };
         let inner = Rc::new(RegionInner {
             bytes: RefCell::new(vec![0u8; len].into_boxed_slice()),
             rkey,
             base: u64::from(rkey) * REGION_ADDRESS_SPAN,
+            remote,
         });
-        let mut regions = self.device.regions.borrow_mut();
-        regions.retain(|_, region| region.strong_count() > 0);
         regions.insert(rkey, Rc::downgrade(&inner));
         Ok(SoftRegion { inner })
     }
@@ -198,5 +218,34 @@ impl Verbs for SoftVerbs {
         queue_pairs.retain(|_, qp| qp.strong_count() > 0);
         queue_pairs.insert(qp_num, Rc::downgrade(&inner));
         Ok(SoftQp { inner })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::test_kit::{listen_addr, run_case};
+    use crate::net::verbs::MemoryRegion;
+
+    /// rkeys are random, not a count a peer could continue from its own (issue 25, item 9),
+    /// and two devices do not hand out the same sequence.
+    #[test]
+    fn rkeys_are_unpredictable() {
+        run_case(Duration::from_secs(30), || async {
+            let keys = |device: &SoftVerbs| -> Vec<u32> {
+                let regions: Vec<SoftRegion> = (0..64)
+                    .map(|_| device.register(64, RemoteAccess::None).expect("register"))
+                    .collect();
+                regions.iter().map(|r| r.remote_address(0).rkey).collect()
+            };
+            let first = keys(&SoftVerbs::open(listen_addr().ip()).expect("device"));
+            let second = keys(&SoftVerbs::open(listen_addr().ip()).expect("device"));
+            let distinct: std::collections::HashSet<u32> = first.iter().copied().collect();
+            assert_eq!(distinct.len(), first.len(), "keys repeat");
+            let steps: std::collections::HashSet<u32> =
+                first.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+            assert!(steps.len() > 32, "keys follow a pattern: {first:?}");
+            assert_ne!(first, second, "two devices hand out the same keys");
+        });
     }
 }

@@ -17,6 +17,8 @@ pub(super) struct RegionInner {
     pub(super) rkey: u32,
     /// Invariant: `base = rkey * REGION_ADDRESS_SPAN`, so addresses of regions never overlap.
     pub(super) base: u64,
+    /// What peers may do through the rkey.
+    pub(super) remote: crate::net::verbs::RemoteAccess,
 }
 
 impl RegionInner {

@@ -10,7 +10,7 @@ use super::packet::{
 };
 use super::region::RegionInner;
 use super::state::QpInner;
-use crate::net::verbs::{QpState, WcOpcode, WcStatus, WorkCompletion};
+use crate::net::verbs::{QpState, RemoteAccess, WcOpcode, WcStatus, WorkCompletion};
 
 impl QpInner {
     /// Queues a packet for the wire and wakes the writer.
@@ -29,14 +29,19 @@ impl QpInner {
         self.queue_packet(Rc::new(packet));
     }
 
-    /// The device's live region with this rkey.
-    fn device_region(&self, rkey: u32) -> Option<Rc<RegionInner>> {
+    /// The device's live region with this rkey, if it allows `allowed` to peers.
+    fn device_region(
+        &self,
+        rkey: u32,
+        allowed: fn(RemoteAccess) -> bool,
+    ) -> Option<Rc<RegionInner>> {
         self.device
             .upgrade()?
             .regions
             .borrow()
             .get(&rkey)
             .and_then(Weak::upgrade)
+            .filter(|region| allowed(region.remote))
     }
 
     /// Handles a request packet as the responder. Returns false on a malformed packet.
@@ -95,7 +100,7 @@ impl QpInner {
     }
 
     /// An RDMA write: its data goes into the region it targets (remote-access NAK when the
-    /// rkey or range is bad); with an immediate value it also consumes a posted receive (RNR
+    /// rkey or range is bad, or the region takes no remote write); with an immediate value it also consumes a posted receive (RNR
     /// NAK when there is none). Returns false when malformed.
     fn on_write(&self, psn: u32, body: &[u8]) -> bool {
         let Some((remote, rest)) = parse_remote(body) else {
@@ -105,7 +110,7 @@ impl QpInner {
             return false;
         };
         let target = self
-            .device_region(remote.rkey)
+            .device_region(remote.rkey, RemoteAccess::allows_write)
             .and_then(|r| r.offset_of(remote.addr, data.len()).map(|o| (r, o)));
         let Some((region, offset)) = target else {
             self.respond(PACKET_NAK, psn, &[NAK_REMOTE_ACCESS]);
@@ -132,7 +137,7 @@ impl QpInner {
     }
 
     /// An RDMA read: answered with the bytes of the region it targets (remote-access NAK when
-    /// the rkey or range is bad). Returns false when malformed.
+    /// the rkey or range is bad, or the region takes no remote read). Returns false when malformed.
     fn on_read_request(&self, psn: u32, body: &[u8]) -> bool {
         let Some((remote, rest)) = parse_remote(body) else {
             return false;
@@ -144,7 +149,7 @@ impl QpInner {
             return false;
         };
         let target = self
-            .device_region(remote.rkey)
+            .device_region(remote.rkey, RemoteAccess::allows_read)
             .and_then(|r| r.offset_of(remote.addr, len as usize).map(|o| (r, o)));
         let Some((region, offset)) = target else {
             self.respond(PACKET_NAK, psn, &[NAK_REMOTE_ACCESS]);
