@@ -109,10 +109,10 @@ pub fn device_names() -> Vec<String> {
     names
 }
 
-/// An opened device, its port 1 and one protection domain.
+/// An opened device and its port 1. Regions and queue pairs live in a
+/// [`ProtectionDomain`] of it.
 pub struct Context {
     context: NonNull<ibv_context>,
-    pd: NonNull<ibv_pd>,
     name: String,
     port: u8,
     gid_index: u8,
@@ -123,10 +123,10 @@ pub struct Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
-        // SAFETY: every object made from this protection domain and context holds an `Rc` to
-        // this context, so none is alive now; each handle is released exactly once.
+        // SAFETY: every object made from this context (protection domains, and through them
+        // regions and queue pairs; completion queues) holds an `Rc` to it, so none is alive
+        // now; the handle is released exactly once.
         unsafe {
-            ibv_dealloc_pd(self.pd.as_ptr());
             ibv_close_device(self.context.as_ptr());
         }
     }
@@ -199,16 +199,8 @@ impl Context {
         }
         // SAFETY: every bit pattern of the union is a valid byte array.
         let gid = unsafe { gid.raw };
-        // SAFETY: the context is open.
-        let pd = unsafe { ibv_alloc_pd(context.as_ptr()) };
-        let Some(pd) = NonNull::new(pd) else {
-            let error = errno("ibv_alloc_pd");
-            close(context);
-            return Err(error);
-        };
         Ok(Rc::new(Context {
             context,
-            pd,
             name,
             port,
             gid_index,
@@ -241,7 +233,7 @@ pub struct MemoryRegion {
     buffer: NonNull<u8>,
     layout: Layout,
     len: usize,
-    _context: Rc<Context>,
+    _domain: Rc<ProtectionDomain>,
 }
 
 impl Drop for MemoryRegion {
@@ -255,11 +247,41 @@ impl Drop for MemoryRegion {
     }
 }
 
+/// A protection domain of a device: regions and queue pairs of one domain are out of reach of
+/// the queue pairs of another (a remote access through another domain's rkey fails).
+pub struct ProtectionDomain {
+    pd: NonNull<ibv_pd>,
+    _context: Rc<Context>,
+}
+
+impl Drop for ProtectionDomain {
+    fn drop(&mut self) {
+        // SAFETY: every region and queue pair of this domain holds an `Rc` to it, so none is
+        // alive now; deallocated exactly once, before its context (held above) closes.
+        unsafe {
+            ibv_dealloc_pd(self.pd.as_ptr());
+        }
+    }
+}
+
+impl ProtectionDomain {
+    /// Allocates a protection domain of `context`.
+    pub fn alloc(context: &Rc<Context>) -> Result<Rc<ProtectionDomain>, IbError> {
+        // SAFETY: the context is open (held by the `Rc`).
+        let pd = unsafe { ibv_alloc_pd(context.context.as_ptr()) };
+        let pd = NonNull::new(pd).ok_or_else(|| errno("ibv_alloc_pd"))?;
+        Ok(Rc::new(ProtectionDomain {
+            pd,
+            _context: Rc::clone(context),
+        }))
+    }
+}
+
 impl MemoryRegion {
     /// Allocates and registers `len` bytes for local write, and for remote write and remote
     /// read only as asked: a peer's access to a region without them fails.
     pub fn register(
-        context: &Rc<Context>,
+        domain: &Rc<ProtectionDomain>,
         len: usize,
         remote_write: bool,
         remote_read: bool,
@@ -280,11 +302,11 @@ impl MemoryRegion {
         if remote_read {
             access |= ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
         }
-        // SAFETY: the protection domain is alive (held by `context`), and the buffer stays
+        // SAFETY: the protection domain is alive (held by `domain`), and the buffer stays
         // allocated until this region is dropped, after deregistration.
         let mr = unsafe {
             ibv_reg_mr(
-                context.pd.as_ptr(),
+                domain.pd.as_ptr(),
                 buffer.as_ptr().cast(),
                 len.max(1),
                 access as i32,
@@ -301,7 +323,7 @@ impl MemoryRegion {
             buffer,
             layout,
             len,
-            _context: Rc::clone(context),
+            _domain: Rc::clone(domain),
         })
     }
 
@@ -473,12 +495,14 @@ pub struct QueuePair {
     psn: u32,
     rnr_retry: u8,
     context: Rc<Context>,
+    _domain: Rc<ProtectionDomain>,
     _cq: Rc<CompletionQueue>,
 }
 
 impl Drop for QueuePair {
     fn drop(&mut self) {
-        // SAFETY: destroyed once; its completion queue and context outlive it (held above).
+        // SAFETY: destroyed once; its completion queue, protection domain and context outlive
+        // it (held below).
         unsafe { ibv_destroy_qp(self.qp.as_ptr()) };
     }
 }
@@ -500,6 +524,7 @@ impl QueuePair {
     /// An RC queue pair whose sends and receives complete on `cq`.
     pub fn create(
         context: &Rc<Context>,
+        domain: &Rc<ProtectionDomain>,
         cq: &Rc<CompletionQueue>,
         max_send_wr: u32,
         max_recv_wr: u32,
@@ -515,7 +540,7 @@ impl QueuePair {
         attr.cap.max_send_sge = 1;
         attr.cap.max_recv_sge = 1;
         // SAFETY: the protection domain and completion queue are alive; `attr` is valid.
-        let qp = unsafe { ibv_create_qp(context.pd.as_ptr(), &mut attr) };
+        let qp = unsafe { ibv_create_qp(domain.pd.as_ptr(), &mut attr) };
         let qp = NonNull::new(qp).ok_or_else(|| errno("ibv_create_qp"))?;
         // SAFETY: the queue pair was just created.
         let qp_num = unsafe { qp.as_ref().qp_num };
@@ -524,6 +549,7 @@ impl QueuePair {
             psn: qp_num.wrapping_mul(0x9E37_79B9) & 0x00FF_FFFF,
             rnr_retry: rnr_retry.min(7),
             context: Rc::clone(context),
+            _domain: Rc::clone(domain),
             _cq: Rc::clone(cq),
         })
     }

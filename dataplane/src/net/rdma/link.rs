@@ -82,6 +82,13 @@ pub(super) async fn set_up<V: Verbs + 'static>(
     context: &NetContext,
 ) -> Result<Connection, NetError> {
     let config = &context.rdma;
+    // A protection domain of its own: no other connection's peer can reach this one's
+    // regions, whatever keys it learns (issue 25, item 9).
+    let device = Rc::new(
+        device
+            .new_domain()
+            .map_err(verbs_error(&label, "allocate a protection domain"))?,
+    );
     let regions = register_regions(&*device, config, &label)?;
     let (cq, qp) = create_queues(&*device, config, &label)?;
     post_receive_ring(&qp, &regions.recv, config, &label)?;

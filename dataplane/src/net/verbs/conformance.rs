@@ -368,6 +368,51 @@ pub(crate) async fn regions_take_only_the_remote_access_they_were_registered_for
     assert_eq!(&data, b"landed");
 }
 
+/// A queue pair reaches only the regions of its own protection domain: an RDMA write that
+/// arrives on a queue pair of one domain, aimed at a region of another with a valid rkey and
+/// remote access, fails (issue 25, item 9: one connection's peer cannot reach another's).
+pub(crate) async fn a_queue_pair_reaches_only_its_own_domains_regions<V: Verbs>(device: V) {
+    let ours = device.new_domain().expect("a domain");
+    let theirs = device.new_domain().expect("another domain");
+    for (target_domain, allowed) in [(&theirs, false), (&ours, true)] {
+        // `a` sends from the device's first domain; `b`, its target side, is in `ours`.
+        let a_cq = device.create_cq(64).expect("cq");
+        let b_cq = ours.create_cq(64).expect("cq");
+        let a = device.create_qp(&a_cq, QpCaps::default()).expect("qp");
+        let b = ours.create_qp(&b_cq, QpCaps::default()).expect("qp");
+        for qp in [&a, &b] {
+            qp.to_init().expect("init");
+        }
+        a.to_ready_to_receive(&b.endpoint()).expect("rtr");
+        b.to_ready_to_receive(&a.endpoint()).expect("rtr");
+        a.to_ready_to_send().expect("rts");
+        b.to_ready_to_send().expect("rts");
+        let local = device.register(4096, RemoteAccess::None).expect("register");
+        let target = target_domain
+            .register(4096, RemoteAccess::ReadWrite)
+            .expect("register");
+        local.write_at(0, b"reached").expect("fill");
+        a.post_send(send(
+            &local,
+            1,
+            SendOp::Write(target.remote_address(0)),
+            0,
+            7,
+        ))
+        .expect("post write");
+        let done = completions(&a_cq, 1, WAIT).await;
+        let mut data = [0u8; 7];
+        target.read_at(0, &mut data).expect("read");
+        if allowed {
+            assert_eq!(done[0].status, WcStatus::Success);
+            assert_eq!(&data, b"reached");
+        } else {
+            assert_eq!(done[0].status, WcStatus::RemoteAccessError);
+            assert_eq!(data, [0u8; 7], "another domain's region was written");
+        }
+    }
+}
+
 pub(crate) async fn a_range_beyond_the_region_completes_with_a_remote_access_error<V: Verbs>(
     device: V,
 ) {
@@ -542,6 +587,14 @@ macro_rules! verbs_conformance {
                 run(
                     $open,
                     super::a_bad_rkey_completes_with_a_remote_access_error,
+                );
+            }
+
+            #[test]
+            fn a_queue_pair_reaches_only_its_own_domains_regions() {
+                run(
+                    $open,
+                    super::a_queue_pair_reaches_only_its_own_domains_regions,
                 );
             }
 

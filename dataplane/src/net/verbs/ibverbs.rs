@@ -5,8 +5,8 @@
 use std::rc::Rc;
 
 use ffi::verbs::{
-    CompletionQueue as IbCq, Context, IbError, MemoryRegion as IbRegion, QpAddress,
-    QueuePair as IbQp, SendKind,
+    CompletionQueue as IbCq, Context, IbError, MemoryRegion as IbRegion, ProtectionDomain,
+    QpAddress, QueuePair as IbQp, SendKind,
 };
 
 use super::{
@@ -40,6 +40,8 @@ fn convert(call: &'static str) -> impl Fn(IbError) -> VerbsError {
 /// An opened RDMA device and its protection domain.
 pub struct IbVerbs {
     context: Rc<Context>,
+    /// The protection domain this handle's regions and queue pairs live in.
+    domain: Rc<ProtectionDomain>,
 }
 
 impl IbVerbs {
@@ -47,7 +49,8 @@ impl IbVerbs {
     /// RDMA devices gets [`VerbsError::NoDevice`].
     pub fn open(device: Option<&str>, gid_index: u8) -> Result<IbVerbs, VerbsError> {
         let context = Context::open(device, gid_index).map_err(convert("open the device"))?;
-        Ok(IbVerbs { context })
+        let domain = ProtectionDomain::alloc(&context).map_err(convert("ibv_alloc_pd"))?;
+        Ok(IbVerbs { context, domain })
     }
 
     /// The RDMA devices on this host.
@@ -232,9 +235,16 @@ impl Verbs for IbVerbs {
         self.context.name().to_owned()
     }
 
+    fn new_domain(&self) -> Result<IbVerbs, VerbsError> {
+        Ok(IbVerbs {
+            context: Rc::clone(&self.context),
+            domain: ProtectionDomain::alloc(&self.context).map_err(convert("ibv_alloc_pd"))?,
+        })
+    }
+
     fn register(&self, len: usize, remote: RemoteAccess) -> Result<IbMemoryRegion, VerbsError> {
         let region = IbRegion::register(
-            &self.context,
+            &self.domain,
             len,
             remote.allows_write(),
             remote.allows_read(),
@@ -251,6 +261,7 @@ impl Verbs for IbVerbs {
     fn create_qp(&self, cq: &IbCompletionQueue, caps: QpCaps) -> Result<IbQueuePair, VerbsError> {
         let qp = IbQp::create(
             &self.context,
+            &self.domain,
             &cq.cq,
             caps.max_send_wr,
             caps.max_recv_wr,

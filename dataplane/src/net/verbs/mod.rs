@@ -378,7 +378,7 @@ impl RemoteAccess {
     }
 }
 
-/// A verbs device with its protection domain.
+/// A verbs device, through one of its protection domains.
 pub trait Verbs {
     /// Registered memory of this device.
     type Region: MemoryRegion;
@@ -388,6 +388,13 @@ pub trait Verbs {
     type Qp: QueuePair<Region = Self::Region>;
     /// The device's name (`rxe0`, `mlx5_0`, `softverbs`).
     fn device_name(&self) -> String;
+    /// A handle to the same device in a new protection domain: the regions registered and
+    /// the queue pairs created through it are out of reach of other domains' queue pairs (a
+    /// remote access through another domain's region fails). The RDMA transport takes one
+    /// per connection (issue 25, item 9).
+    fn new_domain(&self) -> Result<Self, VerbsError>
+    where
+        Self: Sized;
     /// Allocates and registers `len` bytes for local write, and for what `remote` allows a
     /// peer to do through the region's rkey (nothing, unless the region is an RDMA target).
     fn register(&self, len: usize, remote: RemoteAccess) -> Result<Self::Region, VerbsError>;

@@ -81,9 +81,11 @@ fn unpredictable_seed() -> u64 {
     hasher.finish()
 }
 
-/// A softverbs device and its protection domain.
+/// A softverbs device, through one of its protection domains.
 pub struct SoftVerbs {
     device: Rc<SoftDevice>,
+    /// The protection domain of the regions and queue pairs made through this handle.
+    domain: u64,
 }
 
 struct SoftDevice {
@@ -103,7 +105,10 @@ struct SoftDevice {
 
 impl Drop for SoftVerbs {
     fn drop(&mut self) {
-        self.device.closed.set();
+        // The device closes with its last handle (each protection domain holds one).
+        if Rc::strong_count(&self.device) == 1 {
+            self.device.closed.set();
+        }
     }
 }
 
@@ -134,7 +139,8 @@ impl SoftVerbs {
             device.closed.clone(),
         ))
         .detach();
-        Ok(SoftVerbs { device })
+        let domain = device.keys.borrow_mut().next_u64();
+        Ok(SoftVerbs { device, domain })
     }
 
     /// The socket address peers dial.
@@ -149,6 +155,14 @@ impl Verbs for SoftVerbs {
 
     fn device_name(&self) -> String {
         format!("softverbs@{}", self.device.addr)
+    }
+
+    fn new_domain(&self) -> Result<SoftVerbs, VerbsError> {
+        let domain = self.device.keys.borrow_mut().next_u64();
+        Ok(SoftVerbs {
+            device: Rc::clone(&self.device),
+            domain,
+        })
     }
 
     fn register(&self, len: usize, remote: RemoteAccess) -> Result<SoftRegion, VerbsError> {
@@ -172,6 +186,7 @@ impl Verbs for SoftVerbs {
             rkey,
             base: u64::from(rkey) * REGION_ADDRESS_SPAN,
             remote,
+            domain: self.domain,
         });
         regions.insert(rkey, Rc::downgrade(&inner));
         Ok(SoftRegion { inner })
@@ -198,6 +213,7 @@ impl Verbs for SoftVerbs {
             psn_start,
             caps,
             device: Rc::downgrade(&self.device),
+            domain: self.domain,
             device_addr: self.device.addr,
             cq: Rc::clone(&cq.inner),
             state: Cell::new(QpState::Reset),

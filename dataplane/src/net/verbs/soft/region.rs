@@ -19,6 +19,8 @@ pub(super) struct RegionInner {
     pub(super) base: u64,
     /// What peers may do through the rkey.
     pub(super) remote: crate::net::verbs::RemoteAccess,
+    /// Its protection domain.
+    pub(super) domain: u64,
 }
 
 impl RegionInner {

@@ -29,7 +29,8 @@ impl QpInner {
         self.queue_packet(Rc::new(packet));
     }
 
-    /// The device's live region with this rkey, if it allows `allowed` to peers.
+    /// The device's live region with this rkey, if it is in this queue pair's protection
+    /// domain and allows `allowed` to peers.
     fn device_region(
         &self,
         rkey: u32,
@@ -41,7 +42,7 @@ impl QpInner {
             .borrow()
             .get(&rkey)
             .and_then(Weak::upgrade)
-            .filter(|region| allowed(region.remote))
+            .filter(|region| region.domain == self.domain && allowed(region.remote))
     }
 
     /// Handles a request packet as the responder. Returns false on a malformed packet.

@@ -47,6 +47,8 @@ pub(super) struct QpInner {
     pub(super) psn_start: u32,
     pub(super) caps: QpCaps,
     pub(super) device: Weak<SoftDevice>,
+    /// Its protection domain: only regions of the same domain take its peer's RDMA.
+    pub(super) domain: u64,
     pub(super) device_addr: SocketAddr,
     pub(super) cq: Rc<CqInner>,
     pub(super) state: Cell<QpState>,
