@@ -425,15 +425,29 @@ async fn read_state<B: Bdev + 'static>(
 
 /// One writer (one copyset): sequential operations until `operations` are done or the device
 /// fails. Returns Err only for a wrong read (a real failure), never for a device error.
+/// What one writer does in a round.
+struct WriterRound {
+    /// Operations to attempt.
+    operations: u32,
+    /// Whether it takes checkpoints of its own now and then.
+    checkpoints: bool,
+    /// The term its entries and hard states carry.
+    term: u64,
+}
+
 async fn writer(
     engine: &ShardEngine<FaultBdev>,
     model: &RefCell<Model>,
     copyset: u64,
     mut next_index: u64,
     mut rng: FaultRng,
-    operations: u32,
-    checkpoints: bool,
+    round: WriterRound,
 ) -> Result<(), String> {
+    let WriterRound {
+        operations,
+        checkpoints,
+        term,
+    } = round;
     let id = CopysetId(copyset);
     for _ in 0..operations {
         let chunk = copyset * 100 + rng.below(CHUNKS_PER_WRITER);
@@ -516,14 +530,21 @@ async fn writer(
             }
         };
         model.borrow_mut().in_flight.insert(copyset, command);
+        // Entries as large as a replica's page writes now and then (the decoder ignores what
+        // follows a command): records then cross sectors, and a torn batch can cut one after
+        // its header.
+        let mut data = command.encode().to_vec();
+        if rng.below(3) == 0 {
+            data.resize(data.len() + rng.below(5000) as usize, 0xA5);
+        }
         let entry = Entry {
-            term: Term(1),
+            term: Term(term),
             index: LogIndex(next_index),
             kind: EntryKind::Normal,
-            data: command.encode(),
+            data: Bytes::from(data),
         };
         let hard_state = HardState {
-            term: Term(1),
+            term: Term(term),
             vote: None,
             commit: LogIndex(next_index),
         };
@@ -755,8 +776,14 @@ pub(crate) fn run_seed(seed: u64) -> Result<u64, String> {
                         copyset,
                         start,
                         FaultRng::new(rng.next_u64()),
-                        10 + rng.below(60) as u32,
-                        checkpoints,
+                        WriterRound {
+                            operations: 10 + rng.below(60) as u32,
+                            checkpoints,
+                            // Each round writes in a term of its own, as a new leader after a
+                            // restart would: an entry the last round left uncommitted is then
+                            // replaced, not taken for the new one (raft's log matching).
+                            term: round + 1,
+                        },
                     ))));
                 }
                 JoinAll {
