@@ -176,6 +176,15 @@ impl Registry {
         (name.to_string(), all)
     }
 
+    /// Drops every series labelled `label="value"` (a deleted copyset's gauges and counters,
+    /// so that the exposition stops reporting it). Instruments handed out before keep
+    /// counting into nothing.
+    pub fn forget(&self, label: &str, value: &str) {
+        self.series
+            .borrow_mut()
+            .retain(|(_, labels), _| !labels.iter().any(|(k, v)| k == label && v == value));
+    }
+
     /// The counter `name{labels}`.
     pub fn counter(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Rc<Counter> {
         if let Some((counter, _, _)) = &self.disabled {
@@ -310,6 +319,25 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_series_leave_the_snapshot() {
+        let registry = Registry::new(&[("shard", "0")]);
+        registry
+            .gauge("chunkserver_copyset_term", "Term.", &[("copyset", "5")])
+            .set(3);
+        registry
+            .gauge("chunkserver_copyset_term", "Term.", &[("copyset", "6")])
+            .set(4);
+        registry
+            .counter("chunkserver_requests_total", "Requests.", &[])
+            .add(1);
+        registry.forget("copyset", "5");
+        let text = format!("{:?}", registry.snapshot());
+        assert!(!text.contains("\"5\""), "{text}");
+        assert!(text.contains("\"6\""), "{text}");
+        assert!(text.contains("chunkserver_requests_total"), "{text}");
+    }
 
     #[test]
     fn instruments_are_shared_by_name_and_labels() {

@@ -160,6 +160,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         match self.engine.remove_copyset(copyset).await {
             Ok(()) => {
+                // Its per-copyset series go with it: /metrics stops reporting the copyset.
+                self.metrics.forget("copyset", &copyset.0.to_string());
                 info!(node = self.node, shard = self.shard, %copyset, "copyset deleted");
                 Status::Ok
             }
