@@ -19,6 +19,34 @@ use crate::protocol::{
 use crate::storage::bdev::Bdev;
 
 impl<B: Bdev + 'static> ShardServer<B> {
+    /// A raft frame: from peers only; on a client port it is refused whole (issue 25,
+    /// item 8).
+    async fn serve_raft_frame(self: &Rc<Self>, incoming: Incoming, class: &'static str) {
+        let copyset = incoming.message.copyset;
+        let status = if class == "peer" {
+            self.receive_raft(&incoming.message.payload);
+            Status::Ok
+        } else {
+            self.count_raft_dropped("on a client port");
+            warn!(
+                node = self.node,
+                shard = self.shard,
+                "raft frame on a client port refused"
+            );
+            Status::Invalid("raft frames are taken on the peer port only".into())
+        };
+        if incoming.expects_response() {
+            let response = Message::new(
+                protocol::RAFT,
+                copyset,
+                protocol::encode_response(&status, &[]),
+            );
+            if let Err(error) = incoming.respond(response).await {
+                debug!(%error, "response not sent");
+            }
+        }
+    }
+
     pub(super) async fn serve_request(self: Rc<Self>, incoming: Incoming, class: &'static str) {
         use tracing::Instrument;
         let opcode = incoming.message.opcode;
@@ -26,28 +54,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let payload = incoming.message.payload.clone();
         self.count_frame(class, "in", payload.len());
         if opcode == protocol::RAFT {
-            // Raft frames come from peers only; on a client port they are refused whole
-            // (issue 25, item 8).
-            let status = if class == "peer" {
-                self.receive_raft(&payload);
-                Status::Ok
-            } else {
-                self.count_raft_dropped("on a client port");
-                warn!(
-                    node = self.node,
-                    shard = self.shard,
-                    "raft frame on a client port refused"
-                );
-                Status::Invalid("raft frames are taken on the peer port only".into())
-            };
-            if incoming.expects_response() {
-                let response =
-                    Message::new(opcode, copyset.0, protocol::encode_response(&status, &[]));
-                if let Err(error) = incoming.respond(response).await {
-                    debug!(%error, "response not sent");
-                }
-            }
-            return;
+            return self.serve_raft_frame(incoming, class).await;
         }
         let began = std::time::Instant::now();
         let request_bytes = payload.len() as u64;
@@ -58,7 +65,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 &[],
             )
         }));
-        in_flight.add(1);
+        let in_flight = InFlight::new(in_flight);
         let seen = self.received.get() + 1;
         self.received.set(seen);
         let every = self.trace_every.get();
@@ -82,7 +89,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         } else {
             self.handle(opcode, copyset, payload).await
         };
-        in_flight.add(-1);
+        drop(in_flight);
         self.count_request(
             opcode,
             &status,
@@ -470,5 +477,50 @@ impl<B: Bdev + 'static> ShardServer<B> {
         if let Some(sender) = self.waiters.borrow_mut().remove(&token) {
             sender.send((status, body));
         }
+    }
+}
+
+/// Counts a service request in `chunkserver_requests_in_flight` until it is dropped: when the
+/// request is answered, and also when its task is cancelled (at shutdown) before that.
+struct InFlight(Rc<crate::metrics::Gauge>);
+
+impl InFlight {
+    fn new(gauge: Rc<crate::metrics::Gauge>) -> InFlight {
+        gauge.add(1);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// A request counted in flight is uncounted when its task is dropped unfinished (the
+    /// gauge stayed high when shutdown cancelled a request being handled).
+    #[test]
+    fn a_cancelled_request_leaves_the_in_flight_gauge() {
+        let gauge: Rc<crate::metrics::Gauge> = Rc::default();
+        let mut request = Box::pin({
+            let gauge = Rc::clone(&gauge);
+            async move {
+                let _counted = InFlight::new(gauge);
+                futures_lite::future::pending::<()>().await;
+            }
+        });
+        let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+            std::task::Poll::Ready(cx.waker().clone())
+        }));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(request.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(gauge.get(), 1);
+        drop(request);
+        assert_eq!(gauge.get(), 0);
     }
 }
