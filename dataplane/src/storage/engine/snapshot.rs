@@ -64,7 +64,8 @@ impl<B: Bdev> ShardEngine<B> {
             return Err(StorageError::Conflict {
                 chunk,
                 reason: format!(
-                    "a write with sn {sn} needs a new snapshot but the chunk still has the                          one at sn {snapshot_sn}; delete it first"
+                    "a write with sn {sn} needs a new snapshot but the chunk still has the \
+                     one at sn {snapshot_sn}; delete it first"
                 ),
             });
         }
