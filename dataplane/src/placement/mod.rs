@@ -10,16 +10,21 @@
 //! reaches the target `S` where the topology allows it. The number of copysets is at least
 //! Curve's lower bound `S·N / (R·(R−1))` for `N` chunkservers and `R` replicas.
 //!
+//! Volumes are laid out as segments ([`segments`]): a segment's chunks get copysets round
+//! robin over a pool when it is first written, and a chunk's id is its volume and index.
+//!
 //! The generator is greedy and seeded: each new copyset takes the least-loaded chunkserver
 //! (load weighed by free space), then, from domains not used yet, the least-loaded candidates
 //! that are not yet its peers, ties broken by the seed. The same topology and seed give the
 //! same plan.
 
 mod copysets;
+pub mod segments;
 #[cfg(test)]
 mod tests;
 
 pub use copysets::{plan_copysets, scatter_widths};
+pub use segments::{chunk_id, chunk_place, SegmentAllocator, SegmentError, SegmentLayout};
 
 /// A chunkserver as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
