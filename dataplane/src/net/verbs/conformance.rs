@@ -34,10 +34,20 @@ pub(crate) fn connect_pair<V: Verbs>(device: V, caps: QpCaps) -> Pair<V> {
 
 /// Two queue pairs of `device`, connected to each other, with their completion queues.
 pub(crate) fn connected_qps<V: Verbs>(device: &V, caps: QpCaps) -> (V::Qp, V::Cq, V::Qp, V::Cq) {
-    let a_cq = device.create_cq(1024).expect("create cq");
-    let b_cq = device.create_cq(1024).expect("create cq");
-    let a = device.create_qp(&a_cq, caps).expect("create qp");
-    let b = device.create_qp(&b_cq, caps).expect("create qp");
+    connected_qps_across(device, device, caps)
+}
+
+/// A queue pair of `a_side` connected to one of `b_side` (two protection domains of one
+/// device, or the same handle twice), with their completion queues.
+pub(crate) fn connected_qps_across<V: Verbs>(
+    a_side: &V,
+    b_side: &V,
+    caps: QpCaps,
+) -> (V::Qp, V::Cq, V::Qp, V::Cq) {
+    let a_cq = a_side.create_cq(1024).expect("create cq");
+    let b_cq = b_side.create_cq(1024).expect("create cq");
+    let a = a_side.create_qp(&a_cq, caps).expect("create qp");
+    let b = b_side.create_qp(&b_cq, caps).expect("create qp");
     for qp in [&a, &b] {
         assert_eq!(qp.state(), QpState::Reset);
         qp.to_init().expect("to init");
@@ -376,17 +386,7 @@ pub(crate) async fn a_queue_pair_reaches_only_its_own_domains_regions<V: Verbs>(
     let theirs = device.new_domain().expect("another domain");
     for (target_domain, allowed) in [(&theirs, false), (&ours, true)] {
         // `a` sends from the device's first domain; `b`, its target side, is in `ours`.
-        let a_cq = device.create_cq(64).expect("cq");
-        let b_cq = ours.create_cq(64).expect("cq");
-        let a = device.create_qp(&a_cq, QpCaps::default()).expect("qp");
-        let b = ours.create_qp(&b_cq, QpCaps::default()).expect("qp");
-        for qp in [&a, &b] {
-            qp.to_init().expect("init");
-        }
-        a.to_ready_to_receive(&b.endpoint()).expect("rtr");
-        b.to_ready_to_receive(&a.endpoint()).expect("rtr");
-        a.to_ready_to_send().expect("rts");
-        b.to_ready_to_send().expect("rts");
+        let (a, a_cq, _b, _b_cq) = connected_qps_across(&device, &ours, QpCaps::default());
         let local = device.register(4096, RemoteAccess::None).expect("register");
         let target = target_domain
             .register(4096, RemoteAccess::ReadWrite)
