@@ -194,3 +194,16 @@ fn collect_keys(prefix: &str, value: &toml::Value, keys: &mut Vec<String>) {
 fn is_leaf_array(value: &toml::Value) -> bool {
     matches!(value, toml::Value::Array(items) if items.iter().all(|i| !matches!(i, toml::Value::Table(_))))
 }
+
+/// Sizes near the top of u64 are refused with a message, not an arithmetic overflow (the
+/// device-size check added the WAL rings of every shard in plain u64).
+#[test]
+fn absurd_wal_sizes_are_refused_not_overflowed() {
+    let text = GOOD.replace(
+        "[[devices]]",
+        "[storage]\nwal_size_per_shard = \"16777215TiB\"\n\n[[devices]]",
+    );
+    let error = check(&text).unwrap_err();
+    assert_eq!(error.key, "storage.wal_size_per_shard", "{error}");
+    assert!(error.message.contains("larger than 1024TiB"), "{error}");
+}

@@ -11,6 +11,10 @@ use super::{Backend, Config, ConfigError, DeviceSection, Resolved, SpdkCreate};
 use crate::storage::wal::WalBudget;
 use crate::units::ByteSize;
 
+/// The largest WAL ring per shard a configuration may ask for (1 PiB): far beyond any device,
+/// and small enough that the WAL's space arithmetic cannot overflow.
+const WAL_SIZE_MAX: u64 = 1 << 50;
+
 /// A problem one check found: the key and what is wrong. [`Config::validate`] adds the file.
 struct Invalid {
     key: String,
@@ -245,6 +249,16 @@ impl Config {
                 ),
             ));
         }
+        if self.storage.wal_size_per_shard.bytes() > WAL_SIZE_MAX {
+            return Err(err(
+                "storage.wal_size_per_shard",
+                format!(
+                    "{} is larger than {}",
+                    self.storage.wal_size_per_shard,
+                    ByteSize(WAL_SIZE_MAX)
+                ),
+            ));
+        }
         let budget = WalBudget::for_ring(self.storage.wal_size_per_shard.bytes(), page);
         let piece = (1 << 20) + 1024;
         if budget.largest_admissible() < piece {
@@ -274,9 +288,13 @@ impl Config {
                 "names no device; add a [[devices]] table".into(),
             ));
         }
-        let minimum = self.storage.page_size.bytes()
-            + shards as u64 * self.storage.wal_size_per_shard.bytes()
-            + self.storage.chunk_size.bytes();
+        // Saturating: sizes near the top of u64 are refused by the size check, not overflowed.
+        let minimum = self
+            .storage
+            .page_size
+            .bytes()
+            .saturating_add((shards as u64).saturating_mul(self.storage.wal_size_per_shard.bytes()))
+            .saturating_add(self.storage.chunk_size.bytes());
         for (i, device) in self.devices.iter().enumerate() {
             self.check_backend_fields(i, device)?;
             self.check_device_size(i, device, minimum, shards)?;
