@@ -441,7 +441,12 @@ fn final_phase(
         Box::pin(async move {
             let mut recovered_after = None;
             let mut last_status = String::new();
-            while faults_ended.elapsed() < RECOVERY_BOUND {
+            // At least one look, even when the workloads' end (a round of fio finishing in a
+            // debug build) already took the bound: the loop used to end before looking, and
+            // reported "not recovered" with no status at all.
+            let mut first = true;
+            while first || faults_ended.elapsed() < RECOVERY_BOUND {
+                first = false;
                 let mut statuses = Vec::new();
                 for node in 1..=3u64 {
                     statuses.push(client.copyset_status(node, COPYSET).await);
