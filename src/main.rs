@@ -157,39 +157,50 @@ fn run(file: &Path) -> ExitCode {
 enum VolumeArg {
     /// Open it from the volume table.
     Existing(String),
-    /// Create it in the table unless it is there with this copyset and size.
+    /// Create it in the table unless it is there with this layout and size: on one copyset,
+    /// or (no copyset) striped over the pool.
     Wanted {
         name: String,
-        copyset: CopysetId,
+        copyset: Option<CopysetId>,
         size: u64,
     },
+}
+
+fn parse_size(text: &str, size: &str) -> Result<u64, String> {
+    let size = size
+        .parse::<ByteSize>()
+        .map_err(|e| format!("--volume `{text}`: {e}"))?
+        .bytes();
+    if size == 0 || size % dataplane::volume::PAGE != 0 {
+        return Err(format!(
+            "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok(size)
 }
 
 fn parse_volume(text: &str) -> Result<VolumeArg, String> {
     let parts: Vec<&str> = text.split(':').collect();
     match parts[..] {
         [name] => Ok(VolumeArg::Existing(name.to_string())),
+        [name, size] => Ok(VolumeArg::Wanted {
+            name: name.to_string(),
+            copyset: None,
+            size: parse_size(text, size)?,
+        }),
         [name, copyset, size] => {
             let copyset: u64 = copyset
                 .parse()
                 .map_err(|_| format!("--volume `{text}`: `{copyset}` is not a copyset id"))?;
-            let size = size
-                .parse::<ByteSize>()
-                .map_err(|e| format!("--volume `{text}`: {e}"))?
-                .bytes();
-            if size == 0 || size % dataplane::volume::PAGE != 0 {
-                return Err(format!(
-                    "--volume `{text}`: the size must be a non-zero multiple of 4 KiB"
-                ));
-            }
             Ok(VolumeArg::Wanted {
                 name: name.to_string(),
-                copyset: CopysetId(copyset),
-                size,
+                copyset: Some(CopysetId(copyset)),
+                size: parse_size(text, size)?,
             })
         }
         _ => Err(format!(
-            "--volume `{text}`: expected NAME or NAME:COPYSET:SIZE"
+            "--volume `{text}`: expected NAME, NAME:SIZE (striped over the pool) or \
+             NAME:COPYSET:SIZE"
         )),
     }
 }
@@ -197,41 +208,62 @@ fn parse_volume(text: &str) -> Result<VolumeArg, String> {
 /// Opens (or creates) a volume of the table.
 async fn open_volume(
     client: &Client,
+    config: &Config,
     peers: &[u64],
     wanted: &VolumeArg,
 ) -> Result<VolumeSpec, String> {
+    use dataplane::volume::pool::{create_striped_volume, ensure_pool, PoolSettings};
     use dataplane::volume::{create_volume, find_volume, VolumeError};
-    use dataplane::volume_table::TableError;
-    let record = match wanted {
-        VolumeArg::Existing(name) => find_volume(client, name)
-            .await
-            .map_err(|e| format!("--volume {name}: {e}"))?,
+    use dataplane::volume_table::{TableError, VolumeLayout};
+    let (name, copyset, size) = match wanted {
+        VolumeArg::Existing(name) => {
+            return find_volume(client, name)
+                .await
+                .map_err(|e| format!("--volume {name}: {e}"))
+        }
         VolumeArg::Wanted {
             name,
             copyset,
             size,
-        } => {
+        } => (name, copyset, size),
+    };
+    let created = match copyset {
+        Some(copyset) => {
             client
                 .create_copyset(*copyset, peers)
                 .await
                 .map_err(|e| e.to_string())?;
-            match create_volume(client, name, *size, *copyset).await {
-                Ok(record) => record,
-                Err(VolumeError::Table(TableError::Exists(_))) => {
-                    let record = find_volume(client, name).await.map_err(|e| e.to_string())?;
-                    if record.copyset != *copyset || record.size != *size {
-                        return Err(format!(
-                            "--volume {name}: it exists with {} bytes on copyset {}",
-                            record.size, record.copyset
-                        ));
-                    }
-                    record
-                }
-                Err(error) => return Err(format!("--volume {name}: {error}")),
-            }
+            create_volume(client, name, *size, *copyset).await
+        }
+        None => {
+            ensure_pool(client, &PoolSettings::from_config(config))
+                .await
+                .map_err(|e| format!("--volume {name}: the pool: {e}"))?;
+            let segment = config
+                .placement
+                .segment_bytes(config.storage.chunk_size.bytes());
+            create_striped_volume(client, name, *size, segment).await
         }
     };
-    Ok(VolumeSpec::from(record))
+    match created {
+        Ok(record) => Ok(record),
+        Err(VolumeError::Table(TableError::Exists(_))) => {
+            let record = find_volume(client, name).await.map_err(|e| e.to_string())?;
+            let same_layout = match (record.layout, copyset) {
+                (VolumeLayout::Single { copyset: on, .. }, Some(wanted)) => on == *wanted,
+                (VolumeLayout::Striped { .. }, None) => true,
+                _ => false,
+            };
+            if !same_layout || record.size != *size {
+                return Err(format!(
+                    "--volume {name}: it exists with {} bytes, {}",
+                    record.size, record.layout
+                ));
+            }
+            Ok(record)
+        }
+        Err(error) => Err(format!("--volume {name}: {error}")),
+    }
 }
 
 fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCode {
@@ -283,10 +315,10 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
                 .map_err(|e| e.to_string())?;
             let mut exports = Exports::new();
             for volume in &wanted {
-                let spec = open_volume(&client, &peers, volume).await?;
+                let spec = open_volume(&client, &config, &peers, volume).await?;
                 println!(
-                    "nbd: volume {} ({} bytes) on copyset {}",
-                    spec.name, spec.size, spec.copyset
+                    "nbd: volume {} ({} bytes), {}",
+                    spec.name, spec.size, spec.layout
                 );
                 let name = spec.name.clone();
                 exports.insert(&name, Rc::new(Volume::new(spec, Rc::clone(&client))));

@@ -15,7 +15,14 @@ use dataplane::volume::{
     create_volume, delete_volume, ensure_metadata_copyset, find_volume, list_volumes, Volume,
     VolumeError, VolumeSpec,
 };
-use dataplane::volume_table::{TableError, METADATA_COPYSET};
+use dataplane::volume_table::{TableError, VolumeLayout, VolumeRecord, METADATA_COPYSET};
+
+fn first_chunk(volume: &VolumeRecord) -> dataplane::ids::ChunkId {
+    match volume.layout {
+        VolumeLayout::Single { first_chunk, .. } => first_chunk,
+        VolumeLayout::Striped { .. } => panic!("{} is striped", volume.name),
+    }
+}
 
 #[test]
 fn volumes_are_created_once_listed_found_used_and_deleted() {
@@ -63,8 +70,8 @@ fn volumes_are_created_once_listed_found_used_and_deleted() {
                 .await
                 .expect("create other");
             assert_eq!(
-                other.first_chunk.0,
-                vol.first_chunk.0 + vol.chunks(),
+                first_chunk(&other).0,
+                first_chunk(&vol).0 + vol.chunks(),
                 "volumes never share chunks"
             );
             let names: Vec<String> = list_volumes(&client)
@@ -92,7 +99,7 @@ fn volumes_are_created_once_listed_found_used_and_deleted() {
                 Err(VolumeError::Table(TableError::NotFound(_)))
             ));
             let data_bytes = client
-                .read(data, vol.first_chunk, 0, 4096)
+                .read(data, first_chunk(&vol), 0, 4096)
                 .await
                 .expect("read a deleted volume's chunk");
             assert!(data_bytes.iter().all(|b| *b == 0));

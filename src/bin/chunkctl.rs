@@ -12,7 +12,8 @@ use dataplane::config::{ByteSize, Config};
 use dataplane::ids::CopysetId;
 use dataplane::protocol::Membership;
 use dataplane::volume;
-use dataplane::volume_table::VolumeRecord;
+use dataplane::volume::pool;
+use dataplane::volume_table::{VolumeLayout, VolumeRecord};
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
 
@@ -46,6 +47,13 @@ enum Command {
     /// Volume commands (the volume table lives in the metadata copyset).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The pool of copysets striped volumes spread over: each copyset's nodes, state and
+    /// leader (`--create` plans and creates it from `[placement]` if it does not exist).
+    Pool {
+        /// Create the pool if there is none.
+        #[arg(long)]
+        create: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,9 +67,16 @@ enum VolumeCommand {
         /// Its size, with a suffix (`64MiB`, `1GiB`); a multiple of 4 KiB.
         #[arg(long)]
         size: String,
-        /// The copyset that holds its chunks.
+        /// Put every chunk in this one copyset (created on the first three nodes if missing)
+        /// instead of striping the volume over the pool's copysets.
         #[arg(long)]
-        copyset: u64,
+        copyset: Option<u64>,
+    },
+    /// Shows which copysets hold a striped volume's allocated segments.
+    Map {
+        /// The volume's name.
+        #[arg(long)]
+        name: String,
     },
     /// Lists the volumes.
     List,
@@ -80,14 +95,166 @@ enum VolumeCommand {
 }
 
 fn volume_json(volume: &VolumeRecord) -> serde_json::Value {
-    json!({
+    let mut out = json!({
         "name": volume.name,
         "size": volume.size,
-        "copyset": volume.copyset.0,
-        "first_chunk": volume.first_chunk.0,
         "chunks": volume.chunks(),
         "chunk_size": volume.chunk_size,
-    })
+    });
+    match volume.layout {
+        VolumeLayout::Single {
+            copyset,
+            first_chunk,
+        } => {
+            out["layout"] = json!("single");
+            out["copyset"] = json!(copyset.0);
+            out["first_chunk"] = json!(first_chunk.0);
+        }
+        VolumeLayout::Striped { id, segment_size } => {
+            out["layout"] = json!("striped");
+            out["id"] = json!(id);
+            out["segment_size"] = json!(segment_size);
+            out["segments"] = json!(volume.segments());
+        }
+    }
+    out
+}
+
+/// Creates a volume on one copyset, or (without one) striped over the pool, creating the
+/// metadata copyset and the pool first when missing.
+async fn create_volume(
+    client: &Client,
+    config: &Config,
+    ids: &[u64],
+    name: &str,
+    size: u64,
+    copyset: Option<u64>,
+) -> Result<VolumeRecord, String> {
+    let peers = volume::default_peers(ids);
+    volume::ensure_metadata_copyset(client, &peers)
+        .await
+        .map_err(|e| e.to_string())?;
+    let created = match copyset {
+        Some(copyset) => {
+            client
+                .create_copyset(CopysetId(copyset), &peers)
+                .await
+                .map_err(|e| e.to_string())?;
+            volume::create_volume(client, name, size, CopysetId(copyset)).await
+        }
+        None => {
+            pool::ensure_pool(client, &pool::PoolSettings::from_config(config))
+                .await
+                .map_err(|e| format!("the pool: {e}"))?;
+            let segment = config
+                .placement
+                .segment_bytes(config.storage.chunk_size.bytes());
+            pool::create_striped_volume(client, name, size, segment).await
+        }
+    };
+    created.map_err(|e| e.to_string())
+}
+
+/// `chunkctl volume map`: the allocated segments of a striped volume and their copysets.
+async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), String> {
+    let found = volume::find_volume(client, name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let VolumeLayout::Striped { id, .. } = found.layout else {
+        return Err(format!("volume {name} is not striped: {}", found.layout));
+    };
+    let mut segments = Vec::new();
+    for segment in 0..found.segments() {
+        if let Some(record) = pool::read_segment(client, id, segment)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            segments.push(record);
+        }
+    }
+    let load = pool::chunks_per_copyset(&segments);
+    if json_output {
+        let list: Vec<serde_json::Value> = segments
+            .iter()
+            .map(|s| json!({"segment": s.segment, "copysets": s.copysets.iter().map(|c| c.0).collect::<Vec<_>>()}))
+            .collect();
+        let per: BTreeMap<String, usize> =
+            load.iter().map(|(c, n)| (c.0.to_string(), *n)).collect();
+        println!(
+            "{}",
+            json!({"volume": name, "segments": found.segments(), "allocated": list, "chunks_per_copyset": per})
+        );
+    } else {
+        println!(
+            "volume {name}: {} of {} segments allocated, chunks on {} copysets",
+            segments.len(),
+            found.segments(),
+            load.len()
+        );
+        println!("{:>20} {:>8}", "copyset", "chunks");
+        for (copyset, chunks) in &load {
+            println!("{:>20} {:>8}", copyset.0, chunks);
+        }
+    }
+    Ok(())
+}
+
+/// `chunkctl pool`: the pool's copysets, their nodes, state and current leader.
+async fn show_pool(
+    client: &Client,
+    config: &Config,
+    ids: &[u64],
+    create: bool,
+    json_output: bool,
+) -> Result<(), String> {
+    let copysets = if create {
+        volume::ensure_metadata_copyset(client, &volume::default_peers(ids))
+            .await
+            .map_err(|e| e.to_string())?;
+        pool::ensure_pool(client, &pool::PoolSettings::from_config(config)).await
+    } else {
+        pool::read_pool(client).await
+    }
+    .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for copyset in &copysets {
+        let mut leader = None;
+        for &node in &copyset.peers {
+            if let Ok(status) = client.copyset_status(node, copyset.copyset).await {
+                if status.leader != 0 {
+                    leader = Some(status.leader);
+                    break;
+                }
+            }
+        }
+        rows.push((copyset, leader));
+    }
+    if json_output {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(c, leader)| {
+                json!({"copyset": c.copyset.0, "peers": c.peers, "state": format!("{:?}", c.state).to_lowercase(), "leader": leader})
+            })
+            .collect();
+        println!("{}", json!({ "pool": list }));
+    } else {
+        println!(
+            "{:>20} {:<16} {:<8} {:>6}",
+            "copyset", "peers", "state", "leader"
+        );
+        for (c, leader) in &rows {
+            let peers: Vec<String> = c.peers.iter().map(u64::to_string).collect();
+            let leader = leader.map_or_else(|| "-".to_string(), |l| l.to_string());
+            println!(
+                "{:>20} {:<16} {:<8} {:>6}",
+                c.copyset.0,
+                peers.join(","),
+                format!("{:?}", c.state).to_lowercase(),
+                leader
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_volume(volume: &VolumeRecord, json_output: bool) {
@@ -95,14 +262,12 @@ fn print_volume(volume: &VolumeRecord, json_output: bool) {
         println!("{}", volume_json(volume));
     } else {
         println!(
-            "volume {}: {} bytes on copyset {}, chunks {}..{} ({} of {} bytes)",
+            "volume {}: {} bytes, {} chunks of {} bytes, {}",
             volume.name,
             volume.size,
-            volume.copyset,
-            volume.first_chunk,
-            volume.first_chunk.0 + volume.chunks(),
             volume.chunks(),
-            volume.chunk_size
+            volume.chunk_size,
+            volume.layout
         );
     }
 }
@@ -511,19 +676,16 @@ fn main() -> ExitCode {
                         Ok(size) => size.bytes(),
                         Err(error) => return Err(format!("--size {size}: {error}")),
                     };
-                    let peers = volume::default_peers(&ids);
-                    volume::ensure_metadata_copyset(&client, &peers)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .create_copyset(CopysetId(copyset), &peers)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let created = volume::create_volume(&client, &name, size, CopysetId(copyset))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let created =
+                        create_volume(&client, &config, &ids, &name, size, copyset).await?;
                     print_volume(&created, cli.json);
                     Ok(())
+                }
+                Command::Volume(VolumeCommand::Map { name }) => {
+                    show_map(&client, &name, cli.json).await
+                }
+                Command::Pool { create } => {
+                    show_pool(&client, &config, &ids, create, cli.json).await
                 }
                 Command::Volume(VolumeCommand::List) => {
                     let volumes = volume::list_volumes(&client)
@@ -535,16 +697,20 @@ fn main() -> ExitCode {
                         println!("{}", json!({ "volumes": list }));
                     } else {
                         println!(
-                            "{:<24} {:>14} {:>8} {:>8}",
-                            "volume", "bytes", "copyset", "chunks"
+                            "{:<24} {:>14} {:>8} {:>12}",
+                            "volume", "bytes", "chunks", "copyset"
                         );
                         for v in &volumes {
+                            let place = match v.layout {
+                                VolumeLayout::Single { copyset, .. } => copyset.0.to_string(),
+                                VolumeLayout::Striped { .. } => "striped".to_string(),
+                            };
                             println!(
-                                "{:<24} {:>14} {:>8} {:>8}",
+                                "{:<24} {:>14} {:>8} {:>12}",
                                 v.name,
                                 v.size,
-                                v.copyset.0,
-                                v.chunks()
+                                v.chunks(),
+                                place
                             );
                         }
                     }

@@ -38,10 +38,12 @@ pub struct ClusterTarget {
 pub fn volume_spec(size: u64) -> VolumeSpec {
     VolumeSpec {
         name: "chunkbench".into(),
-        copyset: COPYSET,
         size,
         chunk_size: CHUNK_SIZE,
-        first_chunk: 1,
+        layout: dataplane::volume_table::VolumeLayout::Single {
+            copyset: COPYSET,
+            first_chunk: dataplane::ids::ChunkId(1),
+        },
     }
 }
 

@@ -89,6 +89,46 @@ pub struct Config {
     /// Who may use the disaster-recovery operations.
     #[serde(default, skip_serializing_if = "AdminSection::is_default")]
     pub admin: AdminSection,
+    /// How the pool of copysets for striped volumes is laid out.
+    #[serde(default, skip_serializing_if = "PlacementSection::is_default")]
+    pub placement: PlacementSection,
+}
+
+/// `[placement]`: the pool of copysets that striped volumes spread over, planned once (on the
+/// first striped volume's creation) over the `[cluster]` nodes and their zone/host labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSection {
+    /// Replicas per pool copyset (1 to 7; at most the number of distinct hosts).
+    pub replicas: u8,
+    /// Copysets per node the pool aims at: `copysets_per_node × nodes / replicas` copysets.
+    pub copysets_per_node: u32,
+    /// Bytes per segment of a striped volume: the unit allocated on first write, a multiple of
+    /// the chunk size (default: 64 chunks, 1 GiB of 16 MiB chunks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment_size: Option<ByteSize>,
+}
+
+impl Default for PlacementSection {
+    fn default() -> PlacementSection {
+        PlacementSection {
+            replicas: 3,
+            copysets_per_node: 8,
+            segment_size: None,
+        }
+    }
+}
+
+impl PlacementSection {
+    fn is_default(&self) -> bool {
+        *self == PlacementSection::default()
+    }
+
+    /// Bytes per segment for chunks of `chunk_size` bytes.
+    pub fn segment_bytes(&self, chunk_size: u64) -> u64 {
+        self.segment_size
+            .map_or(chunk_size.saturating_mul(64), |size| size.bytes())
+    }
 }
 
 /// `[admin]`: the admin role. Operations that bypass consensus (`RESET_PEERS`) are served
@@ -256,6 +296,28 @@ pub struct ClusterNode {
     pub client: Vec<Endpoint>,
     /// How many shards (cores) it runs.
     pub shards: u32,
+    /// Its zone, the failure domain placement spreads replicas over first (default: its
+    /// host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The machine it runs on: placement never puts two replicas of a copyset on one host
+    /// (default: the IP address of its peer listener).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl ClusterNode {
+    /// Its host label: `host`, else the IP address of its peer listener.
+    pub fn host_label(&self) -> String {
+        self.host
+            .clone()
+            .unwrap_or_else(|| self.peer.addr.ip().to_string())
+    }
+
+    /// Its zone label: `zone`, else its host label.
+    pub fn zone_label(&self) -> String {
+        self.zone.clone().unwrap_or_else(|| self.host_label())
+    }
 }
 
 /// Which storage backend a device uses.

@@ -60,7 +60,39 @@ impl Config {
         self.check_devices(cores.len())?;
         self.check_raft()?;
         self.check_log()?;
+        self.check_placement()?;
         Ok(Resolved { cores })
+    }
+
+    /// `[placement]`: replicas a copyset can have, a segment of whole chunks that one segment
+    /// record can place.
+    fn check_placement(&self) -> Result<(), Invalid> {
+        use crate::placement::tables::{MAX_CHUNKS_PER_SEGMENT, MAX_REPLICAS};
+        let placement = &self.placement;
+        if placement.replicas == 0 || usize::from(placement.replicas) > MAX_REPLICAS {
+            return Err(err(
+                "placement.replicas",
+                format!("must be 1 to {MAX_REPLICAS}, not {}", placement.replicas),
+            ));
+        }
+        if placement.copysets_per_node == 0 || placement.copysets_per_node > 1024 {
+            return Err(err(
+                "placement.copysets_per_node",
+                format!("must be 1 to 1024, not {}", placement.copysets_per_node),
+            ));
+        }
+        let chunk = self.storage.chunk_size.bytes().max(1);
+        let segment = placement.segment_bytes(chunk);
+        if segment == 0 || segment % chunk != 0 || segment / chunk > MAX_CHUNKS_PER_SEGMENT {
+            return Err(err(
+                "placement.segment_size",
+                format!(
+                    "must be 1 to {MAX_CHUNKS_PER_SEGMENT} whole chunks of {chunk} bytes, not \
+                     {segment} bytes"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `[fault]`: injection is armed through the metrics endpoint, so it needs one.

@@ -98,6 +98,9 @@ pub enum ChunkOp {
         /// Its name.
         name: String,
     },
+    /// A change to the placement tables of the metadata copyset (pool, striped volumes,
+    /// segments); it reads and writes several of its chunks, so it applies alone.
+    Meta(crate::placement::meta::MetaOp),
 }
 
 /// Why bytes are not an operation.
@@ -128,6 +131,7 @@ const OP_RECOVER: u8 = 6;
 const OP_FLATTEN: u8 = 7;
 const OP_VOLUME_CREATE: u8 = 8;
 const OP_VOLUME_DELETE: u8 = 9;
+const OP_META: u8 = 10;
 
 impl ChunkOp {
     /// The chunk the operation touches: applies of one chunk run in log order.
@@ -141,6 +145,7 @@ impl ChunkOp {
             | ChunkOp::Recover { chunk, .. }
             | ChunkOp::Flatten { chunk } => *chunk,
             ChunkOp::VolumeCreate { table, .. } | ChunkOp::VolumeDelete { table, .. } => *table,
+            ChunkOp::Meta(_) => crate::volume_table::TABLE_CHUNK,
         }
     }
 
@@ -154,6 +159,7 @@ impl ChunkOp {
                 | ChunkOp::CreateClone { .. }
                 | ChunkOp::Recover { .. }
                 | ChunkOp::Flatten { .. }
+                | ChunkOp::Meta(_)
         )
     }
 
@@ -204,6 +210,12 @@ impl ChunkOp {
                 let len = name.len() as u32;
                 (OP_VOLUME_DELETE, table, 0, 0, name.as_bytes(), len)
             }
+            ChunkOp::Meta(op) => {
+                volume_bytes = op.encode();
+                let len = volume_bytes.len() as u32;
+                let table = &crate::volume_table::TABLE_CHUNK;
+                (OP_META, table, 0, 0, &volume_bytes[..], len)
+            }
         };
         let mut out = BytesMut::with_capacity(OP_HEADER_LEN + data.len());
         out.put_slice(data);
@@ -231,6 +243,9 @@ impl ChunkOp {
             OP_CREATE_CLONE => raw.create_clone(),
             OP_VOLUME_CREATE => raw.volume_create(),
             OP_VOLUME_DELETE => raw.volume_delete(),
+            OP_META => crate::placement::meta::MetaOp::decode(&raw.bytes[..raw.data_len])
+                .map(ChunkOp::Meta)
+                .map_err(|e| raw.malformed(e.0)),
             OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if raw.len != 0 => {
                 Err(raw.malformed("data on an operation that takes none"))
             }
@@ -446,6 +461,10 @@ mod tests {
                 table: ChunkId(7),
                 name: "vol0".into(),
             },
+            ChunkOp::Meta(crate::placement::meta::MetaOp::SegmentAllocate {
+                volume: 512,
+                segment: 3,
+            }),
         ] {
             assert_eq!(ChunkOp::decode(&op.encode()).unwrap(), op);
         }

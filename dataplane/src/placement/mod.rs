@@ -19,7 +19,9 @@
 //! same plan.
 
 mod copysets;
+pub mod meta;
 pub mod segments;
+pub mod tables;
 #[cfg(test)]
 mod tests;
 

@@ -31,6 +31,8 @@ pub const FLATTEN_CHUNK: Opcode = Opcode(26);
 pub const CREATE_VOLUME: Opcode = Opcode(40);
 /// Remove a volume from the volume table (body: `ChunkOp::VolumeDelete`).
 pub const DELETE_VOLUME: Opcode = Opcode(41);
+/// A change to the placement tables of the metadata copyset (body: `ChunkOp::Meta`).
+pub const PLACEMENT: Opcode = Opcode(42);
 
 /// The opcode whose body a chunk operation is.
 pub fn opcode_of(op: &ChunkOp) -> Opcode {
@@ -44,6 +46,7 @@ pub fn opcode_of(op: &ChunkOp) -> Opcode {
         ChunkOp::Flatten { .. } => FLATTEN_CHUNK,
         ChunkOp::VolumeCreate { .. } => CREATE_VOLUME,
         ChunkOp::VolumeDelete { .. } => DELETE_VOLUME,
+        ChunkOp::Meta(_) => PLACEMENT,
     }
 }
 /// Create a copyset with its initial peers (body: [`CreateCopyset`]).
@@ -88,6 +91,7 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         FLATTEN_CHUNK => "flatten_chunk",
         CREATE_VOLUME => "create_volume",
         DELETE_VOLUME => "delete_volume",
+        PLACEMENT => "placement",
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",

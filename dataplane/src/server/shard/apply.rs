@@ -70,6 +70,7 @@ pub(super) async fn apply_op<B: Bdev>(
         ChunkOp::VolumeDelete { table, name } => {
             delete_volume(engine, copyset, table, &name, index).await
         }
+        ChunkOp::Meta(op) => super::apply_meta::apply_meta(engine, copyset, op, index).await,
     }
 }
 

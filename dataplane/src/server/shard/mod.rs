@@ -119,6 +119,7 @@ pub struct RaftTimings {
 
 mod admin;
 mod apply;
+mod apply_meta;
 mod drive;
 mod install;
 mod loops;

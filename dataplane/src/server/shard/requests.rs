@@ -245,7 +245,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
             | protocol::RECOVER_CHUNK
             | protocol::FLATTEN_CHUNK
             | protocol::CREATE_VOLUME
-            | protocol::DELETE_VOLUME => self.propose_chunk_op(opcode, copyset, payload).await,
+            | protocol::DELETE_VOLUME
+            | protocol::PLACEMENT => self.propose_chunk_op(opcode, copyset, payload).await,
             // The reads.
             protocol::READ_SNAPSHOT => match ReadSnapshot::decode(&payload) {
                 Ok(request) => self.read(copyset, ReadRequest::Snapshot(request)).await,

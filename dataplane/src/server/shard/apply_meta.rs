@@ -1,0 +1,182 @@
+//! Applying placement entries (`ChunkOp::Meta`) of the metadata copyset: each reads the tables
+//! it needs from the engine, lets the pure `plan_*` function decide, and writes the records
+//! that change — one chunk write per entry, so an entry is all or nothing on every replica.
+
+use bytes::Bytes;
+use raftcore::LogIndex;
+
+use crate::ids::{ChunkId, CopysetId};
+use crate::placement::meta::MetaOp;
+use crate::placement::tables::{self, POOL_CHUNK, POOL_RECORD_LEN, SEGMENT_RECORD_LEN};
+use crate::storage::bdev::Bdev;
+use crate::storage::engine::ShardEngine;
+use crate::storage::StorageError;
+use crate::volume_table::{self, VolumeLayout, METADATA_COPYSET, TABLE_CHUNK};
+
+/// Bytes the pool table is read in: it is dense from its start, so reading stops at the
+/// first piece with a free record.
+const POOL_PIECE: u64 = 64 << 10;
+const PAGE: usize = 4096;
+
+/// Applies one placement entry of `copyset` at `index`.
+pub(super) async fn apply_meta<B: Bdev>(
+    engine: &ShardEngine<B>,
+    copyset: CopysetId,
+    op: MetaOp,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    if copyset != METADATA_COPYSET {
+        return Err(refused(
+            TABLE_CHUNK,
+            format!("placement entries belong to the metadata copyset, not {copyset}"),
+        ));
+    }
+    match op {
+        MetaOp::PoolCreate(request) => {
+            let pool = read_pool(engine).await?;
+            let planned = tables::plan_pool(&pool, &request).map_err(|e| refused(POOL_CHUNK, e))?;
+            let Some(mut records) = planned else {
+                return Ok(()); // the pool exists: creation is idempotent
+            };
+            // Whole pages: the records after the new ones are free (the pool was empty).
+            records.resize(records.len().div_ceil(PAGE) * PAGE, 0);
+            write(engine, POOL_CHUNK, 0, records, index).await
+        }
+        MetaOp::CopysetReady { copyset: ready } => {
+            let pool = read_pool(engine).await?;
+            let planned = tables::plan_ready(&pool, ready).map_err(|e| refused(POOL_CHUNK, e))?;
+            let Some((record, bytes)) = planned else {
+                return Ok(());
+            };
+            let at = record * POOL_RECORD_LEN;
+            let page_start = at / PAGE * PAGE;
+            let mut page = pool
+                .get(page_start..page_start + PAGE)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_else(|| vec![0u8; PAGE]);
+            page[at - page_start..at - page_start + POOL_RECORD_LEN].copy_from_slice(&bytes);
+            write(engine, POOL_CHUNK, page_start as u64, page, index).await
+        }
+        MetaOp::VolumeCreate {
+            name,
+            size,
+            segment_size,
+        } => {
+            let table = read_table(engine).await?;
+            let chunk_size = engine.layout().geometry.chunk_size;
+            let (record, volume) =
+                volume_table::plan_create_striped(&table, &name, size, chunk_size, segment_size)
+                    .map_err(|e| refused(TABLE_CHUNK, e))?;
+            let offset = (record * volume_table::RECORD_LEN) as u64;
+            write(engine, TABLE_CHUNK, offset, volume.encode(), index).await
+        }
+        MetaOp::SegmentAllocate { volume, segment } => {
+            allocate_segment(engine, volume, segment, index).await
+        }
+    }
+}
+
+/// Gives segment `segment` of striped volume `volume` its copysets unless it has them.
+async fn allocate_segment<B: Bdev>(
+    engine: &ShardEngine<B>,
+    volume: u64,
+    segment: u64,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let table = read_table(engine).await?;
+    let record = volume_table::find_striped(&table, volume).map_err(|e| refused(TABLE_CHUNK, e))?;
+    let VolumeLayout::Striped { segment_size, .. } = record.layout else {
+        return Err(refused(TABLE_CHUNK, "not a striped volume"));
+    };
+    let chunks = segment_size / record.chunk_size.max(1);
+    let segment_chunk = tables::segment_table_chunk(volume);
+    let offset = segment
+        .checked_mul(SEGMENT_RECORD_LEN as u64)
+        .filter(|end| end + SEGMENT_RECORD_LEN as u64 <= engine.layout().geometry.chunk_size)
+        .ok_or_else(|| refused(segment_chunk, format!("segment {segment} is out of range")))?;
+    let existing = read_range(engine, segment_chunk, offset, SEGMENT_RECORD_LEN as u64).await?;
+    let pool = read_pool(engine).await?;
+    let planned =
+        tables::plan_segment(&existing, &pool, volume, segment, record.segments(), chunks)
+            .map_err(|e| refused(segment_chunk, e))?;
+    match planned {
+        None => Ok(()), // allocated already: the first allocation stands
+        Some(segment_record) => {
+            write(
+                engine,
+                segment_chunk,
+                offset,
+                segment_record.encode(),
+                index,
+            )
+            .await
+        }
+    }
+}
+
+/// The whole volume table.
+async fn read_table<B: Bdev>(engine: &ShardEngine<B>) -> Result<Vec<u8>, StorageError> {
+    let chunk_size = engine.layout().geometry.chunk_size;
+    read_range(engine, TABLE_CHUNK, 0, chunk_size).await
+}
+
+/// The pool table's records up to (and including) the first piece with a free record.
+async fn read_pool<B: Bdev>(engine: &ShardEngine<B>) -> Result<Vec<u8>, StorageError> {
+    let chunk_size = engine.layout().geometry.chunk_size;
+    let mut pool = Vec::new();
+    let mut offset = 0;
+    while offset < chunk_size {
+        let len = POOL_PIECE.min(chunk_size - offset);
+        let piece = read_range(engine, POOL_CHUNK, offset, len).await?;
+        let ended = piece
+            .chunks_exact(POOL_RECORD_LEN)
+            .any(|r| r.iter().all(|b| *b == 0));
+        pool.extend_from_slice(&piece);
+        if ended {
+            break;
+        }
+        offset += len;
+    }
+    Ok(pool)
+}
+
+/// Bytes `offset..offset + len` of a chunk of the metadata copyset; zeroes when it does not
+/// exist.
+async fn read_range<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, StorageError> {
+    match engine.read_chunk(chunk, offset, len).await {
+        Ok(buffer) => Ok(buffer.as_slice().to_vec()),
+        Err(StorageError::ChunkNotFound(_)) => Ok(vec![0u8; len as usize]),
+        Err(error) => Err(error),
+    }
+}
+
+async fn write<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+    offset: u64,
+    bytes: Vec<u8>,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    engine
+        .write_chunk_bytes(
+            METADATA_COPYSET,
+            chunk,
+            offset,
+            Bytes::from(bytes),
+            1,
+            index,
+        )
+        .await
+}
+
+fn refused(chunk: ChunkId, reason: impl std::fmt::Display) -> StorageError {
+    StorageError::Conflict {
+        chunk,
+        reason: reason.to_string(),
+    }
+}
