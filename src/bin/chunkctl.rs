@@ -260,15 +260,31 @@ async fn show_pool(
 fn print_volume(volume: &VolumeRecord, json_output: bool) {
     if json_output {
         println!("{}", volume_json(volume));
-    } else {
-        println!(
-            "volume {}: {} bytes, {} chunks of {} bytes, {}",
+        return;
+    }
+    match volume.layout {
+        VolumeLayout::Single {
+            copyset,
+            first_chunk,
+        } => println!(
+            "volume {}: {} bytes on copyset {}, chunks {}..{} ({} of {} bytes)",
             volume.name,
             volume.size,
+            copyset,
+            first_chunk,
+            first_chunk.0 + volume.chunks(),
             volume.chunks(),
-            volume.chunk_size,
-            volume.layout
-        );
+            volume.chunk_size
+        ),
+        VolumeLayout::Striped { id, segment_size } => println!(
+            "volume {}: {} bytes striped over the pool (id {id}): {} segments of {segment_size} \
+             bytes, {} chunks of {} bytes, allocated on first write",
+            volume.name,
+            volume.size,
+            volume.segments(),
+            volume.chunks(),
+            volume.chunk_size
+        ),
     }
 }
 

@@ -63,6 +63,34 @@ pub fn write_config_sharded(
     wal_size: &str,
     shards: u32,
 ) -> PathBuf {
+    let sizes = Sizes {
+        device: device_size,
+        wal: wal_size,
+        chunk: "1MiB",
+    };
+    write_config_sized(dir, id, hosts, ports, &sizes, shards)
+}
+
+/// The sizes a test configuration sets.
+pub struct Sizes<'a> {
+    /// The device (a sparse file).
+    pub device: &'a str,
+    /// The WAL ring of each shard.
+    pub wal: &'a str,
+    /// A chunk.
+    pub chunk: &'a str,
+}
+
+/// [`write_config_sharded`] with every size chosen.
+pub fn write_config_sized(
+    dir: &Path,
+    id: usize,
+    hosts: &[String],
+    ports: &[u16],
+    sizes: &Sizes<'_>,
+    shards: u32,
+) -> PathBuf {
+    let (device_size, wal_size, chunk_size) = (sizes.device, sizes.wal, sizes.chunk);
     let cores: Vec<String> = (0..shards).map(|c| c.to_string()).collect();
     let cores = cores.join(", ");
     let nodes: Vec<String> = (0..hosts.len())
@@ -96,7 +124,7 @@ path = "chunks.img"
 size = "{device_size}"
 
 [storage]
-chunk_size = "1MiB"
+chunk_size = "{chunk_size}"
 wal_size_per_shard = "{wal_size}"
 
 [raft]
