@@ -713,8 +713,8 @@ fn main() -> ExitCode {
                         println!("{}", json!({ "volumes": list }));
                     } else {
                         println!(
-                            "{:<24} {:>14} {:>8} {:>12}",
-                            "volume", "bytes", "chunks", "copyset"
+                            "{:<24} {:>14} {:>8} {:>8}",
+                            "volume", "bytes", "copyset", "chunks"
                         );
                         for v in &volumes {
                             let place = match v.layout {
@@ -722,11 +722,11 @@ fn main() -> ExitCode {
                                 VolumeLayout::Striped { .. } => "striped".to_string(),
                             };
                             println!(
-                                "{:<24} {:>14} {:>8} {:>12}",
+                                "{:<24} {:>14} {:>8} {:>8}",
                                 v.name,
                                 v.size,
-                                v.chunks(),
-                                place
+                                place,
+                                v.chunks()
                             );
                         }
                     }
