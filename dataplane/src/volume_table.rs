@@ -271,16 +271,21 @@ pub fn plan_create(
     Ok((index, record))
 }
 
-/// Where a new striped volume goes: the free record and the record, with the next unused
-/// volume id (from [`FIRST_STRIPED_ID`]). Refused when the name exists, the size is not whole
-/// pages, the segment is not whole chunks or places more than a segment record holds, or the
-/// volume has more segments than its segment table (one chunk) holds.
+/// Where a new striped volume goes: the free record and the record, with volume id `id`.
+/// Refused when the name exists, the size is not whole pages, the segment is not whole chunks
+/// or places more than a segment record holds, the volume has more segments than its segment
+/// table (one chunk) holds, or the id is out of range or taken.
+///
+/// The metadata copyset passes `FIRST_STRIPED_ID + ` the entry's log index, so an id is never
+/// used twice, not even after its volume is deleted: a writer that still holds a deleted
+/// volume's map cannot write into a new volume's chunks.
 pub fn plan_create_striped(
     table: &[u8],
     name: &str,
     size: u64,
     chunk_size: u64,
     segment_size: u64,
+    id: u64,
 ) -> Result<(usize, VolumeRecord), TableError> {
     use crate::placement::tables::{MAX_CHUNKS_PER_SEGMENT, SEGMENT_RECORD_LEN};
     check_name(name)?;
@@ -310,17 +315,16 @@ pub fn plan_create_striped(
         return Err(TableError::Exists(name.to_string()));
     }
     let index = free_record(table, &volumes)?;
-    let id = volumes
+    if !(FIRST_STRIPED_ID..LAST_STRIPED_ID).contains(&id) {
+        return Err(TableError::Invalid(format!(
+            "volume id {id} is outside {FIRST_STRIPED_ID}..{LAST_STRIPED_ID}"
+        )));
+    }
+    if volumes
         .iter()
-        .filter_map(|(_, v)| match v.layout {
-            VolumeLayout::Striped { id, .. } => Some(id + 1),
-            VolumeLayout::Single { .. } => None,
-        })
-        .max()
-        .unwrap_or(FIRST_STRIPED_ID)
-        .max(FIRST_STRIPED_ID);
-    if id >= LAST_STRIPED_ID {
-        return Err(TableError::Invalid("every volume id is used".into()));
+        .any(|(_, v)| matches!(v.layout, VolumeLayout::Striped { id: taken, .. } if taken == id))
+    {
+        return Err(TableError::Invalid(format!("volume id {id} is taken")));
     }
     let record = VolumeRecord {
         name: name.to_string(),
@@ -386,7 +390,8 @@ mod tests {
         let mut table = vec![0u8; 4 * RECORD_LEN];
         let (index, single) = plan_create(&table, "s", 64 << 20, CopysetId(2), 16 << 20).unwrap();
         apply(&mut table, index, Some(&single));
-        let (index, a) = plan_create_striped(&table, "a", 8 << 30, 16 << 20, 1 << 30).unwrap();
+        let (index, a) =
+            plan_create_striped(&table, "a", 8 << 30, 16 << 20, 1 << 30, FIRST_STRIPED_ID).unwrap();
         assert_eq!(
             a.layout,
             VolumeLayout::Striped {
@@ -397,12 +402,21 @@ mod tests {
         assert_eq!((a.chunks(), a.segments()), (512, 8));
         apply(&mut table, index, Some(&a));
         assert_eq!(VolumeRecord::decode(&a.encode()).unwrap(), Some(a.clone()));
-        let (_, b) = plan_create_striped(&table, "b", 4096, 16 << 20, 1 << 30).unwrap();
-        assert!(matches!(b.layout, VolumeLayout::Striped { id, .. } if id == FIRST_STRIPED_ID + 1));
+        let (_, b) = plan_create_striped(&table, "b", 4096, 16 << 20, 1 << 30, 900).unwrap();
+        assert!(matches!(b.layout, VolumeLayout::Striped { id: 900, .. }));
+        for id in [FIRST_STRIPED_ID, 5, LAST_STRIPED_ID] {
+            assert!(
+                matches!(
+                    plan_create_striped(&table, "b", 4096, 16 << 20, 1 << 30, id),
+                    Err(TableError::Invalid(_))
+                ),
+                "id {id}: taken or out of range"
+            );
+        }
         assert_eq!(find_striped(&table, FIRST_STRIPED_ID).unwrap(), a);
         assert!(find_striped(&table, 7).is_err());
         assert_eq!(
-            plan_create_striped(&table, "a", 4096, 16 << 20, 1 << 30),
+            plan_create_striped(&table, "a", 4096, 16 << 20, 1 << 30, 901),
             Err(TableError::Exists("a".into()))
         );
         // A segment that is not whole chunks, one too many chunks for a record, a volume
@@ -414,13 +428,13 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    plan_create_striped(&table, "c", size, 16 << 20, segment),
+                    plan_create_striped(&table, "c", size, 16 << 20, segment, 902),
                     Err(TableError::Invalid(_))
                 ),
                 "{size} {segment}"
             );
         }
-        assert!(plan_create_striped(&table, "c", 4096 << 30, 16 << 20, 1 << 30).is_ok());
+        assert!(plan_create_striped(&table, "c", 4096 << 30, 16 << 20, 1 << 30, 902).is_ok());
     }
 
     #[test]

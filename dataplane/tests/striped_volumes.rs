@@ -17,7 +17,9 @@ use dataplane::placement::tables::{PoolMember, PoolState};
 use dataplane::volume::pool::{
     allocate_segment, create_striped_volume, ensure_pool, read_pool, read_segment, PoolSettings,
 };
-use dataplane::volume::{ensure_metadata_copyset, find_volume, list_volumes, Volume, VolumeError};
+use dataplane::volume::{
+    delete_volume, ensure_metadata_copyset, find_volume, list_volumes, Volume, VolumeError,
+};
 use dataplane::volume_table::{TableError, VolumeLayout, METADATA_COPYSET};
 
 const MIB: u64 = 1 << 20;
@@ -61,7 +63,7 @@ fn striped_volumes_allocate_segments_on_first_write_over_a_placed_pool() {
             // Three nodes on one host cannot hold three replicas apart: refused, nothing kept.
             let refused = ensure_pool(&client, &settings(|_| "one-host".into())).await;
             assert!(
-                matches!(&refused, Err(VolumeError::Client(e)) if e.to_string().contains("hosts")),
+                matches!(&refused, Err(VolumeError::Table(TableError::Invalid(e))) if e.contains("hosts")),
                 "{refused:?}"
             );
             assert!(read_pool(&client).await.expect("read the pool").is_empty());

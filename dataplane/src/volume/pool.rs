@@ -171,16 +171,10 @@ pub async fn create_striped_volume(
     };
     match apply_meta(client, op).await {
         Ok(()) => {}
-        Err(VolumeError::Client(ClientError::Refused {
-            status: Status::Invalid(reason),
-            ..
-        })) => {
-            return Err(if reason.contains("exists already") {
-                TableError::Exists(name.to_string())
-            } else {
-                TableError::Invalid(reason)
-            }
-            .into())
+        Err(VolumeError::Table(TableError::Invalid(reason)))
+            if reason.contains("exists already") =>
+        {
+            return Err(TableError::Exists(name.to_string()).into())
         }
         Err(error) => return Err(error),
     }
@@ -246,9 +240,24 @@ pub fn chunks_per_copyset(segments: &[SegmentRecord]) -> BTreeMap<CopysetId, usi
     load
 }
 
+/// Applies a placement entry; a refusal comes back as `TableError::Invalid` with the table's
+/// reason.
 async fn apply_meta(client: &Client, op: MetaOp) -> Result<(), VolumeError> {
-    client
-        .apply(METADATA_COPYSET, &ChunkOp::Meta(op))
-        .await
-        .map_err(VolumeError::from)
+    match client.apply(METADATA_COPYSET, &ChunkOp::Meta(op)).await {
+        Ok(()) => Ok(()),
+        Err(ClientError::Refused {
+            status: Status::Invalid(reason),
+            ..
+        }) => Err(TableError::Invalid(without_chunk(&reason).to_string()).into()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A refusal's reason without the `chunk N: ` the engine puts before it (the chunk is a
+/// metadata table, which means nothing to the person who asked).
+fn without_chunk(reason: &str) -> &str {
+    match reason.split_once(": ") {
+        Some((chunk, rest)) if chunk.starts_with("chunk ") => rest,
+        _ => reason,
+    }
 }

@@ -64,9 +64,17 @@ pub(super) async fn apply_meta<B: Bdev>(
         } => {
             let table = read_table(engine).await?;
             let chunk_size = engine.layout().geometry.chunk_size;
-            let (record, volume) =
-                volume_table::plan_create_striped(&table, &name, size, chunk_size, segment_size)
-                    .map_err(|e| refused(TABLE_CHUNK, e))?;
+            // The id follows from the entry's index: never the same twice.
+            let id = volume_table::FIRST_STRIPED_ID.saturating_add(index.0);
+            let (record, volume) = volume_table::plan_create_striped(
+                &table,
+                &name,
+                size,
+                chunk_size,
+                segment_size,
+                id,
+            )
+            .map_err(|e| refused(TABLE_CHUNK, e))?;
             let offset = (record * volume_table::RECORD_LEN) as u64;
             write(engine, TABLE_CHUNK, offset, volume.encode(), index).await
         }
