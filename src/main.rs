@@ -236,7 +236,7 @@ async fn open_volume(
             create_volume(client, name, *size, *copyset).await
         }
         None => {
-            ensure_pool(client, &PoolSettings::from_config(config))
+            ensure_pool(client, &PoolSettings::for_cluster(client, config).await)
                 .await
                 .map_err(|e| format!("--volume {name}: the pool: {e}"))?;
             let segment = config

@@ -459,6 +459,35 @@ impl Client {
         CopysetStatus::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
+    /// Sends a heartbeat to the placement service (the metadata copyset's leader).
+    pub async fn heartbeat(
+        &self,
+        heartbeat: &crate::protocol::placement::Heartbeat,
+    ) -> Result<(), ClientError> {
+        let body = crate::protocol::placement::encode(heartbeat);
+        self.leader_call(
+            "heartbeat",
+            crate::volume_table::METADATA_COPYSET,
+            protocol::HEARTBEAT,
+            body,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The placement service's view of the chunkservers.
+    pub async fn topology(&self) -> Result<crate::protocol::placement::Topology, ClientError> {
+        let body = self
+            .leader_call(
+                "topology",
+                crate::volume_table::METADATA_COPYSET,
+                protocol::TOPOLOGY,
+                Bytes::new(),
+            )
+            .await?;
+        crate::protocol::placement::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
     /// Asks the copyset's leader to hand leadership to `to` (a voter). Returns once the leader
     /// accepted; the transfer itself completes within an election timeout.
     pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {

@@ -196,6 +196,30 @@ fn striped_volumes_allocate_segments_on_first_write_over_a_placed_pool() {
                 .await
                 .expect("segment 1")
                 .is_none());
+
+            // Deleted with its chunks and its segment table; a new volume never reuses its id.
+            let first = read_segment(&client, id, 0)
+                .await
+                .expect("read")
+                .expect("segment 0");
+            delete_volume(&client, "s").await.expect("delete");
+            assert!(read_segment(&client, id, 0).await.expect("read").is_none());
+            let chunk = dataplane::placement::chunk_id(id, 0).expect("id");
+            let bytes = client
+                .read(first.copysets[0], chunk, 0, 4096)
+                .await
+                .expect("read");
+            assert!(
+                bytes.iter().all(|b| *b == 0),
+                "a deleted volume's chunk reads as zeros"
+            );
+            let again = create_striped_volume(&client, "s", 32 * MIB, SEGMENT)
+                .await
+                .expect("create again");
+            assert!(
+                matches!(again.layout, VolumeLayout::Striped { id: new, .. } if new != id),
+                "{again:?} reuses id {id}"
+            );
         })
     });
     for node in &mut nodes {

@@ -47,6 +47,9 @@ enum Command {
     /// Volume commands (the volume table lives in the metadata copyset).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The chunkservers as the placement service sees them: labels, state (up, unstable,
+    /// offline, unknown), last heartbeat, chunk slots, replicas and leaders.
+    Topology,
     /// The pool of copysets striped volumes spread over: each copyset's nodes, state and
     /// leader (`--create` plans and creates it from `[placement]` if it does not exist).
     Pool {
@@ -143,9 +146,12 @@ async fn create_volume(
             volume::create_volume(client, name, size, CopysetId(copyset)).await
         }
         None => {
-            pool::ensure_pool(client, &pool::PoolSettings::from_config(config))
-                .await
-                .map_err(|e| format!("the pool: {e}"))?;
+            pool::ensure_pool(
+                client,
+                &pool::PoolSettings::for_cluster(client, config).await,
+            )
+            .await
+            .map_err(|e| format!("the pool: {e}"))?;
             let segment = config
                 .placement
                 .segment_bytes(config.storage.chunk_size.bytes());
@@ -199,6 +205,46 @@ async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), 
     Ok(())
 }
 
+/// `chunkctl topology`: the placement service's view of the chunkservers.
+async fn show_topology(client: &Client, json_output: bool) -> Result<(), String> {
+    let topology = client.topology().await.map_err(|e| e.to_string())?;
+    if json_output {
+        println!(
+            "{}",
+            serde_json::to_string(&topology).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!("placement service: node {}", topology.service);
+    println!(
+        "{:>6} {:<12} {:<16} {:<9} {:>9} {:>6} {:>12} {:>9} {:>8}",
+        "node", "zone", "host", "state", "last (s)", "shards", "free slots", "replicas", "leaders"
+    );
+    for node in &topology.nodes {
+        let age = node.age_ms.map_or_else(
+            || "-".to_string(),
+            |ms| format!("{:.1}", ms as f64 / 1000.0),
+        );
+        let (shards, slots, replicas, leaders) = node.last.as_ref().map_or_else(
+            || ("-".into(), "-".into(), "-".into(), "-".into()),
+            |h| {
+                let leaders = h.replicas.iter().filter(|r| r.role == "leader").count();
+                (
+                    h.shards.to_string(),
+                    format!("{}/{}", h.slots_free, h.slots_total),
+                    h.replicas.len().to_string(),
+                    leaders.to_string(),
+                )
+            },
+        );
+        println!(
+            "{:>6} {:<12} {:<16} {:<9} {:>9} {:>6} {:>12} {:>9} {:>8}",
+            node.node, node.zone, node.host, node.state, age, shards, slots, replicas, leaders
+        );
+    }
+    Ok(())
+}
+
 /// `chunkctl pool`: the pool's copysets, their nodes, state and current leader.
 async fn show_pool(
     client: &Client,
@@ -211,7 +257,11 @@ async fn show_pool(
         volume::ensure_metadata_copyset(client, &volume::default_peers(ids))
             .await
             .map_err(|e| e.to_string())?;
-        pool::ensure_pool(client, &pool::PoolSettings::from_config(config)).await
+        pool::ensure_pool(
+            client,
+            &pool::PoolSettings::for_cluster(client, config).await,
+        )
+        .await
     } else {
         pool::read_pool(client).await
     }
@@ -700,6 +750,7 @@ fn main() -> ExitCode {
                 Command::Volume(VolumeCommand::Map { name }) => {
                     show_map(&client, &name, cli.json).await
                 }
+                Command::Topology => show_topology(&client, cli.json).await,
                 Command::Pool { create } => {
                     show_pool(&client, &config, &ids, create, cli.json).await
                 }

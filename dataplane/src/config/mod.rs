@@ -107,6 +107,11 @@ pub struct PlacementSection {
     /// the chunk size (default: 64 chunks, 1 GiB of 16 MiB chunks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segment_size: Option<ByteSize>,
+    /// How often this node sends the placement service its heartbeat.
+    pub heartbeat_ms: u64,
+    /// A node silent this long is offline in the placement service's view (it counts as
+    /// unstable after three missed heartbeats).
+    pub offline_after_ms: u64,
 }
 
 impl Default for PlacementSection {
@@ -115,6 +120,8 @@ impl Default for PlacementSection {
             replicas: 3,
             copysets_per_node: 8,
             segment_size: None,
+            heartbeat_ms: 5_000,
+            offline_after_ms: 600_000,
         }
     }
 }
@@ -122,6 +129,16 @@ impl Default for PlacementSection {
 impl PlacementSection {
     fn is_default(&self) -> bool {
         *self == PlacementSection::default()
+    }
+
+    /// Its heartbeat interval.
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// How long a node may be silent before it counts as offline.
+    pub fn offline_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.offline_after_ms)
     }
 
     /// Bytes per segment for chunks of `chunk_size` bytes.

@@ -81,6 +81,22 @@ impl Config {
                 format!("must be 1 to 1024, not {}", placement.copysets_per_node),
             ));
         }
+        if placement.heartbeat_ms < 10 {
+            return Err(err(
+                "placement.heartbeat_ms",
+                format!("must be at least 10, not {}", placement.heartbeat_ms),
+            ));
+        }
+        if placement.offline_after_ms <= placement.heartbeat_ms.saturating_mul(3) {
+            return Err(err(
+                "placement.offline_after_ms",
+                format!(
+                    "must be over three heartbeats ({} ms), not {}",
+                    placement.heartbeat_ms.saturating_mul(3),
+                    placement.offline_after_ms
+                ),
+            ));
+        }
         let chunk = self.storage.chunk_size.bytes().max(1);
         let segment = placement.segment_bytes(chunk);
         if segment == 0 || segment % chunk != 0 || segment / chunk > MAX_CHUNKS_PER_SEGMENT {

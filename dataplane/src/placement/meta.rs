@@ -27,6 +27,9 @@ pub enum MetaOp {
         /// Bytes per segment.
         segment_size: u64,
     },
+    /// Record a chunkserver and its labels in the node table (nothing when it is there as it
+    /// is).
+    NodeRegister(PoolMember),
     /// Give a segment's chunks their copysets if it has none yet.
     SegmentAllocate {
         /// The volume's id.
@@ -45,6 +48,7 @@ const POOL_CREATE: u8 = 1;
 const COPYSET_READY: u8 = 2;
 const VOLUME_CREATE: u8 = 3;
 const SEGMENT_ALLOCATE: u8 = 4;
+const NODE_REGISTER: u8 = 5;
 /// The most members a pool creation carries.
 const MAX_MEMBERS: usize = 4096;
 
@@ -80,6 +84,12 @@ impl MetaOp {
                 out.extend_from_slice(&size.to_le_bytes());
                 out.extend_from_slice(&segment_size.to_le_bytes());
                 put_str(&mut out, name);
+            }
+            MetaOp::NodeRegister(member) => {
+                out.push(NODE_REGISTER);
+                out.extend_from_slice(&member.node.to_le_bytes());
+                put_str(&mut out, &member.zone);
+                put_str(&mut out, &member.host);
             }
             MetaOp::SegmentAllocate { volume, segment } => {
                 out.push(SEGMENT_ALLOCATE);
@@ -125,6 +135,11 @@ impl MetaOp {
                 segment_size: r.u64()?,
                 name: r.string()?,
             },
+            NODE_REGISTER => MetaOp::NodeRegister(PoolMember {
+                node: r.u64()?,
+                zone: r.string()?,
+                host: r.string()?,
+            }),
             SEGMENT_ALLOCATE => MetaOp::SegmentAllocate {
                 volume: r.u64()?,
                 segment: r.u64()?,
@@ -229,6 +244,11 @@ mod tests {
                 volume: 512,
                 segment: 7,
             },
+            MetaOp::NodeRegister(PoolMember {
+                node: 3,
+                zone: "z3".into(),
+                host: "h3".into(),
+            }),
         ] {
             let bytes = op.encode();
             assert_eq!(MetaOp::decode(&bytes), Ok(op));

@@ -37,6 +37,15 @@ const SEGMENT_MAGIC: u32 = 0x5345_4731; // "SEG1"
 const SEGMENT_FIXED: usize = 4 + 1 + 1 + 2 + 8 + 8;
 const SEGMENT_TABLE_BIT: u64 = 1 << 63;
 
+/// The metadata-copyset chunk holding the node table: the chunkservers that registered with
+/// the placement service, with their labels.
+pub const NODE_CHUNK: ChunkId = ChunkId(u64::MAX - 3);
+/// Bytes per node record.
+pub const NODE_RECORD_LEN: usize = 256;
+/// The longest zone or host label, in bytes.
+pub const MAX_LABEL: usize = 100;
+const NODE_MAGIC: u32 = 0x4e4f_4431; // "NOD1"
+
 /// The metadata-copyset chunk holding volume `volume`'s segment table.
 pub fn segment_table_chunk(volume: u64) -> ChunkId {
     ChunkId(SEGMENT_TABLE_BIT | volume)
@@ -258,6 +267,84 @@ pub fn plan_ready(
         ..found.clone()
     };
     Ok(Some((index, record.encode())))
+}
+
+/// Encodes a node record: magic u32, version u8 (1), three zero bytes, node u64, zone length
+/// u8 and zone, host length u8 (at byte 117) and host, zeroes, CRC32C in the last 4 bytes.
+pub fn encode_node(member: &PoolMember) -> Vec<u8> {
+    let mut out = vec![0u8; NODE_RECORD_LEN];
+    out[..4].copy_from_slice(&NODE_MAGIC.to_le_bytes());
+    out[4] = 1;
+    out[8..16].copy_from_slice(&member.node.to_le_bytes());
+    for (at, label) in [(16, &member.zone), (117, &member.host)] {
+        let bytes = &label.as_bytes()[..label.len().min(MAX_LABEL)];
+        out[at] = bytes.len() as u8;
+        out[at + 1..at + 1 + bytes.len()].copy_from_slice(bytes);
+    }
+    seal(&mut out);
+    out
+}
+
+/// Decodes a node record: `Ok(None)` for a free one.
+pub fn decode_node(record: &[u8]) -> Result<Option<PoolMember>, TablesError> {
+    if !check_record(record, NODE_RECORD_LEN, NODE_MAGIC, "node")? {
+        return Ok(None);
+    }
+    let label = |at: usize| {
+        let len = usize::from(record[at]).min(MAX_LABEL);
+        std::str::from_utf8(&record[at + 1..at + 1 + len])
+            .map(str::to_string)
+            .map_err(|_| TablesError::Corrupt("a node label that is not UTF-8".into()))
+    };
+    Ok(Some(PoolMember {
+        node: u64_at(record, 8),
+        zone: label(16)?,
+        host: label(117)?,
+    }))
+}
+
+/// The registered nodes, in record order (the dense prefix of `table`).
+pub fn nodes(table: &[u8]) -> Result<Vec<PoolMember>, TablesError> {
+    let mut nodes = Vec::new();
+    for record in table.chunks_exact(NODE_RECORD_LEN) {
+        match decode_node(record)? {
+            Some(node) => nodes.push(node),
+            None => break,
+        }
+    }
+    Ok(nodes)
+}
+
+/// Registering `member`: the record index and bytes to write (a new node after the last, a
+/// known one in place when its labels changed), or `None` when it is registered as it is.
+pub fn plan_register(
+    table: &[u8],
+    member: &PoolMember,
+) -> Result<Option<(usize, Vec<u8>)>, TablesError> {
+    if member.node == 0 {
+        return Err(TablesError::Invalid("node 0 cannot register".into()));
+    }
+    for (what, label) in [("zone", &member.zone), ("host", &member.host)] {
+        if label.is_empty() || label.len() > MAX_LABEL {
+            return Err(TablesError::Invalid(format!(
+                "a {what} label has 1 to {MAX_LABEL} bytes, not {}",
+                label.len()
+            )));
+        }
+    }
+    let known = nodes(table)?;
+    let index = match known.iter().position(|n| n.node == member.node) {
+        Some(index) if known[index] == *member => return Ok(None),
+        Some(index) => index,
+        None => known.len(),
+    };
+    if (index + 1) * NODE_RECORD_LEN > table.len() {
+        return Err(TablesError::Invalid(format!(
+            "the node table is full ({} nodes)",
+            known.len()
+        )));
+    }
+    Ok(Some((index, encode_node(member))))
 }
 
 /// One allocated segment: the copyset of each of its chunks, in chunk order.
@@ -541,6 +628,50 @@ mod tests {
             plan_segment(&other.encode(), &table, 512, 2, 8, 64),
             Err(TablesError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn nodes_register_once_and_relabel_in_place() {
+        let mut table = vec![0u8; 2 * NODE_RECORD_LEN];
+        let write = |table: &mut Vec<u8>, planned: Option<(usize, Vec<u8>)>| {
+            if let Some((index, bytes)) = planned {
+                table[index * NODE_RECORD_LEN..(index + 1) * NODE_RECORD_LEN]
+                    .copy_from_slice(&bytes);
+            }
+        };
+        let [a, b, c] = [1, 2, 3].map(|node| PoolMember {
+            node,
+            zone: "z".into(),
+            host: format!("h{node}"),
+        });
+        let planned = plan_register(&table, &a).unwrap();
+        assert_eq!(planned.as_ref().map(|p| p.0), Some(0));
+        write(&mut table, planned);
+        assert_eq!(
+            plan_register(&table, &a).unwrap(),
+            None,
+            "registered as it is"
+        );
+        let planned = plan_register(&table, &b).unwrap();
+        write(&mut table, planned);
+        let moved = PoolMember {
+            host: "elsewhere".into(),
+            ..a.clone()
+        };
+        let planned = plan_register(&table, &moved).unwrap();
+        assert_eq!(planned.as_ref().map(|p| p.0), Some(0), "in place");
+        write(&mut table, planned);
+        assert_eq!(nodes(&table).unwrap(), vec![moved, b]);
+        assert!(
+            matches!(plan_register(&table, &c), Err(TablesError::Invalid(_))),
+            "full"
+        );
+        let unlabelled = PoolMember {
+            host: String::new(),
+            ..c.clone()
+        };
+        assert!(plan_register(&table, &unlabelled).is_err());
+        assert!(plan_register(&table, &PoolMember { node: 0, ..c }).is_err());
     }
 
     #[test]

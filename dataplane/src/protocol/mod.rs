@@ -6,7 +6,7 @@
 //! - [`frame`]: the 40-byte frame header and the stream codec (TCP and RDMA alike).
 //! - [`opcodes`]: which service an opcode asks for, and its name in metrics.
 //! - [`response`]: the response envelope ([`Status`] and a body).
-//! - [`chunk`], [`copyset`], [`image`], [`raft`]: the bodies of each service.
+//! - [`chunk`], [`copyset`], [`image`], [`raft`], [`placement`]: the bodies of each service.
 //! - [`routing`]: which shard of a node serves a copyset, and a node's client address.
 //!
 //! This module depends on the identifiers, the configuration's endpoint type and the
@@ -18,6 +18,7 @@ pub mod copyset;
 pub mod frame;
 pub mod image;
 pub mod opcodes;
+pub mod placement;
 pub mod raft;
 mod reader;
 pub mod response;

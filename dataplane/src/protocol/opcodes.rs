@@ -33,6 +33,12 @@ pub const CREATE_VOLUME: Opcode = Opcode(40);
 pub const DELETE_VOLUME: Opcode = Opcode(41);
 /// A change to the placement tables of the metadata copyset (body: `ChunkOp::Meta`).
 pub const PLACEMENT: Opcode = Opcode(42);
+/// A chunkserver's heartbeat to the placement service, addressed to the metadata copyset and
+/// served by its leader (body: `placement::Heartbeat`, JSON; empty answer).
+pub const HEARTBEAT: Opcode = Opcode(43);
+/// The placement service's view of the chunkservers (empty body, to the metadata copyset;
+/// answer: `placement::Topology`, JSON).
+pub const TOPOLOGY: Opcode = Opcode(44);
 
 /// The opcode whose body a chunk operation is.
 pub fn opcode_of(op: &ChunkOp) -> Opcode {
@@ -92,6 +98,8 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         CREATE_VOLUME => "create_volume",
         DELETE_VOLUME => "delete_volume",
         PLACEMENT => "placement",
+        HEARTBEAT => "heartbeat",
+        TOPOLOGY => "topology",
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",

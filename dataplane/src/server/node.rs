@@ -314,10 +314,7 @@ async fn gather_reports<B: crate::storage::bdev::Bdev + 'static>(
     server: &ShardServer<B>,
     mesh: &crate::shard::Mesh<ShardMessage>,
 ) -> Vec<ShardReport> {
-    let mut reports = vec![ShardReport {
-        metrics: server.metrics_snapshot(),
-        status: server.status_json(),
-    }];
+    let mut reports = vec![server.report()];
     for shard in (0..mesh.shard_count()).filter(|&s| s != mesh.me().0) {
         let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
         if mesh
@@ -391,6 +388,44 @@ struct ShardSettings {
     faults: Option<Arc<DiskFaults>>,
     /// The admin token (`[admin] token_file`), read at start.
     admin_token: Option<Vec<u8>>,
+    /// The placement service's settings and this node's labels.
+    placement: PlacementSettings,
+}
+
+/// What the heartbeat and the placement service need from the configuration.
+struct PlacementSettings {
+    /// Where the cluster's nodes take client requests (the service is found among them).
+    nodes: Vec<crate::protocol::NodeAddress>,
+    /// This node's zone and host labels.
+    zone: String,
+    host: String,
+    heartbeat: Duration,
+    offline_after: Duration,
+}
+
+impl PlacementSettings {
+    fn new(config: &Config) -> PlacementSettings {
+        let me = config
+            .cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == config.node.id)
+            .cloned();
+        let host = me.as_ref().map_or_else(
+            || config.listen.peer.addr.ip().to_string(),
+            crate::config::ClusterNode::host_label,
+        );
+        let zone = me
+            .as_ref()
+            .map_or_else(|| host.clone(), crate::config::ClusterNode::zone_label);
+        PlacementSettings {
+            nodes: crate::protocol::NodeAddress::from_config(config),
+            zone,
+            host,
+            heartbeat: config.placement.heartbeat(),
+            offline_after: config.placement.offline_after(),
+        }
+    }
 }
 
 impl ShardSettings {
@@ -426,6 +461,7 @@ impl ShardSettings {
             numa_node,
             faults,
             admin_token,
+            placement: PlacementSettings::new(config),
         }
     }
 }
@@ -550,6 +586,16 @@ async fn run_shard(
     if let (0, Some(address)) = (shard, settings.metrics_address) {
         serve_metrics_endpoint(settings, address, &server, &mesh, &ctx.shutdown)?;
     }
+    if shard == 0 {
+        let heartbeats = heartbeat_loop(
+            settings.node,
+            &settings.placement,
+            Rc::clone(&server),
+            Rc::clone(&mesh),
+            ctx.shutdown.clone(),
+        );
+        glommio::spawn_local(heartbeats).detach();
+    }
     info!(node, shard, core = ctx.core, "shard serving");
     server.run(peer, clients, ctx.shutdown.clone()).await;
     Ok(())
@@ -625,6 +671,10 @@ async fn open_server(
     .map_err(|e| e.to_string())?;
     server.set_trace_every(settings.trace_every);
     server.set_admin_token(settings.admin_token.as_deref());
+    server.set_placement_timing(
+        settings.placement.heartbeat,
+        settings.placement.offline_after,
+    );
     Ok(server)
 }
 
@@ -661,10 +711,7 @@ fn serve_other_shards<B: Bdev + 'static>(
                 match message {
                     ShardMessage::Scrape(reply) => {
                         let reply = reply.connect().await;
-                        let report = ShardReport {
-                            metrics: server.metrics_snapshot(),
-                            status: server.status_json(),
-                        };
+                        let report = server.report();
                         // The scraper may have given up; nothing to do then.
                         let _ = reply.send(report).await;
                     }
@@ -680,6 +727,102 @@ fn serve_other_shards<B: Bdev + 'static>(
         })
         .detach();
     }
+}
+
+/// Every heartbeat interval until `stop`: gathers the shards' reports and sends the node's
+/// heartbeat to the placement service (the metadata copyset's leader). A heartbeat that
+/// finds no service (no metadata copyset yet, an election) is dropped; the next one follows.
+fn heartbeat_loop<B: Bdev + 'static>(
+    node: u64,
+    placement: &PlacementSettings,
+    server: Rc<ShardServer<B>>,
+    mesh: Rc<crate::shard::Mesh<ShardMessage>>,
+    stop: ShutdownSignal,
+) -> impl std::future::Future<Output = ()> + 'static {
+    let interval = placement.heartbeat;
+    let (zone, host) = (placement.zone.clone(), placement.host.clone());
+    let config = crate::client::ClientConfig {
+        deadline: interval,
+        ..crate::client::ClientConfig::default()
+    };
+    let client = crate::client::Client::new(&placement.nodes, config);
+    async move {
+        let mut failures = 0u64;
+        loop {
+            let slept = futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(interval).await;
+                    true
+                },
+                async {
+                    stop.raised().await;
+                    false
+                },
+            );
+            if !slept.await {
+                return;
+            }
+            let reports = gather_reports(&server, &mesh).await;
+            let heartbeat = heartbeat_of(node, &zone, &host, reports);
+            match client.heartbeat(&heartbeat).await {
+                Ok(()) => failures = 0,
+                Err(error) => {
+                    failures += 1;
+                    // Quiet while the cluster has no metadata copyset; said now and then.
+                    if failures % 12 == 1 {
+                        tracing::debug!(node, %error, failures, "heartbeat not delivered");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The heartbeat of `node` from its shards' reports.
+fn heartbeat_of(
+    node: u64,
+    zone: &str,
+    host: &str,
+    reports: Vec<ShardReport>,
+) -> crate::protocol::placement::Heartbeat {
+    use crate::protocol::placement::{Heartbeat, ReplicaReport};
+    let field = |v: &serde_json::Value, key: &str| v.get(key).and_then(serde_json::Value::as_u64);
+    let mut heartbeat = Heartbeat {
+        node,
+        zone: zone.to_string(),
+        host: host.to_string(),
+        shards: reports.len() as u32,
+        slots_total: 0,
+        slots_free: 0,
+        replicas: Vec::new(),
+    };
+    for report in reports {
+        heartbeat.slots_total += report.slots.0;
+        heartbeat.slots_free += report.slots.1;
+        for status in &report.status {
+            let Some(copyset) = field(status, "copyset") else {
+                continue;
+            };
+            heartbeat.replicas.push(ReplicaReport {
+                copyset,
+                shard: field(status, "shard").unwrap_or(0) as u32,
+                role: status
+                    .get("role")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_string(),
+                leader: field(status, "leader").unwrap_or(0),
+                term: field(status, "term").unwrap_or(0),
+                applied: field(status, "applied").unwrap_or(0),
+                voters: status
+                    .get("voters")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|v| v.iter().filter_map(serde_json::Value::as_u64).collect())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    heartbeat
 }
 
 /// Serves the node's `/metrics` and `/status` (and `/fault` when fault injection is on) at

@@ -57,6 +57,31 @@ impl PoolSettings {
     }
 }
 
+impl PoolSettings {
+    /// The settings for this cluster: the `[placement]` section, over the chunkservers the
+    /// placement service reports up (registered by their heartbeats, with the labels they
+    /// sent), or — before any heartbeat reached it — over the `[cluster]` nodes.
+    pub async fn for_cluster(client: &Client, config: &Config) -> PoolSettings {
+        let mut settings = PoolSettings::from_config(config);
+        if let Ok(topology) = client.topology().await {
+            let up: Vec<PoolMember> = topology
+                .nodes
+                .into_iter()
+                .filter(|n| n.state == "up")
+                .map(|n| PoolMember {
+                    node: n.node,
+                    zone: n.zone,
+                    host: n.host,
+                })
+                .collect();
+            if !up.is_empty() {
+                settings.members = up;
+            }
+        }
+        settings
+    }
+}
+
 /// The pool's copysets (empty before the first striped volume), read linearizably.
 pub async fn read_pool(client: &Client) -> Result<Vec<PoolCopyset>, VolumeError> {
     let mut bytes = Vec::new();

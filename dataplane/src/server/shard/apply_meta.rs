@@ -7,7 +7,9 @@ use raftcore::LogIndex;
 
 use crate::ids::{ChunkId, CopysetId};
 use crate::placement::meta::MetaOp;
-use crate::placement::tables::{self, POOL_CHUNK, POOL_RECORD_LEN, SEGMENT_RECORD_LEN};
+use crate::placement::tables::{
+    self, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK, POOL_RECORD_LEN, SEGMENT_RECORD_LEN,
+};
 use crate::storage::bdev::Bdev;
 use crate::storage::engine::ShardEngine;
 use crate::storage::StorageError;
@@ -48,40 +50,86 @@ pub(super) async fn apply_meta<B: Bdev>(
             let Some((record, bytes)) = planned else {
                 return Ok(());
             };
-            let at = record * POOL_RECORD_LEN;
-            let page_start = at / PAGE * PAGE;
-            let mut page = pool
-                .get(page_start..page_start + PAGE)
-                .map(<[u8]>::to_vec)
-                .unwrap_or_else(|| vec![0u8; PAGE]);
-            page[at - page_start..at - page_start + POOL_RECORD_LEN].copy_from_slice(&bytes);
-            write(engine, POOL_CHUNK, page_start as u64, page, index).await
+            write_record(
+                engine,
+                POOL_CHUNK,
+                &pool,
+                record * POOL_RECORD_LEN,
+                &bytes,
+                index,
+            )
+            .await
         }
         MetaOp::VolumeCreate {
             name,
             size,
             segment_size,
-        } => {
-            let table = read_table(engine).await?;
-            let chunk_size = engine.layout().geometry.chunk_size;
-            // The id follows from the entry's index: never the same twice.
-            let id = volume_table::FIRST_STRIPED_ID.saturating_add(index.0);
-            let (record, volume) = volume_table::plan_create_striped(
-                &table,
-                &name,
-                size,
-                chunk_size,
-                segment_size,
-                id,
-            )
-            .map_err(|e| refused(TABLE_CHUNK, e))?;
-            let offset = (record * volume_table::RECORD_LEN) as u64;
-            write(engine, TABLE_CHUNK, offset, volume.encode(), index).await
-        }
+        } => create_striped(engine, &name, size, segment_size, index).await,
         MetaOp::SegmentAllocate { volume, segment } => {
             allocate_segment(engine, volume, segment, index).await
         }
+        MetaOp::NodeRegister(member) => register(engine, &member, index).await,
     }
+}
+
+/// Adds striped volume `name`; its id follows from the entry's index, so it is never the
+/// same twice.
+async fn create_striped<B: Bdev>(
+    engine: &ShardEngine<B>,
+    name: &str,
+    size: u64,
+    segment_size: u64,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let table = read_table(engine).await?;
+    let chunk_size = engine.layout().geometry.chunk_size;
+    let id = volume_table::FIRST_STRIPED_ID.saturating_add(index.0);
+    let (record, volume) =
+        volume_table::plan_create_striped(&table, name, size, chunk_size, segment_size, id)
+            .map_err(|e| refused(TABLE_CHUNK, e))?;
+    let offset = (record * volume_table::RECORD_LEN) as u64;
+    write(engine, TABLE_CHUNK, offset, volume.encode(), index).await
+}
+
+/// Records `member` in the node table unless it is there as it is.
+async fn register<B: Bdev>(
+    engine: &ShardEngine<B>,
+    member: &tables::PoolMember,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let table = read_dense(engine, NODE_CHUNK, NODE_RECORD_LEN).await?;
+    let planned = tables::plan_register(&table, member).map_err(|e| refused(NODE_CHUNK, e))?;
+    let Some((record, bytes)) = planned else {
+        return Ok(());
+    };
+    write_record(
+        engine,
+        NODE_CHUNK,
+        &table,
+        record * NODE_RECORD_LEN,
+        &bytes,
+        index,
+    )
+    .await
+}
+
+/// Writes `bytes` at `at` of a table chunk whose current content starts with `table`: the
+/// whole page around it, the rest of the page as it is.
+async fn write_record<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+    table: &[u8],
+    at: usize,
+    bytes: &[u8],
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let page_start = at / PAGE * PAGE;
+    let mut page = table
+        .get(page_start..page_start + PAGE)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| vec![0u8; PAGE]);
+    page[at - page_start..at - page_start + bytes.len()].copy_from_slice(bytes);
+    write(engine, chunk, page_start as u64, page, index).await
 }
 
 /// Gives segment `segment` of striped volume `volume` its copysets unless it has them.
@@ -130,22 +178,32 @@ async fn read_table<B: Bdev>(engine: &ShardEngine<B>) -> Result<Vec<u8>, Storage
 
 /// The pool table's records up to (and including) the first piece with a free record.
 async fn read_pool<B: Bdev>(engine: &ShardEngine<B>) -> Result<Vec<u8>, StorageError> {
+    read_dense(engine, POOL_CHUNK, POOL_RECORD_LEN).await
+}
+
+/// A dense table's records (`record_len` bytes each, free ones all zeros and only after the
+/// last taken one) up to and including the first piece with a free record.
+pub(super) async fn read_dense<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+    record_len: usize,
+) -> Result<Vec<u8>, StorageError> {
     let chunk_size = engine.layout().geometry.chunk_size;
-    let mut pool = Vec::new();
+    let mut table = Vec::new();
     let mut offset = 0;
     while offset < chunk_size {
         let len = POOL_PIECE.min(chunk_size - offset);
-        let piece = read_range(engine, POOL_CHUNK, offset, len).await?;
+        let piece = read_range(engine, chunk, offset, len).await?;
         let ended = piece
-            .chunks_exact(POOL_RECORD_LEN)
+            .chunks_exact(record_len)
             .any(|r| r.iter().all(|b| *b == 0));
-        pool.extend_from_slice(&piece);
+        table.extend_from_slice(&piece);
         if ended {
             break;
         }
         offset += len;
     }
-    Ok(pool)
+    Ok(table)
 }
 
 /// Bytes `offset..offset + len` of a chunk of the metadata copyset; zeroes when it does not

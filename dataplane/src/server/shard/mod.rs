@@ -61,6 +61,8 @@ pub struct ShardReport {
     pub metrics: crate::metrics::Snapshot,
     /// Its copysets' raft state.
     pub status: Vec<serde_json::Value>,
+    /// Its chunk slots: (all, free).
+    pub slots: (u64, u64),
 }
 
 /// A request forwarded from the shard that received it to the shard of its copyset.
@@ -123,6 +125,7 @@ mod apply_meta;
 mod drive;
 mod install;
 mod loops;
+mod mds;
 mod metrics;
 mod raft_in;
 mod requests;
@@ -175,6 +178,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     traced: RefCell<HashMap<Token, tracing::Span>>,
     /// The channel mesh to the process's other shards (for forwarded requests), once set.
     mesh: RefCell<Option<Rc<crate::shard::Mesh<ShardMessage>>>>,
+    /// The placement service's view, used while this shard leads the metadata copyset.
+    mds: RefCell<mds::Mds>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -220,6 +225,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             admin_token: RefCell::new(None),
             received: Cell::new(0),
             traced: RefCell::new(HashMap::new()),
+            mds: RefCell::new(mds::Mds::new()),
         });
         server
             .engine
@@ -245,6 +251,24 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 "copyset recovered");
         }
         Ok(server)
+    }
+
+    /// The placement service's timing: the nodes' heartbeat interval and the silence after
+    /// which a node is offline.
+    pub fn set_placement_timing(&self, heartbeat: Duration, offline_after: Duration) {
+        let mut mds = self.mds.borrow_mut();
+        mds.heartbeat = heartbeat;
+        mds.offline_after = offline_after;
+    }
+
+    /// This shard's report for the node's heartbeat and metrics scrapes.
+    pub fn report(&self) -> ShardReport {
+        let (slots_total, slots_free) = self.engine.slot_counts();
+        ShardReport {
+            metrics: self.metrics_snapshot(),
+            status: self.status_json(),
+            slots: (u64::from(slots_total), u64::from(slots_free)),
+        }
     }
 
     fn open_copyset(&self, copyset: CopysetId, applied: LogIndex) -> Result<(), StorageError> {

@@ -257,6 +257,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
             protocol::GET_CHUNK_INFO => self.chunk_info(&payload),
+            // The placement service.
+            protocol::HEARTBEAT => self.heartbeat(copyset, &payload).await,
+            protocol::TOPOLOGY => self.topology(copyset).await,
             other => (
                 Status::Invalid(format!("unknown opcode {}", other.0)),
                 Bytes::new(),
@@ -340,7 +343,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
 
     /// A chunk operation that changes chunks: admitted (`admit_chunk_op`), then proposed to
     /// the copyset; answered once it is applied.
-    async fn propose_chunk_op(
+    pub(super) async fn propose_chunk_op(
         self: &Rc<Self>,
         opcode: crate::net::Opcode,
         copyset: CopysetId,

@@ -181,6 +181,12 @@ impl<B: Bdev> ShardEngine<B> {
         (table.memory_bytes(), table.slot_count())
     }
 
+    /// Chunk slots: (all, free).
+    pub fn slot_counts(&self) -> (u32, u32) {
+        let table = self.table.borrow();
+        (table.slot_count(), table.free_count())
+    }
+
     /// Raft's read view of one copyset's log.
     pub fn log_storage(&self, copyset: CopysetId) -> CopysetStorage<B> {
         CopysetStorage {

@@ -1,0 +1,141 @@
+//! The placement service on three in-process chunkservers (heartbeats every 100 ms, offline
+//! after 1 s): nodes register through their heartbeats with the labels of their own
+//! configuration, the pool is placed over what the service reports up (the `[cluster]`
+//! addresses here are all 127.0.0.1, which alone could not keep replicas on distinct hosts),
+//! a stopped node turns unstable then offline, and after the metadata copyset's leadership
+//! moves, the new service instance knows every registered node from the node table and learns
+//! their state from the next heartbeats.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::{config, free_ports, with_client, Node};
+use dataplane::client::Client;
+use dataplane::config::Config;
+use dataplane::protocol::placement::Topology;
+use dataplane::volume::ensure_metadata_copyset;
+use dataplane::volume::pool::{ensure_pool, PoolSettings};
+use dataplane::volume_table::METADATA_COPYSET;
+
+fn labelled(id: u32, ports: &[u16], dir: &Path) -> Config {
+    let mut config = config(id, ports, dir, "mem");
+    for node in &mut config.cluster.nodes {
+        node.host = Some(format!("host-{}", node.id));
+    }
+    config.placement.heartbeat_ms = 100;
+    config.placement.offline_after_ms = 1000;
+    config.placement.copysets_per_node = 2;
+    config
+}
+
+/// Each node's state in the topology, once `wanted` holds of it, within 10 s.
+async fn wait_for(
+    client: &Client,
+    what: &str,
+    wanted: impl Fn(&BTreeMap<u64, String>) -> bool,
+) -> Topology {
+    let started = Instant::now();
+    loop {
+        if let Ok(topology) = client.topology().await {
+            let states = topology
+                .nodes
+                .iter()
+                .map(|n| (n.node, n.state.clone()))
+                .collect();
+            if wanted(&states) {
+                return topology;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what}: {states:?}"
+            );
+        } else {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what}: no service"
+            );
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn nodes_register_by_heartbeat_and_the_service_tracks_their_state() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let configs: Vec<Config> = (1..=3).map(|id| labelled(id, &ports, dir.path())).collect();
+    let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
+    let first_config = configs[0].clone();
+    let (leader, stopped) = with_client(&ports, move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            let topology = wait_for(&client, "all up", |s| {
+                s.len() == 3 && s.values().all(|v| v == "up")
+            })
+            .await;
+            for node in &topology.nodes {
+                assert_eq!(node.host, format!("host-{}", node.node));
+                let last = node.last.as_ref().expect("a heartbeat");
+                assert_eq!(last.shards, 1);
+                assert!(last.slots_total > 0 && last.slots_free <= last.slots_total);
+                assert!(
+                    last.replicas
+                        .iter()
+                        .any(|r| r.copyset == METADATA_COPYSET.0),
+                    "{last:?}"
+                );
+            }
+            // The pool goes over the labels the nodes reported, not the config's addresses.
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            let hosts: Vec<&str> = settings.members.iter().map(|m| m.host.as_str()).collect();
+            assert_eq!(hosts, ["host-1", "host-2", "host-3"]);
+            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            assert_eq!(pool.len(), 2);
+            let leader = client.cached_leader(METADATA_COPYSET).expect("leader");
+            let stopped = (1..=3).find(|&n| n != leader).expect("a follower");
+            (leader, stopped)
+        })
+    });
+    nodes[stopped as usize - 1].stop();
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            client.set_peers(METADATA_COPYSET, &[1, 2, 3]);
+            wait_for(&client, "the stopped node unstable", |s| {
+                s.get(&stopped).is_some_and(|v| v == "unstable")
+            })
+            .await;
+            wait_for(&client, "the stopped node offline", |s| {
+                s.get(&stopped).is_some_and(|v| v == "offline")
+            })
+            .await;
+            // Leadership moves to the other live node: a new view, the same registry.
+            let other = (1..=3)
+                .find(|&n| n != leader && n != stopped)
+                .expect("node");
+            let started = Instant::now();
+            while client.topology().await.map(|t| t.service) != Ok(other) {
+                let _ = client.transfer_leader(METADATA_COPYSET, other).await;
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                assert!(started.elapsed() < Duration::from_secs(10), "no transfer");
+            }
+            let fresh = client.topology().await.expect("topology");
+            assert_eq!(fresh.nodes.len(), 3, "registered nodes outlive the leader");
+            wait_for(&client, "live nodes up, the stopped one offline", |s| {
+                s.get(&leader).is_some_and(|v| v == "up")
+                    && s.get(&other).is_some_and(|v| v == "up")
+                    && s.get(&stopped).is_some_and(|v| v == "offline")
+            })
+            .await;
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
