@@ -139,3 +139,124 @@ fn nodes_register_by_heartbeat_and_the_service_tracks_their_state() {
         node.stop();
     }
 }
+
+/// Four labelled nodes: a pool copyset holding a volume's chunk moves off one of its nodes
+/// (membership change, then the removed replica deleted). The pool's record follows the
+/// leader's heartbeat, and a client whose only idea of the copyset's nodes is the removed one
+/// still reads the chunk: after its deadline it re-reads the voters from the pool.
+#[test]
+fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
+    use common::{addresses_of_cluster, block, config_of_cluster};
+    use dataplane::client::ClientConfig;
+    use dataplane::nbd::Export;
+    use dataplane::volume::pool::{create_striped_volume, read_pool, read_segment};
+    use dataplane::volume::Volume;
+    use dataplane::volume_table::VolumeLayout;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let configs: Vec<Config> = (1..=4)
+        .map(|id| {
+            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "mem", "tcp");
+            for node in &mut config.cluster.nodes {
+                node.host = Some(format!("host-{}", node.id));
+            }
+            config.placement.heartbeat_ms = 100;
+            config.placement.offline_after_ms = 1000;
+            config.placement.copysets_per_node = 3;
+            config
+        })
+        .collect();
+    let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+    let first_config = configs[0].clone();
+    common::with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            wait_for(&client, "four up", |s| {
+                s.len() == 4 && s.values().all(|v| v == "up")
+            })
+            .await;
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            ensure_pool(&client, &settings).await.expect("the pool");
+            let volume = create_striped_volume(&client, "m", 8 << 20, 4 << 20)
+                .await
+                .expect("volume");
+            let VolumeLayout::Striped { id, .. } = volume.layout else {
+                panic!("striped");
+            };
+            let writer = Volume::new(volume.clone(), Rc::clone(&client));
+            writer.write(0, block(9), false).await.expect("write");
+            let segment = read_segment(&client, id, 0)
+                .await
+                .expect("read")
+                .expect("segment");
+            let moved = segment.copysets[0];
+            let pool = read_pool(&client).await.expect("pool");
+            let before = pool
+                .iter()
+                .find(|c| c.copyset == moved)
+                .expect("in pool")
+                .peers
+                .clone();
+            let gone = before[2];
+            let newcomer = (1..=4)
+                .find(|n| !before.contains(n))
+                .expect("a fourth node");
+            let after: Vec<u64> = before
+                .iter()
+                .map(|&n| if n == gone { newcomer } else { n })
+                .collect();
+            client
+                .set_voters(moved, &[1, 2, 3, 4], &after, &before)
+                .await
+                .expect("move");
+            client
+                .delete_copyset(moved, gone)
+                .await
+                .expect("delete the old replica");
+
+            let started = Instant::now();
+            loop {
+                let pool = read_pool(&client).await.expect("pool");
+                let mut now = pool
+                    .iter()
+                    .find(|c| c.copyset == moved)
+                    .expect("in pool")
+                    .peers
+                    .clone();
+                now.sort_unstable();
+                let mut wanted = after.clone();
+                wanted.sort_unstable();
+                if now == wanted {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "pool still {now:?}"
+                );
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+
+            // A client that knows the copyset only at the node it left.
+            let config = ClientConfig {
+                deadline: Duration::from_secs(2),
+                ..ClientConfig::default()
+            };
+            let stale = Rc::new(Client::new(&addresses, config));
+            stale.set_peers(METADATA_COPYSET, &[1, 2, 3]);
+            let reader = Volume::new(volume, Rc::clone(&stale));
+            stale.set_peers(moved, &[gone]);
+            assert_eq!(
+                reader.read(0, 4096).await.expect("read after the move"),
+                block(9)
+            );
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -27,6 +27,13 @@ pub enum MetaOp {
         /// Bytes per segment.
         segment_size: u64,
     },
+    /// A pool copyset's voters changed (a move, a replacement): record them.
+    CopysetPeers {
+        /// The copyset.
+        copyset: CopysetId,
+        /// Its voters now.
+        peers: Vec<u64>,
+    },
     /// Record a chunkserver and its labels in the node table (nothing when it is there as it
     /// is).
     NodeRegister(PoolMember),
@@ -49,6 +56,9 @@ const COPYSET_READY: u8 = 2;
 const VOLUME_CREATE: u8 = 3;
 const SEGMENT_ALLOCATE: u8 = 4;
 const NODE_REGISTER: u8 = 5;
+const COPYSET_PEERS: u8 = 6;
+/// The most voters a `CopysetPeers` carries.
+const MAX_PEERS: usize = 16;
 /// The most members a pool creation carries.
 const MAX_MEMBERS: usize = 4096;
 
@@ -84,6 +94,15 @@ impl MetaOp {
                 out.extend_from_slice(&size.to_le_bytes());
                 out.extend_from_slice(&segment_size.to_le_bytes());
                 put_str(&mut out, name);
+            }
+            MetaOp::CopysetPeers { copyset, peers } => {
+                out.push(COPYSET_PEERS);
+                out.extend_from_slice(&copyset.0.to_le_bytes());
+                let peers = &peers[..peers.len().min(MAX_PEERS)];
+                out.push(peers.len() as u8);
+                for peer in peers {
+                    out.extend_from_slice(&peer.to_le_bytes());
+                }
             }
             MetaOp::NodeRegister(member) => {
                 out.push(NODE_REGISTER);
@@ -135,6 +154,18 @@ impl MetaOp {
                 segment_size: r.u64()?,
                 name: r.string()?,
             },
+            COPYSET_PEERS => {
+                let copyset = CopysetId(r.u64()?);
+                let count = usize::from(r.u8()?);
+                if count > MAX_PEERS {
+                    return Err(MetaDecodeError("too many voters"));
+                }
+                let mut peers = Vec::with_capacity(count);
+                for _ in 0..count {
+                    peers.push(r.u64()?);
+                }
+                MetaOp::CopysetPeers { copyset, peers }
+            }
             NODE_REGISTER => MetaOp::NodeRegister(PoolMember {
                 node: r.u64()?,
                 zone: r.string()?,
@@ -249,6 +280,10 @@ mod tests {
                 zone: "z3".into(),
                 host: "h3".into(),
             }),
+            MetaOp::CopysetPeers {
+                copyset: CopysetId(1 << 32),
+                peers: vec![4, 2, 3],
+            },
         ] {
             let bytes = op.encode();
             assert_eq!(MetaOp::decode(&bytes), Ok(op));

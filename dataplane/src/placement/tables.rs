@@ -347,6 +347,36 @@ pub fn plan_register(
     Ok(Some((index, encode_node(member))))
 }
 
+/// Recording `copyset`'s voters as `peers` (its membership changed): the record's index and
+/// new bytes, or `None` when it holds them already. The state stays.
+pub fn plan_peers(
+    table: &[u8],
+    copyset: CopysetId,
+    peers: &[u64],
+) -> Result<Option<(usize, Vec<u8>)>, TablesError> {
+    let distinct: BTreeSet<u64> = peers.iter().copied().collect();
+    if peers.is_empty() || peers.len() > MAX_REPLICAS || distinct.len() != peers.len() {
+        return Err(TablesError::Invalid(format!(
+            "a pool copyset has 1 to {MAX_REPLICAS} distinct voters, not {peers:?}"
+        )));
+    }
+    let pool = pool(table)?;
+    let (index, found) = pool
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.copyset == copyset)
+        .ok_or(TablesError::UnknownCopyset(copyset))?;
+    let known: BTreeSet<u64> = found.peers.iter().copied().collect();
+    if known == distinct {
+        return Ok(None);
+    }
+    let record = PoolCopyset {
+        peers: peers.to_vec(),
+        ..found.clone()
+    };
+    Ok(Some((index, record.encode())))
+}
+
 /// One allocated segment: the copyset of each of its chunks, in chunk order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentRecord {
@@ -628,6 +658,37 @@ mod tests {
             plan_segment(&other.encode(), &table, 512, 2, 8, 64),
             Err(TablesError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_moved_copyset_gets_its_new_voters_and_keeps_its_state() {
+        let mut table = planned(16, &request(4));
+        mark_all_ready(&mut table);
+        let copyset = pool(&table).unwrap()[0].clone();
+        assert_eq!(
+            plan_peers(&table, copyset.copyset, &copyset.peers).unwrap(),
+            None
+        );
+        let mut reversed = copyset.peers.clone();
+        reversed.reverse();
+        assert_eq!(
+            plan_peers(&table, copyset.copyset, &reversed).unwrap(),
+            None,
+            "a set"
+        );
+        let (index, bytes) = plan_peers(&table, copyset.copyset, &[7, 8, 9])
+            .unwrap()
+            .unwrap();
+        table[index * POOL_RECORD_LEN..(index + 1) * POOL_RECORD_LEN].copy_from_slice(&bytes);
+        let moved = pool(&table).unwrap()[0].clone();
+        assert_eq!(
+            (moved.peers, moved.state),
+            (vec![7, 8, 9], PoolState::Ready)
+        );
+        for bad in [&[][..], &[1, 1, 2][..], &[1, 2, 3, 4, 5, 6, 7, 8][..]] {
+            assert!(plan_peers(&table, copyset.copyset, bad).is_err(), "{bad:?}");
+        }
+        assert!(plan_peers(&table, CopysetId(3), &[1]).is_err());
     }
 
     #[test]

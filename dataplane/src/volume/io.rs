@@ -241,8 +241,10 @@ impl Volume {
         let start = within / PAGE * PAGE;
         let end = (within + len).div_ceil(PAGE) * PAGE;
         let data = self
-            .client
-            .read(route.0, route.1, start, (end - start) as u32)
+            .refreshing(route.0, || {
+                self.client
+                    .read(route.0, route.1, start, (end - start) as u32)
+            })
             .await
             .map_err(|e| self.failed("read", at, route, e))?;
         let from = (within - start) as usize;
@@ -286,8 +288,10 @@ impl Volume {
         let start = within / PAGE * PAGE;
         let end = (within + len).div_ceil(PAGE) * PAGE;
         let current = self
-            .client
-            .read(route.0, route.1, start, (end - start) as u32)
+            .refreshing(route.0, || {
+                self.client
+                    .read(route.0, route.1, start, (end - start) as u32)
+            })
             .await
             .map_err(|e| self.failed("read before a partial write", at, route, e))?;
         let mut merged = BytesMut::from(&current[..]);
@@ -308,10 +312,52 @@ impl Volume {
         within: u64,
         data: Bytes,
     ) -> Result<(), ExportError> {
-        self.client
-            .write(route.0, route.1, within as u32, data, 1)
-            .await
-            .map_err(|e: ClientError| self.failed("write", at, route, e))
+        self.refreshing(route.0, || {
+            self.client
+                .write(route.0, route.1, within as u32, data.clone(), 1)
+        })
+        .await
+        .map_err(|e: ClientError| self.failed("write", at, route, e))
+    }
+
+    /// Runs `call`; when a striped volume's request failed in a way a stale view of the
+    /// copyset's nodes explains (no node it knows answered for the copyset before the
+    /// deadline: the copyset moved), re-reads the voters from the pool, which follows
+    /// membership changes, and runs it once more.
+    async fn refreshing<T, Fut>(
+        &self,
+        copyset: CopysetId,
+        call: impl Fn() -> Fut,
+    ) -> Result<T, ClientError>
+    where
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let error = match call().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let stale = matches!(
+            error,
+            ClientError::Deadline { .. }
+                | ClientError::NoNodes(_)
+                | ClientError::Refused {
+                    status: crate::protocol::Status::CopysetNotFound,
+                    ..
+                }
+        );
+        if !stale || !matches!(self.spec.layout, VolumeLayout::Striped { .. }) {
+            return Err(error);
+        }
+        let Ok(pool) = pool::read_pool(&self.client).await else {
+            return Err(error);
+        };
+        let Some(now) = pool.iter().find(|c| c.copyset == copyset) else {
+            return Err(error);
+        };
+        tracing::info!(volume = %self.spec.name, %copyset, peers = ?now.peers, %error,
+            "copyset unreachable at its known nodes; trying the pool's voters");
+        self.client.set_peers(copyset, &now.peers);
+        call().await
     }
 
     async fn zero(&self, offset: u64, len: u64) -> Result<(), ExportError> {

@@ -69,6 +69,23 @@ pub(super) async fn apply_meta<B: Bdev>(
             allocate_segment(engine, volume, segment, index).await
         }
         MetaOp::NodeRegister(member) => register(engine, &member, index).await,
+        MetaOp::CopysetPeers { copyset, peers } => {
+            let pool = read_pool(engine).await?;
+            let planned =
+                tables::plan_peers(&pool, copyset, &peers).map_err(|e| refused(POOL_CHUNK, e))?;
+            let Some((record, bytes)) = planned else {
+                return Ok(());
+            };
+            write_record(
+                engine,
+                POOL_CHUNK,
+                &pool,
+                record * POOL_RECORD_LEN,
+                &bytes,
+                index,
+            )
+            .await
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! labels) since this instance led registers it in the node table — a raft entry, so the
 //! registry outlives the leader — and every report is kept in memory with its arrival time
 //! (volatile, like Curve's MDS: a new leader starts with no heartbeats and learns them
-//! within one interval). `TOPOLOGY`: the registered nodes with their state and last report.
+//! within one interval); a leader's report of a pool copyset whose voters differ from the
+//! pool's record updates the record (`CopysetPeers`), so the pool follows membership changes.
+//! `TOPOLOGY`: the registered nodes with their state and last report.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -19,7 +21,9 @@ use super::ShardServer;
 use crate::copyset::ChunkOp;
 use crate::ids::CopysetId;
 use crate::placement::meta::MetaOp;
-use crate::placement::tables::{self, PoolMember, NODE_CHUNK, NODE_RECORD_LEN};
+use crate::placement::tables::{
+    self, PoolMember, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK, POOL_RECORD_LEN,
+};
 use crate::protocol::placement::{self as body, Heartbeat, Topology, TopologyNode};
 use crate::protocol::{self, Status};
 use crate::storage::bdev::Bdev;
@@ -138,11 +142,60 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
             self.mds.borrow_mut().registered.insert(member.node, member);
         }
+        let moved = self.moved_copysets(&report).await;
         self.mds
             .borrow_mut()
             .seen
             .insert(report.node, (Instant::now(), report));
+        for (copyset_moved, peers) in moved {
+            let op = MetaOp::CopysetPeers {
+                copyset: copyset_moved,
+                peers,
+            };
+            let (status, answer) = self
+                .propose_chunk_op(protocol::PLACEMENT, copyset, ChunkOp::Meta(op).encode())
+                .await;
+            if status != Status::Ok {
+                return (status, answer);
+            }
+        }
         (Status::Ok, Bytes::new())
+    }
+
+    /// The pool copysets this node leads whose voters are no longer those the pool records
+    /// (a membership change moved them), with their voters now: the pool follows the
+    /// leaders' reports, so clients that look a copyset up find its current nodes.
+    async fn moved_copysets(&self, report: &Heartbeat) -> Vec<(CopysetId, Vec<u64>)> {
+        let leading: Vec<_> = report
+            .replicas
+            .iter()
+            .filter(|r| r.role == "leader" && r.copyset >= tables::FIRST_POOL_COPYSET)
+            .collect();
+        if leading.is_empty() {
+            return Vec::new();
+        }
+        let Ok(table) =
+            super::apply_meta::read_dense(&self.engine, POOL_CHUNK, POOL_RECORD_LEN).await
+        else {
+            return Vec::new();
+        };
+        let Ok(pool) = tables::pool(&table) else {
+            return Vec::new();
+        };
+        let mut moved = Vec::new();
+        for replica in leading {
+            let Some(known) = pool.iter().find(|c| c.copyset.0 == replica.copyset) else {
+                continue;
+            };
+            let mut now = replica.voters.clone();
+            let mut recorded = known.peers.clone();
+            now.sort_unstable();
+            recorded.sort_unstable();
+            if !now.is_empty() && now != recorded {
+                moved.push((CopysetId(replica.copyset), replica.voters.clone()));
+            }
+        }
+        moved
     }
 
     /// `TOPOLOGY`: every registered node, its state and its last report.
