@@ -260,3 +260,120 @@ fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
         node.stop();
     }
 }
+
+/// Issue 19's recovery, in process: four labelled nodes, a volume written over the pool; one
+/// node stops for good. Once it is offline (1 s of silence here), the scheduler replaces its
+/// voter in every copyset by the remaining node apart from the others; the new replicas catch
+/// up, and each recovered copyset, led by its new replica, reads back what was written.
+#[test]
+fn the_scheduler_replaces_the_voters_of_a_lost_node() {
+    use common::{addresses_of_cluster, block, config_of_cluster};
+    use dataplane::nbd::Export;
+    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::Volume;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let configs: Vec<Config> = (1..=4)
+        .map(|id| {
+            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "mem", "tcp");
+            for node in &mut config.cluster.nodes {
+                node.host = Some(format!("host-{}", node.id));
+            }
+            config.placement.heartbeat_ms = 100;
+            config.placement.offline_after_ms = 1000;
+            config.placement.copysets_per_node = 3;
+            config
+        })
+        .collect();
+    let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+    let first_config = configs[0].clone();
+    let volume = common::with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            wait_for(&client, "four up", |s| {
+                s.len() == 4 && s.values().all(|v| v == "up")
+            })
+            .await;
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            assert!(pool.iter().filter(|c| c.peers.contains(&4)).count() >= 2);
+            let volume = create_striped_volume(&client, "r", 8 << 20, 4 << 20)
+                .await
+                .expect("volume");
+            let writer = Volume::new(volume.clone(), Rc::clone(&client));
+            for i in 0..8u64 {
+                writer
+                    .write(i << 20, block(i + 100), false)
+                    .await
+                    .expect("write");
+            }
+            volume
+        })
+    });
+    let lost_at = Instant::now();
+    nodes[3].stop();
+    common::with_client_of(addresses, move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            client.set_peers(METADATA_COPYSET, &[1, 2, 3]);
+            // Every pool copyset has three voters again, none of them node 4.
+            let started = Instant::now();
+            let pool = loop {
+                let pool = read_pool(&client).await.expect("pool");
+                if pool
+                    .iter()
+                    .all(|c| c.peers.len() == 3 && !c.peers.contains(&4))
+                {
+                    break pool;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "not recovered: {pool:?}"
+                );
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            };
+            println!(
+                "every copyset had three voters again {:.1} s after the node stopped",
+                lost_at.elapsed().as_secs_f64()
+            );
+            // Each copyset led by each of its voters in turn reads the volume back: the new
+            // replicas hold the data.
+            for copyset in &pool {
+                client.set_peers(copyset.copyset, &copyset.peers);
+            }
+            let reader = Volume::new(volume, Rc::clone(&client));
+            for copyset in &pool {
+                for &voter in &copyset.peers {
+                    let moved = Instant::now();
+                    while client
+                        .copyset_status(voter, copyset.copyset)
+                        .await
+                        .map(|s| s.leader)
+                        .ok()
+                        != Some(voter)
+                    {
+                        let _ = client.transfer_leader(copyset.copyset, voter).await;
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                        assert!(moved.elapsed() < Duration::from_secs(10), "no transfer");
+                    }
+                    for i in 0..8u64 {
+                        assert_eq!(
+                            reader.read(i << 20, 4096).await.expect("read"),
+                            block(i + 100),
+                            "page {i} with copyset {} led by {voter}",
+                            copyset.copyset
+                        );
+                    }
+                }
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

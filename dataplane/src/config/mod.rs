@@ -110,8 +110,12 @@ pub struct PlacementSection {
     /// How often this node sends the placement service its heartbeat.
     pub heartbeat_ms: u64,
     /// A node silent this long is offline in the placement service's view (it counts as
-    /// unstable after three missed heartbeats).
+    /// unstable after three missed heartbeats); its replicas are then replaced.
     pub offline_after_ms: u64,
+    /// Replacements of offline replicas running at once over the cluster.
+    pub max_recoveries: u32,
+    /// Replacements adding a replica to one node at once.
+    pub max_recoveries_per_node: u32,
 }
 
 impl Default for PlacementSection {
@@ -122,6 +126,8 @@ impl Default for PlacementSection {
             segment_size: None,
             heartbeat_ms: 5_000,
             offline_after_ms: 600_000,
+            max_recoveries: 4,
+            max_recoveries_per_node: 2,
         }
     }
 }

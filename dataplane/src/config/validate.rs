@@ -97,6 +97,17 @@ impl Config {
                 ),
             ));
         }
+        for (key, value) in [
+            ("placement.max_recoveries", placement.max_recoveries),
+            (
+                "placement.max_recoveries_per_node",
+                placement.max_recoveries_per_node,
+            ),
+        ] {
+            if value == 0 || value > 1024 {
+                return Err(err(key, format!("must be 1 to 1024, not {value}")));
+            }
+        }
         let chunk = self.storage.chunk_size.bytes().max(1);
         let segment = placement.segment_bytes(chunk);
         if segment == 0 || segment % chunk != 0 || segment / chunk > MAX_CHUNKS_PER_SEGMENT {

@@ -20,6 +20,7 @@
 
 mod copysets;
 pub mod meta;
+pub mod schedule;
 pub mod segments;
 pub mod tables;
 #[cfg(test)]

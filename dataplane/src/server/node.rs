@@ -401,6 +401,8 @@ struct PlacementSettings {
     host: String,
     heartbeat: Duration,
     offline_after: Duration,
+    /// The recovery scheduler's limits.
+    limits: crate::placement::schedule::Limits,
 }
 
 impl PlacementSettings {
@@ -424,6 +426,10 @@ impl PlacementSettings {
             host,
             heartbeat: config.placement.heartbeat(),
             offline_after: config.placement.offline_after(),
+            limits: crate::placement::schedule::Limits {
+                max_running: config.placement.max_recoveries as usize,
+                max_per_node: config.placement.max_recoveries_per_node as usize,
+            },
         }
     }
 }
@@ -674,6 +680,11 @@ async fn open_server(
     server.set_placement_timing(
         settings.placement.heartbeat,
         settings.placement.offline_after,
+    );
+    server.set_scheduler(
+        &settings.placement.nodes,
+        settings.placement.limits,
+        Duration::from_secs(30),
     );
     Ok(server)
 }

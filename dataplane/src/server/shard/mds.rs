@@ -70,7 +70,7 @@ impl Mds {
 
     /// A node's state: by the age of its last heartbeat, or, never heard in this view,
     /// `unknown` until the view is older than the offline bound.
-    fn state(&self, node: u64, now: Instant) -> (&'static str, Option<u64>) {
+    pub(super) fn state(&self, node: u64, now: Instant) -> (&'static str, Option<u64>) {
         match self.seen.get(&node) {
             Some((at, _)) => {
                 let age = now.saturating_duration_since(*at);
@@ -93,7 +93,7 @@ impl Mds {
 
 impl<B: Bdev + 'static> ShardServer<B> {
     /// The metadata copyset's term when this replica leads it; otherwise the answer to give.
-    fn leading_metadata(&self, copyset: CopysetId) -> Result<u64, (Status, Bytes)> {
+    pub(super) fn leading_metadata(&self, copyset: CopysetId) -> Result<u64, (Status, Bytes)> {
         if copyset != METADATA_COPYSET {
             return Err((
                 Status::Invalid("the placement service is the metadata copyset's".into()),

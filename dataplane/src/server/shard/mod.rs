@@ -129,6 +129,7 @@ mod mds;
 mod metrics;
 mod raft_in;
 mod requests;
+mod scheduler;
 pub use install::IMAGE_PIECE_BYTES;
 
 type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
@@ -180,6 +181,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     mesh: RefCell<Option<Rc<crate::shard::Mesh<ShardMessage>>>>,
     /// The placement service's view, used while this shard leads the metadata copyset.
     mds: RefCell<mds::Mds>,
+    /// The recovery scheduler, run while this shard leads the metadata copyset.
+    scheduler: RefCell<scheduler::Scheduler>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -226,6 +229,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             received: Cell::new(0),
             traced: RefCell::new(HashMap::new()),
             mds: RefCell::new(mds::Mds::new()),
+            scheduler: RefCell::new(scheduler::Scheduler::new()),
         });
         server
             .engine
@@ -323,6 +327,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
         tasks.push(glommio::spawn_local(async move { server.flush_loop().await }).detach());
         let server = Rc::clone(&self);
         tasks.push(glommio::spawn_local(async move { server.checkpoint_loop().await }).detach());
+        let server = Rc::clone(&self);
+        tasks.push(glommio::spawn_local(async move { server.schedule_loop().await }).detach());
         let listeners = std::iter::once(("peer", peer_listener))
             .chain(client_listeners.into_iter().map(|l| ("client", l)));
         for (class, listener) in listeners {

@@ -1,0 +1,295 @@
+//! The recovery scheduler's pure core (issue 19): from the placement service's view — each
+//! node's state and labels, each pool copyset's voters, the operators already running — the
+//! replacements to start now. Like the copyset generator it reads no clock and does no I/O;
+//! the service around it builds the view from heartbeats and tables and carries out the
+//! operators with membership changes.
+//!
+//! A copyset with a voter on an offline node gets a new voter on an up node in place of the
+//! dead one — while a majority of its voters is up (without a quorum nothing can change it by
+//! consensus: that is an operator's call, `reset-peers`). The new node keeps the failure
+//! domains (not a host, or a zone when the copyset spans as many zones as voters, that a
+//! remaining voter uses) and is the one with the fewest replicas, ties by id. At most
+//! `max_running` operators run at once, and at most `max_per_node` add to one node, so a
+//! recovery does not starve client I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ids::CopysetId;
+
+/// A node as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its id.
+    pub node: u64,
+    /// Its zone label.
+    pub zone: String,
+    /// Its host label.
+    pub host: String,
+    /// Whether it reports (`up`); anything else takes no new replica.
+    pub up: bool,
+    /// Whether it is offline (silent past the offline bound): its replicas are replaced.
+    pub offline: bool,
+}
+
+/// Replace `remove` by `add` among `copyset`'s voters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replace {
+    /// The copyset.
+    pub copyset: CopysetId,
+    /// Its voters now.
+    pub voters: Vec<u64>,
+    /// The voter on the offline node.
+    pub remove: u64,
+    /// Its replacement.
+    pub add: u64,
+}
+
+impl Replace {
+    /// The voters once the operator is done.
+    pub fn target(&self) -> Vec<u64> {
+        self.voters
+            .iter()
+            .map(|&v| if v == self.remove { self.add } else { v })
+            .collect()
+    }
+}
+
+/// Limits of one scheduling round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Operators running at once, over the cluster.
+    pub max_running: usize,
+    /// Operators adding a replica to one node at once.
+    pub max_per_node: usize,
+}
+
+/// What a round found that no operator can fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stuck {
+    /// A majority of the copyset's voters is down: no membership change can commit.
+    NoQuorum(CopysetId),
+    /// No up node can take the replica without breaking a failure domain.
+    NoCandidate(CopysetId),
+}
+
+/// One round: the replacements to start (besides `running`, the copysets with an operator
+/// under way) and what is stuck.
+pub fn plan_recovery(
+    nodes: &[NodeView],
+    copysets: &[(CopysetId, Vec<u64>)],
+    running: &BTreeMap<CopysetId, u64>,
+    limits: Limits,
+) -> (Vec<Replace>, Vec<Stuck>) {
+    let by_id: BTreeMap<u64, &NodeView> = nodes.iter().map(|n| (n.node, n)).collect();
+    let mut load: BTreeMap<u64, usize> = nodes.iter().map(|n| (n.node, 0)).collect();
+    for (_, voters) in copysets {
+        for v in voters {
+            *load.entry(*v).or_default() += 1;
+        }
+    }
+    let mut adding: BTreeMap<u64, usize> = BTreeMap::new();
+    for add in running.values() {
+        *adding.entry(*add).or_default() += 1;
+        *load.entry(*add).or_default() += 1;
+    }
+    let mut started = Vec::new();
+    let mut stuck = Vec::new();
+    for (copyset, voters) in copysets {
+        if running.contains_key(copyset) {
+            continue;
+        }
+        let offline: Vec<u64> = voters
+            .iter()
+            .copied()
+            .filter(|v| by_id.get(v).map_or(true, |n| n.offline))
+            .collect();
+        let Some(&remove) = offline.first() else {
+            continue;
+        };
+        let live = voters
+            .iter()
+            .filter(|v| by_id.get(v).is_some_and(|n| n.up))
+            .count();
+        if live * 2 <= voters.len() {
+            stuck.push(Stuck::NoQuorum(*copyset));
+            continue;
+        }
+        if running.len() + started.len() >= limits.max_running {
+            continue;
+        }
+        let Some(add) = candidate(&by_id, voters, remove, &load, &adding, limits) else {
+            stuck.push(Stuck::NoCandidate(*copyset));
+            continue;
+        };
+        *adding.entry(add).or_default() += 1;
+        *load.entry(add).or_default() += 1;
+        started.push(Replace {
+            copyset: *copyset,
+            voters: voters.clone(),
+            remove,
+            add,
+        });
+    }
+    (started, stuck)
+}
+
+/// The up node to take `remove`'s place among `voters`: not a voter, on a host (and, when the
+/// other voters are in distinct zones, a zone) none of the others uses, under the per-node
+/// limit, with the fewest replicas.
+fn candidate(
+    by_id: &BTreeMap<u64, &NodeView>,
+    voters: &[u64],
+    remove: u64,
+    load: &BTreeMap<u64, usize>,
+    adding: &BTreeMap<u64, usize>,
+    limits: Limits,
+) -> Option<u64> {
+    let others: Vec<&NodeView> = voters
+        .iter()
+        .filter(|&&v| v != remove)
+        .filter_map(|v| by_id.get(v).copied())
+        .collect();
+    let hosts: BTreeSet<&str> = others.iter().map(|n| n.host.as_str()).collect();
+    let zones: BTreeSet<&str> = others.iter().map(|n| n.zone.as_str()).collect();
+    let zones_apart = zones.len() == others.len();
+    by_id
+        .values()
+        .filter(|n| n.up && !voters.contains(&n.node))
+        .filter(|n| !hosts.contains(n.host.as_str()))
+        .filter(|n| !zones_apart || !zones.contains(n.zone.as_str()))
+        .filter(|n| adding.get(&n.node).copied().unwrap_or(0) < limits.max_per_node)
+        .min_by_key(|n| (load.get(&n.node).copied().unwrap_or(0), n.node))
+        .map(|n| n.node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(node: u64, up: bool, offline: bool) -> NodeView {
+        NodeView {
+            node,
+            zone: format!("z{node}"),
+            host: format!("h{node}"),
+            up,
+            offline,
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_running: 8,
+        max_per_node: 8,
+    };
+
+    #[test]
+    fn an_offline_voter_is_replaced_by_the_least_loaded_node_apart() {
+        let nodes = vec![
+            node(1, true, false),
+            node(2, true, false),
+            node(3, false, true),
+            node(4, true, false),
+            node(5, true, false),
+        ];
+        let copysets = vec![
+            (CopysetId(10), vec![1, 2, 3]),
+            (CopysetId(11), vec![1, 2, 4]),
+            (CopysetId(12), vec![3, 4, 5]),
+        ];
+        let (started, stuck) = plan_recovery(&nodes, &copysets, &BTreeMap::new(), LIMITS);
+        assert!(stuck.is_empty());
+        assert_eq!(started.len(), 2);
+        // Node 5 holds one replica, node 4 two: 5 takes copyset 10's.
+        assert_eq!((started[0].copyset, started[0].add), (CopysetId(10), 5));
+        assert_eq!(started[0].target(), vec![1, 2, 5]);
+        // Copyset 12 has 4 and 5: it can only go to 1 or 2; 2 is less loaded after... both
+        // hold two; the lower id wins.
+        assert_eq!((started[1].copyset, started[1].add), (CopysetId(12), 1));
+    }
+
+    #[test]
+    fn no_quorum_no_candidate_running_and_limits_start_nothing() {
+        let nodes = vec![
+            node(1, true, false),
+            node(2, false, true),
+            node(3, false, true),
+            node(4, true, false),
+        ];
+        let (started, stuck) = plan_recovery(
+            &nodes,
+            &[(CopysetId(1), vec![1, 2, 3])],
+            &BTreeMap::new(),
+            LIMITS,
+        );
+        assert!(started.is_empty());
+        assert_eq!(stuck, vec![Stuck::NoQuorum(CopysetId(1))]);
+
+        let mut same_host = vec![
+            node(1, true, false),
+            node(2, true, false),
+            node(3, false, true),
+        ];
+        same_host.push(NodeView {
+            host: "h1".into(),
+            ..node(4, true, false)
+        });
+        let (started, stuck) = plan_recovery(
+            &same_host,
+            &[(CopysetId(1), vec![1, 2, 3])],
+            &BTreeMap::new(),
+            LIMITS,
+        );
+        assert!(started.is_empty(), "node 4 shares node 1's host");
+        assert_eq!(stuck, vec![Stuck::NoCandidate(CopysetId(1))]);
+
+        let nodes: Vec<NodeView> = (1..=6).map(|n| node(n, n != 3, n == 3)).collect();
+        let copysets: Vec<(CopysetId, Vec<u64>)> =
+            (0..4).map(|i| (CopysetId(i), vec![1, 2, 3])).collect();
+        let running = BTreeMap::from([(CopysetId(0), 4)]);
+        let limits = Limits {
+            max_running: 2,
+            max_per_node: 8,
+        };
+        let (started, _) = plan_recovery(&nodes, &copysets, &running, limits);
+        assert_eq!(started.len(), 1, "one running, one more allowed");
+        assert_ne!(started[0].copyset, CopysetId(0), "not the running one");
+        let limits = Limits {
+            max_running: 8,
+            max_per_node: 1,
+        };
+        let (started, _) = plan_recovery(&nodes, &copysets, &running, limits);
+        let adds: BTreeSet<u64> = started.iter().map(|r| r.add).collect();
+        assert_eq!(adds.len(), started.len(), "one per node");
+        assert!(!adds.contains(&4), "node 4 is taking one already");
+    }
+
+    proptest! {
+        #[test]
+        fn replacements_keep_hosts_apart_and_never_pick_a_down_node(
+            states in proptest::collection::vec(0u8..3, 4..9),
+            seed in any::<u64>(),
+        ) {
+            let nodes: Vec<NodeView> = states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| node(i as u64 + 1, *s == 0, *s == 2))
+                .collect();
+            let n = nodes.len() as u64;
+            let copysets: Vec<(CopysetId, Vec<u64>)> = (0..6u64)
+                .map(|i| {
+                    let a = (seed.wrapping_add(i)) % n + 1;
+                    (CopysetId(i), vec![a, a % n + 1, (a + 1) % n + 1])
+                })
+                .collect();
+            let (started, _) = plan_recovery(&nodes, &copysets, &BTreeMap::new(), LIMITS);
+            for r in started {
+                prop_assert!(nodes[r.add as usize - 1].up);
+                prop_assert!(nodes[r.remove as usize - 1].offline);
+                let target = r.target();
+                let hosts: BTreeSet<String> =
+                    target.iter().map(|v| nodes[*v as usize - 1].host.clone()).collect();
+                prop_assert_eq!(hosts.len(), target.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The recovery scheduler's shell (issue 19): while this shard's replica leads the metadata
+//! copyset, every heartbeat interval it builds the scheduler's view — the registered nodes
+//! and their states from the placement service's heartbeats, the pool's copysets and voters
+//! from the pool table — asks `placement::schedule::plan_recovery` for replacements, and
+//! carries each out with the client's membership change (`set_voters`: the new node's replica
+//! is created, then one joint change adds it and removes the dead voter; the new replica
+//! catches up by snapshot install). The pool's record follows with the leader's next
+//! heartbeat. Operators run in their own tasks; what runs is kept in memory (a new service
+//! instance starts afresh, and replaying a replacement that finished is harmless: the dead
+//! voter is gone, so the round plans nothing for it).
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::ShardServer;
+use crate::client::{Client, ClientConfig};
+use crate::ids::CopysetId;
+use crate::placement::schedule::{plan_recovery, Limits, NodeView, Stuck};
+use crate::placement::tables::POOL_RECORD_LEN;
+use crate::placement::tables::{self, PoolState, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK};
+use crate::protocol::NodeAddress;
+use crate::storage::bdev::Bdev;
+use crate::volume_table::METADATA_COPYSET;
+
+/// The scheduler's state on this shard.
+pub(super) struct Scheduler {
+    /// A client of the cluster, to carry operators out (none: no scheduling).
+    client: Option<Rc<Client>>,
+    /// Every node's id, for the membership changes' leader search.
+    nodes: Vec<u64>,
+    /// Copysets with a replacement under way, and the node it adds.
+    running: BTreeMap<CopysetId, u64>,
+    /// The limits of each round.
+    limits: Limits,
+    /// When a stuck copyset was last reported, to say it once a minute.
+    reported: BTreeMap<CopysetId, Instant>,
+}
+
+impl Scheduler {
+    pub(super) fn new() -> Scheduler {
+        Scheduler {
+            client: None,
+            nodes: Vec::new(),
+            running: BTreeMap::new(),
+            limits: Limits {
+                max_running: 4,
+                max_per_node: 2,
+            },
+            reported: BTreeMap::new(),
+        }
+    }
+}
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    /// Lets this shard schedule recoveries through a client of `nodes`, `limits` at a time.
+    pub fn set_scheduler(&self, nodes: &[NodeAddress], limits: Limits, deadline: Duration) {
+        let config = ClientConfig {
+            deadline,
+            ..ClientConfig::default()
+        };
+        let mut scheduler = self.scheduler.borrow_mut();
+        scheduler.client = Some(Rc::new(Client::new(nodes, config)));
+        scheduler.nodes = nodes.iter().map(|n| n.id).collect();
+        scheduler.limits = limits;
+    }
+
+    /// Runs a scheduling round every heartbeat interval while this replica leads the
+    /// metadata copyset.
+    pub(super) async fn schedule_loop(self: Rc<Self>) {
+        loop {
+            let interval = self.mds.borrow().heartbeat;
+            glommio::timer::sleep(interval).await;
+            if self.scheduler.borrow().client.is_none() {
+                continue;
+            }
+            if self.leading_metadata(METADATA_COPYSET).is_err() {
+                continue;
+            }
+            self.schedule_round().await;
+        }
+    }
+
+    /// One round: the view, the plan, the operators started.
+    async fn schedule_round(self: &Rc<Self>) {
+        let Some((nodes, copysets)) = self.scheduler_view().await else {
+            return;
+        };
+        let (started, stuck) = {
+            let scheduler = self.scheduler.borrow();
+            plan_recovery(&nodes, &copysets, &scheduler.running, scheduler.limits)
+        };
+        self.report_stuck(&stuck);
+        for replace in started {
+            self.scheduler
+                .borrow_mut()
+                .running
+                .insert(replace.copyset, replace.add);
+            let server = Rc::clone(self);
+            glommio::spawn_local(async move { server.replace(replace).await }).detach();
+        }
+    }
+
+    /// Carries one replacement out; the copyset is free for the next round afterwards.
+    async fn replace(self: Rc<Self>, replace: crate::placement::schedule::Replace) {
+        let (client, nodes) = {
+            let scheduler = self.scheduler.borrow();
+            (scheduler.client.clone(), scheduler.nodes.clone())
+        };
+        let Some(client) = client else {
+            return;
+        };
+        let started = Instant::now();
+        info!(copyset = %replace.copyset, remove = replace.remove, add = replace.add,
+            voters = ?replace.voters, "recovery: replacing an offline voter");
+        let target = replace.target();
+        client.set_peers(replace.copyset, &replace.voters);
+        match client
+            .set_voters(replace.copyset, &nodes, &target, &replace.voters)
+            .await
+        {
+            Ok(membership) => info!(copyset = %replace.copyset, voters = ?membership.voters,
+                seconds = started.elapsed().as_secs_f64(), "recovery: voter replaced"),
+            Err(error) => warn!(copyset = %replace.copyset, %error,
+                "recovery: replacement failed; the next round tries again"),
+        }
+        self.scheduler.borrow_mut().running.remove(&replace.copyset);
+    }
+
+    /// The registered nodes with their states, and the ready pool copysets with their voters.
+    async fn scheduler_view(&self) -> Option<(Vec<NodeView>, Vec<(CopysetId, Vec<u64>)>)> {
+        let node_table = super::apply_meta::read_dense(&self.engine, NODE_CHUNK, NODE_RECORD_LEN)
+            .await
+            .ok()?;
+        let registered = tables::nodes(&node_table).ok()?;
+        let pool_table = super::apply_meta::read_dense(&self.engine, POOL_CHUNK, POOL_RECORD_LEN)
+            .await
+            .ok()?;
+        let pool = tables::pool(&pool_table).ok()?;
+        let mds = self.mds.borrow();
+        let now = Instant::now();
+        let nodes = registered
+            .into_iter()
+            .map(|member| {
+                let (state, _) = mds.state(member.node, now);
+                NodeView {
+                    node: member.node,
+                    zone: member.zone,
+                    host: member.host,
+                    up: state == "up",
+                    offline: state == "offline",
+                }
+            })
+            .collect();
+        let copysets = pool
+            .into_iter()
+            .filter(|c| c.state == PoolState::Ready)
+            .map(|c| (c.copyset, c.peers))
+            .collect();
+        Some((nodes, copysets))
+    }
+
+    /// Says what no operator can fix, once a minute per copyset.
+    fn report_stuck(&self, stuck: &[Stuck]) {
+        let mut scheduler = self.scheduler.borrow_mut();
+        let now = Instant::now();
+        for problem in stuck {
+            let copyset = match problem {
+                Stuck::NoQuorum(c) | Stuck::NoCandidate(c) => *c,
+            };
+            let due = scheduler.reported.get(&copyset).map_or(true, |at| {
+                now.duration_since(*at) >= Duration::from_secs(60)
+            });
+            if due {
+                scheduler.reported.insert(copyset, now);
+                match problem {
+                    Stuck::NoQuorum(_) => warn!(%copyset,
+                        "recovery: a majority of the copyset's voters is offline; only an \
+                         operator can recover it (chunkctl copyset reset-peers)"),
+                    Stuck::NoCandidate(_) => warn!(%copyset,
+                        "recovery: no up node can take the copyset's replica without sharing \
+                         a host or zone with another voter"),
+                }
+            }
+        }
+    }
+}
