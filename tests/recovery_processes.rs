@@ -1,0 +1,277 @@
+//! Issue 19's recovery with real processes: four `chunkserver run` (one shard each, on
+//! 127.0.0.1 to .4 so that placement sees four hosts; 16 MiB chunks, 256 MiB WAL rings;
+//! heartbeats every 200 ms, offline after 3 s), a 1 GiB volume striped over the pool, and
+//! unmodified fio (`--ioengine=nbd`, `verify=crc32c`) writing it through `chunkserver nbd`.
+//! While fio runs, node 4 gets SIGKILL for good: within a bound (printed) every pool copyset
+//! has three voters again, none of them node 4, each voter caught up with its leader, and fio
+//! ends without an error, every block verified. Then node 4 comes back with its old replicas: it leads none of the copysets it
+//! was removed from, and fio reads everything back unchanged.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_ports, start, write_config_sized, Cluster, Sizes};
+
+fn chunkctl(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run chunkctl")
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+fn json(config: &std::path::Path, args: &[&str]) -> Option<serde_json::Value> {
+    let output = chunkctl(config, args);
+    if !output.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// The pool's copysets and their voters.
+fn pool(config: &std::path::Path) -> Vec<(u64, BTreeSet<u64>)> {
+    let Some(pool) = json(config, &["--json", "pool"]) else {
+        return Vec::new();
+    };
+    pool["pool"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|c| {
+                    let peers = c["peers"]
+                        .as_array()
+                        .map(|p| p.iter().filter_map(serde_json::Value::as_u64).collect())
+                        .unwrap_or_default();
+                    (c["copyset"].as_u64().unwrap_or(0), peers)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// fio's verified random writes over the first 64 MiB of the volume (or, with
+/// `--verify_only`, the check of what the same job wrote).
+fn fio(uri: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new("fio");
+    command
+        .args([
+            "--name=recovery",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=64m",
+            "--randseed=19",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn wait_for_port(addr: &str, child: &mut Child) {
+    let began = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("chunkserver nbd exited: {status}");
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "nbd did not serve"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: fio is not installed (Debian package fio)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(9);
+    let hosts: Vec<String> = (1..=4).map(|n| format!("127.0.0.{n}")).collect();
+    let sizes = Sizes {
+        device: "4GiB",
+        wal: "256MiB",
+        chunk: "16MiB",
+    };
+    let configs: Vec<_> = (1..=4)
+        .map(|id| {
+            let path = write_config_sized(dir.path(), id, &hosts, &ports, &sizes, 1);
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("config");
+            writeln!(
+                file,
+                "\n[placement]\nheartbeat_ms = 200\noffline_after_ms = 3000\ncopysets_per_node = 3"
+            )
+            .expect("append");
+            path
+        })
+        .collect();
+    let mut cluster = Cluster {
+        children: configs.iter().map(|c| Some(start(c))).collect(),
+    };
+    // Wait until the placement service hears all four, then create the volume over them.
+    let started = Instant::now();
+    loop {
+        // The metadata copyset (where the placement service lives), on nodes 1 to 3.
+        let meta = dataplane::volume_table::METADATA_COPYSET.0.to_string();
+        let _ = chunkctl(
+            &configs[0],
+            &["copyset", "create", "--id", &meta, "--peers", "1,2,3"],
+        );
+        let up = json(&configs[0], &["--json", "topology"]).map_or(0, |t| {
+            t["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["state"] == "up").count())
+        });
+        if up == 4 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "nodes not up");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let created = chunkctl(
+        &configs[0],
+        &["volume", "create", "--name", "v", "--size", "1GiB"],
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    let before = pool(&configs[0]);
+    let on_lost: Vec<u64> = before
+        .iter()
+        .filter(|(_, peers)| peers.contains(&4))
+        .map(|(c, _)| *c)
+        .collect();
+    assert!(
+        !on_lost.is_empty(),
+        "node 4 holds pool replicas: {before:?}"
+    );
+
+    let nbd_addr = format!("127.0.0.1:{}", ports[8]);
+    let mut nbd = Command::new(env!("CARGO_BIN_EXE_chunkserver"))
+        .args(["nbd", "--config"])
+        .arg(&configs[0])
+        .args(["--listen", &nbd_addr, "--volume", "v"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start chunkserver nbd");
+    wait_for_port(&nbd_addr, &mut nbd);
+    cluster.children.push(Some(nbd));
+    let uri = format!("nbd://{nbd_addr}/v");
+    let writer = fio(&uri, &[]).spawn().expect("run fio");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let lost_at = Instant::now();
+    if let Some(mut node4) = cluster.children[3].take() {
+        node4.kill().expect("SIGKILL node 4");
+        let _ = node4.wait();
+    }
+    let recovered = loop {
+        let now = pool(&configs[0]);
+        if !now.is_empty() && now.iter().all(|(_, p)| p.len() == 3 && !p.contains(&4)) {
+            break lost_at.elapsed();
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(90),
+            "not recovered within 90 s: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "recovered {} copysets {:.1} s after node 4 was killed (offline after 3 s)",
+        on_lost.len(),
+        recovered.as_secs_f64()
+    );
+    // Healthy: each recovered copyset's three voters have applied what its leader committed
+    // (the new replica caught up by snapshot install and log).
+    let caught_up = lost_at.elapsed();
+    loop {
+        let status = json(&configs[0], &["--json", "status"]).unwrap_or_default();
+        let now = pool(&configs[0]);
+        let healthy = on_lost.iter().all(|id| {
+            let Some((_, voters)) = now.iter().find(|(c, _)| c == id) else {
+                return false;
+            };
+            let replicas: Vec<&serde_json::Value> = status["copysets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["copyset"].as_u64() == Some(*id))
+                .flat_map(|c| c["replicas"].as_array().into_iter().flatten())
+                .collect();
+            let commit = replicas
+                .iter()
+                .filter(|r| r["role"] == "leader")
+                .filter_map(|r| r["commit"].as_u64())
+                .max();
+            commit.is_some_and(|commit| {
+                voters.iter().all(|v| {
+                    replicas.iter().any(|r| {
+                        r["node"].as_u64() == Some(*v)
+                            && r["applied"].as_u64().unwrap_or(0) + 64 >= commit
+                    })
+                })
+            })
+        });
+        if healthy {
+            break;
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(120),
+            "recovered copysets not caught up: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    println!(
+        "every new replica caught up {:.1} s after node 4 was killed",
+        caught_up.max(lost_at.elapsed()).as_secs_f64()
+    );
+    let written = writer.wait_with_output().expect("fio");
+    assert!(written.status.success(), "fio: {}", text(&written));
+
+    // Node 4 returns with its old replicas: it must lead none of the copysets it left.
+    cluster.children[3] = Some(start(&configs[3]));
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(6) {
+        if let Some(status) = json(&configs[0], &["--json", "status"]) {
+            for copyset in status["copysets"].as_array().into_iter().flatten() {
+                let id = copyset["copyset"].as_u64().unwrap_or(0);
+                if !on_lost.contains(&id) {
+                    continue;
+                }
+                for replica in copyset["replicas"].as_array().into_iter().flatten() {
+                    assert!(
+                        !(replica["node"] == 4 && replica["role"] == "leader"),
+                        "node 4 leads copyset {id}, which it was removed from: {copyset}"
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let verified = fio(&uri, &["--verify_only"]).output().expect("fio");
+    assert!(
+        verified.status.success(),
+        "fio --verify_only: {}",
+        text(&verified)
+    );
+    drop(cluster);
+}
