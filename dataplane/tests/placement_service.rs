@@ -377,3 +377,90 @@ fn the_scheduler_replaces_the_voters_of_a_lost_node() {
         node.stop();
     }
 }
+
+/// Issue 19's balancing: with the scheduler paused, every pool copyset's leadership is moved
+/// to node 1 and stays there; resumed, the scheduler spreads the leaders until the nodes'
+/// counts differ by at most one.
+#[test]
+fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
+    use dataplane::volume::pool::{read_pool, read_settings, set_scheduler_paused};
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let configs: Vec<Config> = (1..=3)
+        .map(|id| {
+            let mut config = labelled(id, &ports, dir.path());
+            config.placement.copysets_per_node = 6;
+            config
+        })
+        .collect();
+    let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
+    let first_config = configs[0].clone();
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            wait_for(&client, "all up", |s| {
+                s.len() == 3 && s.values().all(|v| v == "up")
+            })
+            .await;
+            set_scheduler_paused(&client, true).await.expect("pause");
+            assert!(read_settings(&client).await.expect("settings").paused);
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            assert_eq!(pool.len(), 6);
+            let leaders =
+                |client: Rc<Client>, pool: Vec<dataplane::placement::tables::PoolCopyset>| async move {
+                    let mut led = BTreeMap::from([(1u64, 0usize), (2, 0), (3, 0)]);
+                    for copyset in &pool {
+                        let status = client
+                            .copyset_status(1, copyset.copyset)
+                            .await
+                            .expect("status");
+                        *led.entry(status.leader).or_default() += 1;
+                    }
+                    led
+                };
+            for copyset in &pool {
+                let started = Instant::now();
+                while client
+                    .copyset_status(1, copyset.copyset)
+                    .await
+                    .map(|s| s.leader)
+                    .ok()
+                    != Some(1)
+                {
+                    let _ = client.transfer_leader(copyset.copyset, 1).await;
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    assert!(started.elapsed() < Duration::from_secs(10), "no transfer");
+                }
+            }
+            // Paused: ten scheduling rounds later, still piled.
+            glommio::timer::sleep(Duration::from_millis(1000)).await;
+            let piled = leaders(Rc::clone(&client), pool.clone()).await;
+            assert_eq!(piled.get(&1), Some(&6), "{piled:?}");
+
+            set_scheduler_paused(&client, false).await.expect("resume");
+            let started = Instant::now();
+            loop {
+                let pool = read_pool(&client).await.expect("pool");
+                let led = leaders(Rc::clone(&client), pool).await;
+                let (max, min) = (led.values().max().copied(), led.values().min().copied());
+                if max.zip(min).is_some_and(|(max, min)| max - min <= 1) {
+                    println!(
+                        "leaders {led:?} {:.1} s after the scheduler resumed",
+                        started.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(20), "still {led:?}");
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -47,6 +47,12 @@ enum Command {
     /// Volume commands (the volume table lives in the metadata copyset).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The placement service's scheduler (recoveries, leader balancing): `pause`, `resume`,
+    /// or `status`.
+    Scheduler {
+        /// `pause`, `resume` or `status`.
+        action: String,
+    },
     /// The chunkservers as the placement service sees them: labels, state (up, unstable,
     /// offline, unknown), last heartbeat, chunk slots, replicas and leaders.
     Topology,
@@ -201,6 +207,32 @@ async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), 
         for (copyset, chunks) in &load {
             println!("{:>20} {:>8}", copyset.0, chunks);
         }
+    }
+    Ok(())
+}
+
+/// `chunkctl scheduler pause|resume|status`.
+async fn scheduler(client: &Client, action: &str, json_output: bool) -> Result<(), String> {
+    match action {
+        "pause" | "resume" => pool::set_scheduler_paused(client, action == "pause")
+            .await
+            .map_err(|e| e.to_string())?,
+        "status" => {}
+        other => {
+            return Err(format!(
+                "scheduler {other}: expected pause, resume or status"
+            ))
+        }
+    }
+    let settings = pool::read_settings(client)
+        .await
+        .map_err(|e| e.to_string())?;
+    if json_output {
+        println!("{}", json!({ "paused": settings.paused }));
+    } else if settings.paused {
+        println!("scheduler paused: no recovery or leader move starts");
+    } else {
+        println!("scheduler running");
     }
     Ok(())
 }
@@ -751,6 +783,7 @@ fn main() -> ExitCode {
                     show_map(&client, &name, cli.json).await
                 }
                 Command::Topology => show_topology(&client, cli.json).await,
+                Command::Scheduler { action } => scheduler(&client, &action, cli.json).await,
                 Command::Pool { create } => {
                     show_pool(&client, &config, &ids, create, cli.json).await
                 }

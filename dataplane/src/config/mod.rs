@@ -116,6 +116,8 @@ pub struct PlacementSection {
     pub max_recoveries: u32,
     /// Replacements adding a replica to one node at once.
     pub max_recoveries_per_node: u32,
+    /// Whether the placement service balances leaders over the nodes.
+    pub balance_leaders: bool,
 }
 
 impl Default for PlacementSection {
@@ -128,6 +130,7 @@ impl Default for PlacementSection {
             offline_after_ms: 600_000,
             max_recoveries: 4,
             max_recoveries_per_node: 2,
+            balance_leaders: true,
         }
     }
 }

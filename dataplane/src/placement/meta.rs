@@ -34,6 +34,8 @@ pub enum MetaOp {
         /// Its voters now.
         peers: Vec<u64>,
     },
+    /// Pause or resume the scheduler (persisted: every service instance honours it).
+    SchedulerPaused(bool),
     /// Record a chunkserver and its labels in the node table (nothing when it is there as it
     /// is).
     NodeRegister(PoolMember),
@@ -57,6 +59,7 @@ const VOLUME_CREATE: u8 = 3;
 const SEGMENT_ALLOCATE: u8 = 4;
 const NODE_REGISTER: u8 = 5;
 const COPYSET_PEERS: u8 = 6;
+const SCHEDULER_PAUSED: u8 = 7;
 /// The most voters a `CopysetPeers` carries.
 const MAX_PEERS: usize = 16;
 /// The most members a pool creation carries.
@@ -103,6 +106,10 @@ impl MetaOp {
                 for peer in peers {
                     out.extend_from_slice(&peer.to_le_bytes());
                 }
+            }
+            MetaOp::SchedulerPaused(paused) => {
+                out.push(SCHEDULER_PAUSED);
+                out.push(u8::from(*paused));
             }
             MetaOp::NodeRegister(member) => {
                 out.push(NODE_REGISTER);
@@ -166,6 +173,11 @@ impl MetaOp {
                 }
                 MetaOp::CopysetPeers { copyset, peers }
             }
+            SCHEDULER_PAUSED => match r.u8()? {
+                0 => MetaOp::SchedulerPaused(false),
+                1 => MetaOp::SchedulerPaused(true),
+                _ => return Err(MetaDecodeError("a pause flag that is not 0 or 1")),
+            },
             NODE_REGISTER => MetaOp::NodeRegister(PoolMember {
                 node: r.u64()?,
                 zone: r.string()?,
@@ -284,6 +296,7 @@ mod tests {
                 copyset: CopysetId(1 << 32),
                 peers: vec![4, 2, 3],
             },
+            MetaOp::SchedulerPaused(true),
         ] {
             let bytes = op.encode();
             assert_eq!(MetaOp::decode(&bytes), Ok(op));

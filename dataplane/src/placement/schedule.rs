@@ -162,6 +162,75 @@ fn candidate(
         .map(|n| n.node)
 }
 
+/// Hand `copyset`'s leadership to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// The copyset.
+    pub copyset: CopysetId,
+    /// Its leader now.
+    pub from: u64,
+    /// The voter to lead it.
+    pub to: u64,
+}
+
+/// Leader balancing (Curve's leader scheduler): while the up node leading the most copysets
+/// leads two or more than the one leading the fewest, move one of its leaderships to a voter
+/// on a less loaded node — the least loaded such voter — at most `max` transfers a round and
+/// never a copyset in `cooling` (moved lately). `copysets` are (copyset, voters, leader).
+pub fn plan_leaders(
+    nodes: &[NodeView],
+    copysets: &[(CopysetId, Vec<u64>, u64)],
+    cooling: &BTreeSet<CopysetId>,
+    max: usize,
+) -> Vec<Transfer> {
+    let mut led: BTreeMap<u64, usize> =
+        nodes.iter().filter(|n| n.up).map(|n| (n.node, 0)).collect();
+    for (_, _, leader) in copysets {
+        if let Some(count) = led.get_mut(leader) {
+            *count += 1;
+        }
+    }
+    let mut moved: BTreeSet<CopysetId> = BTreeSet::new();
+    let mut transfers = Vec::new();
+    while transfers.len() < max {
+        let Some((&busiest, &most)) = led
+            .iter()
+            .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))
+        else {
+            break;
+        };
+        let least = led.values().copied().min().unwrap_or(0);
+        if most < least + 2 {
+            break;
+        }
+        let best = copysets
+            .iter()
+            .filter(|(c, _, leader)| {
+                *leader == busiest && !cooling.contains(c) && !moved.contains(c)
+            })
+            .filter_map(|(c, voters, _)| {
+                voters
+                    .iter()
+                    .filter(|v| led.get(v).is_some_and(|&count| count + 1 < most))
+                    .min_by_key(|v| (led.get(v).copied().unwrap_or(0), **v))
+                    .map(|to| (led.get(to).copied().unwrap_or(0), *c, *to))
+            })
+            .min();
+        let Some((_, copyset, to)) = best else {
+            break;
+        };
+        moved.insert(copyset);
+        *led.entry(busiest).or_default() -= 1;
+        *led.entry(to).or_default() += 1;
+        transfers.push(Transfer {
+            copyset,
+            from: busiest,
+            to,
+        });
+    }
+    transfers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +330,39 @@ mod tests {
         let adds: BTreeSet<u64> = started.iter().map(|r| r.add).collect();
         assert_eq!(adds.len(), started.len(), "one per node");
         assert!(!adds.contains(&4), "node 4 is taking one already");
+    }
+
+    #[test]
+    fn leaders_piled_on_one_node_are_spread_within_one() {
+        let nodes: Vec<NodeView> = (1..=3).map(|n| node(n, true, false)).collect();
+        let copysets: Vec<(CopysetId, Vec<u64>, u64)> =
+            (0..7).map(|i| (CopysetId(i), vec![1, 2, 3], 1)).collect();
+        let transfers = plan_leaders(&nodes, &copysets, &BTreeSet::new(), 16);
+        let mut led: BTreeMap<u64, usize> = BTreeMap::from([(1, 7), (2, 0), (3, 0)]);
+        for t in &transfers {
+            assert_eq!(t.from, 1);
+            *led.get_mut(&t.from).unwrap() -= 1;
+            *led.get_mut(&t.to).unwrap() += 1;
+        }
+        let (max, min) = (led.values().max().unwrap(), led.values().min().unwrap());
+        assert!(max - min <= 1, "{led:?}");
+        assert_eq!(transfers.len(), 4, "7 = 3 + 2 + 2");
+        // Cooling copysets stay; the round limit holds; a balanced cluster moves nothing.
+        let cooling: BTreeSet<CopysetId> = (0..6).map(CopysetId).collect();
+        assert_eq!(plan_leaders(&nodes, &copysets, &cooling, 16).len(), 1);
+        assert_eq!(
+            plan_leaders(&nodes, &copysets, &BTreeSet::new(), 2).len(),
+            2
+        );
+        let balanced: Vec<(CopysetId, Vec<u64>, u64)> = (0..6)
+            .map(|i| (CopysetId(i), vec![1, 2, 3], i % 3 + 1))
+            .collect();
+        assert!(plan_leaders(&nodes, &balanced, &BTreeSet::new(), 16).is_empty());
+        // A node that is not up takes no leadership.
+        let mut down = nodes.clone();
+        down[2].up = false;
+        let transfers = plan_leaders(&down, &copysets, &BTreeSet::new(), 16);
+        assert!(transfers.iter().all(|t| t.to == 2));
     }
 
     proptest! {

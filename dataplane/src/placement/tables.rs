@@ -46,6 +46,40 @@ pub const NODE_RECORD_LEN: usize = 256;
 pub const MAX_LABEL: usize = 100;
 const NODE_MAGIC: u32 = 0x4e4f_4431; // "NOD1"
 
+/// The metadata-copyset chunk holding the placement service's settings (one page).
+pub const SETTINGS_CHUNK: ChunkId = ChunkId(u64::MAX - 4);
+const SETTINGS_MAGIC: u32 = 0x5345_5431; // "SET1"
+
+/// The placement service's settings, changed by an admin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The scheduler starts no operator (recoveries, leader moves) while paused.
+    pub paused: bool,
+}
+
+impl Settings {
+    /// Encodes into one page: magic u32, version u8 (1), paused u8, zeroes, CRC32C in the
+    /// last 4 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; 4096];
+        out[..4].copy_from_slice(&SETTINGS_MAGIC.to_le_bytes());
+        out[4] = 1;
+        out[5] = u8::from(self.paused);
+        seal(&mut out);
+        out
+    }
+
+    /// Decodes the page; all zeros are the defaults.
+    pub fn decode(page: &[u8]) -> Result<Settings, TablesError> {
+        if !check_record(page, 4096, SETTINGS_MAGIC, "settings")? {
+            return Ok(Settings::default());
+        }
+        Ok(Settings {
+            paused: page[5] != 0,
+        })
+    }
+}
+
 /// The metadata-copyset chunk holding volume `volume`'s segment table.
 pub fn segment_table_chunk(volume: u64) -> ChunkId {
     ChunkId(SEGMENT_TABLE_BIT | volume)
@@ -733,6 +767,16 @@ mod tests {
         };
         assert!(plan_register(&table, &unlabelled).is_err());
         assert!(plan_register(&table, &PoolMember { node: 0, ..c }).is_err());
+    }
+
+    #[test]
+    fn settings_round_trip_and_default_to_running() {
+        assert_eq!(Settings::decode(&[0u8; 4096]), Ok(Settings::default()));
+        let paused = Settings { paused: true };
+        assert_eq!(Settings::decode(&paused.encode()), Ok(paused));
+        let mut damaged = paused.encode();
+        damaged[5] = 7;
+        assert!(Settings::decode(&damaged).is_err());
     }
 
     #[test]

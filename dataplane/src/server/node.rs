@@ -403,6 +403,8 @@ struct PlacementSettings {
     offline_after: Duration,
     /// The recovery scheduler's limits.
     limits: crate::placement::schedule::Limits,
+    /// Whether leaders are balanced.
+    balance_leaders: bool,
 }
 
 impl PlacementSettings {
@@ -430,6 +432,7 @@ impl PlacementSettings {
                 max_running: config.placement.max_recoveries as usize,
                 max_per_node: config.placement.max_recoveries_per_node as usize,
             },
+            balance_leaders: config.placement.balance_leaders,
         }
     }
 }
@@ -684,6 +687,7 @@ async fn open_server(
     server.set_scheduler(
         &settings.placement.nodes,
         settings.placement.limits,
+        settings.placement.balance_leaders,
         Duration::from_secs(30),
     );
     Ok(server)

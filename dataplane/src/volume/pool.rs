@@ -254,6 +254,28 @@ pub async fn allocate_segment(
     })
 }
 
+/// Pauses (`true`) or resumes the placement service's scheduler: while paused it starts no
+/// recovery and moves no leadership. Persisted in the metadata copyset.
+pub async fn set_scheduler_paused(client: &Client, paused: bool) -> Result<(), VolumeError> {
+    apply_meta(client, MetaOp::SchedulerPaused(paused)).await
+}
+
+/// The placement service's settings (defaults before any was set).
+pub async fn read_settings(client: &Client) -> Result<tables::Settings, VolumeError> {
+    let page = match client
+        .read(METADATA_COPYSET, tables::SETTINGS_CHUNK, 0, 4096)
+        .await
+    {
+        Ok(page) => page,
+        Err(ClientError::Refused {
+            status: Status::CopysetNotFound,
+            ..
+        }) => return Ok(tables::Settings::default()),
+        Err(error) => return Err(error.into()),
+    };
+    tables::Settings::decode(&page).map_err(|e| TableError::Corrupt(e.to_string()).into())
+}
+
 /// Every copyset id a segment table names for a volume, with the count of chunks on each.
 pub fn chunks_per_copyset(segments: &[SegmentRecord]) -> BTreeMap<CopysetId, usize> {
     let mut load = BTreeMap::new();

@@ -69,6 +69,10 @@ pub(super) async fn apply_meta<B: Bdev>(
             allocate_segment(engine, volume, segment, index).await
         }
         MetaOp::NodeRegister(member) => register(engine, &member, index).await,
+        MetaOp::SchedulerPaused(paused) => {
+            let settings = tables::Settings { paused };
+            write(engine, tables::SETTINGS_CHUNK, 0, settings.encode(), index).await
+        }
         MetaOp::CopysetPeers { copyset, peers } => {
             let pool = read_pool(engine).await?;
             let planned =
@@ -225,7 +229,7 @@ pub(super) async fn read_dense<B: Bdev>(
 
 /// Bytes `offset..offset + len` of a chunk of the metadata copyset; zeroes when it does not
 /// exist.
-async fn read_range<B: Bdev>(
+pub(super) async fn read_range<B: Bdev>(
     engine: &ShardEngine<B>,
     chunk: ChunkId,
     offset: u64,

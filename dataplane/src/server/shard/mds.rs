@@ -36,7 +36,7 @@ pub(super) struct Mds {
     /// When this view started.
     since: Instant,
     /// Each node's last heartbeat and when it arrived.
-    seen: BTreeMap<u64, (Instant, Heartbeat)>,
+    pub(super) seen: BTreeMap<u64, (Instant, Heartbeat)>,
     /// Nodes whose registration (as they are) this view saw committed.
     registered: BTreeMap<u64, PoolMember>,
     /// The heartbeat interval nodes use.

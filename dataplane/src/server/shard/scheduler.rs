@@ -7,7 +7,10 @@
 //! catches up by snapshot install). The pool's record follows with the leader's next
 //! heartbeat. Operators run in their own tasks; what runs is kept in memory (a new service
 //! instance starts afresh, and replaying a replacement that finished is harmless: the dead
-//! voter is gone, so the round plans nothing for it).
+//! voter is gone, so the round plans nothing for it). While nothing is being recovered, the
+//! round also balances leaders (`plan_leaders`): the node leading the most copysets hands
+//! leaderships to less loaded voters until the counts are within one, a few transfers a round,
+//! a moved copyset left alone for ten intervals.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -18,7 +21,7 @@ use tracing::{info, warn};
 use super::ShardServer;
 use crate::client::{Client, ClientConfig};
 use crate::ids::CopysetId;
-use crate::placement::schedule::{plan_recovery, Limits, NodeView, Stuck};
+use crate::placement::schedule::{plan_leaders, plan_recovery, Limits, NodeView, Stuck};
 use crate::placement::tables::POOL_RECORD_LEN;
 use crate::placement::tables::{self, PoolState, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK};
 use crate::protocol::NodeAddress;
@@ -37,7 +40,16 @@ pub(super) struct Scheduler {
     limits: Limits,
     /// When a stuck copyset was last reported, to say it once a minute.
     reported: BTreeMap<CopysetId, Instant>,
+    /// Whether leaders are balanced.
+    balance_leaders: bool,
+    /// When each copyset's leadership was last moved (cooling).
+    moved: BTreeMap<CopysetId, Instant>,
 }
+
+/// Leadership transfers one round starts at most.
+const TRANSFERS_PER_ROUND: usize = 4;
+/// Heartbeat intervals a moved leadership is left alone.
+const COOLING_INTERVALS: u32 = 10;
 
 impl Scheduler {
     pub(super) fn new() -> Scheduler {
@@ -50,13 +62,21 @@ impl Scheduler {
                 max_per_node: 2,
             },
             reported: BTreeMap::new(),
+            balance_leaders: true,
+            moved: BTreeMap::new(),
         }
     }
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Lets this shard schedule recoveries through a client of `nodes`, `limits` at a time.
-    pub fn set_scheduler(&self, nodes: &[NodeAddress], limits: Limits, deadline: Duration) {
+    pub fn set_scheduler(
+        &self,
+        nodes: &[NodeAddress],
+        limits: Limits,
+        balance_leaders: bool,
+        deadline: Duration,
+    ) {
         let config = ClientConfig {
             deadline,
             ..ClientConfig::default()
@@ -65,6 +85,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         scheduler.client = Some(Rc::new(Client::new(nodes, config)));
         scheduler.nodes = nodes.iter().map(|n| n.id).collect();
         scheduler.limits = limits;
+        scheduler.balance_leaders = balance_leaders;
     }
 
     /// Runs a scheduling round every heartbeat interval while this replica leads the
@@ -83,8 +104,20 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
     }
 
-    /// One round: the view, the plan, the operators started.
+    /// One round: the view, the plan, the operators started — none while an admin paused
+    /// the scheduler (`MetaOp::SchedulerPaused`, in the settings page).
     async fn schedule_round(self: &Rc<Self>) {
+        let page =
+            super::apply_meta::read_range(&self.engine, tables::SETTINGS_CHUNK, 0, 4096).await;
+        let paused = page
+            .ok()
+            .and_then(|page| tables::Settings::decode(&page).ok())
+            // A settings page that cannot be read counts as paused: the scheduler does not
+            // act on what it cannot see.
+            .map_or(true, |settings| settings.paused);
+        if paused {
+            return;
+        }
         let Some((nodes, copysets)) = self.scheduler_view().await else {
             return;
         };
@@ -93,6 +126,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
             plan_recovery(&nodes, &copysets, &scheduler.running, scheduler.limits)
         };
         self.report_stuck(&stuck);
+        let recovering = !started.is_empty() || !self.scheduler.borrow().running.is_empty();
+        if !recovering && self.scheduler.borrow().balance_leaders {
+            self.balance_leaders(&nodes, &copysets);
+        }
         for replace in started {
             self.scheduler
                 .borrow_mut()
@@ -127,6 +164,56 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 "recovery: replacement failed; the next round tries again"),
         }
         self.scheduler.borrow_mut().running.remove(&replace.copyset);
+    }
+
+    /// Starts the leadership transfers that bring the nodes' leader counts within one, from
+    /// the leaders the heartbeats report (the newest term's claim for each copyset).
+    fn balance_leaders(self: &Rc<Self>, nodes: &[NodeView], copysets: &[(CopysetId, Vec<u64>)]) {
+        let mut leaders: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for (_, report) in self.mds.borrow().seen.values() {
+            for replica in report.replicas.iter().filter(|r| r.role == "leader") {
+                let entry = leaders.entry(replica.copyset).or_insert((0, 0));
+                if replica.term >= entry.0 {
+                    *entry = (replica.term, report.node);
+                }
+            }
+        }
+        let led: Vec<(CopysetId, Vec<u64>, u64)> = copysets
+            .iter()
+            .filter_map(|(c, voters)| {
+                leaders
+                    .get(&c.0)
+                    .map(|(_, leader)| (*c, voters.clone(), *leader))
+            })
+            .collect();
+        let interval = self.mds.borrow().heartbeat;
+        let now = Instant::now();
+        let transfers = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            scheduler
+                .moved
+                .retain(|_, at| now.duration_since(*at) < interval * COOLING_INTERVALS);
+            let cooling = scheduler.moved.keys().copied().collect();
+            let transfers = plan_leaders(nodes, &led, &cooling, TRANSFERS_PER_ROUND);
+            for transfer in &transfers {
+                scheduler.moved.insert(transfer.copyset, now);
+            }
+            transfers
+        };
+        let Some(client) = self.scheduler.borrow().client.clone() else {
+            return;
+        };
+        for transfer in transfers {
+            let client = Rc::clone(&client);
+            glommio::spawn_local(async move {
+                info!(copyset = %transfer.copyset, from = transfer.from, to = transfer.to,
+                    "balance: moving a leadership");
+                if let Err(error) = client.transfer_leader(transfer.copyset, transfer.to).await {
+                    warn!(copyset = %transfer.copyset, %error, "balance: transfer failed");
+                }
+            })
+            .detach();
+        }
     }
 
     /// The registered nodes with their states, and the ready pool copysets with their voters.
