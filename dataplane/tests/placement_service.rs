@@ -464,3 +464,105 @@ fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
         node.stop();
     }
 }
+
+/// Issue 19's failover: node 4 stops for good, and as it turns offline the placement service's
+/// node (the metadata copyset's leader) stops too, coming back a second later with its data
+/// (uring devices). Another node takes the service over, starts a new view, and the
+/// recovery completes: every pool copyset has three voters, none of them node 4.
+#[test]
+fn a_new_service_leader_finishes_the_recovery() {
+    use common::{addresses_of_cluster, block, config_of_cluster};
+    use dataplane::nbd::Export;
+    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::Volume;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let configs: Vec<Config> = (1..=4)
+        .map(|id| {
+            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "uring", "tcp");
+            for node in &mut config.cluster.nodes {
+                node.host = Some(format!("host-{}", node.id));
+            }
+            config.placement.heartbeat_ms = 100;
+            config.placement.offline_after_ms = 1000;
+            config.placement.copysets_per_node = 3;
+            config
+        })
+        .collect();
+    let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+    let first_config = configs[0].clone();
+    let (volume, service) = common::with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            wait_for(&client, "four up", |s| {
+                s.len() == 4 && s.values().all(|v| v == "up")
+            })
+            .await;
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            ensure_pool(&client, &settings).await.expect("the pool");
+            let volume = create_striped_volume(&client, "f", 8 << 20, 4 << 20)
+                .await
+                .expect("volume");
+            let writer = Volume::new(volume.clone(), Rc::clone(&client));
+            for i in 0..8u64 {
+                writer
+                    .write(i << 20, block(i + 200), false)
+                    .await
+                    .expect("write");
+            }
+            let service = client.topology().await.expect("topology").service;
+            (volume, service)
+        })
+    });
+    nodes[3].stop();
+    std::thread::sleep(Duration::from_millis(900));
+    nodes[service as usize - 1].stop();
+    std::thread::sleep(Duration::from_millis(1000));
+    nodes[service as usize - 1] = Node::start(configs[service as usize - 1].clone());
+    common::with_client_of(addresses, move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            client.set_peers(METADATA_COPYSET, &[1, 2, 3]);
+            let started = Instant::now();
+            let pool = loop {
+                if let Ok(pool) = read_pool(&client).await {
+                    if pool
+                        .iter()
+                        .all(|c| c.peers.len() == 3 && !c.peers.contains(&4))
+                    {
+                        break pool;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "not recovered: {pool:?}"
+                    );
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            };
+            let now = client.topology().await.expect("topology").service;
+            println!(
+                "recovered {:.1} s after the service restarted (service was node {service}, \
+                 now node {now})",
+                started.elapsed().as_secs_f64()
+            );
+            for copyset in &pool {
+                client.set_peers(copyset.copyset, &copyset.peers);
+            }
+            let reader = Volume::new(volume, Rc::clone(&client));
+            for i in 0..8u64 {
+                assert_eq!(
+                    reader.read(i << 20, 4096).await.expect("read"),
+                    block(i + 200)
+                );
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -154,6 +154,23 @@ impl<B: Bdev + 'static> ShardServer<B> {
             voters = ?replace.voters, "recovery: replacing an offline voter");
         let target = replace.target();
         client.set_peers(replace.copyset, &replace.voters);
+        // The pool's record may lag the membership (a change that committed before a service
+        // leader change, its leader's heartbeat not in yet): act on the leader's membership.
+        match client.leader_membership(replace.copyset, &nodes).await {
+            Ok((_, membership)) if !membership.voters.contains(&replace.remove) => {
+                info!(copyset = %replace.copyset, voters = ?membership.voters,
+                    "recovery: the offline voter is gone already");
+                self.scheduler.borrow_mut().running.remove(&replace.copyset);
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(copyset = %replace.copyset, %error,
+                    "recovery: no leader answers; the next round tries again");
+                self.scheduler.borrow_mut().running.remove(&replace.copyset);
+                return;
+            }
+        }
         match client
             .set_voters(replace.copyset, &nodes, &target, &replace.voters)
             .await
