@@ -380,7 +380,7 @@ fn the_scheduler_replaces_the_voters_of_a_lost_node() {
 
 /// Issue 19's balancing: with the scheduler paused, every pool copyset's leadership is moved
 /// to node 1 and stays there; resumed, the scheduler spreads the leaders until the nodes'
-/// counts differ by at most one.
+/// counts differ by at most one, while a writer keeps writing without an error.
 #[test]
 fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
     use dataplane::volume::pool::{read_pool, read_settings, set_scheduler_paused};
@@ -442,6 +442,32 @@ fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
             let piled = leaders(Rc::clone(&client), pool.clone()).await;
             assert_eq!(piled.get(&1), Some(&6), "{piled:?}");
 
+            // Writes run while the leaderships move: a transfer under way must cost a retry,
+            // never an error.
+            let volume =
+                dataplane::volume::pool::create_striped_volume(&client, "w", 24 << 20, 4 << 20)
+                    .await
+                    .expect("volume");
+            let stop = Rc::new(std::cell::Cell::new(false));
+            let volume = Rc::new(dataplane::volume::Volume::new(volume, Rc::clone(&client)));
+            let writers: Vec<_> = (0..16u64)
+                .map(|w| {
+                    let (volume, stop) = (Rc::clone(&volume), Rc::clone(&stop));
+                    glommio::spawn_local(async move {
+                        use dataplane::nbd::Export;
+                        let mut written = 0u64;
+                        while !stop.get() {
+                            let at = ((written * 16 + w) * 4096 * 97) % (24 << 20);
+                            volume
+                                .write(at, common::block(written), false)
+                                .await
+                                .map_err(|e| format!("write {written} at {at}: {e}"))?;
+                            written += 1;
+                        }
+                        Ok::<u64, String>(written)
+                    })
+                })
+                .collect();
             set_scheduler_paused(&client, false).await.expect("resume");
             let started = Instant::now();
             loop {
@@ -457,6 +483,14 @@ fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
                 }
                 assert!(started.elapsed() < Duration::from_secs(20), "still {led:?}");
                 glommio::timer::sleep(Duration::from_millis(200)).await;
+            }
+            glommio::timer::sleep(Duration::from_millis(300)).await;
+            stop.set(true);
+            for writer in writers {
+                let written = writer
+                    .await
+                    .expect("no write failed while leaderships moved");
+                assert!(written > 0);
             }
         })
     });

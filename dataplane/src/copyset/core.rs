@@ -605,9 +605,38 @@ impl<S: LogStorage> CopysetCore<S> {
 fn refusal_of(error: RaftError, leader: Option<NodeId>) -> Refusal {
     match error {
         RaftError::NotLeader { .. } => Refusal::NotLeader { leader },
-        RaftError::ConfChangePending | RaftError::UncommittedLimit => {
-            Refusal::Busy(error.to_string())
-        }
+        // Passing states: the client tries again (a transfer ends within an election
+        // timeout, with a new leader or the old one).
+        RaftError::ConfChangePending
+        | RaftError::UncommittedLimit
+        | RaftError::TransferInProgress => Refusal::Busy(error.to_string()),
         other => Refusal::Invalid(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passing_raft_states_are_retried_not_refused() {
+        // A leader transfer under way (the balancer moving a leadership during client
+        // writes) once answered Invalid, which the client returns as an I/O error.
+        for error in [
+            RaftError::TransferInProgress,
+            RaftError::ConfChangePending,
+            RaftError::UncommittedLimit,
+        ] {
+            assert!(
+                matches!(refusal_of(error.clone(), None), Refusal::Busy(_)),
+                "{error}"
+            );
+        }
+        assert!(matches!(
+            refusal_of(RaftError::NotLeader { leader: None }, Some(NodeId(2))),
+            Refusal::NotLeader {
+                leader: Some(NodeId(2))
+            }
+        ));
     }
 }
