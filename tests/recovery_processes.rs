@@ -200,34 +200,44 @@ fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
         on_lost.len(),
         recovered.as_secs_f64()
     );
-    // Healthy: each recovered copyset's three voters have applied what its leader committed
-    // (the new replica caught up by snapshot install and log).
+    // Healthy: each recovered copyset's three voters have applied what its leader had
+    // committed when the voters were replaced (the new replica caught up by snapshot install
+    // and log; under fio's load the commit index itself moves on all the time).
+    let replicas_of = |status: &serde_json::Value, id: u64| -> Vec<serde_json::Value> {
+        status["copysets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["copyset"].as_u64() == Some(id))
+            .flat_map(|c| c["replicas"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let now = pool(&configs[0]);
+    let mut targets = Vec::new();
+    while targets.len() != on_lost.len() {
+        let status = json(&configs[0], &["--json", "status"]).unwrap_or_default();
+        targets = on_lost
+            .iter()
+            .filter_map(|id| {
+                let commit = replicas_of(&status, *id)
+                    .iter()
+                    .filter(|r| r["role"] == "leader")
+                    .filter_map(|r| r["commit"].as_u64())
+                    .max()?;
+                let (_, voters) = now.iter().find(|(c, _)| c == id)?;
+                Some((*id, voters.clone(), commit))
+            })
+            .collect();
+        assert!(lost_at.elapsed() < Duration::from_secs(120), "no leaders");
+    }
     let caught_up = lost_at.elapsed();
     loop {
         let status = json(&configs[0], &["--json", "status"]).unwrap_or_default();
-        let now = pool(&configs[0]);
-        let healthy = on_lost.iter().all(|id| {
-            let Some((_, voters)) = now.iter().find(|(c, _)| c == id) else {
-                return false;
-            };
-            let replicas: Vec<&serde_json::Value> = status["copysets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|c| c["copyset"].as_u64() == Some(*id))
-                .flat_map(|c| c["replicas"].as_array().into_iter().flatten())
-                .collect();
-            let commit = replicas
-                .iter()
-                .filter(|r| r["role"] == "leader")
-                .filter_map(|r| r["commit"].as_u64())
-                .max();
-            commit.is_some_and(|commit| {
-                voters.iter().all(|v| {
-                    replicas.iter().any(|r| {
-                        r["node"].as_u64() == Some(*v)
-                            && r["applied"].as_u64().unwrap_or(0) + 64 >= commit
-                    })
+        let healthy = targets.iter().all(|(id, voters, commit)| {
+            let replicas = replicas_of(&status, *id);
+            voters.iter().all(|v| {
+                replicas.iter().any(|r| {
+                    r["node"].as_u64() == Some(*v) && r["applied"].as_u64().unwrap_or(0) >= *commit
                 })
             })
         });
