@@ -144,15 +144,33 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 }
                 None => None,
             };
-            let persisted = match self.append_persist(copyset, &persist).await {
-                Ok(lsn) => self.engine.wal().sync(lsn).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = persisted {
-                self.stalled(Some(copyset), "WAL write failed", &error);
-                return;
+            // Every plain persist queued by now goes with this one, under one sync: under a
+            // steady load raft hands out persists as fast as they drain, and one sync each
+            // kept a copyset that once had a backlog (an install, a full WAL) in it for good,
+            // its log falling further behind its leader's (docs/benchmarking.md, "Recovery").
+            let mut batch = vec![persist];
+            if installed.is_none() {
+                batch.extend(self.take_plain_backlog(copyset));
             }
-            core.borrow_mut().on_persisted(persist.number);
+            let mut last = None;
+            for persist in &batch {
+                match self.append_persist(copyset, persist).await {
+                    Ok(lsn) => last = Some(lsn),
+                    Err(error) => {
+                        self.stalled(Some(copyset), "WAL write failed", &error);
+                        return;
+                    }
+                }
+            }
+            if let Some(lsn) = last {
+                if let Err(error) = self.engine.wal().sync(lsn).await {
+                    self.stalled(Some(copyset), "WAL write failed", &error);
+                    return;
+                }
+            }
+            for persist in &batch {
+                core.borrow_mut().on_persisted(persist.number);
+            }
             if let Some((index, chunks, bytes, began)) = installed {
                 core.borrow_mut().on_snapshot_installed(index);
                 self.installing.borrow_mut().remove(&copyset);
@@ -175,6 +193,22 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
             self.drive(copyset, &core);
         }
+    }
+
+    /// The persists queued for `copyset` up to (not including) the next one that carries a
+    /// snapshot, taken off its backlog in order.
+    fn take_plain_backlog(&self, copyset: CopysetId) -> Vec<PendingPersist> {
+        let mut backlog = self.backlog.borrow_mut();
+        let Some(queue) = backlog.get_mut(&copyset) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        while queue.front().is_some_and(|p| p.snapshot.is_none()) {
+            if let Some(persist) = queue.pop_front() {
+                taken.push(persist);
+            }
+        }
+        taken
     }
 
     /// Starts persisting a ready that carries a snapshot: the install and what follows run

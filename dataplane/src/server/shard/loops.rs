@@ -35,9 +35,49 @@ impl<B: Bdev + 'static> ShardServer<B> {
         loop {
             // A cheap check (a comparison) unless a checkpoint is due.
             glommio::timer::sleep(Duration::from_millis(20)).await;
+            self.pin_catch_up();
             if let Err(error) = self.engine.maybe_checkpoint().await {
                 self.stalled(None, "checkpoint failed", &error);
             }
+        }
+    }
+
+    /// For each copyset this shard leads, pins in its log the entries its furthest-behind
+    /// active follower (or one being sent a snapshot) needs next, up to `MAX_CATCH_UP` entries
+    /// behind the applied index: without the pin a checkpoint compacts them within seconds
+    /// under load, and a follower that took a snapshot longer than that to install is sent
+    /// another one, for ever (found by scripts/bench-recovery).
+    fn pin_catch_up(&self) {
+        const MAX_CATCH_UP: u64 = 65_536;
+        for (copyset, core) in self.copysets.borrow().iter() {
+            let core = core.borrow();
+            let mut pin = raftcore::LogIndex(0);
+            if core.role() == raftcore::StateRole::Leader {
+                let raft = core.node().raft();
+                let behind = core
+                    .conf_state()
+                    .voters
+                    .iter()
+                    .chain(core.conf_state().learners.iter())
+                    .filter(|id| id.0 != self.node)
+                    .filter_map(|id| raft.progress(*id))
+                    .filter(|p| {
+                        p.recent_active || p.state == raftcore::progress::ProgressState::Snapshot
+                    })
+                    .map(|p| match p.state {
+                        raftcore::progress::ProgressState::Snapshot => p.pending_snapshot,
+                        _ => p.matched,
+                    })
+                    .min();
+                if let Some(needed) = behind {
+                    if core.applied().0.saturating_sub(needed.0) <= MAX_CATCH_UP {
+                        pin = raftcore::LogIndex(needed.0 + 1);
+                    }
+                }
+            }
+            self.engine
+                .wal()
+                .with_log_mut(*copyset, |log| log.retain_from = pin);
         }
     }
 

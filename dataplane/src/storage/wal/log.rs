@@ -57,6 +57,10 @@ pub struct CopysetLog {
     /// The applied index may not pass this (a membership change at the next index is not in
     /// the WAL yet: a checkpoint must not record the new index with the old membership).
     pub applied_cap: Option<LogIndex>,
+    /// Checkpoints keep the entries from this index on in memory (0: no pin): a leader sets
+    /// it to what a follower catching up needs next, so a follower that just installed a
+    /// snapshot finds the entries after it instead of being sent another snapshot.
+    pub retain_from: LogIndex,
 }
 
 /// Why a record could not be taken into a log.
@@ -85,6 +89,7 @@ impl CopysetLog {
             entries: VecDeque::new(),
             replay_from: 0,
             applied_cap: None,
+            retain_from: LogIndex(0),
         }
     }
 
@@ -246,7 +251,12 @@ impl CopysetLog {
         while at > 0 && self.entries[at - 1].lsn >= floor {
             at -= 1;
         }
-        LogIndex(self.snapshot.index.0 + at as u64)
+        let point = LogIndex(self.snapshot.index.0 + at as u64);
+        if self.retain_from.0 > 0 {
+            point.min(LogIndex(self.retain_from.0 - 1))
+        } else {
+            point
+        }
     }
 
     /// Bytes of ring that the records of the entries above the applied index take: what a
@@ -367,6 +377,24 @@ mod tests {
             kind: EntryKind::Normal,
             data: vec![index as u8; 10].into(),
         })
+    }
+
+    #[test]
+    fn a_catch_up_pin_keeps_the_entries_a_follower_needs_next() {
+        let mut log = CopysetLog::default();
+        for i in 1..=10 {
+            log.take(&entry(i, 1), i * 100).unwrap();
+        }
+        log.applied = LogIndex(10);
+        // Every record is older than the floor: all applied entries may go.
+        assert_eq!(log.retention_point(10_000), LogIndex(10));
+        // A follower installed a snapshot at 4 and needs 5 on: nothing from 5 goes.
+        log.retain_from = LogIndex(5);
+        assert_eq!(log.retention_point(10_000), LogIndex(4));
+        log.compact(log.retention_point(10_000));
+        assert_eq!(log.first_index(), Ok(LogIndex(5)));
+        log.retain_from = LogIndex(0);
+        assert_eq!(log.retention_point(10_000), LogIndex(10), "unpinned");
     }
 
     #[test]
