@@ -387,7 +387,37 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 "the WAL is full; a checkpoint is reclaiming it".into(),
             ));
         }
+        if leads {
+            self.check_room_for_new_chunk(opcode, payload)?;
+        }
         Ok(core)
+    }
+
+    /// A leader refuses an operation that makes a new chunk when the shard is down to its
+    /// reserve of free slots: applied, it would find no slot and stall the copyset on every
+    /// replica (an apply cannot fail halfway), where a refusal leaves the copyset serving its
+    /// existing chunks. The reserve (1/64 of the slots, at least 4) covers the new chunks of
+    /// operations already proposed and followers fuller than their leader.
+    fn check_room_for_new_chunk(
+        &self,
+        opcode: crate::net::Opcode,
+        payload: &Bytes,
+    ) -> Result<(), Status> {
+        if opcode != protocol::WRITE_CHUNK && opcode != protocol::CREATE_CLONE_CHUNK {
+            return Ok(());
+        }
+        let Ok(op) = ChunkOp::decode(payload) else {
+            return Ok(()); // refused by check_chunk_op already
+        };
+        let (slots, free) = self.engine.slot_counts();
+        let reserve = (slots / 64).max(4);
+        if free > reserve || self.engine.has_chunk(op.chunk()) {
+            return Ok(());
+        }
+        Err(Status::Invalid(format!(
+            "no room for a new chunk: this shard has {free} of {slots} chunk slots free, \
+             its reserve is {reserve} (the device is full; delete volumes or add capacity)"
+        )))
     }
 
     /// Whether a chunk operation's body is one the copyset can take: it decodes to an

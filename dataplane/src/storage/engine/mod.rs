@@ -181,6 +181,11 @@ impl<B: Bdev> ShardEngine<B> {
         (table.memory_bytes(), table.slot_count())
     }
 
+    /// Whether the shard holds `chunk`.
+    pub fn has_chunk(&self, chunk: ChunkId) -> bool {
+        self.table.borrow().lookup(chunk).is_some()
+    }
+
     /// Chunk slots: (all, free).
     pub fn slot_counts(&self) -> (u32, u32) {
         let table = self.table.borrow();
