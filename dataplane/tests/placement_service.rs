@@ -32,6 +32,23 @@ fn labelled(id: u32, ports: &[u16], dir: &Path) -> Config {
     config
 }
 
+/// Four nodes on hosts of their own (heartbeats every 100 ms, offline after 1 s, a pool of
+/// 3 copysets per node) on `backend` devices.
+fn four_labelled(ports: &[u16], dir: &Path, backend: &str) -> Vec<Config> {
+    (1..=4)
+        .map(|id| {
+            let mut config = common::config_of_cluster(id, 4, ports, dir, backend, "tcp");
+            for node in &mut config.cluster.nodes {
+                node.host = Some(format!("host-{}", node.id));
+            }
+            config.placement.heartbeat_ms = 100;
+            config.placement.offline_after_ms = 1000;
+            config.placement.copysets_per_node = 3;
+            config
+        })
+        .collect()
+}
+
 /// Each node's state in the topology, once `wanted` holds of it, within 10 s.
 async fn wait_for(
     client: &Client,
@@ -146,7 +163,7 @@ fn nodes_register_by_heartbeat_and_the_service_tracks_their_state() {
 /// still reads the chunk: after its deadline it re-reads the voters from the pool.
 #[test]
 fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
-    use common::{addresses_of_cluster, block, config_of_cluster};
+    use common::{addresses_of_cluster, block};
     use dataplane::client::ClientConfig;
     use dataplane::nbd::Export;
     use dataplane::volume::pool::{create_striped_volume, read_pool, read_segment};
@@ -155,18 +172,7 @@ fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
 
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(8);
-    let configs: Vec<Config> = (1..=4)
-        .map(|id| {
-            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "mem", "tcp");
-            for node in &mut config.cluster.nodes {
-                node.host = Some(format!("host-{}", node.id));
-            }
-            config.placement.heartbeat_ms = 100;
-            config.placement.offline_after_ms = 1000;
-            config.placement.copysets_per_node = 3;
-            config
-        })
-        .collect();
+    let configs = four_labelled(&ports, dir.path(), "mem");
     let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
     let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
     let first_config = configs[0].clone();
@@ -267,25 +273,14 @@ fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
 /// up, and each recovered copyset, led by its new replica, reads back what was written.
 #[test]
 fn the_scheduler_replaces_the_voters_of_a_lost_node() {
-    use common::{addresses_of_cluster, block, config_of_cluster};
+    use common::{addresses_of_cluster, block};
     use dataplane::nbd::Export;
     use dataplane::volume::pool::{create_striped_volume, read_pool};
     use dataplane::volume::Volume;
 
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(8);
-    let configs: Vec<Config> = (1..=4)
-        .map(|id| {
-            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "mem", "tcp");
-            for node in &mut config.cluster.nodes {
-                node.host = Some(format!("host-{}", node.id));
-            }
-            config.placement.heartbeat_ms = 100;
-            config.placement.offline_after_ms = 1000;
-            config.placement.copysets_per_node = 3;
-            config
-        })
-        .collect();
+    let configs = four_labelled(&ports, dir.path(), "mem");
     let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
     let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
     let first_config = configs[0].clone();
@@ -505,25 +500,14 @@ fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
 /// recovery completes: every pool copyset has three voters, none of them node 4.
 #[test]
 fn a_new_service_leader_finishes_the_recovery() {
-    use common::{addresses_of_cluster, block, config_of_cluster};
+    use common::{addresses_of_cluster, block};
     use dataplane::nbd::Export;
     use dataplane::volume::pool::{create_striped_volume, read_pool};
     use dataplane::volume::Volume;
 
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(8);
-    let configs: Vec<Config> = (1..=4)
-        .map(|id| {
-            let mut config = config_of_cluster(id, 4, &ports, dir.path(), "uring", "tcp");
-            for node in &mut config.cluster.nodes {
-                node.host = Some(format!("host-{}", node.id));
-            }
-            config.placement.heartbeat_ms = 100;
-            config.placement.offline_after_ms = 1000;
-            config.placement.copysets_per_node = 3;
-            config
-        })
-        .collect();
+    let configs = four_labelled(&ports, dir.path(), "uring");
     let mut nodes: Vec<Node> = configs.iter().cloned().map(Node::start).collect();
     let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
     let first_config = configs[0].clone();
