@@ -3,24 +3,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, start, write_config, Cluster};
-
-fn chunkctl(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run chunkctl")
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
-}
+use common::{chunkctl, free_ports, start, text, write_config, Cluster};
 
 #[test]
 fn chunkctl_creates_reports_and_checks_health() {

@@ -11,23 +11,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, start, write_config_sized, Cluster, Sizes};
-
-fn chunkctl(config: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run chunkctl")
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
-}
+use common::{chunkctl, free_ports, start, text, write_config_sized, Cluster, Sizes};
 
 fn json(config: &std::path::Path, args: &[&str]) -> Option<serde_json::Value> {
     let output = chunkctl(config, args);

@@ -13,22 +13,9 @@ use std::collections::BTreeSet;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, start, write_config_sized, Cluster, Sizes};
+use common::{chunkctl, free_ports, start, text, write_config_sized, Cluster, Sizes};
 
 const HOSTS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
-
-fn chunkctl(config: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run chunkctl")
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
-}
 
 /// Waits until `addr` accepts connections (the export serves) or 60 s pass.
 fn wait_for(addr: &str, child: &mut std::process::Child) {

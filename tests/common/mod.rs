@@ -15,6 +15,21 @@ pub fn write_config(dir: &Path, id: usize, ports: &[u16]) -> PathBuf {
     write_config_on_hosts(dir, id, &hosts, ports, "96MiB", "16MiB")
 }
 
+/// Runs `chunkctl --config CONFIG ARGS…` and gives its output.
+pub fn chunkctl(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chunkctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run chunkctl")
+}
+
+/// A process's stdout and stderr, as text.
+pub fn text(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
 pub fn start(config: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_chunkserver"))
         .args(["run", "--config"])

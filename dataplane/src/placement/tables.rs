@@ -282,17 +282,21 @@ pub fn plan_pool(table: &[u8], request: &PoolRequest) -> Result<Option<Vec<u8>>,
     Ok(Some(records))
 }
 
+/// `copyset`'s record in the pool table, with its index.
+fn pool_record(table: &[u8], copyset: CopysetId) -> Result<(usize, PoolCopyset), TablesError> {
+    pool(table)?
+        .into_iter()
+        .enumerate()
+        .find(|(_, c)| c.copyset == copyset)
+        .ok_or(TablesError::UnknownCopyset(copyset))
+}
+
 /// Marking `copyset` ready: its record's index and new bytes; `None` when it is ready already.
 pub fn plan_ready(
     table: &[u8],
     copyset: CopysetId,
 ) -> Result<Option<(usize, Vec<u8>)>, TablesError> {
-    let pool = pool(table)?;
-    let (index, found) = pool
-        .iter()
-        .enumerate()
-        .find(|(_, c)| c.copyset == copyset)
-        .ok_or(TablesError::UnknownCopyset(copyset))?;
+    let (index, found) = pool_record(table, copyset)?;
     if found.state == PoolState::Ready {
         return Ok(None);
     }
@@ -394,12 +398,7 @@ pub fn plan_peers(
             "a pool copyset has 1 to {MAX_REPLICAS} distinct voters, not {peers:?}"
         )));
     }
-    let pool = pool(table)?;
-    let (index, found) = pool
-        .iter()
-        .enumerate()
-        .find(|(_, c)| c.copyset == copyset)
-        .ok_or(TablesError::UnknownCopyset(copyset))?;
+    let (index, found) = pool_record(table, copyset)?;
     let known: BTreeSet<u64> = found.peers.iter().copied().collect();
     if known == distinct {
         return Ok(None);

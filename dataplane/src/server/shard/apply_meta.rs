@@ -47,18 +47,7 @@ pub(super) async fn apply_meta<B: Bdev>(
         MetaOp::CopysetReady { copyset: ready } => {
             let pool = read_pool(engine).await?;
             let planned = tables::plan_ready(&pool, ready).map_err(|e| refused(POOL_CHUNK, e))?;
-            let Some((record, bytes)) = planned else {
-                return Ok(());
-            };
-            write_record(
-                engine,
-                POOL_CHUNK,
-                &pool,
-                record * POOL_RECORD_LEN,
-                &bytes,
-                index,
-            )
-            .await
+            write_planned(engine, POOL_CHUNK, &pool, POOL_RECORD_LEN, planned, index).await
         }
         MetaOp::VolumeCreate {
             name,
@@ -77,18 +66,7 @@ pub(super) async fn apply_meta<B: Bdev>(
             let pool = read_pool(engine).await?;
             let planned =
                 tables::plan_peers(&pool, copyset, &peers).map_err(|e| refused(POOL_CHUNK, e))?;
-            let Some((record, bytes)) = planned else {
-                return Ok(());
-            };
-            write_record(
-                engine,
-                POOL_CHUNK,
-                &pool,
-                record * POOL_RECORD_LEN,
-                &bytes,
-                index,
-            )
-            .await
+            write_planned(engine, POOL_CHUNK, &pool, POOL_RECORD_LEN, planned, index).await
         }
     }
 }
@@ -120,18 +98,25 @@ async fn register<B: Bdev>(
 ) -> Result<(), StorageError> {
     let table = read_dense(engine, NODE_CHUNK, NODE_RECORD_LEN).await?;
     let planned = tables::plan_register(&table, member).map_err(|e| refused(NODE_CHUNK, e))?;
-    let Some((record, bytes)) = planned else {
-        return Ok(());
-    };
-    write_record(
-        engine,
-        NODE_CHUNK,
-        &table,
-        record * NODE_RECORD_LEN,
-        &bytes,
-        index,
-    )
-    .await
+    write_planned(engine, NODE_CHUNK, &table, NODE_RECORD_LEN, planned, index).await
+}
+
+/// Writes a planned record (its index and bytes, in records of `record_len`) into a table
+/// chunk; nothing when the plan changes nothing.
+async fn write_planned<B: Bdev>(
+    engine: &ShardEngine<B>,
+    chunk: ChunkId,
+    table: &[u8],
+    record_len: usize,
+    planned: Option<(usize, Vec<u8>)>,
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    match planned {
+        None => Ok(()),
+        Some((record, bytes)) => {
+            write_record(engine, chunk, table, record * record_len, &bytes, index).await
+        }
+    }
 }
 
 /// Writes `bytes` at `at` of a table chunk whose current content starts with `table`: the
