@@ -262,6 +262,36 @@ fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // ... and the service has it remove the replicas it was left behind with.
+    let cleaned = loop {
+        let held: Vec<u64> = json(&configs[0], &["--json", "topology"])
+            .and_then(|t| {
+                t["nodes"].as_array().and_then(|nodes| {
+                    nodes.iter().find(|n| n["node"] == 4).map(|n| {
+                        n["last"]["replicas"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| r["copyset"].as_u64())
+                            .filter(|c| on_lost.contains(c))
+                            .collect()
+                    })
+                })
+            })
+            .unwrap_or_else(|| on_lost.clone());
+        if held.is_empty() {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "node 4 still holds stale replicas of {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!(
+        "node 4's stale replicas removed {:.1} s after it came back",
+        cleaned.as_secs_f64()
+    );
     let verified = fio(&uri, &["--verify_only"]).output().expect("fio");
     assert!(
         verified.status.success(),

@@ -459,17 +459,41 @@ impl Client {
         CopysetStatus::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
-    /// Sends a heartbeat to the placement service (the metadata copyset's leader).
+    /// Sends a heartbeat to the placement service (the metadata copyset's leader); gives what
+    /// the service asks of the node.
     pub async fn heartbeat(
         &self,
         heartbeat: &crate::protocol::placement::Heartbeat,
-    ) -> Result<(), ClientError> {
+    ) -> Result<crate::protocol::placement::HeartbeatReply, ClientError> {
         let body = crate::protocol::placement::encode(heartbeat);
-        self.leader_call(
-            "heartbeat",
-            crate::volume_table::METADATA_COPYSET,
-            protocol::HEARTBEAT,
-            body,
+        let answer = self
+            .leader_call(
+                "heartbeat",
+                crate::volume_table::METADATA_COPYSET,
+                protocol::HEARTBEAT,
+                body,
+            )
+            .await?;
+        if answer.is_empty() {
+            return Ok(crate::protocol::placement::HeartbeatReply::default());
+        }
+        crate::protocol::placement::decode(&answer)
+            .map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
+    /// Removes `node`'s replica of `copyset` if it is stale: the node refuses while the
+    /// replica leads or when a membership change joined it lately.
+    pub async fn remove_stale_replica(
+        &self,
+        copyset: CopysetId,
+        node: u64,
+    ) -> Result<(), ClientError> {
+        self.with_retries(
+            "remove stale replica",
+            copyset,
+            Some(node),
+            protocol::DELETE_COPYSET,
+            &Bytes::from_static(protocol::DELETE_IF_STALE),
         )
         .await
         .map(|_| ())

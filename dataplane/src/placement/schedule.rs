@@ -231,6 +231,60 @@ pub fn plan_leaders(
     transfers
 }
 
+/// A copyset's leader as its own heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderView {
+    /// The leading node.
+    pub node: u64,
+    /// Its term.
+    pub term: u64,
+    /// Every node its configuration names: voters, outgoing voters of a joint change, learners.
+    pub members: Vec<u64>,
+}
+
+/// A replica a node reports holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldReplica {
+    /// The copyset.
+    pub copyset: CopysetId,
+    /// Whether the replica leads it.
+    pub leading: bool,
+    /// Its term.
+    pub term: u64,
+}
+
+/// The replicas `node` holds that their copysets left behind (issue 19: a node that returns
+/// after its replicas were replaced): the pool records voters without the node, *and* the
+/// copyset's leader — another node, at a term no older than the replica's — names the node
+/// nowhere in its configuration. Neither alone is enough: the pool's record lags a membership
+/// change by a heartbeat, and a leader's report may predate one. A copyset outside the pool,
+/// or without a leader's report, is never stale; nor is a replica that leads. The service
+/// around this asks for the removal only once a replica stayed stale for a grace period, and
+/// the node refuses it for a replica a membership change joined lately.
+pub fn stale_replicas(
+    node: u64,
+    held: &[HeldReplica],
+    pool: &BTreeMap<CopysetId, Vec<u64>>,
+    leaders: &BTreeMap<CopysetId, LeaderView>,
+) -> Vec<CopysetId> {
+    held.iter()
+        .filter(|replica| !replica.leading)
+        .filter(|replica| {
+            let Some(voters) = pool.get(&replica.copyset) else {
+                return false;
+            };
+            let Some(leader) = leaders.get(&replica.copyset) else {
+                return false;
+            };
+            !voters.contains(&node)
+                && leader.node != node
+                && leader.term >= replica.term
+                && !leader.members.contains(&node)
+        })
+        .map(|replica| replica.copyset)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,5 +447,50 @@ mod tests {
                 prop_assert_eq!(hosts.len(), target.len());
             }
         }
+    }
+
+    #[test]
+    fn a_replica_is_stale_only_when_pool_and_leader_both_left_it() {
+        let c = |n| CopysetId(n);
+        let pool: BTreeMap<CopysetId, Vec<u64>> = [
+            (c(1), vec![1, 2, 3]),
+            (c(2), vec![1, 2, 4]),
+            (c(3), vec![1, 2, 3]),
+            (c(4), vec![1, 2, 3]),
+            (c(5), vec![1, 2, 3]),
+        ]
+        .into();
+        let leader = |node, term, members: &[u64]| LeaderView {
+            node,
+            term,
+            members: members.to_vec(),
+        };
+        let leaders: BTreeMap<CopysetId, LeaderView> = [
+            // Replaced: the pool and the leader left node 4 out.
+            (c(1), leader(1, 5, &[1, 2, 3])),
+            // Node 4 is a voter still.
+            (c(2), leader(1, 5, &[1, 2, 4])),
+            // The pool left it, the leader's report still names it (a lagging report).
+            (c(3), leader(1, 5, &[1, 2, 3, 4])),
+            // The leader's report is of an older term than the replica's.
+            (c(4), leader(2, 3, &[1, 2, 3])),
+        ]
+        .into();
+        let held = |copyset, leading, term| HeldReplica {
+            copyset: c(copyset),
+            leading,
+            term,
+        };
+        let replicas = [
+            held(1, false, 5),
+            held(2, false, 5),
+            held(3, false, 5),
+            held(4, false, 4),
+            held(5, false, 1), // no leader's report
+            held(6, false, 1), // not in the pool
+        ];
+        assert_eq!(stale_replicas(4, &replicas, &pool, &leaders), vec![c(1)]);
+        // A leading replica is never stale, whatever the others say.
+        assert!(stale_replicas(4, &[held(1, true, 9)], &pool, &leaders).is_empty());
     }
 }

@@ -68,8 +68,11 @@ pub const TRANSFER_LEADER: Opcode = Opcode(35);
 /// leader (for a change of several voters, once its joint configuration is left).
 pub const CHANGE_PEERS: Opcode = Opcode(36);
 /// Deletes the receiving node's replica of a copyset, its chunks with it (empty body). Meant
-/// for a replica already removed from the membership.
+/// for a replica already removed from the membership. With the body [`DELETE_IF_STALE`], only
+/// a replica the placement service found stale, and the node refuses one it joined lately.
 pub const DELETE_COPYSET: Opcode = Opcode(37);
+/// The body of a `DELETE_COPYSET` that removes a stale replica only.
+pub const DELETE_IF_STALE: &[u8] = b"stale";
 /// Disaster recovery (CliService reset peers): forces the receiving replica's membership to
 /// the given voters without consensus, for a copyset that lost its quorum for good (body:
 /// [`ResetPeers`]).

@@ -36,6 +36,9 @@ pub struct ReplicaReport {
     pub applied: u64,
     /// The voters it uses.
     pub voters: Vec<u64>,
+    /// The other nodes its configuration names: outgoing voters of a joint change, learners.
+    #[serde(default)]
+    pub others: Vec<u64>,
 }
 
 /// A chunkserver's heartbeat to the placement service.
@@ -55,6 +58,15 @@ pub struct Heartbeat {
     pub slots_free: u64,
     /// Its replicas.
     pub replicas: Vec<ReplicaReport>,
+}
+
+/// The placement service's answer to a heartbeat: what the node is to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// Copysets whose replica on the node was left behind by a membership change (stale for
+    /// the service's grace period): the node removes them, unless a change joined one lately.
+    #[serde(default)]
+    pub stale: Vec<u64>,
 }
 
 /// A chunkserver as the placement service sees it.
@@ -119,6 +131,7 @@ mod tests {
                 term: 3,
                 applied: 40,
                 voters: vec![1, 2, 3],
+                others: vec![4],
             }],
         };
         let bytes = encode(&heartbeat);

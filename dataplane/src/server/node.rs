@@ -780,7 +780,18 @@ fn heartbeat_loop<B: Bdev + 'static>(
             let reports = gather_reports(&server, &mesh).await;
             let heartbeat = heartbeat_of(node, &zone, &host, reports);
             match client.heartbeat(&heartbeat).await {
-                Ok(()) => failures = 0,
+                Ok(reply) => {
+                    failures = 0;
+                    for copyset in reply.stale {
+                        let copyset = crate::ids::CopysetId(copyset);
+                        match client.remove_stale_replica(copyset, node).await {
+                            Ok(()) => tracing::info!(node, %copyset,
+                                "stale replica removed, as the placement service asked"),
+                            Err(error) => tracing::info!(node, %copyset, %error,
+                                "stale replica kept"),
+                        }
+                    }
+                }
                 Err(error) => {
                     failures += 1;
                     // Quiet while the cluster has no metadata copyset; said now and then.
@@ -802,6 +813,12 @@ fn heartbeat_of(
 ) -> crate::protocol::placement::Heartbeat {
     use crate::protocol::placement::{Heartbeat, ReplicaReport};
     let field = |v: &serde_json::Value, key: &str| v.get(key).and_then(serde_json::Value::as_u64);
+    let ids = |v: &serde_json::Value, key: &str| -> Vec<u64> {
+        v.get(key)
+            .and_then(serde_json::Value::as_array)
+            .map(|v| v.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default()
+    };
     let mut heartbeat = Heartbeat {
         node,
         zone: zone.to_string(),
@@ -829,11 +846,11 @@ fn heartbeat_of(
                 leader: field(status, "leader").unwrap_or(0),
                 term: field(status, "term").unwrap_or(0),
                 applied: field(status, "applied").unwrap_or(0),
-                voters: status
-                    .get("voters")
-                    .and_then(serde_json::Value::as_array)
-                    .map(|v| v.iter().filter_map(serde_json::Value::as_u64).collect())
-                    .unwrap_or_default(),
+                voters: ids(status, "voters"),
+                others: ids(status, "voters_outgoing")
+                    .into_iter()
+                    .chain(ids(status, "learners"))
+                    .collect(),
             });
         }
     }

@@ -13,6 +13,20 @@ use crate::protocol::Status;
 use crate::storage::bdev::Bdev;
 use crate::storage::StorageError;
 
+/// How long a replica that a membership change joined is kept from removal as stale: the
+/// placement service's view of the copyset (a leader's heartbeat) may predate the change.
+const JOINED_GRACE: Duration = Duration::from_secs(600);
+
+/// Replicas this shard joined lately, and replicas it is removing as stale: a join and a stale
+/// removal of one copyset exclude each other (issue 19).
+#[derive(Default)]
+pub(super) struct Lifecycle {
+    /// When a membership change last asked for each copyset's joining replica here.
+    joined: std::collections::HashMap<CopysetId, std::time::Instant>,
+    /// Copysets whose stale replica is being removed.
+    removing: std::collections::HashSet<CopysetId>,
+}
+
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Creates a copyset with `peers` as its first voters: a bootstrap snapshot (index 1,
     /// term 1) and hard state in the WAL, made durable before the copyset starts. With
@@ -33,6 +47,15 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 "the peers do not include this node ({})",
                 self.node
             ));
+        }
+        if join {
+            let mut lifecycle = self.lifecycle.borrow_mut();
+            if lifecycle.removing.contains(&copyset) {
+                return Status::Retry(
+                    "this node's stale replica of the copyset is being removed".into(),
+                );
+            }
+            lifecycle.joined.insert(copyset, std::time::Instant::now());
         }
         if self.copysets.borrow().contains_key(&copyset) {
             return Status::Ok;
@@ -131,6 +154,39 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Removes this node's replica of `copyset` as stale, as the placement service asks when
+    /// a membership change left it behind: refused while the replica leads, or when a
+    /// membership change joined it within [`JOINED_GRACE`] (the service's view may predate
+    /// the change); a join asked for while the removal runs is told to retry.
+    pub(super) async fn remove_stale_copyset(&self, copyset: CopysetId) -> Status {
+        let Some(core) = self.copysets.borrow().get(&copyset).cloned() else {
+            return Status::CopysetNotFound;
+        };
+        if core.borrow().role() == raftcore::StateRole::Leader {
+            return Status::Invalid("the replica leads its copyset; it is not stale".into());
+        }
+        {
+            let mut lifecycle = self.lifecycle.borrow_mut();
+            let now = std::time::Instant::now();
+            lifecycle
+                .joined
+                .retain(|_, at| now.duration_since(*at) < JOINED_GRACE);
+            if lifecycle.joined.contains_key(&copyset) {
+                return Status::Invalid(
+                    "a membership change joined this replica lately; it is kept".into(),
+                );
+            }
+            if !lifecycle.removing.insert(copyset) {
+                return Status::Retry("the stale replica is being removed".into());
+            }
+        }
+        warn!(node = self.node, shard = self.shard, %copyset,
+            "removing a stale replica: the copyset's membership left this node behind");
+        let status = self.delete_copyset(copyset).await;
+        self.lifecycle.borrow_mut().removing.remove(&copyset);
+        status
     }
 
     /// Deletes this node's replica of `copyset` (CopysetService delete): raft stops, a WAL

@@ -21,10 +21,11 @@ use super::ShardServer;
 use crate::copyset::ChunkOp;
 use crate::ids::CopysetId;
 use crate::placement::meta::MetaOp;
+use crate::placement::schedule::{stale_replicas, HeldReplica, LeaderView};
 use crate::placement::tables::{
     self, PoolMember, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK, POOL_RECORD_LEN,
 };
-use crate::protocol::placement::{self as body, Heartbeat, Topology, TopologyNode};
+use crate::protocol::placement::{self as body, Heartbeat, HeartbeatReply, Topology, TopologyNode};
 use crate::protocol::{self, Status};
 use crate::storage::bdev::Bdev;
 use crate::volume_table::METADATA_COPYSET;
@@ -43,6 +44,9 @@ pub(super) struct Mds {
     pub(super) heartbeat: Duration,
     /// Silence after which a node is offline.
     pub(super) offline_after: Duration,
+    /// Since when each (node, copyset) replica has been seen stale (left behind by a
+    /// membership change); removal is asked for once it stayed so for `offline_after`.
+    stale_since: BTreeMap<(u64, u64), Instant>,
 }
 
 impl Mds {
@@ -55,6 +59,7 @@ impl Mds {
             registered: BTreeMap::new(),
             heartbeat: placement.heartbeat(),
             offline_after: placement.offline_after(),
+            stale_since: BTreeMap::new(),
         }
     }
 
@@ -65,6 +70,7 @@ impl Mds {
             self.since = Instant::now();
             self.seen.clear();
             self.registered.clear();
+            self.stale_since.clear();
         }
     }
 
@@ -142,7 +148,17 @@ impl<B: Bdev + 'static> ShardServer<B> {
             }
             self.mds.borrow_mut().registered.insert(member.node, member);
         }
-        let moved = self.moved_copysets(&report).await;
+        let pool = match super::apply_meta::read_dense(&self.engine, POOL_CHUNK, POOL_RECORD_LEN)
+            .await
+            .map(|table| tables::pool(&table))
+        {
+            Ok(Ok(pool)) => pool,
+            _ => Vec::new(),
+        };
+        let moved = moved_copysets(&report, &pool);
+        let reply = HeartbeatReply {
+            stale: self.stale_of(&report, &pool),
+        };
         self.mds
             .borrow_mut()
             .seen
@@ -159,43 +175,60 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 return (status, answer);
             }
         }
-        (Status::Ok, Bytes::new())
+        (Status::Ok, body::encode(&reply))
     }
 
-    /// The pool copysets this node leads whose voters are no longer those the pool records
-    /// (a membership change moved them), with their voters now: the pool follows the
-    /// leaders' reports, so clients that look a copyset up find its current nodes.
-    async fn moved_copysets(&self, report: &Heartbeat) -> Vec<(CopysetId, Vec<u64>)> {
-        let leading: Vec<_> = report
-            .replicas
+    /// The reporting node's replicas that stayed stale (`schedule::stale_replicas`) for the
+    /// grace period: the copysets the node is to remove.
+    fn stale_of(&self, report: &Heartbeat, pool: &[tables::PoolCopyset]) -> Vec<u64> {
+        let pool: BTreeMap<CopysetId, Vec<u64>> = pool
             .iter()
-            .filter(|r| r.role == "leader" && r.copyset >= tables::FIRST_POOL_COPYSET)
+            .filter(|c| c.state == tables::PoolState::Ready)
+            .map(|c| (c.copyset, c.peers.clone()))
             .collect();
-        if leading.is_empty() {
-            return Vec::new();
-        }
-        let Ok(table) =
-            super::apply_meta::read_dense(&self.engine, POOL_CHUNK, POOL_RECORD_LEN).await
-        else {
-            return Vec::new();
-        };
-        let Ok(pool) = tables::pool(&table) else {
-            return Vec::new();
-        };
-        let mut moved = Vec::new();
-        for replica in leading {
-            let Some(known) = pool.iter().find(|c| c.copyset.0 == replica.copyset) else {
-                continue;
-            };
-            let mut now = replica.voters.clone();
-            let mut recorded = known.peers.clone();
-            now.sort_unstable();
-            recorded.sort_unstable();
-            if !now.is_empty() && now != recorded {
-                moved.push((CopysetId(replica.copyset), replica.voters.clone()));
+        let mut mds = self.mds.borrow_mut();
+        let mut leaders: BTreeMap<CopysetId, LeaderView> = BTreeMap::new();
+        for (_, other) in mds.seen.values().filter(|(_, r)| r.node != report.node) {
+            for replica in other.replicas.iter().filter(|r| r.role == "leader") {
+                let newer = leaders
+                    .get(&CopysetId(replica.copyset))
+                    .map_or(true, |known| replica.term > known.term);
+                if newer {
+                    let members = replica.voters.iter().chain(&replica.others).copied();
+                    leaders.insert(
+                        CopysetId(replica.copyset),
+                        LeaderView {
+                            node: other.node,
+                            term: replica.term,
+                            members: members.collect(),
+                        },
+                    );
+                }
             }
         }
-        moved
+        let held: Vec<HeldReplica> = report
+            .replicas
+            .iter()
+            .map(|r| HeldReplica {
+                copyset: CopysetId(r.copyset),
+                leading: r.role == "leader",
+                term: r.term,
+            })
+            .collect();
+        let stale = stale_replicas(report.node, &held, &pool, &leaders);
+        let now = Instant::now();
+        let grace = mds.offline_after;
+        let node = report.node;
+        mds.stale_since
+            .retain(|(n, c), _| *n != node || stale.contains(&CopysetId(*c)));
+        stale
+            .into_iter()
+            .filter(|c| {
+                let since = *mds.stale_since.entry((node, c.0)).or_insert(now);
+                now.duration_since(since) >= grace
+            })
+            .map(|c| c.0)
+            .collect()
     }
 
     /// `TOPOLOGY`: every registered node, its state and its last report.
@@ -235,4 +268,28 @@ impl<B: Bdev + 'static> ShardServer<B> {
         };
         (Status::Ok, body::encode(&topology))
     }
+}
+
+/// The pool copysets the reporting node leads whose voters are no longer those the pool
+/// records (a membership change moved them), with their voters now: the pool follows the
+/// leaders' reports, so clients that look a copyset up find its current nodes.
+fn moved_copysets(report: &Heartbeat, pool: &[tables::PoolCopyset]) -> Vec<(CopysetId, Vec<u64>)> {
+    let mut moved = Vec::new();
+    let leading = report
+        .replicas
+        .iter()
+        .filter(|r| r.role == "leader" && r.copyset >= tables::FIRST_POOL_COPYSET);
+    for replica in leading {
+        let Some(known) = pool.iter().find(|c| c.copyset.0 == replica.copyset) else {
+            continue;
+        };
+        let mut now = replica.voters.clone();
+        let mut recorded = known.peers.clone();
+        now.sort_unstable();
+        recorded.sort_unstable();
+        if !now.is_empty() && now != recorded {
+            moved.push((CopysetId(replica.copyset), replica.voters.clone()));
+        }
+    }
+    moved
 }

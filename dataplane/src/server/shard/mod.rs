@@ -183,6 +183,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     mds: RefCell<mds::Mds>,
     /// The recovery scheduler, run while this shard leads the metadata copyset.
     scheduler: RefCell<scheduler::Scheduler>,
+    /// Replicas joined lately and replicas being removed as stale (`admin`).
+    lifecycle: RefCell<admin::Lifecycle>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -230,6 +232,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             traced: RefCell::new(HashMap::new()),
             mds: RefCell::new(mds::Mds::new()),
             scheduler: RefCell::new(scheduler::Scheduler::new()),
+            lifecycle: RefCell::new(admin::Lifecycle::default()),
         });
         server
             .engine

@@ -224,6 +224,9 @@ impl<B: Bdev + 'static> ShardServer<B> {
             },
             protocol::TRANSFER_LEADER => self.transfer_leader(copyset, &payload),
             protocol::CHANGE_PEERS => self.change_peers(copyset, payload).await,
+            protocol::DELETE_COPYSET if payload.as_ref() == protocol::DELETE_IF_STALE => {
+                (self.remove_stale_copyset(copyset).await, Bytes::new())
+            }
             protocol::DELETE_COPYSET => (self.delete_copyset(copyset).await, Bytes::new()),
             protocol::RESET_PEERS => match ResetPeers::decode(&payload) {
                 Ok(request) => (
