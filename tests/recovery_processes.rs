@@ -4,8 +4,10 @@
 //! unmodified fio (`--ioengine=nbd`, `verify=crc32c`) writing it through `chunkserver nbd`.
 //! While fio runs, node 4 gets SIGKILL for good: within a bound (printed) every pool copyset
 //! has three voters again, none of them node 4, fio ends without an error, every block
-//! verified, and then every voter is within 1000 entries of its leader. Then node 4 comes back with its old replicas: it leads none of the copysets it
-//! was removed from, and fio reads everything back unchanged.
+//! verified, and then every voter is within 1000 entries of its leader. Then node 4 comes
+//! back with its old replicas: it leads none of the copysets it was removed from, the
+//! placement service has it delete them, and fio reads everything back unchanged. A second
+//! test kills the placement service's leader in the middle of such a recovery.
 
 mod common;
 
@@ -84,11 +86,22 @@ fn wait_for_port(addr: &str, child: &mut Child) {
     }
 }
 
-#[test]
-fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
+/// Four nodes, the metadata copyset on nodes 1 to 3, a 1 GiB striped volume `v` exported by
+/// `chunkserver nbd` (a child of the cluster), and the pool copysets with a voter on node 4.
+struct Setup {
+    _dir: tempfile::TempDir,
+    configs: Vec<std::path::PathBuf>,
+    cluster: Cluster,
+    uri: String,
+    on_lost: Vec<u64>,
+}
+
+/// Starts the cluster of [`Setup`], `placement` added to each node's `[placement]` (none when
+/// fio is missing: the test is skipped).
+fn four_nodes_and_an_export(placement: &str) -> Option<Setup> {
     if Command::new("fio").arg("--version").output().is_err() {
         eprintln!("SKIPPED: fio is not installed (Debian package fio)");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(9);
@@ -107,7 +120,7 @@ fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
                 .expect("config");
             writeln!(
                 file,
-                "\n[placement]\nheartbeat_ms = 200\noffline_after_ms = 3000\ncopysets_per_node = 3"
+                "\n[placement]\nheartbeat_ms = 200\noffline_after_ms = 3000\ncopysets_per_node = 3\n{placement}"
             )
             .expect("append");
             path
@@ -163,25 +176,57 @@ fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
     wait_for_port(&nbd_addr, &mut nbd);
     cluster.children.push(Some(nbd));
     let uri = format!("nbd://{nbd_addr}/v");
-    let writer = fio(&uri, &[]).spawn().expect("run fio");
+    Some(Setup {
+        _dir: dir,
+        configs,
+        cluster,
+        uri,
+        on_lost,
+    })
+}
 
-    std::thread::sleep(Duration::from_secs(3));
-    let lost_at = Instant::now();
-    if let Some(mut node4) = cluster.children[3].take() {
-        node4.kill().expect("SIGKILL node 4");
-        let _ = node4.wait();
-    }
-    let recovered = loop {
-        let now = pool(&configs[0]);
+/// Waits until every pool copyset has three voters again, none of them node 4; gives the
+/// time since `lost_at`.
+fn wait_for_recovery(config: &std::path::Path, lost_at: Instant) -> Duration {
+    loop {
+        let now = pool(config);
         if !now.is_empty() && now.iter().all(|(_, p)| p.len() == 3 && !p.contains(&4)) {
-            break lost_at.elapsed();
+            return lost_at.elapsed();
         }
         assert!(
             lost_at.elapsed() < Duration::from_secs(90),
             "not recovered within 90 s: {now:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILLs node `id` (1-based) of the cluster.
+fn kill(cluster: &mut Cluster, id: usize) {
+    if let Some(mut node) = cluster.children[id - 1].take() {
+        node.kill().expect("SIGKILL");
+        let _ = node.wait();
+    }
+}
+
+#[test]
+fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
+    let Some(Setup {
+        _dir,
+        configs,
+        mut cluster,
+        uri,
+        on_lost,
+    }) = four_nodes_and_an_export("")
+    else {
+        return;
     };
+    let writer = fio(&uri, &[]).spawn().expect("run fio");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let lost_at = Instant::now();
+    kill(&mut cluster, 4);
+    let recovered = wait_for_recovery(&configs[0], lost_at);
     println!(
         "recovered {} copysets {:.1} s after node 4 was killed (offline after 3 s)",
         on_lost.len(),
@@ -292,6 +337,134 @@ fn a_node_lost_for_good_is_replaced_while_fio_verifies_through_nbd() {
         "node 4's stale replicas removed {:.1} s after it came back",
         cleaned.as_secs_f64()
     );
+    let verified = fio(&uri, &["--verify_only"]).output().expect("fio");
+    assert!(
+        verified.status.success(),
+        "fio --verify_only: {}",
+        text(&verified)
+    );
+    drop(cluster);
+}
+
+/// The placement service's node (the metadata copyset's leader), as `chunkctl topology` says.
+fn service(config: &std::path::Path) -> Option<u64> {
+    json(config, &["--json", "topology"]).and_then(|t| t["service"].as_u64())
+}
+
+/// Issue 19: the placement service's leader dies (SIGKILL) while fio writes through NBD and a
+/// recovery runs (installs paced at 4 MiB/s per shard, so the new replicas take seconds): a
+/// new leader takes over, the recovery completes without node 4, and fio sees no error. The
+/// killed node is started again once the new leader answers (with two of four nodes down, the
+/// copysets they share would have no quorum).
+#[test]
+fn the_service_leader_dies_during_io_and_a_recovery_and_a_new_one_finishes_it() {
+    let Some(Setup {
+        _dir,
+        configs,
+        mut cluster,
+        uri,
+        on_lost,
+    }) = four_nodes_and_an_export(
+        "recovery_mib_per_s = 8\nmax_recoveries = 1\nmax_recoveries_per_node = 1",
+    )
+    else {
+        return;
+    };
+    let voters_before = pool(&configs[0]);
+    let writer = fio(&uri, &[]).spawn().expect("run fio");
+    std::thread::sleep(Duration::from_secs(4));
+    let lost_at = Instant::now();
+    kill(&mut cluster, 4);
+    // The recovery has begun once the scheduler lists a replacement of node 4 running
+    // (one at a time: `max_recoveries = 1`; each runs until its new replica installed).
+    let running: Vec<u64> = loop {
+        let listed = json(&configs[0], &["--json", "scheduler", "operators"]).unwrap_or_default();
+        let running: Vec<u64> = listed["operators"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|o| o["kind"] == "replace" && o["from"] == 4 && o["state"] == "running")
+            .filter_map(|o| o["copyset"].as_u64())
+            .collect();
+        if !running.is_empty() {
+            break running;
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(60),
+            "no recovery began: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved_at_kill = pool(&configs[0])
+        .iter()
+        .filter(|(_, peers)| !peers.contains(&4))
+        .count()
+        .saturating_sub(voters_before.len() - on_lost.len());
+    let leader = loop {
+        if let Some(leader) = service(&configs[0]) {
+            break leader;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "recovery under way {:.1} s after node 4 was killed (copyset {} being replaced; {} of {} \
+         copysets moved): SIGKILL to the service leader, node {leader}",
+        lost_at.elapsed().as_secs_f64(),
+        running[0],
+        moved_at_kill,
+        on_lost.len()
+    );
+    assert!(
+        moved_at_kill < on_lost.len(),
+        "the recovery was over before the service leader was killed"
+    );
+    // An admin cancels the running replacement (it is held out of planning for ten
+    // intervals, then planned again — here by the next service leader).
+    let cancel = running[0].to_string();
+    let cancelled = json(
+        &configs[0],
+        &["--json", "scheduler", "cancel", "--copyset", &cancel],
+    )
+    .unwrap_or_default();
+    let state = cancelled["operators"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["copyset"].as_u64() == Some(running[0]))
+        .map(|o| o["state"].clone());
+    assert!(
+        matches!(
+            state.as_ref().and_then(|s| s.as_str()),
+            Some("cancelling" | "held")
+        ),
+        "the cancelled operator is not marked so: {cancelled}"
+    );
+    let killed_at = Instant::now();
+    kill(&mut cluster, leader as usize);
+    let others: Vec<_> = (1..=3).filter(|n| *n != leader as usize).collect();
+    let new_leader = loop {
+        if let Some(now) = service(&configs[others[0] - 1]).filter(|s| *s != leader) {
+            break now;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no new placement service leader"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "node {new_leader} leads the placement service {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+    cluster.children[leader as usize - 1] = Some(start(&configs[leader as usize - 1]));
+    let recovered = wait_for_recovery(&configs[others[0] - 1], lost_at);
+    println!(
+        "recovered {} copysets {:.1} s after node 4 was killed",
+        on_lost.len(),
+        recovered.as_secs_f64()
+    );
+    let written = writer.wait_with_output().expect("fio");
+    assert!(written.status.success(), "fio: {}", text(&written));
     let verified = fio(&uri, &["--verify_only"]).output().expect("fio");
     assert!(
         verified.status.success(),

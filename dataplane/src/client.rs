@@ -512,6 +512,26 @@ impl Client {
         crate::protocol::placement::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
+    /// The placement service's scheduler operators, after cancelling the replacement of
+    /// `cancel` when given.
+    pub async fn operators(
+        &self,
+        cancel: Option<CopysetId>,
+    ) -> Result<crate::protocol::placement::Operators, ClientError> {
+        let request = crate::protocol::placement::OperatorsRequest {
+            cancel: cancel.map(|c| c.0),
+        };
+        let body = self
+            .leader_call(
+                "operators",
+                crate::volume_table::METADATA_COPYSET,
+                protocol::OPERATORS,
+                crate::protocol::placement::encode(&request),
+            )
+            .await?;
+        crate::protocol::placement::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
     /// Asks the copyset's leader to hand leadership to `to` (a voter). Returns once the leader
     /// accepted; the transfer itself completes within an election timeout.
     pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {

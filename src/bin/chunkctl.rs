@@ -48,10 +48,13 @@ enum Command {
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// The placement service's scheduler (recoveries, leader balancing): `pause`, `resume`,
-    /// or `status`.
+    /// `status`, `operators` (what runs), or `cancel --copyset ID` (stop a recovery operator).
     Scheduler {
-        /// `pause`, `resume` or `status`.
+        /// `pause`, `resume`, `status`, `operators` or `cancel`.
         action: String,
+        /// The copyset whose operator `cancel` stops.
+        #[arg(long)]
+        copyset: Option<u64>,
     },
     /// The chunkservers as the placement service sees them: labels, state (up, unstable,
     /// offline, unknown), last heartbeat, chunk slots, replicas and leaders.
@@ -211,16 +214,31 @@ async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), 
     Ok(())
 }
 
-/// `chunkctl scheduler pause|resume|status`.
-async fn scheduler(client: &Client, action: &str, json_output: bool) -> Result<(), String> {
-    match action {
-        "pause" | "resume" => pool::set_scheduler_paused(client, action == "pause")
+/// `chunkctl scheduler pause|resume|status|operators|cancel`.
+async fn scheduler(
+    client: &Client,
+    action: &str,
+    copyset: Option<u64>,
+    json_output: bool,
+) -> Result<(), String> {
+    match (action, copyset) {
+        ("pause" | "resume", None) => pool::set_scheduler_paused(client, action == "pause")
             .await
             .map_err(|e| e.to_string())?,
-        "status" => {}
-        other => {
+        ("status", None) => {}
+        ("operators", None) => return operators(client, None, json_output).await,
+        ("cancel", Some(copyset)) => {
+            return operators(client, Some(CopysetId(copyset)), json_output).await
+        }
+        ("cancel", None) => return Err("scheduler cancel: --copyset ID is required".into()),
+        (_, Some(_)) => {
             return Err(format!(
-                "scheduler {other}: expected pause, resume or status"
+                "scheduler {action}: --copyset goes with cancel only"
+            ))
+        }
+        (other, None) => {
+            return Err(format!(
+                "scheduler {other}: expected pause, resume, status, operators or cancel"
             ))
         }
     }
@@ -233,6 +251,46 @@ async fn scheduler(client: &Client, action: &str, json_output: bool) -> Result<(
         println!("scheduler paused: no recovery or leader move starts");
     } else {
         println!("scheduler running");
+    }
+    Ok(())
+}
+
+/// `chunkctl scheduler operators` (and `cancel`, which lists them after the cancel).
+async fn operators(
+    client: &Client,
+    cancel: Option<CopysetId>,
+    json_output: bool,
+) -> Result<(), String> {
+    let answer = client.operators(cancel).await.map_err(|e| e.to_string())?;
+    if json_output {
+        println!(
+            "{}",
+            serde_json::to_string(&answer).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    if let Some(copyset) = cancel {
+        println!("cancelled the operator of copyset {}", copyset.0);
+    }
+    println!("placement service: node {}", answer.service);
+    if answer.operators.is_empty() {
+        println!("no operators");
+        return Ok(());
+    }
+    println!(
+        "{:>20} {:<16} {:>5} {:>5} {:<11} {:>9}",
+        "copyset", "kind", "from", "to", "state", "age (s)"
+    );
+    for operator in &answer.operators {
+        println!(
+            "{:>20} {:<16} {:>5} {:>5} {:<11} {:>9.1}",
+            operator.copyset,
+            operator.kind,
+            operator.from,
+            operator.to,
+            operator.state,
+            operator.age_ms as f64 / 1000.0
+        );
     }
     Ok(())
 }
@@ -783,7 +841,9 @@ fn main() -> ExitCode {
                     show_map(&client, &name, cli.json).await
                 }
                 Command::Topology => show_topology(&client, cli.json).await,
-                Command::Scheduler { action } => scheduler(&client, &action, cli.json).await,
+                Command::Scheduler { action, copyset } => {
+                    scheduler(&client, &action, copyset, cli.json).await
+                }
                 Command::Pool { create } => {
                     show_pool(&client, &config, &ids, create, cli.json).await
                 }

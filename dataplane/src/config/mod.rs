@@ -118,6 +118,9 @@ pub struct PlacementSection {
     pub max_recoveries_per_node: u32,
     /// Whether the placement service balances leaders over the nodes.
     pub balance_leaders: bool,
+    /// MiB per second one shard copies into snapshot installs — a recovery's new replicas and
+    /// a lagging replica's catch-up — so that client I/O keeps its pace (0: unlimited).
+    pub recovery_mib_per_s: u64,
 }
 
 impl Default for PlacementSection {
@@ -131,6 +134,7 @@ impl Default for PlacementSection {
             max_recoveries: 4,
             max_recoveries_per_node: 2,
             balance_leaders: true,
+            recovery_mib_per_s: 32,
         }
     }
 }

@@ -97,6 +97,16 @@ impl Config {
                 ),
             ));
         }
+        if placement.recovery_mib_per_s > 1 << 20 {
+            return Err(err(
+                "placement.recovery_mib_per_s",
+                format!(
+                    "must be at most {} (0: unlimited), not {}",
+                    1u64 << 20,
+                    placement.recovery_mib_per_s
+                ),
+            ));
+        }
         for (key, value) in [
             ("placement.max_recoveries", placement.max_recoveries),
             (

@@ -34,11 +34,15 @@ pub const DELETE_VOLUME: Opcode = Opcode(41);
 /// A change to the placement tables of the metadata copyset (body: `ChunkOp::Meta`).
 pub const PLACEMENT: Opcode = Opcode(42);
 /// A chunkserver's heartbeat to the placement service, addressed to the metadata copyset and
-/// served by its leader (body: `placement::Heartbeat`, JSON; empty answer).
+/// served by its leader (body: `placement::Heartbeat`, JSON; answer:
+/// `placement::HeartbeatReply`, JSON).
 pub const HEARTBEAT: Opcode = Opcode(43);
 /// The placement service's view of the chunkservers (empty body, to the metadata copyset;
 /// answer: `placement::Topology`, JSON).
 pub const TOPOLOGY: Opcode = Opcode(44);
+/// The scheduler's operators, after an optional cancel (body: `placement::OperatorsRequest`,
+/// JSON, to the metadata copyset; answer: `placement::Operators`, JSON).
+pub const OPERATORS: Opcode = Opcode(45);
 
 /// The opcode whose body a chunk operation is.
 pub fn opcode_of(op: &ChunkOp) -> Opcode {
@@ -103,6 +107,7 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         PLACEMENT => "placement",
         HEARTBEAT => "heartbeat",
         TOPOLOGY => "topology",
+        OPERATORS => "operators",
         CREATE_COPYSET => "create_copyset",
         COPYSET_STATUS => "copyset_status",
         LIST_COPYSETS => "list_copysets",

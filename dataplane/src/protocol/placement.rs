@@ -69,6 +69,41 @@ pub struct HeartbeatReply {
     pub stale: Vec<u64>,
 }
 
+/// A request to the scheduler's operator list (`OPERATORS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorsRequest {
+    /// The copyset whose running replacement to cancel first, if any.
+    #[serde(default)]
+    pub cancel: Option<u64>,
+}
+
+/// One of the scheduler's operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// The copyset it changes.
+    pub copyset: u64,
+    /// `replace` (a voter on an offline node by one on an up node) or `transfer_leader`.
+    pub kind: String,
+    /// The node it moves away from (the replaced voter, the old leader; 0: none).
+    pub from: u64,
+    /// The node it moves to.
+    pub to: u64,
+    /// `running`, `cancelling`, `held` (cancelled; left out of planning for a while) or
+    /// `cooling` (a leadership moved lately, left alone for a while).
+    pub state: String,
+    /// Milliseconds since it started.
+    pub age_ms: u64,
+}
+
+/// The placement service's answer to `OPERATORS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operators {
+    /// The node that answered (the metadata copyset's leader).
+    pub service: u64,
+    /// The operators, replacements first.
+    pub operators: Vec<Operator>,
+}
+
 /// A chunkserver as the placement service sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopologyNode {

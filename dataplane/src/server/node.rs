@@ -405,6 +405,8 @@ struct PlacementSettings {
     limits: crate::placement::schedule::Limits,
     /// Whether leaders are balanced.
     balance_leaders: bool,
+    /// Bytes per second a shard copies into snapshot installs (0: unlimited).
+    recovery_bytes_per_s: u64,
 }
 
 impl PlacementSettings {
@@ -433,6 +435,7 @@ impl PlacementSettings {
                 max_per_node: config.placement.max_recoveries_per_node as usize,
             },
             balance_leaders: config.placement.balance_leaders,
+            recovery_bytes_per_s: config.placement.recovery_mib_per_s.saturating_mul(1 << 20),
         }
     }
 }
@@ -684,6 +687,7 @@ async fn open_server(
         settings.placement.heartbeat,
         settings.placement.offline_after,
     );
+    server.set_install_pace(settings.placement.recovery_bytes_per_s);
     server.set_scheduler(
         &settings.placement.nodes,
         settings.placement.limits,

@@ -12,9 +12,10 @@
 //! records the applied index its copy started from. Persists that raft hands out meanwhile
 //! wait behind the install, so the WAL keeps readies in order.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, VecDeque};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use raftcore::{Entry, HardState, NodeId, Snapshot, SnapshotMeta};
@@ -53,6 +54,39 @@ pub(super) struct PendingPersist {
 
 /// Persists of one copyset that wait behind an install or a full WAL, in ready order.
 pub(super) type Backlog = VecDeque<PendingPersist>;
+
+/// The pace of one shard's snapshot installs: every piece reserves its bytes' time at
+/// `rate` bytes per second after the pieces before it, and waits until its turn — the whole
+/// shard's installs together, however many run. A rate of 0 means no limit.
+#[derive(Default)]
+pub(super) struct Pace {
+    /// Bytes per second (0: unlimited).
+    rate: Cell<u64>,
+    /// When the bytes reserved so far are paid for.
+    next: Cell<Option<Instant>>,
+}
+
+impl Pace {
+    /// Reserves `bytes` at `now`; gives how long to wait before using them.
+    pub(super) fn reserve(&self, now: Instant, bytes: u64) -> Duration {
+        let rate = self.rate.get();
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        // Idle time is not saved up: a pause lets the next piece go at once, no burst more.
+        let start = self.next.get().map_or(now, |next| next.max(now));
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        self.next.set(Some(start + cost));
+        start - now
+    }
+}
+
+impl<B: Bdev + 'static> ShardServer<B> {
+    /// Limits the shard's snapshot installs to `bytes_per_s` (0: unlimited).
+    pub fn set_install_pace(&self, bytes_per_s: u64) {
+        self.install_pace.rate.set(bytes_per_s);
+    }
+}
 
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Queues `persist` behind the copyset's backlog (an install, or a full WAL); gives it
@@ -436,6 +470,10 @@ impl<B: Bdev + 'static> ShardServer<B> {
         offset: u64,
         len: u64,
     ) -> Result<Option<((ChunkImageMeta, u64), Bytes)>, String> {
+        let wait = self.install_pace.reserve(Instant::now(), len);
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
+        }
         let request = ReadImagePiece {
             chunk,
             part: match part {
@@ -560,5 +598,31 @@ impl<B: Bdev + 'static> ShardServer<B> {
         header.encode(&mut body);
         body.extend_from_slice(data);
         (Status::Ok, body.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_spaces_pieces_at_the_rate_and_does_not_save_up_idle_time() {
+        let pace = Pace::default();
+        let t0 = Instant::now();
+        // Unlimited: never waits.
+        assert_eq!(pace.reserve(t0, 1 << 30), Duration::ZERO);
+        pace.rate.set(1 << 20); // 1 MiB/s
+        assert_eq!(pace.reserve(t0, 1 << 20), Duration::ZERO);
+        // The next MiB, asked at once, waits the first one's second; the one after, two.
+        assert_eq!(pace.reserve(t0, 1 << 20), Duration::from_secs(1));
+        assert_eq!(pace.reserve(t0, 512 << 10), Duration::from_secs(2));
+        // Asked once all that is paid for (and more), it goes at once: idle time is lost.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(pace.reserve(later, 1 << 20), Duration::ZERO);
+        assert_eq!(
+            pace.reserve(later, 1 << 20),
+            Duration::from_secs(1),
+            "paced again after the idle time"
+        );
     }
 }

@@ -163,6 +163,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     backlog: RefCell<HashMap<CopysetId, install::Backlog>>,
     /// Copysets installing a snapshot.
     installing: RefCell<std::collections::HashSet<CopysetId>>,
+    /// The pace of the shard's snapshot installs (`placement.recovery_mib_per_s`).
+    install_pace: install::Pace,
     /// Seeds the copysets' election randomness.
     seed: u64,
     /// This shard's metrics: plain cells, touched only by this shard.
@@ -215,6 +217,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             accepted: RefCell::new(Vec::new()),
             backlog: RefCell::new(HashMap::new()),
             installing: RefCell::new(std::collections::HashSet::new()),
+            install_pace: install::Pace::default(),
             seed: node << 32 | u64::from(shard),
             metrics: if collect_metrics {
                 crate::metrics::Registry::new(&[

@@ -263,6 +263,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             // The placement service.
             protocol::HEARTBEAT => self.heartbeat(copyset, &payload).await,
             protocol::TOPOLOGY => self.topology(copyset).await,
+            protocol::OPERATORS => self.operators(copyset, &payload),
             other => (
                 Status::Invalid(format!("unknown opcode {}", other.0)),
                 Bytes::new(),

@@ -16,15 +16,20 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use tracing::{info, warn};
 
 use super::ShardServer;
 use crate::client::{Client, ClientConfig};
 use crate::ids::CopysetId;
-use crate::placement::schedule::{plan_leaders, plan_recovery, Limits, NodeView, Stuck};
+use crate::net::queue::Notify;
+use crate::placement::schedule::{plan_leaders, plan_recovery, Limits, NodeView, Replace, Stuck};
 use crate::placement::tables::POOL_RECORD_LEN;
 use crate::placement::tables::{self, PoolState, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK};
+use crate::protocol::placement::{Operator, Operators, OperatorsRequest};
 use crate::protocol::NodeAddress;
+use crate::protocol::Status;
 use crate::storage::bdev::Bdev;
 use crate::volume_table::METADATA_COPYSET;
 
@@ -34,20 +39,34 @@ pub(super) struct Scheduler {
     client: Option<Rc<Client>>,
     /// Every node's id, for the membership changes' leader search.
     nodes: Vec<u64>,
-    /// Copysets with a replacement under way, and the node it adds.
-    running: BTreeMap<CopysetId, u64>,
+    /// Copysets with a replacement under way.
+    running: BTreeMap<CopysetId, Running>,
+    /// Copysets whose operator an admin cancelled, left out of planning until the instant.
+    held: BTreeMap<CopysetId, Instant>,
     /// The limits of each round.
     limits: Limits,
     /// When a stuck copyset was last reported, to say it once a minute.
     reported: BTreeMap<CopysetId, Instant>,
     /// Whether leaders are balanced.
     balance_leaders: bool,
-    /// When each copyset's leadership was last moved (cooling).
-    moved: BTreeMap<CopysetId, Instant>,
+    /// When each copyset's leadership was last moved (cooling), from and to which node.
+    moved: BTreeMap<CopysetId, (Instant, u64, u64)>,
+}
+
+/// A replacement under way.
+struct Running {
+    /// What it does.
+    replace: Replace,
+    /// When it started.
+    started: Instant,
+    /// Raised by an admin's cancel: the operator's task stops waiting for its change.
+    cancel: Notify,
 }
 
 /// Leadership transfers one round starts at most.
 const TRANSFERS_PER_ROUND: usize = 4;
+/// How long an operator waits for its new replica's snapshot install.
+const INSTALL_WAIT: Duration = Duration::from_secs(1800);
 /// Heartbeat intervals a moved leadership is left alone.
 const COOLING_INTERVALS: u32 = 10;
 
@@ -57,6 +76,7 @@ impl Scheduler {
             client: None,
             nodes: Vec::new(),
             running: BTreeMap::new(),
+            held: BTreeMap::new(),
             limits: Limits {
                 max_running: 4,
                 max_per_node: 2,
@@ -122,8 +142,20 @@ impl<B: Bdev + 'static> ShardServer<B> {
             return;
         };
         let (started, stuck) = {
-            let scheduler = self.scheduler.borrow();
-            plan_recovery(&nodes, &copysets, &scheduler.running, scheduler.limits)
+            let mut scheduler = self.scheduler.borrow_mut();
+            let now = Instant::now();
+            scheduler.held.retain(|_, until| *until > now);
+            let running: BTreeMap<CopysetId, u64> = scheduler
+                .running
+                .iter()
+                .map(|(c, r)| (*c, r.replace.add))
+                .collect();
+            let plannable: Vec<_> = copysets
+                .iter()
+                .filter(|(c, _)| !scheduler.held.contains_key(c))
+                .cloned()
+                .collect();
+            plan_recovery(&nodes, &plannable, &running, scheduler.limits)
         };
         self.report_stuck(&stuck);
         let recovering = !started.is_empty() || !self.scheduler.borrow().running.is_empty();
@@ -131,17 +163,40 @@ impl<B: Bdev + 'static> ShardServer<B> {
             self.balance_leaders(&nodes, &copysets);
         }
         for replace in started {
-            self.scheduler
-                .borrow_mut()
-                .running
-                .insert(replace.copyset, replace.add);
+            let cancel = Notify::new();
+            self.scheduler.borrow_mut().running.insert(
+                replace.copyset,
+                Running {
+                    replace: replace.clone(),
+                    started: Instant::now(),
+                    cancel: cancel.clone(),
+                },
+            );
             let server = Rc::clone(self);
-            glommio::spawn_local(async move { server.replace(replace).await }).detach();
+            glommio::spawn_local(async move {
+                let copyset = replace.copyset;
+                let cancelled = futures_lite::future::or(
+                    async {
+                        server.replace(replace).await;
+                        false
+                    },
+                    async {
+                        cancel.notified().await;
+                        true
+                    },
+                )
+                .await;
+                if cancelled {
+                    warn!(%copyset, "recovery: operator cancelled by an admin");
+                }
+                server.scheduler.borrow_mut().running.remove(&copyset);
+            })
+            .detach();
         }
     }
 
     /// Carries one replacement out; the copyset is free for the next round afterwards.
-    async fn replace(self: Rc<Self>, replace: crate::placement::schedule::Replace) {
+    async fn replace(&self, replace: Replace) {
         let (client, nodes) = {
             let scheduler = self.scheduler.borrow();
             (scheduler.client.clone(), scheduler.nodes.clone())
@@ -160,14 +215,12 @@ impl<B: Bdev + 'static> ShardServer<B> {
             Ok((_, membership)) if !membership.voters.contains(&replace.remove) => {
                 info!(copyset = %replace.copyset, voters = ?membership.voters,
                     "recovery: the offline voter is gone already");
-                self.scheduler.borrow_mut().running.remove(&replace.copyset);
                 return;
             }
             Ok(_) => {}
             Err(error) => {
                 warn!(copyset = %replace.copyset, %error,
                     "recovery: no leader answers; the next round tries again");
-                self.scheduler.borrow_mut().running.remove(&replace.copyset);
                 return;
             }
         }
@@ -177,10 +230,42 @@ impl<B: Bdev + 'static> ShardServer<B> {
         {
             Ok(membership) => info!(copyset = %replace.copyset, voters = ?membership.voters,
                 seconds = started.elapsed().as_secs_f64(), "recovery: voter replaced"),
-            Err(error) => warn!(copyset = %replace.copyset, %error,
-                "recovery: replacement failed; the next round tries again"),
+            Err(error) => {
+                warn!(copyset = %replace.copyset, %error,
+                    "recovery: replacement failed; the next round tries again");
+                return;
+            }
         }
-        self.scheduler.borrow_mut().running.remove(&replace.copyset);
+        self.wait_for_install(&client, &replace, &target).await;
+        info!(copyset = %replace.copyset, node = replace.add,
+            seconds = started.elapsed().as_secs_f64(),
+            "recovery: the new replica holds the copyset's data");
+    }
+
+    /// Waits until the new replica applied what its leader had committed when the change
+    /// was done — its snapshot installed — so that the operator, and the limits on how many
+    /// run, cover the copy of the data, not only the membership change (which is done first:
+    /// a voter that is still copying is no worse for the copyset's quorum than a dead one).
+    /// Bounded by [`INSTALL_WAIT`]; a leader that cannot be asked ends the wait.
+    async fn wait_for_install(&self, client: &Client, replace: &Replace, voters: &[u64]) {
+        let Ok((leader, _)) = client.leader_membership(replace.copyset, voters).await else {
+            return;
+        };
+        let Ok(status) = client.copyset_status(leader, replace.copyset).await else {
+            return;
+        };
+        let began = Instant::now();
+        while began.elapsed() < INSTALL_WAIT {
+            if let Ok(new) = client.copyset_status(replace.add, replace.copyset).await {
+                if new.applied >= status.commit {
+                    return;
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(250)).await;
+        }
+        warn!(copyset = %replace.copyset, node = replace.add,
+            "recovery: the new replica has not installed the copyset's data yet; the operator \
+             ends, the replica goes on catching up");
     }
 
     /// Starts the leadership transfers that bring the nodes' leader counts within one, from
@@ -209,11 +294,13 @@ impl<B: Bdev + 'static> ShardServer<B> {
             let mut scheduler = self.scheduler.borrow_mut();
             scheduler
                 .moved
-                .retain(|_, at| now.duration_since(*at) < interval * COOLING_INTERVALS);
+                .retain(|_, (at, _, _)| now.duration_since(*at) < interval * COOLING_INTERVALS);
             let cooling = scheduler.moved.keys().copied().collect();
             let transfers = plan_leaders(nodes, &led, &cooling, TRANSFERS_PER_ROUND);
             for transfer in &transfers {
-                scheduler.moved.insert(transfer.copyset, now);
+                scheduler
+                    .moved
+                    .insert(transfer.copyset, (now, transfer.from, transfer.to));
             }
             transfers
         };
@@ -231,6 +318,80 @@ impl<B: Bdev + 'static> ShardServer<B> {
             })
             .detach();
         }
+    }
+
+    /// `OPERATORS`: the scheduler's operators — replacements running, leaderships moved
+    /// lately (cooling), copysets held after a cancel — after cancelling the replacement of
+    /// `request.cancel` if asked: its task stops waiting for its change (a membership change
+    /// already proposed completes in raft; the copyset is then as the change left it) and the
+    /// copyset is left out of planning for ten heartbeat intervals. To stop the scheduler for
+    /// good, pause it.
+    pub(super) fn operators(&self, copyset: CopysetId, payload: &[u8]) -> (Status, Bytes) {
+        if let Err(answer) = self.leading_metadata(copyset) {
+            return answer;
+        }
+        let request: OperatorsRequest = match crate::protocol::placement::decode(payload) {
+            Ok(request) => request,
+            Err(error) => return (Status::Invalid(error.to_string()), Bytes::new()),
+        };
+        let interval = self.mds.borrow().heartbeat;
+        let mut scheduler = self.scheduler.borrow_mut();
+        let now = Instant::now();
+        if let Some(cancel) = request.cancel {
+            let Some(running) = scheduler.running.get(&CopysetId(cancel)) else {
+                return (
+                    Status::Invalid(format!("copyset {cancel} has no operator running")),
+                    Bytes::new(),
+                );
+            };
+            running.cancel.notify();
+            scheduler
+                .held
+                .insert(CopysetId(cancel), now + interval * COOLING_INTERVALS);
+        }
+        let age = |at: &Instant| now.saturating_duration_since(*at).as_millis() as u64;
+        let mut operators: Vec<Operator> = scheduler
+            .running
+            .iter()
+            .map(|(c, r)| Operator {
+                copyset: c.0,
+                kind: "replace".into(),
+                from: r.replace.remove,
+                to: r.replace.add,
+                state: "running".into(),
+                age_ms: age(&r.started),
+            })
+            .collect();
+        operators.extend(scheduler.moved.iter().map(|(c, (at, from, to))| Operator {
+            copyset: c.0,
+            kind: "transfer_leader".into(),
+            from: *from,
+            to: *to,
+            state: "cooling".into(),
+            age_ms: age(at),
+        }));
+        for (c, until) in &scheduler.held {
+            if let Some(operator) = operators
+                .iter_mut()
+                .find(|o| o.copyset == c.0 && o.kind == "replace")
+            {
+                operator.state = "cancelling".into();
+            } else if *until > now {
+                operators.push(Operator {
+                    copyset: c.0,
+                    kind: "replace".into(),
+                    from: 0,
+                    to: 0,
+                    state: "held".into(),
+                    age_ms: 0,
+                });
+            }
+        }
+        let answer = Operators {
+            service: self.node,
+            operators,
+        };
+        (Status::Ok, crate::protocol::placement::encode(&answer))
     }
 
     /// The registered nodes with their states, and the ready pool copysets with their voters.
