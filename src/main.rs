@@ -345,6 +345,18 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
     }
 }
 
+/// What `chunkserver demo` suggests trying next: the same three nodes as real processes, a
+/// striped volume, its NBD export (docs/operations.md walks through each step).
+const NEXT_STEPS: &str = "\
+next: run the same three nodes yourself, each in its own terminal (docs/operations.md):
+  chunkserver run --config configs/demo/node1.toml     # and node2.toml, node3.toml
+  chunkctl --config configs/demo/node1.toml copyset create --id meta --peers 1,2,3
+  chunkctl --config configs/demo/node1.toml volume create --name v --size 128MiB
+  chunkserver nbd --config configs/demo/node1.toml --volume v --listen 127.0.0.1:10809
+  qemu-img info nbd://127.0.0.1:10809/v                # or fio --ioengine=nbd
+  chunkctl --config configs/demo/node1.toml status     # also: topology, pool, health
+";
+
 fn demo(backend: &str, seconds: u64) -> ExitCode {
     dataplane::logging::init("warn", false);
     let backend = match backend {
@@ -398,6 +410,7 @@ fn demo(backend: &str, seconds: u64) -> ExitCode {
                 );
             }
             println!("demo: done; all three nodes stopped cleanly");
+            print!("{}", NEXT_STEPS);
             ExitCode::SUCCESS
         }
         Err(error) => {

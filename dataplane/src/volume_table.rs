@@ -12,7 +12,7 @@
 use crate::ids::{ChunkId, CopysetId};
 
 /// The copyset that holds the volume table.
-pub const METADATA_COPYSET: CopysetId = CopysetId(u64::MAX - 1);
+pub const METADATA_COPYSET: CopysetId = crate::ids::METADATA_COPYSET;
 /// The chunk of the metadata copyset that holds the table.
 pub const TABLE_CHUNK: ChunkId = ChunkId(u64::MAX - 1);
 /// Bytes per record (one page).

@@ -53,7 +53,7 @@ enum Command {
         /// `pause`, `resume`, `status`, `operators` or `cancel`.
         action: String,
         /// The copyset whose operator `cancel` stops.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_copyset)]
         copyset: Option<u64>,
     },
     /// The chunkservers as the placement service sees them: labels, state (up, unstable,
@@ -81,7 +81,7 @@ enum VolumeCommand {
         size: String,
         /// Put every chunk in this one copyset (created on the first three nodes if missing)
         /// instead of striping the volume over the pool's copysets.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_copyset)]
         copyset: Option<u64>,
     },
     /// Shows which copysets hold a striped volume's allocated segments.
@@ -432,8 +432,8 @@ fn print_volume(volume: &VolumeRecord, json_output: bool) {
 enum CopysetCommand {
     /// Creates a copyset on its initial peers.
     Create {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node ids of the initial voters, comma-separated.
         #[arg(long, value_delimiter = ',')]
@@ -441,8 +441,8 @@ enum CopysetCommand {
     },
     /// Hands a copyset's leadership to another voter.
     TransferLeader {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node id of the new leader.
         #[arg(long)]
@@ -452,8 +452,8 @@ enum CopysetCommand {
     /// once the change is applied on the leader). The new replica copies the copyset from the
     /// leader's snapshot.
     AddPeer {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node id to add.
         #[arg(long)]
@@ -467,8 +467,8 @@ enum CopysetCommand {
     },
     /// Removes a node from the copyset's membership.
     RemovePeer {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node id to remove.
         #[arg(long)]
@@ -477,8 +477,8 @@ enum CopysetCommand {
     /// Deletes a node's replica of a copyset, and its chunks (remove the node from the
     /// membership first).
     Delete {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node whose replica goes.
         #[arg(long)]
@@ -489,8 +489,8 @@ enum CopysetCommand {
     /// node named must be up; writes a majority acknowledged but that none of them holds are
     /// lost.
     ResetPeers {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// The surviving nodes that become the voters, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -505,8 +505,8 @@ enum CopysetCommand {
     /// Makes the given nodes the copyset's voters, adding and removing in one change (joint
     /// consensus when more than one voter changes), e.g. to replace a node.
     ChangePeers {
-        /// Copyset id.
-        #[arg(long)]
+        /// Copyset id (a number, or `meta` for the metadata copyset).
+        #[arg(long, value_parser = parse_copyset)]
         id: u64,
         /// Node ids of the voters wanted, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -531,7 +531,11 @@ fn print_membership(copyset: u64, membership: &Membership, json_output: bool) {
         );
         return;
     }
-    let mut line = format!("copyset {copyset}: voters {:?}", membership.voters);
+    let mut line = format!(
+        "copyset {}: voters {:?}",
+        CopysetId(copyset),
+        membership.voters
+    );
     if membership.is_joint() {
         line += &format!(" (joint with {:?})", membership.voters_outgoing);
     }
@@ -557,6 +561,11 @@ struct Replica {
 struct ClusterStatus {
     unreachable: Vec<(u64, String)>,
     copysets: BTreeMap<u64, Vec<Replica>>,
+}
+
+/// A copyset id as typed: a number, or `meta` for the metadata copyset.
+fn parse_copyset(text: &str) -> Result<u64, String> {
+    text.parse::<CopysetId>().map(|c| c.0)
 }
 
 fn role_name(role: u8) -> &'static str {
@@ -605,14 +614,15 @@ fn problems(status: &ClusterStatus, max_lag: u64) -> Vec<String> {
         .collect();
     for (copyset, replicas) in &status.copysets {
         let Some(leader) = replicas.iter().find(|r| r.role == "leader") else {
-            found.push(format!("copyset {copyset} has no leader"));
+            found.push(format!("copyset {} has no leader", CopysetId(*copyset)));
             continue;
         };
         for replica in replicas {
             let lag = leader.applied.saturating_sub(replica.applied);
             if lag > max_lag {
                 found.push(format!(
-                    "copyset {copyset}: node {} lags by {lag} entries",
+                    "copyset {}: node {} lags by {lag} entries",
+                    CopysetId(*copyset),
                     replica.node
                 ));
             }
@@ -669,7 +679,7 @@ fn print_status(status: &ClusterStatus, json_output: bool) {
         for r in replicas {
             println!(
                 "{:>8} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
-                copyset,
+                CopysetId(*copyset),
                 r.node,
                 r.role,
                 r.term,
@@ -744,7 +754,10 @@ fn main() -> ExitCode {
                             if cli.json {
                                 println!("{}", json!({"copyset": id, "transfer_to": to}));
                             } else {
-                                println!("copyset {id}: leadership transfer to node {to} started");
+                                println!(
+                                    "copyset {}: leadership transfer to node {to} started",
+                                    CopysetId(id)
+                                );
                             }
                             Ok(())
                         }
@@ -790,7 +803,10 @@ fn main() -> ExitCode {
                             if cli.json {
                                 println!("{}", json!({"copyset": id, "deleted_on": node}));
                             } else {
-                                println!("copyset {id}: replica on node {node} deleted");
+                                println!(
+                                    "copyset {}: replica on node {node} deleted",
+                                    CopysetId(id)
+                                );
                             }
                             Ok(())
                         }
@@ -819,7 +835,10 @@ fn main() -> ExitCode {
                     if cli.json {
                         println!("{}", json!({"copyset": id, "voters": peers}));
                     } else {
-                        println!("copyset {id}: voters reset to {peers:?} (without consensus)");
+                        println!(
+                            "copyset {}: voters reset to {peers:?} (without consensus)",
+                            CopysetId(id)
+                        );
                     }
                     Ok(())
                 }
@@ -900,7 +919,7 @@ fn main() -> ExitCode {
                             if cli.json {
                                 println!("{}", json!({"created": id, "peers": peers}));
                             } else {
-                                println!("copyset {id} created on nodes {peers:?}");
+                                println!("copyset {} created on nodes {peers:?}", CopysetId(id));
                             }
                             Ok(())
                         }
