@@ -157,6 +157,8 @@ fn run(file: &Path) -> ExitCode {
 enum VolumeArg {
     /// Open it from the volume table.
     Existing(String),
+    /// Export a snapshot of it, read-only, as `VOLUME@SNAPSHOT`.
+    Snapshot { volume: String, snapshot: String },
     /// Create it in the table unless it is there with this layout and size: on one copyset,
     /// or (no copyset) striped over the pool.
     Wanted {
@@ -182,7 +184,13 @@ fn parse_size(text: &str, size: &str) -> Result<u64, String> {
 fn parse_volume(text: &str) -> Result<VolumeArg, String> {
     let parts: Vec<&str> = text.split(':').collect();
     match parts[..] {
-        [name] => Ok(VolumeArg::Existing(name.to_string())),
+        [name] => match name.split_once('@') {
+            Some((volume, snapshot)) => Ok(VolumeArg::Snapshot {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            }),
+            None => Ok(VolumeArg::Existing(name.to_string())),
+        },
         [name, size] => Ok(VolumeArg::Wanted {
             name: name.to_string(),
             copyset: None,
@@ -199,10 +207,31 @@ fn parse_volume(text: &str) -> Result<VolumeArg, String> {
             })
         }
         _ => Err(format!(
-            "--volume `{text}`: expected NAME, NAME:SIZE (striped over the pool) or \
-             NAME:COPYSET:SIZE"
+            "--volume `{text}`: expected NAME, NAME@SNAPSHOT (read-only), NAME:SIZE (striped \
+             over the pool) or NAME:COPYSET:SIZE"
         )),
     }
+}
+
+/// Snapshot `snapshot` of `volume`, as a read-only export named `VOLUME@SNAPSHOT`.
+async fn open_snapshot(
+    client: &Rc<Client>,
+    volume: &str,
+    snapshot: &str,
+) -> Result<(String, Volume), String> {
+    let what = format!("--volume {volume}@{snapshot}");
+    let spec = dataplane::volume::find_volume(client, volume)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let view = dataplane::volume::snapshot::snapshot_view(client, &spec, snapshot)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let name = format!("{volume}@{snapshot}");
+    println!(
+        "nbd: snapshot {name} ({} bytes, sequence number {}), read-only",
+        spec.size, view.seq
+    );
+    Ok((name, Volume::of_snapshot(spec, Rc::clone(client), view)))
 }
 
 /// Opens (or creates) a volume of the table.
@@ -216,6 +245,9 @@ async fn open_volume(
     use dataplane::volume::{create_volume, find_volume, VolumeError};
     use dataplane::volume_table::{TableError, VolumeLayout};
     let (name, copyset, size) = match wanted {
+        VolumeArg::Snapshot { volume, .. } => {
+            return Err(format!("--volume {volume}@…: a snapshot opens read-only"))
+        }
         VolumeArg::Existing(name) => {
             return find_volume(client, name)
                 .await
@@ -315,6 +347,11 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
                 .map_err(|e| e.to_string())?;
             let mut exports = Exports::new();
             for volume in &wanted {
+                if let VolumeArg::Snapshot { volume, snapshot } = volume {
+                    let (name, export) = open_snapshot(&client, volume, snapshot).await?;
+                    exports.insert(&name, Rc::new(export));
+                    continue;
+                }
                 let spec = open_volume(&client, &config, &peers, volume).await?;
                 println!(
                     "nbd: volume {} ({} bytes), {}",

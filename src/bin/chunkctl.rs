@@ -98,12 +98,152 @@ enum VolumeCommand {
         #[arg(long)]
         name: String,
     },
-    /// Deletes a volume and its chunks.
+    /// Deletes a volume and its chunks (refused while it has snapshots).
     Delete {
         /// The volume's name.
         #[arg(long)]
         name: String,
     },
+    /// Snapshots of a striped volume: crash-consistent, taken while I/O goes on.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Rolls a volume back to one of its snapshots (stop its exports first).
+    Rollback {
+        /// The volume's name.
+        #[arg(long)]
+        name: String,
+        /// The snapshot.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Takes a snapshot of the volume now (one per volume in this version).
+    Create {
+        /// The volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The snapshot's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Lists the volume's snapshots.
+    List {
+        /// The volume's name.
+        #[arg(long)]
+        volume: String,
+    },
+    /// Shows one snapshot.
+    Info {
+        /// The volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The snapshot's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Deletes a snapshot and the chunk versions only it kept (run again to finish one that
+    /// stopped).
+    Delete {
+        /// The volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The snapshot's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn snapshot_json(info: &volume::snapshot::SnapshotInfo) -> serde_json::Value {
+    json!({
+        "name": info.name,
+        "seq": info.seq,
+        "created_ms": info.created_ms,
+        "state": info.state.name(),
+        "chunks": info.chunks,
+    })
+}
+
+fn print_snapshots(volume: &str, list: &[volume::snapshot::SnapshotInfo], json_output: bool) {
+    if json_output {
+        let list: Vec<_> = list.iter().map(snapshot_json).collect();
+        println!("{}", json!({ "volume": volume, "snapshots": list }));
+        return;
+    }
+    println!(
+        "{:<24} {:>6} {:<9} {:>8} {:>16}",
+        "snapshot", "seq", "state", "chunks", "created (ms)"
+    );
+    for info in list {
+        println!(
+            "{:<24} {:>6} {:<9} {:>8} {:>16}",
+            info.name,
+            info.seq,
+            info.state.name(),
+            info.chunks.map_or("-".to_string(), |c| c.to_string()),
+            info.created_ms
+        );
+    }
+}
+
+/// `chunkctl volume snapshot …` and `chunkctl volume rollback`.
+async fn snapshot_command(
+    client: &Client,
+    command: SnapshotCommand,
+    json_output: bool,
+) -> Result<(), String> {
+    use volume::snapshot;
+    match command {
+        SnapshotCommand::Create { volume, name } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let started = std::time::Instant::now();
+            let info = snapshot::create_snapshot(client, &volume, &name, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            if json_output {
+                println!("{}", snapshot_json(&info));
+            } else {
+                println!(
+                    "snapshot {volume}@{} created in {:.2} s: sequence number {}, {} chunks",
+                    info.name,
+                    started.elapsed().as_secs_f64(),
+                    info.seq,
+                    info.chunks.unwrap_or(0)
+                );
+            }
+        }
+        SnapshotCommand::List { volume } => {
+            let (_, list) = snapshot::list_snapshots(client, &volume)
+                .await
+                .map_err(|e| e.to_string())?;
+            print_snapshots(&volume, &list, json_output);
+        }
+        SnapshotCommand::Info { volume, name } => {
+            let (_, list) = snapshot::list_snapshots(client, &volume)
+                .await
+                .map_err(|e| e.to_string())?;
+            let found: Vec<_> = list.into_iter().filter(|s| s.name == name).collect();
+            if found.is_empty() {
+                return Err(format!("volume {volume} has no snapshot named {name:?}"));
+            }
+            print_snapshots(&volume, &found, json_output);
+        }
+        SnapshotCommand::Delete { volume, name } => {
+            snapshot::delete_snapshot(client, &volume, &name)
+                .await
+                .map_err(|e| e.to_string())?;
+            if json_output {
+                println!("{}", json!({ "deleted": name, "volume": volume }));
+            } else {
+                println!("snapshot {volume}@{name} deleted");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn volume_json(volume: &VolumeRecord) -> serde_json::Value {
@@ -858,6 +998,23 @@ fn main() -> ExitCode {
                 }
                 Command::Volume(VolumeCommand::Map { name }) => {
                     show_map(&client, &name, cli.json).await
+                }
+                Command::Volume(VolumeCommand::Snapshot(command)) => {
+                    snapshot_command(&client, command, cli.json).await
+                }
+                Command::Volume(VolumeCommand::Rollback { name, to }) => {
+                    let chunks = volume::snapshot::rollback(&client, &name, &to)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({ "volume": name, "rolled_back_to": to, "chunks": chunks })
+                        );
+                    } else {
+                        println!("volume {name} rolled back to snapshot {to} ({chunks} chunks)");
+                    }
+                    Ok(())
                 }
                 Command::Topology => show_topology(&client, cli.json).await,
                 Command::Scheduler { action, copyset } => {

@@ -45,6 +45,16 @@ pub enum ChunkOp {
         /// The corrected sequence number.
         sn: u64,
     },
+    /// Raise the chunk's sequence number to `sn` — its current version becomes its snapshot,
+    /// as a write with `sn` would make it, but nothing is written — so that a write of an older
+    /// sequence number is refused from now on (a volume snapshot's fence). A chunk that does
+    /// not exist is left so; one at `sn` or newer is unchanged.
+    Fence {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The sequence number it takes.
+        sn: u64,
+    },
     /// Create `chunk` as a lazy clone of `source` (a chunk of the same copyset): it reads
     /// through to the source until its pages are written, pasted or recovered.
     CreateClone {
@@ -132,6 +142,7 @@ const OP_FLATTEN: u8 = 7;
 const OP_VOLUME_CREATE: u8 = 8;
 const OP_VOLUME_DELETE: u8 = 9;
 const OP_META: u8 = 10;
+const OP_FENCE: u8 = 11;
 
 impl ChunkOp {
     /// The chunk the operation touches: applies of one chunk run in log order.
@@ -140,6 +151,7 @@ impl ChunkOp {
             ChunkOp::Write { chunk, .. }
             | ChunkOp::Delete { chunk, .. }
             | ChunkOp::DeleteSnapshotOrCorrectSn { chunk, .. }
+            | ChunkOp::Fence { chunk, .. }
             | ChunkOp::CreateClone { chunk, .. }
             | ChunkOp::Paste { chunk, .. }
             | ChunkOp::Recover { chunk, .. }
@@ -179,6 +191,7 @@ impl ChunkOp {
             ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
                 (OP_DELETE_SNAPSHOT, chunk, *sn, 0, &[][..], 0)
             }
+            ChunkOp::Fence { chunk, sn } => (OP_FENCE, chunk, *sn, 0, &[][..], 0),
             ChunkOp::CreateClone { chunk, source, sn } => {
                 source_bytes = source.0.to_le_bytes();
                 (OP_CREATE_CLONE, chunk, *sn, 0, &source_bytes[..], 8)
@@ -246,7 +259,7 @@ impl ChunkOp {
             OP_META => crate::placement::meta::MetaOp::decode(&raw.bytes[..raw.data_len])
                 .map(ChunkOp::Meta)
                 .map_err(|e| raw.malformed(e.0)),
-            OP_DELETE | OP_DELETE_SNAPSHOT | OP_FLATTEN if raw.len != 0 => {
+            OP_DELETE | OP_DELETE_SNAPSHOT | OP_FENCE | OP_FLATTEN if raw.len != 0 => {
                 Err(raw.malformed("data on an operation that takes none"))
             }
             OP_DELETE => Ok(ChunkOp::Delete {
@@ -254,6 +267,10 @@ impl ChunkOp {
                 sn: raw.sn,
             }),
             OP_DELETE_SNAPSHOT => Ok(ChunkOp::DeleteSnapshotOrCorrectSn {
+                chunk: raw.chunk,
+                sn: raw.sn,
+            }),
+            OP_FENCE => Ok(ChunkOp::Fence {
                 chunk: raw.chunk,
                 sn: raw.sn,
             }),
@@ -434,6 +451,10 @@ mod tests {
             ChunkOp::DeleteSnapshotOrCorrectSn {
                 chunk: ChunkId(3),
                 sn: 4,
+            },
+            ChunkOp::Fence {
+                chunk: ChunkId(3),
+                sn: 5,
             },
             ChunkOp::CreateClone {
                 chunk: ChunkId(5),

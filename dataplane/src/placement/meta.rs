@@ -6,6 +6,7 @@
 
 use crate::ids::CopysetId;
 
+use super::snapshots::MAX_SNAPSHOT_CHUNKS;
 use super::tables::{PoolMember, PoolRequest};
 
 /// One change to the placement tables.
@@ -46,6 +47,39 @@ pub enum MetaOp {
         /// The segment's index.
         segment: u64,
     },
+    /// Record snapshot `name` of a striped volume at its epoch, and raise the epoch
+    /// (`super::snapshots::plan_create`).
+    SnapshotCreate {
+        /// The volume's id.
+        volume: u64,
+        /// The snapshot's name.
+        name: String,
+        /// Its creation time, milliseconds since the Unix epoch.
+        created_ms: u64,
+    },
+    /// Record which chunks existed when the snapshot at `seq` fenced them: it is ready.
+    SnapshotChunks {
+        /// The volume's id.
+        volume: u64,
+        /// The snapshot's sequence number.
+        seq: u64,
+        /// Bit `i`: chunk `i` existed.
+        existed: Vec<bool>,
+    },
+    /// Mark snapshot `name` as being deleted.
+    SnapshotDeleting {
+        /// The volume's id.
+        volume: u64,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Remove snapshot `name` (marked as being deleted) from the table.
+    SnapshotDrop {
+        /// The volume's id.
+        volume: u64,
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 /// Why bytes are not a [`MetaOp`].
@@ -60,6 +94,10 @@ const SEGMENT_ALLOCATE: u8 = 4;
 const NODE_REGISTER: u8 = 5;
 const COPYSET_PEERS: u8 = 6;
 const SCHEDULER_PAUSED: u8 = 7;
+const SNAPSHOT_CREATE: u8 = 8;
+const SNAPSHOT_CHUNKS: u8 = 9;
+const SNAPSHOT_DELETING: u8 = 10;
+const SNAPSHOT_DROP: u8 = 11;
 /// The most voters a `CopysetPeers` carries.
 const MAX_PEERS: usize = 16;
 /// The most members a pool creation carries.
@@ -122,8 +160,54 @@ impl MetaOp {
                 out.extend_from_slice(&volume.to_le_bytes());
                 out.extend_from_slice(&segment.to_le_bytes());
             }
+            MetaOp::SnapshotCreate { .. }
+            | MetaOp::SnapshotChunks { .. }
+            | MetaOp::SnapshotDeleting { .. }
+            | MetaOp::SnapshotDrop { .. } => self.encode_snapshot_op(&mut out),
         }
         out
+    }
+
+    /// Encodes a snapshot entry (`encode`'s part for them).
+    fn encode_snapshot_op(&self, out: &mut Vec<u8>) {
+        match self {
+            MetaOp::SnapshotCreate {
+                volume,
+                name,
+                created_ms,
+            } => {
+                out.push(SNAPSHOT_CREATE);
+                out.extend_from_slice(&volume.to_le_bytes());
+                out.extend_from_slice(&created_ms.to_le_bytes());
+                put_str(out, name);
+            }
+            MetaOp::SnapshotChunks {
+                volume,
+                seq,
+                existed,
+            } => {
+                out.push(SNAPSHOT_CHUNKS);
+                out.extend_from_slice(&volume.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+                let existed = &existed[..existed.len().min(MAX_SNAPSHOT_CHUNKS as usize)];
+                out.extend_from_slice(&(existed.len() as u64).to_le_bytes());
+                let mut bits = vec![0u8; existed.len().div_ceil(8)];
+                for (i, _) in existed.iter().enumerate().filter(|(_, e)| **e) {
+                    bits[i / 8] |= 1 << (i % 8);
+                }
+                out.extend_from_slice(&bits);
+            }
+            MetaOp::SnapshotDeleting { volume, name } | MetaOp::SnapshotDrop { volume, name } => {
+                out.push(if matches!(self, MetaOp::SnapshotDrop { .. }) {
+                    SNAPSHOT_DROP
+                } else {
+                    SNAPSHOT_DELETING
+                });
+                out.extend_from_slice(&volume.to_le_bytes());
+                put_str(out, name);
+            }
+            _ => {}
+        }
     }
 
     /// Decodes, checking every length against the bytes there are.
@@ -187,6 +271,9 @@ impl MetaOp {
                 volume: r.u64()?,
                 segment: r.u64()?,
             },
+            code @ (SNAPSHOT_CREATE | SNAPSHOT_CHUNKS | SNAPSHOT_DELETING | SNAPSHOT_DROP) => {
+                decode_snapshot_op(code, &mut r)?
+            }
             _ => return Err(MetaDecodeError("unknown placement entry code")),
         };
         if r.at != bytes.len() {
@@ -194,6 +281,47 @@ impl MetaOp {
         }
         Ok(op)
     }
+}
+
+/// Decodes a snapshot entry whose code is `code` (`MetaOp::decode`'s part for them).
+fn decode_snapshot_op(code: u8, r: &mut Reader<'_>) -> Result<MetaOp, MetaDecodeError> {
+    Ok(match code {
+        SNAPSHOT_CREATE => MetaOp::SnapshotCreate {
+            volume: r.u64()?,
+            created_ms: r.u64()?,
+            name: r.string()?,
+        },
+        SNAPSHOT_CHUNKS => {
+            let volume = r.u64()?;
+            let seq = r.u64()?;
+            let count = r.u64()?;
+            if count > MAX_SNAPSHOT_CHUNKS {
+                return Err(MetaDecodeError("a snapshot bitmap over the chunk limit"));
+            }
+            let mut existed = Vec::with_capacity(count as usize);
+            let mut byte = 0u8;
+            for i in 0..count as usize {
+                if i % 8 == 0 {
+                    byte = r.u8()?;
+                }
+                existed.push(byte & (1 << (i % 8)) != 0);
+            }
+            MetaOp::SnapshotChunks {
+                volume,
+                seq,
+                existed,
+            }
+        }
+        SNAPSHOT_DELETING => MetaOp::SnapshotDeleting {
+            volume: r.u64()?,
+            name: r.string()?,
+        },
+        SNAPSHOT_DROP => MetaOp::SnapshotDrop {
+            volume: r.u64()?,
+            name: r.string()?,
+        },
+        _ => return Err(MetaDecodeError("unknown placement entry code")),
+    })
 }
 
 fn put_str(out: &mut Vec<u8>, text: &str) {
@@ -297,6 +425,24 @@ mod tests {
                 peers: vec![4, 2, 3],
             },
             MetaOp::SchedulerPaused(true),
+            MetaOp::SnapshotCreate {
+                volume: 600,
+                name: "snap".into(),
+                created_ms: 1_800_000_000_000,
+            },
+            MetaOp::SnapshotChunks {
+                volume: 600,
+                seq: 3,
+                existed: (0..21).map(|i| i % 4 == 1).collect(),
+            },
+            MetaOp::SnapshotDeleting {
+                volume: 600,
+                name: "snap".into(),
+            },
+            MetaOp::SnapshotDrop {
+                volume: 600,
+                name: "snap".into(),
+            },
         ] {
             let bytes = op.encode();
             assert_eq!(MetaOp::decode(&bytes), Ok(op));

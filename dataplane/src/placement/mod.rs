@@ -22,6 +22,7 @@ mod copysets;
 pub mod meta;
 pub mod schedule;
 pub mod segments;
+pub mod snapshots;
 pub mod tables;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,8 @@ pub const PASTE_CHUNK: Opcode = Opcode(24);
 pub const RECOVER_CHUNK: Opcode = Opcode(25);
 /// Make a clone a plain chunk (body: `ChunkOp::Flatten`).
 pub const FLATTEN_CHUNK: Opcode = Opcode(26);
+/// Raise a chunk's sequence number without writing (body: `ChunkOp::Fence`).
+pub const FENCE_CHUNK: Opcode = Opcode(27);
 /// Add a volume to the volume table (to the metadata copyset; body: `ChunkOp::VolumeCreate`).
 pub const CREATE_VOLUME: Opcode = Opcode(40);
 /// Remove a volume from the volume table (body: `ChunkOp::VolumeDelete`).
@@ -50,6 +52,7 @@ pub fn opcode_of(op: &ChunkOp) -> Opcode {
         ChunkOp::Write { .. } => WRITE_CHUNK,
         ChunkOp::Delete { .. } => DELETE_CHUNK,
         ChunkOp::DeleteSnapshotOrCorrectSn { .. } => DELETE_SNAPSHOT_OR_CORRECT_SN,
+        ChunkOp::Fence { .. } => FENCE_CHUNK,
         ChunkOp::CreateClone { .. } => CREATE_CLONE_CHUNK,
         ChunkOp::Paste { .. } => PASTE_CHUNK,
         ChunkOp::Recover { .. } => RECOVER_CHUNK,
@@ -102,6 +105,7 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         PASTE_CHUNK => "paste_chunk",
         RECOVER_CHUNK => "recover_chunk",
         FLATTEN_CHUNK => "flatten_chunk",
+        FENCE_CHUNK => "fence_chunk",
         CREATE_VOLUME => "create_volume",
         DELETE_VOLUME => "delete_volume",
         PLACEMENT => "placement",

@@ -6,14 +6,13 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use glommio::sync::Semaphore;
 
-use super::{pool, VolumeError, VolumeSpec, MAX_PIECE, PAGE};
+use super::snapshot::{self, SnapshotView};
+use super::{join_all, pool, LocalFuture, VolumeError, VolumeSpec, MAX_PIECE, PAGE};
 use crate::client::{Client, ClientError};
 use crate::ids::{ChunkId, CopysetId};
 use crate::nbd::{Export, ExportError, ExportFuture};
@@ -34,7 +33,16 @@ pub struct Volume {
     allocating: Semaphore,
     /// When a failed request was last logged, and how many were not logged since.
     logged: std::cell::Cell<(Option<std::time::Instant>, u64)>,
+    /// The sequence number writes carry (a striped volume's epoch, raised by a snapshot), and
+    /// when it was last read from the snapshot table.
+    epoch: std::cell::Cell<(u64, Option<std::time::Instant>)>,
+    /// A snapshot this volume shows, read-only, instead of its current data.
+    view: Option<SnapshotView>,
 }
+
+/// How long a write trusts the epoch it read before reading it again (a writer that missed a
+/// snapshot learns of it at the latest then, or at once from a fenced chunk's refusal).
+const EPOCH_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// At most one failed request is logged per this interval (the others are counted).
 const ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -56,7 +64,39 @@ impl Volume {
             segments: RefCell::new(HashMap::new()),
             allocating: Semaphore::new(1),
             logged: std::cell::Cell::new((None, 0)),
+            epoch: std::cell::Cell::new((1, None)),
+            view: None,
         }
+    }
+
+    /// Snapshot `view` of the volume `spec` describes, read-only.
+    pub fn of_snapshot(spec: VolumeSpec, client: Rc<Client>, view: SnapshotView) -> Volume {
+        Volume {
+            view: Some(view),
+            ..Volume::new(spec, client)
+        }
+    }
+
+    /// The sequence number for a write: a striped volume's epoch, read again when older than
+    /// [`EPOCH_FRESH`] or when `stale` (a chunk refused the last one as older than its own).
+    async fn write_epoch(&self, stale: bool) -> Result<u64, ExportError> {
+        let VolumeLayout::Striped { id, .. } = self.spec.layout else {
+            return Ok(1);
+        };
+        let (epoch, read_at) = self.epoch.get();
+        let now = std::time::Instant::now();
+        if !stale && read_at.is_some_and(|at| now.duration_since(at) < EPOCH_FRESH) {
+            return Ok(epoch);
+        }
+        let table = snapshot::read_table(&self.client, id)
+            .await
+            .map_err(|e| ExportError::Io(format!("volume {}: its epoch: {e}", self.spec.name)))?;
+        if table.epoch != epoch {
+            tracing::info!(volume = %self.spec.name, from = epoch, to = table.epoch,
+                "the volume's epoch moved (a snapshot): writes carry the new one");
+        }
+        self.epoch.set((table.epoch, Some(now)));
+        Ok(table.epoch)
     }
 
     /// Its description.
@@ -237,13 +277,34 @@ impl Volume {
         let Some(route) = self.route(index, false).await? else {
             return Ok(Bytes::from(vec![0u8; len as usize]));
         };
+        if let Some(view) = &self.view {
+            if !view.existed.get(index as usize).copied().unwrap_or(false) {
+                return Ok(Bytes::from(vec![0u8; len as usize]));
+            }
+        }
         // The chunkservers read whole pages: widen, then cut.
         let start = within / PAGE * PAGE;
         let end = (within + len).div_ceil(PAGE) * PAGE;
         let data = self
-            .refreshing(route.0, || {
-                self.client
-                    .read(route.0, route.1, start, (end - start) as u32)
+            .refreshing(route.0, || async {
+                match &self.view {
+                    None => {
+                        self.client
+                            .read(route.0, route.1, start, (end - start) as u32)
+                            .await
+                    }
+                    Some(view) => {
+                        snapshot::read_version(
+                            &self.client,
+                            route.0,
+                            route.1,
+                            view.seq,
+                            start,
+                            (end - start) as u32,
+                        )
+                        .await
+                    }
+                }
             })
             .await
             .map_err(|e| self.failed("read", at, route, e))?;
@@ -255,6 +316,9 @@ impl Volume {
 
     async fn write_bytes(&self, offset: u64, data: Bytes) -> Result<(), ExportError> {
         self.check(offset, data.len() as u64)?;
+        if self.view.is_some() {
+            return Err(ExportError::ReadOnly);
+        }
         let writes = self
             .pieces(offset, data.len() as u64)
             .into_iter()
@@ -312,12 +376,25 @@ impl Volume {
         within: u64,
         data: Bytes,
     ) -> Result<(), ExportError> {
-        self.refreshing(route.0, || {
-            self.client
-                .write(route.0, route.1, within as u32, data.clone(), 1)
-        })
-        .await
-        .map_err(|e: ClientError| self.failed("write", at, route, e))
+        let mut stale = false;
+        loop {
+            let sn = self.write_epoch(stale).await?;
+            let written = self
+                .refreshing(route.0, || {
+                    self.client
+                        .write(route.0, route.1, within as u32, data.clone(), sn)
+                })
+                .await;
+            match written {
+                // A fenced chunk: a snapshot raised the epoch since it was read. Once more
+                // with the epoch read again; a second refusal is an error.
+                Err(ClientError::Refused {
+                    status: crate::protocol::Status::BackwardSn,
+                    ..
+                }) if !stale => stale = true,
+                other => return other.map_err(|e| self.failed("write", at, route, e)),
+            }
+        }
     }
 
     /// Runs `call`; when a striped volume's request failed in a way a stale view of the
@@ -373,38 +450,13 @@ impl Volume {
     }
 }
 
-type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
-
-/// Runs the futures concurrently on this task and returns their outputs in order.
-async fn join_all<T>(futures: Vec<LocalFuture<'_, T>>) -> Vec<T> {
-    let mut pending: Vec<Option<LocalFuture<'_, T>>> = futures.into_iter().map(Some).collect();
-    let mut outputs: Vec<Option<T>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all_done = true;
-        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(future) = slot {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => {
-                        *output = Some(value);
-                        *slot = None;
-                    }
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
-
 impl Export for Volume {
     fn size(&self) -> u64 {
         self.spec.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.view.is_some()
     }
 
     fn block_sizes(&self) -> (u32, u32, u32) {

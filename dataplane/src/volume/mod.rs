@@ -17,6 +17,7 @@ use crate::volume_table::{
 
 mod io;
 pub mod pool;
+pub mod snapshot;
 
 pub use io::Volume;
 
@@ -131,6 +132,14 @@ pub async fn delete_volume(client: &Client, name: &str) -> Result<VolumeRecord, 
             }
         }
         VolumeLayout::Striped { id, segment_size } => {
+            let snapshots = snapshot::read_table(client, id).await?;
+            if let Some(first) = snapshots.snapshots.first() {
+                return Err(TableError::Invalid(format!(
+                    "volume {name} has snapshot {:?}: delete its snapshots first",
+                    first.name
+                ))
+                .into());
+            }
             let per_segment = segment_size / volume.chunk_size.max(1);
             for segment in 0..volume.segments() {
                 let Some(record) = pool::read_segment(client, id, segment).await? else {
@@ -145,6 +154,15 @@ pub async fn delete_volume(client: &Client, name: &str) -> Result<VolumeRecord, 
             }
             let table = crate::placement::tables::segment_table_chunk(id);
             client.delete(METADATA_COPYSET, table, 0).await?;
+            let snapshots = crate::placement::snapshots::snapshot_table_chunk(id);
+            match client.delete(METADATA_COPYSET, snapshots, 0).await {
+                Ok(())
+                | Err(ClientError::Refused {
+                    status: crate::protocol::Status::ChunkNotFound,
+                    ..
+                }) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
     }
     let op = ChunkOp::VolumeDelete {
@@ -159,3 +177,33 @@ pub async fn delete_volume(client: &Client, name: &str) -> Result<VolumeRecord, 
 pub const PAGE: u64 = 4096;
 /// The largest request one chunk request carries.
 const MAX_PIECE: u64 = 1 << 20;
+
+/// A boxed future of this task.
+pub(crate) type LocalFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// Runs the futures concurrently on this task and returns their outputs in order.
+pub(crate) async fn join_all<T>(futures: Vec<LocalFuture<'_, T>>) -> Vec<T> {
+    let mut pending: Vec<Option<LocalFuture<'_, T>>> = futures.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<T>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all_done = true;
+        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}

@@ -289,7 +289,9 @@ pub fn chunks_per_copyset(segments: &[SegmentRecord]) -> BTreeMap<CopysetId, usi
 
 /// Applies a placement entry; a refusal comes back as `TableError::Invalid` with the table's
 /// reason.
-async fn apply_meta(client: &Client, op: MetaOp) -> Result<(), VolumeError> {
+/// Proposes a placement entry to the metadata copyset; a refusal by the tables is a
+/// `TableError::Invalid` with the tables' reason.
+pub(crate) async fn apply_meta(client: &Client, op: MetaOp) -> Result<(), VolumeError> {
     match client.apply(METADATA_COPYSET, &ChunkOp::Meta(op)).await {
         Ok(()) => Ok(()),
         Err(ClientError::Refused {

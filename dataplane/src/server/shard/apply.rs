@@ -35,6 +35,7 @@ pub(super) async fn apply_op<B: Bdev>(
         ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn } => {
             engine.delete_snapshot_or_correct_sn(chunk, sn, index).await
         }
+        ChunkOp::Fence { chunk, sn } => engine.fence_chunk(chunk, sn, index).await,
         ChunkOp::CreateClone { chunk, source, sn } => {
             // A clone's source belongs to the same copyset, so every replica has it.
             engine.check_owner(source, copyset)?;

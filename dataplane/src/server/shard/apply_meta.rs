@@ -7,6 +7,7 @@ use raftcore::LogIndex;
 
 use crate::ids::{ChunkId, CopysetId};
 use crate::placement::meta::MetaOp;
+use crate::placement::snapshots::{self, SnapshotTable};
 use crate::placement::tables::{
     self, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK, POOL_RECORD_LEN, SEGMENT_RECORD_LEN,
 };
@@ -68,7 +69,84 @@ pub(super) async fn apply_meta<B: Bdev>(
                 tables::plan_peers(&pool, copyset, &peers).map_err(|e| refused(POOL_CHUNK, e))?;
             write_planned(engine, POOL_CHUNK, &pool, POOL_RECORD_LEN, planned, index).await
         }
+        MetaOp::SnapshotChunks {
+            volume,
+            seq,
+            existed,
+        } => snapshot_chunks(engine, volume, seq, &existed, index).await,
+        MetaOp::SnapshotCreate { volume, .. }
+        | MetaOp::SnapshotDeleting { volume, .. }
+        | MetaOp::SnapshotDrop { volume, .. } => {
+            let record = striped_volume(engine, volume).await?;
+            let chunk = snapshots::snapshot_table_chunk(volume);
+            let page = read_range(engine, chunk, 0, snapshots::HEADER_LEN as u64).await?;
+            let table = SnapshotTable::decode(&page).map_err(|e| refused(chunk, e))?;
+            let planned = match op {
+                MetaOp::SnapshotCreate {
+                    name, created_ms, ..
+                } => {
+                    snapshots::plan_create(&table, &record.name, record.chunks(), &name, created_ms)
+                }
+                MetaOp::SnapshotDeleting { name, .. } => {
+                    snapshots::plan_deleting(&table, &record.name, &name)
+                }
+                MetaOp::SnapshotDrop { name, .. } => {
+                    snapshots::plan_drop(&table, &record.name, &name)
+                }
+                _ => return Ok(()),
+            }
+            .map_err(|e| refused(chunk, e))?;
+            write(engine, chunk, 0, planned.encode(), index).await
+        }
     }
+}
+
+/// The striped volume with id `volume`.
+async fn striped_volume<B: Bdev>(
+    engine: &ShardEngine<B>,
+    volume: u64,
+) -> Result<volume_table::VolumeRecord, StorageError> {
+    let table = read_table(engine).await?;
+    volume_table::find_striped(&table, volume).map_err(|e| refused(TABLE_CHUNK, e))
+}
+
+/// Records the bitmap of the snapshot at `seq` in its region: the snapshot is ready.
+async fn snapshot_chunks<B: Bdev>(
+    engine: &ShardEngine<B>,
+    volume: u64,
+    seq: u64,
+    existed: &[bool],
+    index: LogIndex,
+) -> Result<(), StorageError> {
+    let record = striped_volume(engine, volume).await?;
+    let chunk = snapshots::snapshot_table_chunk(volume);
+    let page = read_range(engine, chunk, 0, snapshots::HEADER_LEN as u64).await?;
+    let table = SnapshotTable::decode(&page).map_err(|e| refused(chunk, e))?;
+    let Some(snapshot) = table.snapshots.iter().find(|s| s.seq == seq) else {
+        return Err(refused(
+            chunk,
+            format!("no snapshot at sequence number {seq}"),
+        ));
+    };
+    if existed.len() as u64 != record.chunks() {
+        return Err(refused(
+            chunk,
+            format!(
+                "a bitmap of {} chunks for a volume of {}",
+                existed.len(),
+                record.chunks()
+            ),
+        ));
+    }
+    let region = snapshots::encode_bitmap(seq, existed);
+    write(
+        engine,
+        chunk,
+        snapshots::bitmap_offset(snapshot.slot),
+        region,
+        index,
+    )
+    .await
 }
 
 /// Adds striped volume `name`; its id follows from the entry's index, so it is never the

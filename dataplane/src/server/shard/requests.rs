@@ -243,6 +243,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             protocol::WRITE_CHUNK
             | protocol::DELETE_CHUNK
             | protocol::DELETE_SNAPSHOT_OR_CORRECT_SN
+            | protocol::FENCE_CHUNK
             | protocol::CREATE_CLONE_CHUNK
             | protocol::PASTE_CHUNK
             | protocol::RECOVER_CHUNK

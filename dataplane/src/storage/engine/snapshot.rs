@@ -5,7 +5,7 @@ use raftcore::LogIndex;
 use super::ShardEngine;
 use crate::storage::bdev::Bdev;
 use crate::storage::dma::DmaBuf;
-use crate::storage::table::{ChunkId, SlotMeta, SlotState, NO_SLOT};
+use crate::storage::table::{ChunkId, SlotMeta, SlotState, FLAG_CLONE, NO_SLOT};
 use crate::storage::StorageError;
 
 impl<B: Bdev> ShardEngine<B> {
@@ -156,6 +156,38 @@ impl<B: Bdev> ShardEngine<B> {
                 }
             }
         }
+    }
+
+    /// Raises `chunk`'s sequence number to `sn` without writing, as the entry at `index`: its
+    /// current version becomes its snapshot (as a write with `sn` would make it), so a write
+    /// of an older sequence number is refused from now on. A chunk that does not exist stays
+    /// so, one at `sn` or newer is unchanged, and a lazy clone is refused like a write.
+    pub async fn fence_chunk(
+        &self,
+        chunk: ChunkId,
+        sn: u64,
+        index: LogIndex,
+    ) -> Result<(), StorageError> {
+        let Some(slot) = self.table.borrow().lookup(chunk) else {
+            return Ok(());
+        };
+        if self.already_applied(slot, index)? {
+            return Ok(());
+        }
+        let meta = self.slot_meta(slot)?;
+        if sn > meta.sn {
+            if meta.flags & FLAG_CLONE != 0 && sn > meta.aux {
+                return Err(StorageError::Conflict {
+                    chunk,
+                    reason: format!(
+                        "a fence at sn {sn} would snapshot a lazy clone; flatten it first"
+                    ),
+                });
+            }
+            self.preserve_for_snapshot(chunk, slot, 0, 0, sn).await?;
+        }
+        self.record_applied(chunk, index);
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of the version of `chunk` with sequence number `sn`:

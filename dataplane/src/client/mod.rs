@@ -4,6 +4,8 @@
 //!
 //! Runs on a glommio executor (the connections are the shard-local ones of `net`).
 
+mod service;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -459,79 +461,6 @@ impl Client {
         CopysetStatus::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
-    /// Sends a heartbeat to the placement service (the metadata copyset's leader); gives what
-    /// the service asks of the node.
-    pub async fn heartbeat(
-        &self,
-        heartbeat: &crate::protocol::placement::Heartbeat,
-    ) -> Result<crate::protocol::placement::HeartbeatReply, ClientError> {
-        let body = crate::protocol::placement::encode(heartbeat);
-        let answer = self
-            .leader_call(
-                "heartbeat",
-                crate::volume_table::METADATA_COPYSET,
-                protocol::HEARTBEAT,
-                body,
-            )
-            .await?;
-        if answer.is_empty() {
-            return Ok(crate::protocol::placement::HeartbeatReply::default());
-        }
-        crate::protocol::placement::decode(&answer)
-            .map_err(|e| ClientError::Malformed(e.to_string()))
-    }
-
-    /// Removes `node`'s replica of `copyset` if it is stale: the node refuses while the
-    /// replica leads or when a membership change joined it lately.
-    pub async fn remove_stale_replica(
-        &self,
-        copyset: CopysetId,
-        node: u64,
-    ) -> Result<(), ClientError> {
-        self.with_retries(
-            "remove stale replica",
-            copyset,
-            Some(node),
-            protocol::DELETE_COPYSET,
-            &Bytes::from_static(protocol::DELETE_IF_STALE),
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// The placement service's view of the chunkservers.
-    pub async fn topology(&self) -> Result<crate::protocol::placement::Topology, ClientError> {
-        let body = self
-            .leader_call(
-                "topology",
-                crate::volume_table::METADATA_COPYSET,
-                protocol::TOPOLOGY,
-                Bytes::new(),
-            )
-            .await?;
-        crate::protocol::placement::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
-    }
-
-    /// The placement service's scheduler operators, after cancelling the replacement of
-    /// `cancel` when given.
-    pub async fn operators(
-        &self,
-        cancel: Option<CopysetId>,
-    ) -> Result<crate::protocol::placement::Operators, ClientError> {
-        let request = crate::protocol::placement::OperatorsRequest {
-            cancel: cancel.map(|c| c.0),
-        };
-        let body = self
-            .leader_call(
-                "operators",
-                crate::volume_table::METADATA_COPYSET,
-                protocol::OPERATORS,
-                crate::protocol::placement::encode(&request),
-            )
-            .await?;
-        crate::protocol::placement::decode(&body).map_err(|e| ClientError::Malformed(e.to_string()))
-    }
-
     /// Asks the copyset's leader to hand leadership to `to` (a voter). Returns once the leader
     /// accepted; the transfer itself completes within an election timeout.
     pub async fn transfer_leader(&self, copyset: CopysetId, to: u64) -> Result<(), ClientError> {
@@ -624,6 +553,36 @@ impl Client {
             }) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// A chunk's sequence number and its snapshot's (if it has one), from the copyset's
+    /// leader; `None` when the chunk does not exist.
+    pub async fn chunk_versions(
+        &self,
+        copyset: CopysetId,
+        chunk: ChunkId,
+    ) -> Result<Option<(u64, Option<u64>)>, ClientError> {
+        let body = Bytes::copy_from_slice(&chunk.0.to_le_bytes());
+        let info = match self
+            .leader_call("chunk info", copyset, protocol::GET_CHUNK_INFO, body)
+            .await
+        {
+            Ok(info) => info,
+            Err(ClientError::Refused {
+                status: Status::ChunkNotFound,
+                ..
+            }) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let word = |at: usize| {
+            info.get(at..at + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes)
+        };
+        let (Some(sn), Some(flag), Some(snapshot)) = (word(8), info.get(16), word(17)) else {
+            return Err(ClientError::Malformed("a chunk info too short".into()));
+        };
+        Ok(Some((sn, (*flag != 0).then_some(snapshot))))
     }
 
     /// Applies one chunk operation (write, delete, snapshot deletion, clone operations)
