@@ -6,7 +6,9 @@
 //! while another fio writes elsewhere in the volume (it ends without an error); fio writes
 //! pattern B over the same 128 MiB. Then a read-only export of `v@s1` verifies A, the volume
 //! verifies B, and qemu-img finds the two different; the volume cannot be deleted while it
-//! has the snapshot; `chunkctl volume rollback --to s1` brings A back (qemu-img: the volume
+//! has the snapshot; `chunkctl volume clone --from v@s1 --name c` makes a volume that
+//! verifies A (and a clone under a taken name is refused); `chunkctl volume rollback --to
+//! s1` brings A back (qemu-img: the volume
 //! is identical to its snapshot); the snapshot is deleted and the list is empty.
 
 mod common;
@@ -81,7 +83,7 @@ fn a_snapshot_keeps_pattern_a_while_the_volume_moves_on_and_rollback_brings_it_b
         return;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
-    let ports = free_ports(8);
+    let ports = free_ports(9);
     let hosts: Vec<String> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
         .iter()
         .map(|h| h.to_string())
@@ -203,6 +205,31 @@ fn a_snapshot_keeps_pattern_a_while_the_volume_moves_on_and_rollback_brings_it_b
     } else {
         eprintln!("SKIPPED the qemu-img comparisons: qemu-img is not installed (qemu-utils)");
     }
+
+    // A clone of the snapshot reads A; a clone under a taken name is refused.
+    let cloned = chunkctl(
+        &configs[0],
+        &["volume", "clone", "--from", "v@s1", "--name", "c"],
+    );
+    assert!(cloned.status.success(), "{}", text(&cloned));
+    println!("{}", text(&cloned).trim());
+    let taken = chunkctl(
+        &configs[0],
+        &["volume", "clone", "--from", "v@s1", "--name", "v"],
+    );
+    assert!(!taken.status.success(), "{}", text(&taken));
+    assert!(text(&taken).contains("exists"), "{}", text(&taken));
+    let clone_addr = format!("127.0.0.1:{}", ports[8]);
+    let mut clone_export = export(&configs[0], &clone_addr, "c");
+    let clone_uri = format!("nbd://{clone_addr}/c");
+    let on_clone = run(fio(&clone_uri, "0", "128m", "1", &["--verify_only"]));
+    let _ = clone_export.kill();
+    let _ = clone_export.wait();
+    assert!(
+        on_clone.status.success(),
+        "the clone does not hold pattern A: {}",
+        text(&on_clone)
+    );
 
     // A volume with a snapshot is not deleted.
     let delete = chunkctl(&configs[0], &["volume", "delete", "--name", "v"]);

@@ -47,10 +47,11 @@ pub struct SnapshotInfo {
 /// How many chunk operations a pass over a volume keeps in flight.
 const IN_FLIGHT: usize = 32;
 
-/// The id of striped volume `record`, or the refusal for a volume of one copyset.
-fn striped_id(record: &VolumeRecord) -> Result<u64, VolumeError> {
+/// The id and segment size of striped volume `record`, or the refusal for a volume of one
+/// copyset.
+fn striped(record: &VolumeRecord) -> Result<(u64, u64), VolumeError> {
     match record.layout {
-        VolumeLayout::Striped { id, .. } => Ok(id),
+        VolumeLayout::Striped { id, segment_size } => Ok((id, segment_size)),
         VolumeLayout::Single { .. } => Err(TableError::Invalid(format!(
             "volume {} lives on one copyset (created with --copyset); snapshots are for \
              volumes striped over the pool",
@@ -58,6 +59,11 @@ fn striped_id(record: &VolumeRecord) -> Result<u64, VolumeError> {
         ))
         .into()),
     }
+}
+
+/// The id of striped volume `record` ([`striped`]).
+fn striped_id(record: &VolumeRecord) -> Result<u64, VolumeError> {
+    striped(record).map(|(id, _)| id)
 }
 
 /// Volume `volume`'s snapshot table.
@@ -136,10 +142,7 @@ async fn allocated_chunks(
     client: &Client,
     record: &VolumeRecord,
 ) -> Result<Vec<(u64, CopysetId, ChunkId)>, VolumeError> {
-    let id = striped_id(record)?;
-    let VolumeLayout::Striped { segment_size, .. } = record.layout else {
-        return Ok(Vec::new());
-    };
+    let (id, segment_size) = striped(record)?;
     let per_segment = segment_size / record.chunk_size.max(1);
     let mut chunks = Vec::new();
     for segment in 0..record.segments() {
@@ -399,4 +402,60 @@ pub async fn rollback(client: &Client, volume_name: &str, name: &str) -> Result<
     })
     .await?;
     Ok(chunks.len() as u64)
+}
+
+/// Copies ready snapshot `snapshot` of volume `source` into a new striped volume `name` of
+/// the same size and segment size (an eager clone: every chunk the snapshot holds is read at
+/// its version and written to the new volume, all-zero pieces skipped; nothing refers to the
+/// snapshot afterwards, so it can be deleted). `progress` hears (chunks copied, chunks to
+/// copy) after each chunk. Refused, creating nothing, when `name` is taken or the snapshot is
+/// not ready. A clone that stopped half-way (the client died) is incomplete: delete it and
+/// clone again.
+pub async fn clone_snapshot(
+    client: &Rc<Client>,
+    source: &str,
+    snapshot: &str,
+    name: &str,
+    progress: &dyn Fn(u64, u64),
+) -> Result<VolumeRecord, VolumeError> {
+    crate::volume_table::check_name(name)?;
+    match find_volume(client, name).await {
+        Ok(_) => return Err(TableError::Exists(name.to_string()).into()),
+        Err(VolumeError::Table(TableError::NotFound(_))) => {}
+        Err(error) => return Err(error),
+    }
+    let record = find_volume(client, source).await?;
+    let (_, segment_size) = striped(&record)?;
+    let view = snapshot_view(client, &record, snapshot).await?;
+    let chunks: Vec<_> = allocated_chunks(client, &record)
+        .await?
+        .into_iter()
+        .filter(|(index, _, _)| view.existed.get(*index as usize).copied().unwrap_or(false))
+        .collect();
+    let created = pool::create_striped_volume(client, name, record.size, segment_size).await?;
+    let target = super::Volume::new(created.clone(), Rc::clone(client));
+    let chunk_size = record.chunk_size;
+    let done = std::cell::Cell::new(0u64);
+    let total = chunks.len() as u64;
+    for_each(&chunks, |&(index, copyset, chunk)| {
+        let (target, done, seq) = (&target, &done, view.seq);
+        async move {
+            let mut at = 0;
+            while at < chunk_size {
+                let len = MAX_PIECE.min(chunk_size - at);
+                let data = read_version(client, copyset, chunk, seq, at, len as u32).await?;
+                if data.iter().any(|b| *b != 0) {
+                    crate::nbd::Export::write(target, index * chunk_size + at, data, false)
+                        .await
+                        .map_err(|e| TableError::Invalid(format!("writing the clone: {e}")))?;
+                }
+                at += len;
+            }
+            done.set(done.get() + 1);
+            progress(done.get(), total);
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(created)
 }
