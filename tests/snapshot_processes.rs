@@ -163,6 +163,12 @@ fn a_snapshot_keeps_pattern_a_while_the_volume_moves_on_and_rollback_brings_it_b
         ],
     );
     assert!(!bad.status.success(), "{}", text(&bad));
+    let at = chunkctl(
+        &configs[0],
+        &["volume", "create", "--name", "x@y", "--size", "64MiB"],
+    );
+    assert!(!at.status.success(), "{}", text(&at));
+    assert!(text(&at).contains("'@'"), "{}", text(&at));
 
     // Pattern B over the same 128 MiB.
     let b = run(fio(&uri, "0", "128m", "2", &[]));

@@ -88,6 +88,20 @@ pub async fn find_volume(client: &Client, name: &str) -> Result<VolumeRecord, Vo
     Ok(volume_table::find(&table, name)?)
 }
 
+/// Checks a new volume's name: the table's rules, and no `@` (`VOLUME@SNAPSHOT` names a
+/// snapshot). Checked by the client only: the table's own check is part of applying its
+/// entries, which must decide as they always did for entries already in a log.
+pub fn check_new_name(name: &str) -> Result<(), VolumeError> {
+    volume_table::check_name(name)?;
+    if name.contains('@') {
+        return Err(TableError::Invalid(format!(
+            "volume name {name:?} has an '@' (VOLUME@SNAPSHOT names a snapshot)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Adds a volume to the table (the metadata copyset must exist: [`ensure_metadata_copyset`]);
 /// its chunks are laid out by the table. Refused when the name exists.
 pub async fn create_volume(
@@ -96,7 +110,7 @@ pub async fn create_volume(
     size: u64,
     copyset: CopysetId,
 ) -> Result<VolumeRecord, VolumeError> {
-    volume_table::check_name(name)?;
+    check_new_name(name)?;
     let op = ChunkOp::VolumeCreate {
         table: TABLE_CHUNK,
         copyset: copyset.0,

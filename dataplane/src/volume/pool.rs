@@ -188,7 +188,7 @@ pub async fn create_striped_volume(
     size: u64,
     segment_size: u64,
 ) -> Result<VolumeRecord, VolumeError> {
-    crate::volume_table::check_name(name)?;
+    super::check_new_name(name)?;
     let op = MetaOp::VolumeCreate {
         name: name.to_string(),
         size,

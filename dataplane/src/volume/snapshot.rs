@@ -418,7 +418,7 @@ pub async fn clone_snapshot(
     name: &str,
     progress: &dyn Fn(u64, u64),
 ) -> Result<VolumeRecord, VolumeError> {
-    crate::volume_table::check_name(name)?;
+    super::check_new_name(name)?;
     match find_volume(client, name).await {
         Ok(_) => return Err(TableError::Exists(name.to_string()).into()),
         Err(VolumeError::Table(TableError::NotFound(_))) => {}

@@ -86,19 +86,36 @@ impl<B: Bdev> ShardEngine<B> {
     /// Makes the chunk metadata and every copyset's state durable and lets the WAL reclaim
     /// what the copysets have applied. Runs one at a time.
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        self.checkpoint_covering(None).await
+    }
+
+    /// A checkpoint, or with `covering`, none when one that began after preservation number
+    /// `covering` was marked has completed meanwhile: the first writes after a snapshot that
+    /// wait at once share one checkpoint instead of running one each.
+    pub(super) async fn checkpoint_covering(
+        &self,
+        covering: Option<u64>,
+    ) -> Result<(), StorageError> {
         {
             let _turn = Enter(&self.checkpoint_turn).await;
+            if covering.is_some_and(|v| self.preserved.get().1 >= v) {
+                return Ok(());
+            }
             if let Some(reason) = &self.checkpoint.borrow().failed {
                 return Err(StorageError::WalFailed(format!(
                     "an earlier checkpoint failed ({reason}); restart the shard"
                 )));
             }
+            // Everything marked by now is captured by the checkpoint below (marks only add).
+            let marked = self.preserved.get().0;
             if let Err(error) = self.checkpoint_once().await {
                 if self.checkpoint.borrow().failed.is_some() {
                     self.wal.fail(&error.to_string());
                 }
                 return Err(error);
             }
+            let (now, durable) = self.preserved.get();
+            self.preserved.set((now, durable.max(marked)));
         }
         // Chunks an install retired, now that the committed table no longer names them as
         // the chunks they replaced.

@@ -128,6 +128,10 @@ pub struct ShardEngine<B: Bdev> {
     wal: ShardWal<B>,
     checkpoint: RefCell<CheckpointState>,
     checkpoint_turn: Turnstile,
+    /// Snapshot page preservations marked so far, and how many of them the last checkpoint
+    /// to complete made durable: concurrent first writes after a snapshot share checkpoints
+    /// (`checkpoint_covering`).
+    preserved: Cell<(u64, u64)>,
     /// Page bitmaps of the slots that have one in use (snapshots), with the copy on the
     /// device that holds the current version.
     bitmaps: RefCell<BTreeMap<u32, (Vec<u64>, u8)>>,

@@ -104,6 +104,7 @@ impl<B: Bdev> ShardEngine<B> {
             wal,
             checkpoint: RefCell::new(checkpoint),
             checkpoint_turn: Turnstile::default(),
+            preserved: Cell::new((0, 0)),
             bitmaps: RefCell::new(bitmaps.bitmaps),
             bitmap_copies: RefCell::new(bitmaps.bitmap_copies),
             dirty_bitmaps: RefCell::new(BTreeSet::new()),

@@ -45,7 +45,9 @@ impl<B: Bdev> ShardEngine<B> {
             .await?;
         self.mark_preserved(snapshot, &missing);
         self.dirty_bitmaps.borrow_mut().insert(snapshot);
-        self.checkpoint().await
+        let (marked, durable) = self.preserved.get();
+        self.preserved.set((marked + 1, durable));
+        self.checkpoint_covering(Some(marked + 1)).await
     }
 
     /// Turns the current version of `chunk` (in `slot`, with metadata `meta`) into a snapshot
