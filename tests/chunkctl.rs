@@ -66,7 +66,7 @@ fn chunkctl_creates_reports_and_checks_health() {
         child.wait().expect("reap");
     }
     let health = chunkctl(config, &["health"]);
-    assert!(!health.status.success(), "{}", text(&health));
+    assert_eq!(health.status.code(), Some(1), "{}", text(&health));
     assert!(
         text(&health).contains("node 3 unreachable"),
         "{}",
@@ -205,7 +205,7 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         );
     }
     let again = chunkctl(config, &["copyset", "delete", "--id", "5", "--node", "3"]);
-    assert!(!again.status.success(), "{}", text(&again));
+    assert_eq!(again.status.code(), Some(1), "an error: {}", text(&again));
     assert_eq!(
         text(&again).trim(),
         "error: delete copyset on copyset 5 refused: CopysetNotFound"
@@ -332,4 +332,23 @@ fn chunkctl_creates_lists_shows_and_deletes_volumes() {
     let listed = chunkctl(config, &["--json", "volume", "list"]);
     let parsed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
     assert_eq!(parsed["volumes"].as_array().map(Vec::len), Some(1));
+}
+
+/// Issue 24: chunkctl's exit codes — 2 for bad usage (arguments, an unreadable
+/// configuration), 3 when no node of the cluster answers (its deadline passes), 1 for an
+/// error the cluster answers with (checked in the tests above).
+#[test]
+fn chunkctl_exit_codes_say_usage_and_unavailable_apart() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let config = write_config(dir.path(), 1, &ports);
+    let usage = chunkctl(&config, &["scheduler", "sideways"]);
+    assert_eq!(usage.status.code(), Some(2), "{}", text(&usage));
+    let flag = chunkctl(&config, &["volume", "list", "--no-such-flag"]);
+    assert_eq!(flag.status.code(), Some(2), "{}", text(&flag));
+    let missing = chunkctl(&dir.path().join("none.toml"), &["status"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing));
+    // No node runs: the metadata copyset cannot be read before the deadline.
+    let unavailable = chunkctl(&config, &["volume", "list"]);
+    assert_eq!(unavailable.status.code(), Some(3), "{}", text(&unavailable));
 }

@@ -19,6 +19,60 @@ use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
 
 /// Administers a chunkserver cluster.
+/// Exit codes: 0 done, 1 an error (the cluster refused, or a table said no), 2 bad usage
+/// (arguments, the configuration file), 3 the cluster unavailable (no node answered before
+/// the deadline).
+const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNAVAILABLE: u8 = 3;
+
+/// A usage error: the arguments do not make a command.
+fn usage(message: String) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message,
+    }
+}
+
+/// Why a command failed, with its exit code.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure {
+            code: EXIT_ERROR,
+            message,
+        }
+    }
+}
+
+impl From<dataplane::client::ClientError> for Failure {
+    fn from(error: dataplane::client::ClientError) -> Failure {
+        use dataplane::client::ClientError;
+        let code = match error {
+            ClientError::Deadline { .. } | ClientError::NoNodes(_) => EXIT_UNAVAILABLE,
+            _ => EXIT_ERROR,
+        };
+        Failure {
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<volume::VolumeError> for Failure {
+    fn from(error: volume::VolumeError) -> Failure {
+        match error {
+            volume::VolumeError::Client(error) => Failure::from(error),
+            other => Failure::from(other.to_string()),
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "chunkctl", version)]
 struct Cli {
@@ -207,9 +261,9 @@ async fn clone_command(
     from: &str,
     name: &str,
     json_output: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let Some((volume, snapshot)) = from.split_once('@') else {
-        return Err(format!("--from {from}: expected VOLUME@SNAPSHOT"));
+        return Err(usage(format!("--from {from}: expected VOLUME@SNAPSHOT")));
     };
     let started = std::time::Instant::now();
     let said = std::cell::Cell::new(0u64);
@@ -222,7 +276,7 @@ async fn clone_command(
     };
     let created = volume::snapshot::clone_snapshot(client, volume, snapshot, name, &progress)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::from)?;
     let seconds = started.elapsed().as_secs_f64();
     if json_output {
         println!(
@@ -240,7 +294,7 @@ async fn snapshot_command(
     client: &Client,
     command: SnapshotCommand,
     json_output: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     use volume::snapshot;
     match command {
         SnapshotCommand::Create { volume, name } => {
@@ -250,7 +304,7 @@ async fn snapshot_command(
             let started = std::time::Instant::now();
             let info = snapshot::create_snapshot(client, &volume, &name, now)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
             if json_output {
                 println!("{}", snapshot_json(&info));
             } else {
@@ -266,23 +320,23 @@ async fn snapshot_command(
         SnapshotCommand::List { volume } => {
             let (_, list) = snapshot::list_snapshots(client, &volume)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
             print_snapshots(&volume, &list, json_output);
         }
         SnapshotCommand::Info { volume, name } => {
             let (_, list) = snapshot::list_snapshots(client, &volume)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
             let found: Vec<_> = list.into_iter().filter(|s| s.name == name).collect();
             if found.is_empty() {
-                return Err(format!("volume {volume} has no snapshot named {name:?}"));
+                return Err(format!("volume {volume} has no snapshot named {name:?}").into());
             }
             print_snapshots(&volume, &found, json_output);
         }
         SnapshotCommand::Delete { volume, name } => {
             snapshot::delete_snapshot(client, &volume, &name)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
             if json_output {
                 println!("{}", json!({ "deleted": name, "volume": volume }));
             } else {
@@ -328,17 +382,17 @@ async fn create_volume(
     name: &str,
     size: u64,
     copyset: Option<u64>,
-) -> Result<VolumeRecord, String> {
+) -> Result<VolumeRecord, Failure> {
     let peers = volume::default_peers(ids);
     volume::ensure_metadata_copyset(client, &peers)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::from)?;
     let created = match copyset {
         Some(copyset) => {
             client
                 .create_copyset(CopysetId(copyset), &peers)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
             volume::create_volume(client, name, size, CopysetId(copyset)).await
         }
         None => {
@@ -354,22 +408,22 @@ async fn create_volume(
             pool::create_striped_volume(client, name, size, segment).await
         }
     };
-    created.map_err(|e| e.to_string())
+    created.map_err(Failure::from)
 }
 
 /// `chunkctl volume map`: the allocated segments of a striped volume and their copysets.
-async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), String> {
+async fn show_map(client: &Client, name: &str, json_output: bool) -> Result<(), Failure> {
     let found = volume::find_volume(client, name)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::from)?;
     let VolumeLayout::Striped { id, .. } = found.layout else {
-        return Err(format!("volume {name} is not striped: {}", found.layout));
+        return Err(format!("volume {name} is not striped: {}", found.layout).into());
     };
     let mut segments = Vec::new();
     for segment in 0..found.segments() {
         if let Some(record) = pool::read_segment(client, id, segment)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(Failure::from)?
         {
             segments.push(record);
         }
@@ -407,31 +461,29 @@ async fn scheduler(
     action: &str,
     copyset: Option<u64>,
     json_output: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     match (action, copyset) {
         ("pause" | "resume", None) => pool::set_scheduler_paused(client, action == "pause")
             .await
-            .map_err(|e| e.to_string())?,
+            .map_err(Failure::from)?,
         ("status", None) => {}
         ("operators", None) => return operators(client, None, json_output).await,
         ("cancel", Some(copyset)) => {
             return operators(client, Some(CopysetId(copyset)), json_output).await
         }
-        ("cancel", None) => return Err("scheduler cancel: --copyset ID is required".into()),
+        ("cancel", None) => return Err(usage("scheduler cancel: --copyset ID is required".into())),
         (_, Some(_)) => {
-            return Err(format!(
+            return Err(usage(format!(
                 "scheduler {action}: --copyset goes with cancel only"
-            ))
+            )))
         }
         (other, None) => {
-            return Err(format!(
+            return Err(usage(format!(
                 "scheduler {other}: expected pause, resume, status, operators or cancel"
-            ))
+            )))
         }
     }
-    let settings = pool::read_settings(client)
-        .await
-        .map_err(|e| e.to_string())?;
+    let settings = pool::read_settings(client).await.map_err(Failure::from)?;
     if json_output {
         println!("{}", json!({ "paused": settings.paused }));
     } else if settings.paused {
@@ -447,12 +499,12 @@ async fn operators(
     client: &Client,
     cancel: Option<CopysetId>,
     json_output: bool,
-) -> Result<(), String> {
-    let answer = client.operators(cancel).await.map_err(|e| e.to_string())?;
+) -> Result<(), Failure> {
+    let answer = client.operators(cancel).await.map_err(Failure::from)?;
     if json_output {
         println!(
             "{}",
-            serde_json::to_string(&answer).map_err(|e| e.to_string())?
+            serde_json::to_string(&answer).map_err(|e| Failure::from(e.to_string()))?
         );
         return Ok(());
     }
@@ -483,12 +535,12 @@ async fn operators(
 }
 
 /// `chunkctl topology`: the placement service's view of the chunkservers.
-async fn show_topology(client: &Client, json_output: bool) -> Result<(), String> {
-    let topology = client.topology().await.map_err(|e| e.to_string())?;
+async fn show_topology(client: &Client, json_output: bool) -> Result<(), Failure> {
+    let topology = client.topology().await.map_err(Failure::from)?;
     if json_output {
         println!(
             "{}",
-            serde_json::to_string(&topology).map_err(|e| e.to_string())?
+            serde_json::to_string(&topology).map_err(|e| Failure::from(e.to_string()))?
         );
         return Ok(());
     }
@@ -529,11 +581,11 @@ async fn show_pool(
     ids: &[u64],
     create: bool,
     json_output: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let copysets = if create {
         volume::ensure_metadata_copyset(client, &volume::default_peers(ids))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::from)?;
         pool::ensure_pool(
             client,
             &pool::PoolSettings::for_cluster(client, config).await,
@@ -542,7 +594,7 @@ async fn show_pool(
     } else {
         pool::read_pool(client).await
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(Failure::from)?;
     let mut rows = Vec::new();
     for copyset in &copysets {
         let mut leader = None;
@@ -884,14 +936,14 @@ fn main() -> ExitCode {
         Ok(text) => text,
         Err(error) => {
             eprintln!("error: {}: cannot read: {error}", cli.config.display());
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let config = match Config::parse(&cli.config, &text) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let nodes = NodeAddress::from_config(&config);
@@ -931,7 +983,7 @@ fn main() -> ExitCode {
                     if found.is_empty() {
                         Ok(())
                     } else {
-                        Err(format!("{} problem(s)", found.len()))
+                        Err(Failure::from(format!("{} problem(s)", found.len())))
                     }
                 }
                 Command::Copyset(CopysetCommand::TransferLeader { id, to }) => {
@@ -948,7 +1000,7 @@ fn main() -> ExitCode {
                             }
                             Ok(())
                         }
-                        Err(error) => Err(error.to_string()),
+                        Err(error) => Err(Failure::from(error)),
                     }
                 }
                 Command::Copyset(CopysetCommand::AddPeer {
@@ -961,7 +1013,7 @@ fn main() -> ExitCode {
                         .add_peer(CopysetId(id), node, &initial_peers)
                         .await
                         .map(|membership| print_membership(id, &membership, cli.json))
-                        .map_err(|error| error.to_string())
+                        .map_err(Failure::from)
                 }
                 Command::Copyset(CopysetCommand::RemovePeer { id, node }) => {
                     client.set_peers(CopysetId(id), &ids);
@@ -969,7 +1021,7 @@ fn main() -> ExitCode {
                         .remove_peer(CopysetId(id), node)
                         .await
                         .map(|membership| print_membership(id, &membership, cli.json))
-                        .map_err(|error| error.to_string())
+                        .map_err(Failure::from)
                 }
                 Command::Copyset(CopysetCommand::ChangePeers {
                     id,
@@ -982,7 +1034,7 @@ fn main() -> ExitCode {
                         .set_voters(copyset, &ids, &peers, &initial_peers)
                         .await
                         .map(|membership| print_membership(id, &membership, cli.json))
-                        .map_err(|error| error.to_string())
+                        .map_err(Failure::from)
                 }
                 Command::Copyset(CopysetCommand::Delete { id, node }) => {
                     match client.delete_copyset(CopysetId(id), node).await {
@@ -997,7 +1049,7 @@ fn main() -> ExitCode {
                             }
                             Ok(())
                         }
-                        Err(error) => Err(error.to_string()),
+                        Err(error) => Err(Failure::from(error)),
                     }
                 }
                 Command::Copyset(CopysetCommand::ResetPeers {
@@ -1016,7 +1068,7 @@ fn main() -> ExitCode {
                             &token,
                         );
                         if let Err(error) = reset.await {
-                            return Err(format!("node {node}: {error}"));
+                            return Err(Failure::from(format!("node {node}: {error}")));
                         }
                     }
                     if cli.json {
@@ -1036,7 +1088,7 @@ fn main() -> ExitCode {
                 }) => {
                     let size = match size.parse::<ByteSize>() {
                         Ok(size) => size.bytes(),
-                        Err(error) => return Err(format!("--size {size}: {error}")),
+                        Err(error) => return Err(Failure::from(format!("--size {size}: {error}"))),
                     };
                     let created =
                         create_volume(&client, &config, &ids, &name, size, copyset).await?;
@@ -1055,7 +1107,7 @@ fn main() -> ExitCode {
                 Command::Volume(VolumeCommand::Rollback { name, to }) => {
                     let chunks = volume::snapshot::rollback(&client, &name, &to)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(Failure::from)?;
                     if cli.json {
                         println!(
                             "{}",
@@ -1074,9 +1126,7 @@ fn main() -> ExitCode {
                     show_pool(&client, &config, &ids, create, cli.json).await
                 }
                 Command::Volume(VolumeCommand::List) => {
-                    let volumes = volume::list_volumes(&client)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let volumes = volume::list_volumes(&client).await.map_err(Failure::from)?;
                     if cli.json {
                         let list: Vec<serde_json::Value> =
                             volumes.iter().map(volume_json).collect();
@@ -1105,14 +1155,14 @@ fn main() -> ExitCode {
                 Command::Volume(VolumeCommand::Info { name }) => {
                     let found = volume::find_volume(&client, &name)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(Failure::from)?;
                     print_volume(&found, cli.json);
                     Ok(())
                 }
                 Command::Volume(VolumeCommand::Delete { name }) => {
                     let deleted = volume::delete_volume(&client, &name)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(Failure::from)?;
                     if cli.json {
                         println!("{}", json!({ "deleted": deleted.name }));
                     } else {
@@ -1130,23 +1180,23 @@ fn main() -> ExitCode {
                             }
                             Ok(())
                         }
-                        Err(error) => Err(error.to_string()),
+                        Err(error) => Err(Failure::from(error)),
                     }
                 }
             }
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| Failure::from(e.to_string()))
         .and_then(|handle| {
             handle
                 .join()
-                .map_err(|_| "chunkctl's executor panicked".to_string())
+                .map_err(|_| Failure::from("chunkctl's executor panicked".to_string()))
         })
         .and_then(|r| r);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", error.message);
+            ExitCode::from(error.code)
         }
     }
 }
