@@ -76,6 +76,10 @@ enum Command {
         /// copysets are created on the first three nodes.
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
+        /// Serve Prometheus metrics of the exports (`chunkserver_nbd_requests_total` by
+        /// volume, operation and result) at `http://ADDR/metrics`.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Start a three-replica cluster on loopback from the embedded configuration, write and
     /// read back a region, run a short benchmark, and stop.
@@ -99,7 +103,8 @@ fn main() -> ExitCode {
             config,
             listen,
             volumes,
-        } => nbd(&config, listen, &volumes),
+            metrics,
+        } => nbd(&config, listen, &volumes, metrics),
         Command::Demo { backend, seconds } => demo(&backend, seconds),
     }
 }
@@ -213,6 +218,36 @@ fn parse_volume(text: &str) -> Result<VolumeArg, String> {
     }
 }
 
+/// Serves the exports' metrics (and a `/status` naming them) at `address` until `shutdown`.
+fn serve_nbd_metrics(
+    address: std::net::SocketAddr,
+    registry: &Rc<dataplane::metrics::Registry>,
+    shutdown: &ShutdownSignal,
+) -> Result<(), String> {
+    let listener =
+        dataplane::metrics::http::bind(address).map_err(|e| format!("--metrics {address}: {e}"))?;
+    let (scraped, reported) = (Rc::clone(registry), Rc::clone(registry));
+    let pages = dataplane::metrics::http::Pages {
+        metrics: Box::new(move || {
+            let text = scraped.snapshot().render();
+            Box::pin(async move { text })
+        }),
+        status: Box::new(move || {
+            let series = reported.snapshot().render().lines().count();
+            Box::pin(async move { format!("{{\"role\":\"nbd\",\"metric_lines\":{series}}}") })
+        }),
+        fault: None,
+    };
+    println!("nbd: metrics on http://{address}/metrics");
+    glommio::spawn_local(dataplane::metrics::http::serve(
+        listener,
+        Rc::new(pages),
+        shutdown.clone(),
+    ))
+    .detach();
+    Ok(())
+}
+
 /// Snapshot `snapshot` of `volume`, as a read-only export named `VOLUME@SNAPSHOT`.
 async fn open_snapshot(
     client: &Rc<Client>,
@@ -298,7 +333,12 @@ async fn open_volume(
     }
 }
 
-fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCode {
+fn nbd(
+    file: &Path,
+    listen: std::net::SocketAddr,
+    volumes: &[String],
+    metrics: Option<std::net::SocketAddr>,
+) -> ExitCode {
     let config = match std::fs::read_to_string(file)
         .map_err(|e| format!("{}: cannot read: {e}", file.display()))
         .and_then(|text| Config::parse(file, &text).map_err(|e| e.to_string()))
@@ -345,11 +385,12 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
             dataplane::volume::ensure_metadata_copyset(&client, &peers)
                 .await
                 .map_err(|e| e.to_string())?;
+            let registry = Rc::new(dataplane::metrics::Registry::new(&[]));
             let mut exports = Exports::new();
             for volume in &wanted {
                 if let VolumeArg::Snapshot { volume, snapshot } = volume {
                     let (name, export) = open_snapshot(&client, volume, snapshot).await?;
-                    exports.insert(&name, Rc::new(export));
+                    exports.insert(&name, Rc::new(export.count_in(Rc::clone(&registry))));
                     continue;
                 }
                 let spec = open_volume(&client, &config, &peers, volume).await?;
@@ -358,7 +399,11 @@ fn nbd(file: &Path, listen: std::net::SocketAddr, volumes: &[String]) -> ExitCod
                     spec.name, spec.size, spec.layout
                 );
                 let name = spec.name.clone();
-                exports.insert(&name, Rc::new(Volume::new(spec, Rc::clone(&client))));
+                let export = Volume::new(spec, Rc::clone(&client)).count_in(Rc::clone(&registry));
+                exports.insert(&name, Rc::new(export));
+            }
+            if let Some(address) = metrics {
+                serve_nbd_metrics(address, &registry, &shutdown)?;
             }
             let listener = dataplane::nbd::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
             println!("nbd: serving on nbd://{listen}/NAME until SIGTERM");

@@ -1,7 +1,8 @@
 //! The operator's path, all real processes: three `chunkserver run`, `chunkctl volume create`
 //! putting a volume in the volume table, `chunkserver nbd` serving it by name, and qemu-io
 //! writing and reading it back through NBD — then a second `chunkserver nbd`, opening the
-//! volume by name again, reads the same bytes.
+//! volume by name again, reads the same bytes; with every node gone its failed read is
+//! logged (volume, offset, copyset, cause) and counted in its metrics.
 
 mod common;
 
@@ -17,7 +18,7 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
         return;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
-    let ports = free_ports(7);
+    let ports = free_ports(8);
     let configs: Vec<_> = (1..=3)
         .map(|id| write_config(dir.path(), id, &ports))
         .collect();
@@ -96,13 +97,85 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
     assert!(text.contains("read 1048576/1048576"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
 
-    // Another export process opens the volume by name from the table: the same bytes.
+    // Another export process opens the volume by name from the table: the same bytes. This
+    // one logs to a file and serves its metrics.
     if let Some(mut nbd) = cluster.children.pop().flatten() {
         nbd.kill().expect("stop the first export");
         nbd.wait().expect("reap");
     }
-    cluster.children.push(Some(serve()));
+    let log = dir.path().join("nbd.log");
+    let metrics_port = ports[7];
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let second = Command::new(env!("CARGO_BIN_EXE_chunkserver"))
+        .args(["nbd", "--config"])
+        .arg(&configs[0])
+        .args([
+            "--listen",
+            &nbd_addr,
+            "--volume",
+            "vol0",
+            "--metrics",
+            &metrics_addr,
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start chunkserver nbd");
+    cluster.children.push(Some(second));
     let text = qemu_io(&["read -P 0xab 0 1M"]);
     assert!(!text.contains("qemu-io failed"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
+
+    // Issue 24: with every node gone, a read fails (EIO to the client after the client's
+    // deadline), the export logs it once with the volume, offset, copyset and cause, and
+    // counts it.
+    for node in cluster.children.iter_mut().take(3) {
+        if let Some(mut child) = node.take() {
+            child.kill().expect("kill a node");
+            child.wait().expect("reap");
+        }
+    }
+    let failed = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd://{nbd_addr}/vol0"),
+            "-c",
+            "read 0 4k",
+        ])
+        .output()
+        .expect("run qemu-io");
+    let said = String::from_utf8_lossy(&failed.stdout).into_owned()
+        + &String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        said.contains("Input/output error") || !failed.status.success(),
+        "a read with no node up succeeded: {said}"
+    );
+    let logged = std::fs::read_to_string(&log).expect("nbd log");
+    let line = logged
+        .lines()
+        .find(|l| l.contains("volume request failed"))
+        .unwrap_or_else(|| panic!("no error line in the export's log: {logged}"));
+    for field in ["volume=vol0", "offset=0", "copyset=3", "cause="] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    assert!(
+        !line.contains('\u{1b}'),
+        "colour codes in a log file: {line:?}"
+    );
+    let metrics = common::http_get(metrics_port, "/metrics");
+    let count = |result: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("chunkserver_nbd_requests_total")
+                    && l.contains("op=\"read\"")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("ok") >= 1, "{metrics}");
+    assert!(count("error") >= 1, "{metrics}");
 }

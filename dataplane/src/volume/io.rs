@@ -38,6 +38,8 @@ pub struct Volume {
     epoch: std::cell::Cell<(u64, Option<std::time::Instant>)>,
     /// A snapshot this volume shows, read-only, instead of its current data.
     view: Option<SnapshotView>,
+    /// Where the export's requests are counted (`chunkserver nbd --metrics`), if anywhere.
+    metrics: Option<Rc<crate::metrics::Registry>>,
 }
 
 /// How long a write trusts the epoch it read before reading it again (a writer that missed a
@@ -66,6 +68,38 @@ impl Volume {
             logged: std::cell::Cell::new((None, 0)),
             epoch: std::cell::Cell::new((1, None)),
             view: None,
+            metrics: None,
+        }
+    }
+
+    /// Counts the export's requests in `registry`: `chunkserver_nbd_requests_total` by
+    /// volume, operation and result (`ok`, `error`).
+    pub fn count_in(mut self, registry: Rc<crate::metrics::Registry>) -> Volume {
+        self.metrics = Some(registry);
+        self
+    }
+
+    /// Counts one answered request.
+    fn counted<T>(&self, op: &str, result: Result<T, ExportError>) -> Result<T, ExportError> {
+        if let Some(registry) = &self.metrics {
+            let name = self.export_name();
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            registry
+                .counter(
+                    "chunkserver_nbd_requests_total",
+                    "NBD requests answered, by volume, operation and result",
+                    &[("volume", &name), ("op", op), ("result", outcome)],
+                )
+                .inc();
+        }
+        result
+    }
+
+    /// The export's name: the volume's, or `VOLUME@SNAPSHOT`.
+    fn export_name(&self) -> String {
+        match &self.view {
+            Some(view) => format!("{}@{}", self.spec.name, view.name),
+            None => self.spec.name.clone(),
         }
     }
 
@@ -134,7 +168,7 @@ impl Volume {
         } else {
             self.logged.set((Some(now), 0));
             tracing::warn!(
-                volume = %self.spec.name,
+                volume = %self.export_name(),
                 op,
                 offset,
                 copyset = %copyset,
@@ -464,12 +498,18 @@ impl Export for Volume {
     }
 
     fn read(&self, offset: u64, len: u32) -> ExportFuture<'_, Bytes> {
-        Box::pin(self.read_bytes(offset, u64::from(len)))
+        Box::pin(async move {
+            let result = self.read_bytes(offset, u64::from(len)).await;
+            self.counted("read", result)
+        })
     }
 
     fn write(&self, offset: u64, data: Bytes, _fua: bool) -> ExportFuture<'_, ()> {
         // Acknowledged writes are replicated and applied already: FUA holds without more work.
-        Box::pin(self.write_bytes(offset, data))
+        Box::pin(async move {
+            let result = self.write_bytes(offset, data).await;
+            self.counted("write", result)
+        })
     }
 
     fn flush(&self) -> ExportFuture<'_, ()> {
@@ -477,11 +517,17 @@ impl Export for Volume {
     }
 
     fn trim(&self, offset: u64, len: u32) -> ExportFuture<'_, ()> {
-        Box::pin(self.zero(offset, u64::from(len)))
+        Box::pin(async move {
+            let result = self.zero(offset, u64::from(len)).await;
+            self.counted("trim", result)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u32, _fua: bool) -> ExportFuture<'_, ()> {
-        Box::pin(self.zero(offset, u64::from(len)))
+        Box::pin(async move {
+            let result = self.zero(offset, u64::from(len)).await;
+            self.counted("write_zeroes", result)
+        })
     }
 }
 
