@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{chunkctl, free_ports, start, text, write_config, Cluster};
+use common::{chunkctl, free_ports, start, text, write_config, write_config_sized, Cluster, Sizes};
 
 #[test]
 fn chunkctl_creates_reports_and_checks_health() {
@@ -351,4 +351,129 @@ fn chunkctl_exit_codes_say_usage_and_unavailable_apart() {
     // No node runs: the metadata copyset cannot be read before the deadline.
     let unavailable = chunkctl(&config, &["volume", "list"]);
     assert_eq!(unavailable.status.code(), Some(3), "{}", text(&unavailable));
+}
+
+/// Issue 24: every chunkctl command with `--json` prints one JSON object on stdout, with the
+/// keys a script reads (progress events of long operations go to stderr). Three nodes on
+/// 127.0.0.1–.3, so that a pool can be placed.
+#[test]
+fn every_chunkctl_command_prints_one_json_object_with_its_keys() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let hosts: Vec<String> = (1..=3).map(|n| format!("127.0.0.{n}")).collect();
+    let sizes = Sizes {
+        device: "2GiB",
+        wal: "64MiB",
+        chunk: "4MiB",
+    };
+    let configs: Vec<_> = (1..=3)
+        .map(|id| write_config_sized(dir.path(), id, &hosts, &ports, &sizes, 1))
+        .collect();
+    let _cluster = Cluster {
+        children: configs.iter().map(|c| Some(start(c))).collect(),
+    };
+    let config = &configs[0];
+    let json = |args: &[&str], keys: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let began = std::time::Instant::now();
+        let output = loop {
+            let output = chunkctl(config, &all);
+            // Only the first commands may meet nodes still starting.
+            if output.status.success() || began.elapsed() > Duration::from_secs(30) {
+                break output;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.lines().count(), 1, "{args:?}: one line: {stdout}");
+        let value: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"));
+        assert!(value.is_object(), "{args:?}: {value}");
+        for key in keys {
+            assert!(value.get(key).is_some(), "{args:?}: no {key:?} in {value}");
+        }
+        value
+    };
+    json(
+        &["copyset", "create", "--id", "7", "--peers", "1,2,3"],
+        &["created", "peers"],
+    );
+    let began = Instant::now();
+    while !chunkctl(config, &["health"]).status.success() {
+        assert!(began.elapsed() < Duration::from_secs(30), "no leader");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    json(&["status"], &["copysets", "unreachable"]);
+    json(&["health"], &["healthy", "problems"]);
+    json(
+        &["copyset", "transfer-leader", "--id", "7", "--to", "2"],
+        &["copyset", "transfer_to"],
+    );
+    let membership = ["copyset", "voters", "voters_outgoing", "learners"];
+    json(
+        &["copyset", "remove-peer", "--id", "7", "--node", "3"],
+        &membership,
+    );
+    json(
+        &["copyset", "delete", "--id", "7", "--node", "3"],
+        &["copyset", "deleted_on"],
+    );
+    json(
+        &["copyset", "add-peer", "--id", "7", "--node", "3"],
+        &membership,
+    );
+    json(
+        &["copyset", "change-peers", "--id", "7", "--peers", "1,2,3"],
+        &membership,
+    );
+    json(
+        &["volume", "create", "--name", "v", "--size", "64MiB"],
+        &["name", "size", "layout", "segments"],
+    );
+    json(&["volume", "list"], &["volumes"]);
+    json(
+        &["volume", "info", "--name", "v"],
+        &["name", "size", "chunks"],
+    );
+    json(
+        &["volume", "map", "--name", "v"],
+        &["volume", "segments", "allocated"],
+    );
+    json(&["pool"], &["pool"]);
+    json(&["topology"], &["service", "nodes"]);
+    json(&["scheduler", "pause"], &["paused"]);
+    json(&["scheduler", "resume"], &["paused"]);
+    json(&["scheduler", "status"], &["paused"]);
+    json(&["scheduler", "operators"], &["service", "operators"]);
+    json(
+        &[
+            "volume", "snapshot", "create", "--volume", "v", "--name", "s",
+        ],
+        &["name", "seq", "state", "chunks"],
+    );
+    json(
+        &["volume", "snapshot", "list", "--volume", "v"],
+        &["volume", "snapshots"],
+    );
+    json(
+        &["volume", "snapshot", "info", "--volume", "v", "--name", "s"],
+        &["volume", "snapshots"],
+    );
+    json(
+        &["volume", "clone", "--from", "v@s", "--name", "c"],
+        &["cloned", "from"],
+    );
+    json(
+        &["volume", "rollback", "--name", "v", "--to", "s"],
+        &["volume", "rolled_back_to"],
+    );
+    json(
+        &[
+            "volume", "snapshot", "delete", "--volume", "v", "--name", "s",
+        ],
+        &["deleted", "volume"],
+    );
+    json(&["volume", "delete", "--name", "c"], &["deleted"]);
 }

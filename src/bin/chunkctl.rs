@@ -26,6 +26,65 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNAVAILABLE: u8 = 3;
 
+/// A long operation's progress, on stderr: a bar on a terminal, a line at every tenth
+/// otherwise, and JSON lines (`{"event": "progress", …}`) with `--json`, whose result stays
+/// the one JSON object on stdout.
+struct Progress {
+    op: &'static str,
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+    said: std::cell::Cell<u64>,
+}
+
+impl Progress {
+    fn new(op: &'static str, json: bool) -> Progress {
+        use std::io::IsTerminal;
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} chunks ({elapsed})",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(op);
+            bar
+        });
+        Progress {
+            op,
+            json,
+            bar,
+            said: std::cell::Cell::new(u64::MAX),
+        }
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done);
+            return;
+        }
+        let tenth = done * 10 / total.max(1);
+        if tenth == self.said.get() {
+            return;
+        }
+        self.said.set(tenth);
+        if self.json {
+            eprintln!(
+                "{}",
+                json!({"event": "progress", "op": self.op, "done": done, "total": total})
+            );
+        } else {
+            eprintln!("{}: {done}/{total} chunks", self.op);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// A usage error: the arguments do not make a command.
 fn usage(message: String) -> Failure {
     Failure {
@@ -266,17 +325,14 @@ async fn clone_command(
         return Err(usage(format!("--from {from}: expected VOLUME@SNAPSHOT")));
     };
     let started = std::time::Instant::now();
-    let said = std::cell::Cell::new(0u64);
-    let progress = |done: u64, total: u64| {
-        let tenth = done * 10 / total.max(1);
-        if tenth > said.get() {
-            said.set(tenth);
-            eprintln!("clone {name}: {done}/{total} chunks copied");
-        }
-    };
-    let created = volume::snapshot::clone_snapshot(client, volume, snapshot, name, &progress)
-        .await
-        .map_err(Failure::from)?;
+    let progress = Progress::new("clone", json_output);
+    let created = volume::snapshot::clone_snapshot(client, volume, snapshot, name, &|d, t| {
+        progress.update(d, t)
+    })
+    .await
+    .map_err(Failure::from);
+    progress.finish();
+    let created = created?;
     let seconds = started.elapsed().as_secs_f64();
     if json_output {
         println!(
@@ -302,9 +358,14 @@ async fn snapshot_command(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             let started = std::time::Instant::now();
-            let info = snapshot::create_snapshot(client, &volume, &name, now)
-                .await
-                .map_err(Failure::from)?;
+            let progress = Progress::new("snapshot create", json_output);
+            let info = snapshot::create_snapshot(client, &volume, &name, now, &|d, t| {
+                progress.update(d, t)
+            })
+            .await
+            .map_err(Failure::from);
+            progress.finish();
+            let info = info?;
             if json_output {
                 println!("{}", snapshot_json(&info));
             } else {
@@ -334,9 +395,13 @@ async fn snapshot_command(
             print_snapshots(&volume, &found, json_output);
         }
         SnapshotCommand::Delete { volume, name } => {
-            snapshot::delete_snapshot(client, &volume, &name)
-                .await
-                .map_err(Failure::from)?;
+            let progress = Progress::new("snapshot delete", json_output);
+            let deleted =
+                snapshot::delete_snapshot(client, &volume, &name, &|d, t| progress.update(d, t))
+                    .await
+                    .map_err(Failure::from);
+            progress.finish();
+            deleted?;
             if json_output {
                 println!("{}", json!({ "deleted": name, "volume": volume }));
             } else {
@@ -1105,9 +1170,14 @@ fn main() -> ExitCode {
                     clone_command(&client, &from, &name, cli.json).await
                 }
                 Command::Volume(VolumeCommand::Rollback { name, to }) => {
-                    let chunks = volume::snapshot::rollback(&client, &name, &to)
-                        .await
-                        .map_err(Failure::from)?;
+                    let progress = Progress::new("rollback", cli.json);
+                    let chunks = volume::snapshot::rollback(&client, &name, &to, &|d, t| {
+                        progress.update(d, t)
+                    })
+                    .await
+                    .map_err(Failure::from);
+                    progress.finish();
+                    let chunks = chunks?;
                     if cli.json {
                         println!(
                             "{}",

@@ -162,12 +162,19 @@ async fn allocated_chunks(
     Ok(chunks)
 }
 
-/// Runs `op` for each item, `IN_FLIGHT` at a time; the first error ends it.
-async fn for_each<T, F, Fut>(items: &[T], op: F) -> Result<(), VolumeError>
+/// Hears (items done, items in all) as a pass over a volume's chunks goes on.
+pub type Progress<'a> = &'a dyn Fn(u64, u64);
+
+/// Runs `op` for each item, `IN_FLIGHT` at a time, telling `progress` after each batch; the
+/// first error ends it.
+async fn for_each<T, F, Fut>(items: &[T], progress: Progress<'_>, op: F) -> Result<(), VolumeError>
 where
     F: Fn(&T) -> Fut,
     Fut: std::future::Future<Output = Result<(), VolumeError>>,
 {
+    let total = items.len() as u64;
+    let mut done = 0;
+    progress(0, total);
     for batch in items.chunks(IN_FLIGHT) {
         let futures: Vec<super::LocalFuture<'_, _>> = batch
             .iter()
@@ -176,6 +183,8 @@ where
         for result in super::join_all(futures).await {
             result?;
         }
+        done += batch.len() as u64;
+        progress(done, total);
     }
     Ok(())
 }
@@ -187,6 +196,7 @@ pub async fn create_snapshot(
     volume_name: &str,
     name: &str,
     created_ms: u64,
+    progress: Progress<'_>,
 ) -> Result<SnapshotInfo, VolumeError> {
     snapshots::check_snapshot_name(name).map_err(|e| TableError::Invalid(e.to_string()))?;
     let record = find_volume(client, volume_name).await?;
@@ -211,7 +221,7 @@ pub async fn create_snapshot(
             false;
             record.chunks() as usize
         ]));
-    for_each(&chunks, |&(index, copyset, chunk)| {
+    for_each(&chunks, progress, |&(index, copyset, chunk)| {
         let existed = Rc::clone(&existed);
         async move {
             client
@@ -255,6 +265,7 @@ pub async fn delete_snapshot(
     client: &Client,
     volume_name: &str,
     name: &str,
+    progress: Progress<'_>,
 ) -> Result<(), VolumeError> {
     let record = find_volume(client, volume_name).await?;
     let id = striped_id(&record)?;
@@ -268,7 +279,7 @@ pub async fn delete_snapshot(
     .await?;
     let epoch = read_table(client, id).await?.epoch;
     let chunks = allocated_chunks(client, &record).await?;
-    for_each(&chunks, |&(_, copyset, chunk)| async move {
+    for_each(&chunks, progress, |&(_, copyset, chunk)| async move {
         let op = ChunkOp::DeleteSnapshotOrCorrectSn { chunk, sn: epoch };
         match client.apply(copyset, &op).await {
             Ok(())
@@ -369,14 +380,19 @@ pub async fn read_version(
 /// snapshot's version (zeros where the snapshot has none). Gives the chunks rewritten. The
 /// volume's exports should be stopped: a write of theirs during the rollback is kept or
 /// overwritten, chunk by chunk.
-pub async fn rollback(client: &Client, volume_name: &str, name: &str) -> Result<u64, VolumeError> {
+pub async fn rollback(
+    client: &Client,
+    volume_name: &str,
+    name: &str,
+    progress: Progress<'_>,
+) -> Result<u64, VolumeError> {
     let record = find_volume(client, volume_name).await?;
     let id = striped_id(&record)?;
     let view = snapshot_view(client, &record, name).await?;
     let epoch = read_table(client, id).await?.epoch;
     let chunks = allocated_chunks(client, &record).await?;
     let chunk_size = record.chunk_size;
-    for_each(&chunks, |&(index, copyset, chunk)| {
+    for_each(&chunks, progress, |&(index, copyset, chunk)| {
         let held = view.existed.get(index as usize).copied().unwrap_or(false);
         let seq = view.seq;
         async move {
@@ -416,7 +432,7 @@ pub async fn clone_snapshot(
     source: &str,
     snapshot: &str,
     name: &str,
-    progress: &dyn Fn(u64, u64),
+    progress: Progress<'_>,
 ) -> Result<VolumeRecord, VolumeError> {
     super::check_new_name(name)?;
     match find_volume(client, name).await {
@@ -435,10 +451,8 @@ pub async fn clone_snapshot(
     let created = pool::create_striped_volume(client, name, record.size, segment_size).await?;
     let target = super::Volume::new(created.clone(), Rc::clone(client));
     let chunk_size = record.chunk_size;
-    let done = std::cell::Cell::new(0u64);
-    let total = chunks.len() as u64;
-    for_each(&chunks, |&(index, copyset, chunk)| {
-        let (target, done, seq) = (&target, &done, view.seq);
+    for_each(&chunks, progress, |&(index, copyset, chunk)| {
+        let (target, seq) = (&target, view.seq);
         async move {
             let mut at = 0;
             while at < chunk_size {
@@ -451,8 +465,6 @@ pub async fn clone_snapshot(
                 }
                 at += len;
             }
-            done.set(done.get() + 1);
-            progress(done.get(), total);
             Ok(())
         }
     })
