@@ -476,4 +476,18 @@ fn every_chunkctl_command_prints_one_json_object_with_its_keys() {
         &["deleted", "volume"],
     );
     json(&["volume", "delete", "--name", "c"], &["deleted"]);
+
+    // Output into a pipe closed early (`chunkctl status | head -1`) ends chunkctl quietly.
+    let mut piped = std::process::Command::new(env!("CARGO_BIN_EXE_chunkctl"))
+        .arg("--config")
+        .arg(config)
+        .arg("status")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("chunkctl");
+    drop(piped.stdout.take());
+    let ended = piped.wait_with_output().expect("chunkctl");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

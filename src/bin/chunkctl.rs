@@ -971,7 +971,7 @@ fn print_status(status: &ClusterStatus, json_output: bool) {
         println!("node {node}: UNREACHABLE ({error})");
     }
     println!(
-        "{:>8} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
+        "{:>20} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
         "copyset", "node", "role", "term", "commit", "applied", "lag"
     );
     for (copyset, replicas) in &status.copysets {
@@ -982,7 +982,7 @@ fn print_status(status: &ClusterStatus, json_output: bool) {
             .unwrap_or(0);
         for r in replicas {
             println!(
-                "{:>8} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
+                "{:>20} {:>5} {:>14} {:>6} {:>8} {:>8} {:>5}",
                 CopysetId(*copyset),
                 r.node,
                 r.role,
@@ -996,6 +996,7 @@ fn print_status(status: &ClusterStatus, json_output: bool) {
 }
 
 fn main() -> ExitCode {
+    ffi::signals::default_sigpipe();
     let cli = Cli::parse();
     let text = match std::fs::read_to_string(&cli.config) {
         Ok(text) => text,
