@@ -217,10 +217,10 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         child.wait().expect("reap");
     }
     let token = token_file.to_string_lossy().into_owned();
-    let reset = ["copyset", "reset-peers", "--id", "5", "--peers", "1"];
+    let reset_args = ["copyset", "reset-peers", "--id", "5", "--peers", "1"];
     let unconfirmed = chunkctl(
         config,
-        &[&reset[..], &["--admin-token-file", &token]].concat(),
+        &[&reset_args[..], &["--admin-token-file", &token]].concat(),
     );
     assert!(!unconfirmed.status.success(), "{}", text(&unconfirmed));
     assert!(
@@ -231,7 +231,7 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
     let reset = chunkctl(
         config,
         &[
-            &reset[..],
+            &reset_args[..],
             &["--admin-token-file", &token, "--confirm-data-loss"],
         ]
         .concat(),
@@ -241,6 +241,21 @@ fn chunkctl_replaces_a_node_and_changes_peers() {
         text(&reset).trim(),
         "copyset 5: voters reset to [1] (without consensus)"
     );
+    // The same again (idempotent), as JSON: the one command the `--json` shape test leaves
+    // out, since it needs the admin token.
+    let again = chunkctl(
+        config,
+        &[
+            &["--json"][..],
+            &reset_args[..],
+            &["--admin-token-file", &token, "--confirm-data-loss"],
+        ]
+        .concat(),
+    );
+    assert!(again.status.success(), "{}", text(&again));
+    let parsed: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(parsed["copyset"], 5, "{parsed}");
+    assert_eq!(parsed["voters"], serde_json::json!([1]), "{parsed}");
     let started = Instant::now();
     loop {
         let json = chunkctl(config, &["--json", "status"]);

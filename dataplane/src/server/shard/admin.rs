@@ -242,7 +242,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let refuse = |why: &str| {
             warn!(
                 node = self.node,
-                copyset = copyset.0,
+                %copyset,
                 "RESET_PEERS refused: {why}"
             );
             Status::Invalid(format!("RESET_PEERS refused: {why}"))
@@ -262,7 +262,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
         warn!(
             node = self.node,
-            copyset = copyset.0,
+            %copyset,
             peers = ?request.peers,
             "RESET_PEERS: forcing the membership without consensus, as the admin asked"
         );

@@ -74,7 +74,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 "request",
                 node = self.node,
                 shard = self.shard,
-                copyset = copyset.0,
+                %copyset,
                 op = protocol::opcode_name(opcode),
                 trace = seen
             );

@@ -331,7 +331,7 @@ impl<B: Bdev> ShardWal<B> {
             if log.take(&record.body, record.lsn).is_err() {
                 skipped += 1;
                 tracing::warn!(
-                    copyset = record.copyset.0,
+                    copyset = %record.copyset,
                     lsn = record.lsn,
                     "WAL record does not follow its copyset's log; skipped"
                 );
@@ -583,7 +583,7 @@ impl<B: Bdev> ShardWal<B> {
                     // Room was checked for all of them above, so this is not expected; what
                     // was moved so far is sound (a copy of an entry with the same term
                     // changes nothing else in the log, on replay too).
-                    tracing::error!(copyset = copyset.0, %error, "WAL: moving a live entry forward failed");
+                    tracing::error!(%copyset, %error, "WAL: moving a live entry forward failed");
                     return (0, 0);
                 }
             }
