@@ -31,6 +31,8 @@ use crate::storage::bdev::Bdev;
 use crate::storage::engine::{ChunkImageMeta, ImagePart};
 use crate::storage::StorageError;
 
+/// How often a snapshot install's copy logs its progress.
+const INSTALL_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Bytes of chunk data per `READ_CHUNK_IMAGE` (well under the frame's payload bound).
 pub const IMAGE_PIECE_BYTES: u64 = 1 << 20;
 
@@ -414,6 +416,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .prepare_image(copyset, &keep, copied)
             .await
             .map_err(|e| e.to_string())?;
+        let total = list.chunks.len();
+        let mut said = Instant::now();
         for chunk in list.chunks {
             if copied.contains(&chunk) {
                 continue;
@@ -422,6 +426,12 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 .copy_chunk(copyset, source, meta, chunk, list.clone_epoch)
                 .await?;
             copied.insert(chunk);
+            // A long copy says how far it is, every few seconds.
+            if said.elapsed() >= INSTALL_PROGRESS_EVERY {
+                said = Instant::now();
+                info!(%copyset, chunks = copied.len(), of = total, mib = *bytes >> 20,
+                    "installing a snapshot: copying the chunks");
+            }
         }
         Ok(())
     }
