@@ -555,10 +555,10 @@ fn a_new_service_leader_finishes_the_recovery() {
                     {
                         break pool;
                     }
-                    assert!(
-                        started.elapsed() < Duration::from_secs(30),
-                        "not recovered: {pool:?}"
-                    );
+                    if started.elapsed() >= Duration::from_secs(30) {
+                        let operators = client.operators(None).await;
+                        panic!("not recovered: {pool:?}; the service's operators: {operators:?}");
+                    }
                 }
                 glommio::timer::sleep(Duration::from_millis(100)).await;
             };
@@ -576,6 +576,97 @@ fn a_new_service_leader_finishes_the_recovery() {
                 assert_eq!(
                     reader.read(i << 20, 4096).await.expect("read"),
                     block(i + 200)
+                );
+            }
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// Issue 19's copyset balancing: the pool is placed over nodes 1 to 3 (node 4 not started
+/// yet: every node holds a replica of every copyset); node 4 then joins, and the scheduler
+/// moves replicas to it, one copyset at a time, until the nodes' replica counts differ by at
+/// most one — the data written before reads back through the moved copysets.
+#[test]
+fn a_node_that_joins_gets_its_share_of_the_pool() {
+    use common::{addresses_of_cluster, block};
+    use dataplane::nbd::Export;
+    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::Volume;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(8);
+    let configs = four_labelled(&ports, dir.path(), "mem");
+    let mut nodes: Vec<Node> = configs[..3].iter().cloned().map(Node::start).collect();
+    let addresses = addresses_of_cluster(4, &ports, "tcp", 1);
+    let first_config = configs[0].clone();
+    let volume = common::with_client_of(addresses.clone(), move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            ensure_metadata_copyset(&client, &[1, 2, 3])
+                .await
+                .expect("metadata copyset");
+            wait_for(&client, "three up", |s| {
+                s.len() == 3 && s.values().all(|v| v == "up")
+            })
+            .await;
+            let settings = PoolSettings::for_cluster(&client, &first_config).await;
+            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            assert!(pool.iter().all(|c| !c.peers.contains(&4)), "{pool:?}");
+            let volume = create_striped_volume(&client, "b", 8 << 20, 4 << 20)
+                .await
+                .expect("volume");
+            let writer = Volume::new(volume.clone(), Rc::clone(&client));
+            for i in 0..8u64 {
+                writer
+                    .write(i << 20, block(i + 200), false)
+                    .await
+                    .expect("write");
+            }
+            volume
+        })
+    });
+    let joined_at = Instant::now();
+    nodes.push(Node::start(configs[3].clone()));
+    common::with_client_of(addresses, move |client| {
+        Box::pin(async move {
+            let client = Rc::new(client);
+            let pool = loop {
+                let pool = read_pool(&client).await.expect("pool");
+                let mut load: BTreeMap<u64, usize> = (1..=4).map(|n| (n, 0)).collect();
+                for copyset in &pool {
+                    for peer in &copyset.peers {
+                        *load.entry(*peer).or_default() += 1;
+                    }
+                }
+                let (min, max) = (
+                    load.values().min().copied().unwrap_or(0),
+                    load.values().max().copied().unwrap_or(0),
+                );
+                if max - min <= 1 && pool.iter().all(|c| c.peers.len() == 3) {
+                    println!(
+                        "replicas per node {load:?} {:.1} s after node 4 joined",
+                        joined_at.elapsed().as_secs_f64()
+                    );
+                    break pool;
+                }
+                assert!(
+                    joined_at.elapsed() < Duration::from_secs(60),
+                    "not balanced: {load:?} {pool:?}"
+                );
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+            };
+            for copyset in &pool {
+                client.set_peers(copyset.copyset, &copyset.peers);
+            }
+            let reader = Volume::new(volume, Rc::clone(&client));
+            for i in 0..8u64 {
+                assert_eq!(
+                    reader.read(i << 20, 4096).await.expect("read"),
+                    block(i + 200),
+                    "page {i}"
                 );
             }
         })

@@ -118,8 +118,12 @@ pub struct PlacementSection {
     pub max_recoveries_per_node: u32,
     /// Whether the placement service balances leaders over the nodes.
     pub balance_leaders: bool,
-    /// MiB per second one shard copies into snapshot installs — a recovery's new replicas and
-    /// a lagging replica's catch-up — so that client I/O keeps its pace (0: unlimited).
+    /// Whether the placement service balances replicas over the nodes (a node that joins
+    /// gets its share of the pool's copysets).
+    pub balance_copysets: bool,
+    /// MiB per second one shard copies into the replicas the placement service added
+    /// (recovery, balancing), so that client I/O keeps its pace (0: unlimited). A replica that
+    /// restarts behind its copyset catches up unpaced: the copyset may need it for a quorum.
     pub recovery_mib_per_s: u64,
 }
 
@@ -134,6 +138,7 @@ impl Default for PlacementSection {
             max_recoveries: 4,
             max_recoveries_per_node: 2,
             balance_leaders: true,
+            balance_copysets: true,
             recovery_mib_per_s: 32,
         }
     }

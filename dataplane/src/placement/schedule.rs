@@ -162,6 +162,72 @@ fn candidate(
         .map(|n| n.node)
 }
 
+/// Copyset balancing (Curve's copyset scheduler): while the up node holding the most pool
+/// replicas holds two or more than the one holding the fewest, move one of its replicas — of
+/// a copyset whose voters are all up and that nothing else changes — to the least loaded node
+/// that keeps the failure domains apart, at most `max` moves (and `limits.max_per_node` onto
+/// one node). A node that joins an existing pool gets its share this way. The moves are
+/// replacements of a live voter; the shell runs them only while nothing is being recovered.
+pub fn plan_balance(
+    nodes: &[NodeView],
+    copysets: &[(CopysetId, Vec<u64>)],
+    running: &BTreeMap<CopysetId, u64>,
+    max: usize,
+    limits: Limits,
+) -> Vec<Replace> {
+    let by_id: BTreeMap<u64, &NodeView> = nodes.iter().map(|n| (n.node, n)).collect();
+    let mut load: BTreeMap<u64, usize> =
+        nodes.iter().filter(|n| n.up).map(|n| (n.node, 0)).collect();
+    for (_, voters) in copysets {
+        for v in voters {
+            if let Some(count) = load.get_mut(v) {
+                *count += 1;
+            }
+        }
+    }
+    let mut adding: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut moves: Vec<Replace> = Vec::new();
+    while moves.len() < max {
+        let Some((&busiest, &most)) = load
+            .iter()
+            .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))
+        else {
+            break;
+        };
+        let least = load.values().copied().min().unwrap_or(0);
+        if most < least + 2 {
+            break;
+        }
+        let best = copysets
+            .iter()
+            .filter(|(c, voters)| {
+                voters.contains(&busiest)
+                    && !running.contains_key(c)
+                    && !moves.iter().any(|m| m.copyset == *c)
+                    && voters.iter().all(|v| by_id.get(v).is_some_and(|n| n.up))
+            })
+            .filter_map(|(c, voters)| {
+                candidate(&by_id, voters, busiest, &load, &adding, limits)
+                    .filter(|to| load.get(to).copied().unwrap_or(0) + 1 < most)
+                    .map(|to| (load.get(&to).copied().unwrap_or(0), *c, voters, to))
+            })
+            .min_by_key(|(to_load, c, _, to)| (*to_load, *to, *c));
+        let Some((_, copyset, voters, add)) = best else {
+            break;
+        };
+        *load.entry(busiest).or_default() -= 1;
+        *load.entry(add).or_default() += 1;
+        *adding.entry(add).or_default() += 1;
+        moves.push(Replace {
+            copyset,
+            voters: voters.clone(),
+            remove: busiest,
+            add,
+        });
+    }
+    moves
+}
+
 /// Hand `copyset`'s leadership to `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
@@ -492,5 +558,35 @@ mod tests {
         assert_eq!(stale_replicas(4, &replicas, &pool, &leaders), vec![c(1)]);
         // A leading replica is never stale, whatever the others say.
         assert!(stale_replicas(4, &[held(1, true, 9)], &pool, &leaders).is_empty());
+    }
+
+    #[test]
+    fn a_joining_node_gets_replicas_until_counts_are_within_one() {
+        let mut nodes: Vec<NodeView> = (1..=3).map(|n| node(n, true, false)).collect();
+        let copysets: Vec<(CopysetId, Vec<u64>)> =
+            (0..3).map(|i| (CopysetId(i), vec![1, 2, 3])).collect();
+        let limits = Limits {
+            max_running: 4,
+            max_per_node: 2,
+        };
+        // Balanced already: nothing moves.
+        assert!(plan_balance(&nodes, &copysets, &BTreeMap::new(), 4, limits).is_empty());
+        nodes.push(node(4, true, false));
+        let moves = plan_balance(&nodes, &copysets, &BTreeMap::new(), 4, limits);
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        let mut load: BTreeMap<u64, i64> = [(1, 3), (2, 3), (3, 3), (4, 0)].into();
+        for m in &moves {
+            assert_eq!(m.add, 4);
+            assert!(m.voters.contains(&m.remove) && !m.voters.contains(&m.add));
+            *load.get_mut(&m.remove).unwrap() -= 1;
+            *load.get_mut(&m.add).unwrap() += 1;
+        }
+        let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+        assert!(max - min <= 1, "{load:?}");
+        // A copyset with an operator running is left alone, and so is one with a voter down.
+        let running: BTreeMap<CopysetId, u64> = copysets.iter().map(|(c, _)| (*c, 9)).collect();
+        assert!(plan_balance(&nodes, &copysets, &running, 4, limits).is_empty());
+        nodes[0].up = false;
+        assert!(plan_balance(&nodes, &copysets, &BTreeMap::new(), 4, limits).is_empty());
     }
 }

@@ -405,6 +405,8 @@ struct PlacementSettings {
     limits: crate::placement::schedule::Limits,
     /// Whether leaders are balanced.
     balance_leaders: bool,
+    /// Whether replicas are balanced over the nodes.
+    balance_copysets: bool,
     /// Bytes per second a shard copies into snapshot installs (0: unlimited).
     recovery_bytes_per_s: u64,
 }
@@ -435,6 +437,7 @@ impl PlacementSettings {
                 max_per_node: config.placement.max_recoveries_per_node as usize,
             },
             balance_leaders: config.placement.balance_leaders,
+            balance_copysets: config.placement.balance_copysets,
             recovery_bytes_per_s: config.placement.recovery_mib_per_s.saturating_mul(1 << 20),
         }
     }
@@ -691,7 +694,10 @@ async fn open_server(
     server.set_scheduler(
         &settings.placement.nodes,
         settings.placement.limits,
-        settings.placement.balance_leaders,
+        (
+            settings.placement.balance_leaders,
+            settings.placement.balance_copysets,
+        ),
         Duration::from_secs(30),
     );
     Ok(server)

@@ -45,6 +45,8 @@ pub struct Volume {
 /// How long a write trusts the epoch it read before reading it again (a writer that missed a
 /// snapshot learns of it at the latest then, or at once from a fenced chunk's refusal).
 const EPOCH_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a write waits for the periodic look at the epoch.
+const EPOCH_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// At most one failed request is logged per this interval (the others are counted).
 const ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -122,9 +124,28 @@ impl Volume {
         if !stale && read_at.is_some_and(|at| now.duration_since(at) < EPOCH_FRESH) {
             return Ok(epoch);
         }
-        let table = snapshot::read_table(&self.client, id)
-            .await
-            .map_err(|e| ExportError::Io(format!("volume {}: its epoch: {e}", self.spec.name)))?;
+        let read = snapshot::read_table(&self.client, id);
+        let table = if stale {
+            // A chunk refused the epoch: the write cannot go on without the new one.
+            read.await.map_err(|e| {
+                ExportError::Io(format!("volume {}: its epoch: {e}", self.spec.name))
+            })?
+        } else {
+            // The periodic look is an optimisation (fenced chunks refuse an old epoch
+            // anyway): it gets a short budget, and when the metadata copyset does not answer
+            // within it the write goes on with the epoch it has, looking again later.
+            let budget = async {
+                glommio::timer::sleep(EPOCH_READ_BUDGET).await;
+                None
+            };
+            match futures_lite::future::or(async { Some(read.await) }, budget).await {
+                Some(Ok(table)) => table,
+                _ => {
+                    self.epoch.set((epoch, Some(now)));
+                    return Ok(epoch);
+                }
+            }
+        };
         if table.epoch != epoch {
             tracing::info!(volume = %self.spec.name, from = epoch, to = table.epoch,
                 "the volume's epoch moved (a snapshot): writes carry the new one");

@@ -27,6 +27,16 @@ pub(super) struct Lifecycle {
     removing: std::collections::HashSet<CopysetId>,
 }
 
+impl Lifecycle {
+    /// Whether a membership change joined this shard's replica of `copyset` lately (within
+    /// [`JOINED_GRACE`]): a replica the scheduler added, whose copy is paced.
+    pub(super) fn joined_lately(&self, copyset: CopysetId) -> bool {
+        self.joined
+            .get(&copyset)
+            .is_some_and(|at| at.elapsed() < JOINED_GRACE)
+    }
+}
+
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Creates a copyset with `peers` as its first voters: a bootstrap snapshot (index 1,
     /// term 1) and hard state in the WAL, made durable before the copyset starts. With

@@ -24,7 +24,9 @@ use super::ShardServer;
 use crate::client::{Client, ClientConfig};
 use crate::ids::CopysetId;
 use crate::net::queue::Notify;
-use crate::placement::schedule::{plan_leaders, plan_recovery, Limits, NodeView, Replace, Stuck};
+use crate::placement::schedule::{
+    plan_balance, plan_leaders, plan_recovery, Limits, NodeView, Replace, Stuck,
+};
 use crate::placement::tables::POOL_RECORD_LEN;
 use crate::placement::tables::{self, PoolState, NODE_CHUNK, NODE_RECORD_LEN, POOL_CHUNK};
 use crate::protocol::placement::{Operator, Operators, OperatorsRequest};
@@ -49,6 +51,8 @@ pub(super) struct Scheduler {
     reported: BTreeMap<CopysetId, Instant>,
     /// Whether leaders are balanced.
     balance_leaders: bool,
+    /// Whether replicas are balanced over the nodes (copyset counts).
+    balance_copysets: bool,
     /// When each copyset's leadership was last moved (cooling), from and to which node.
     moved: BTreeMap<CopysetId, (Instant, u64, u64)>,
 }
@@ -83,18 +87,20 @@ impl Scheduler {
             },
             reported: BTreeMap::new(),
             balance_leaders: true,
+            balance_copysets: true,
             moved: BTreeMap::new(),
         }
     }
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
-    /// Lets this shard schedule recoveries through a client of `nodes`, `limits` at a time.
+    /// Lets this shard schedule recoveries through a client of `nodes`, `limits` at a time,
+    /// and balance leaders and replicas (each when its flag says so).
     pub fn set_scheduler(
         &self,
         nodes: &[NodeAddress],
         limits: Limits,
-        balance_leaders: bool,
+        (balance_leaders, balance_copysets): (bool, bool),
         deadline: Duration,
     ) {
         let config = ClientConfig {
@@ -106,6 +112,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         scheduler.nodes = nodes.iter().map(|n| n.id).collect();
         scheduler.limits = limits;
         scheduler.balance_leaders = balance_leaders;
+        scheduler.balance_copysets = balance_copysets;
     }
 
     /// Runs a scheduling round every heartbeat interval while this replica leads the
@@ -141,7 +148,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let Some((nodes, copysets)) = self.scheduler_view().await else {
             return;
         };
-        let (started, stuck) = {
+        let (mut started, stuck, running, plannable) = {
             let mut scheduler = self.scheduler.borrow_mut();
             let now = Instant::now();
             scheduler.held.retain(|_, until| *until > now);
@@ -155,44 +162,67 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 .filter(|(c, _)| !scheduler.held.contains_key(c))
                 .cloned()
                 .collect();
-            plan_recovery(&nodes, &plannable, &running, scheduler.limits)
+            let (started, stuck) = plan_recovery(&nodes, &plannable, &running, scheduler.limits);
+            (started, stuck, running, plannable)
         };
         self.report_stuck(&stuck);
-        let recovering = !started.is_empty() || !self.scheduler.borrow().running.is_empty();
-        if !recovering && self.scheduler.borrow().balance_leaders {
+        let recovering = !started.is_empty() || !running.is_empty();
+        let (balance_copysets, balance_leaders, limits) = {
+            let scheduler = self.scheduler.borrow();
+            (
+                scheduler.balance_copysets,
+                scheduler.balance_leaders,
+                scheduler.limits,
+            )
+        };
+        if !recovering && balance_copysets {
+            // One move at a time: the next round plans the next one once it is done.
+            started = plan_balance(&nodes, &plannable, &running, 1, limits);
+            for moved in &started {
+                info!(copyset = %moved.copyset, from = moved.remove, to = moved.add,
+                    "balance: moving a replica to a less loaded node");
+            }
+        }
+        if !recovering && started.is_empty() && balance_leaders {
             self.balance_leaders(&nodes, &copysets);
         }
         for replace in started {
-            let cancel = Notify::new();
-            self.scheduler.borrow_mut().running.insert(
-                replace.copyset,
-                Running {
-                    replace: replace.clone(),
-                    started: Instant::now(),
-                    cancel: cancel.clone(),
-                },
-            );
-            let server = Rc::clone(self);
-            glommio::spawn_local(async move {
-                let copyset = replace.copyset;
-                let cancelled = futures_lite::future::or(
-                    async {
-                        server.replace(replace).await;
-                        false
-                    },
-                    async {
-                        cancel.notified().await;
-                        true
-                    },
-                )
-                .await;
-                if cancelled {
-                    warn!(%copyset, "recovery: operator cancelled by an admin");
-                }
-                server.scheduler.borrow_mut().running.remove(&copyset);
-            })
-            .detach();
+            self.start_operator(replace);
         }
+    }
+
+    /// Runs `replace` in a task of its own, listed in `running` until it ends or an admin
+    /// cancels it.
+    fn start_operator(self: &Rc<Self>, replace: Replace) {
+        let cancel = Notify::new();
+        self.scheduler.borrow_mut().running.insert(
+            replace.copyset,
+            Running {
+                replace: replace.clone(),
+                started: Instant::now(),
+                cancel: cancel.clone(),
+            },
+        );
+        let server = Rc::clone(self);
+        glommio::spawn_local(async move {
+            let copyset = replace.copyset;
+            let cancelled = futures_lite::future::or(
+                async {
+                    server.replace(replace).await;
+                    false
+                },
+                async {
+                    cancel.notified().await;
+                    true
+                },
+            )
+            .await;
+            if cancelled {
+                warn!(%copyset, "scheduler: operator cancelled by an admin");
+            }
+            server.scheduler.borrow_mut().running.remove(&copyset);
+        })
+        .detach();
     }
 
     /// Carries one replacement out; the copyset is free for the next round afterwards.
@@ -206,7 +236,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         };
         let started = Instant::now();
         info!(copyset = %replace.copyset, remove = replace.remove, add = replace.add,
-            voters = ?replace.voters, "recovery: replacing an offline voter");
+            voters = ?replace.voters, "scheduler: replacing a voter");
         let target = replace.target();
         client.set_peers(replace.copyset, &replace.voters);
         // The pool's record may lag the membership (a change that committed before a service
@@ -214,7 +244,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
         match client.leader_membership(replace.copyset, &nodes).await {
             Ok((_, membership)) if !membership.voters.contains(&replace.remove) => {
                 info!(copyset = %replace.copyset, voters = ?membership.voters,
-                    "recovery: the offline voter is gone already");
+                    "scheduler: the voter to replace is gone already");
                 return;
             }
             Ok(_) => {}
