@@ -13,10 +13,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chunkctl, free_ports, start, text, write_config_sized, Cluster, Sizes};
+use common::{
+    chunkctl, free_ports, start, text, wait_for_port, write_config_sized, Cluster, Sizes,
+};
 
 fn json(config: &std::path::Path, args: &[&str]) -> Option<serde_json::Value> {
     let output = chunkctl(config, args);
@@ -70,20 +72,6 @@ fn fio(uri: &str, extra: &[&str]) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
-}
-
-fn wait_for_port(addr: &str, child: &mut Child) {
-    let began = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("chunkserver nbd exited: {status}");
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "nbd did not serve"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Four nodes, the metadata copyset on nodes 1 to 3, a 1 GiB striped volume `v` exported by

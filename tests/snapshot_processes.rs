@@ -16,22 +16,9 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chunkctl, free_ports, start, text, write_config_sized, Cluster, Sizes};
-
-/// Waits until `addr` accepts connections (the export serves) or 60 s pass.
-fn wait_for(addr: &str, child: &mut Child) {
-    let began = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("chunkserver nbd exited: {status}");
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "nbd did not serve"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::{
+    chunkctl, free_ports, start, text, wait_for_port, write_config_sized, Cluster, Sizes,
+};
 
 /// fio's sequential write of `size` at `offset` with data from `seed` (or, with
 /// `--verify_only`, the check that the export holds what that job wrote).
@@ -72,7 +59,7 @@ fn export(config: &std::path::Path, addr: &str, volume: &str) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .expect("start chunkserver nbd");
-    wait_for(addr, &mut child);
+    wait_for_port(addr, &mut child);
     child
 }
 

@@ -13,24 +13,11 @@ use std::collections::BTreeSet;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chunkctl, free_ports, start, text, write_config_sized, Cluster, Sizes};
+use common::{
+    chunkctl, free_ports, start, text, wait_for_port, write_config_sized, Cluster, Sizes,
+};
 
 const HOSTS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
-
-/// Waits until `addr` accepts connections (the export serves) or 60 s pass.
-fn wait_for(addr: &str, child: &mut std::process::Child) {
-    let began = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("chunkserver nbd exited: {status}");
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "nbd did not serve"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// fio's spread write (or, with `--verify_only`, its check of what the same job wrote).
 fn fio(uri: &str, extra: &[&str]) -> Output {
@@ -138,7 +125,7 @@ fn an_8_gib_volume_spreads_over_the_pool_and_fio_verifies_it_through_nbd() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start chunkserver nbd");
-    wait_for(&nbd_addr, &mut nbd);
+    wait_for_port(&nbd_addr, &mut nbd);
     cluster.children.push(Some(nbd)); // stopped with the cluster, whatever happens
     let uri = format!("nbd://{nbd_addr}/v");
     // 64 KiB random writes over the whole 8 GiB (every segment, most chunks), 384 MiB in all,
@@ -167,7 +154,7 @@ fn an_8_gib_volume_spreads_over_the_pool_and_fio_verifies_it_through_nbd() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start a second chunkserver nbd");
-    wait_for(&second_addr, &mut second);
+    wait_for_port(&second_addr, &mut second);
     cluster.children.push(Some(second));
     let verified = fio(&format!("nbd://{second_addr}/v"), &["--verify_only"]);
     assert!(

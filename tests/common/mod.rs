@@ -178,3 +178,19 @@ pub fn http_get(port: u16, path: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Waits until `addr` accepts connections (a `chunkserver nbd` serves) or 60 s pass; fails
+/// at once if `child` exits first.
+pub fn wait_for_port(addr: &str, child: &mut Child) {
+    let began = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the process serving {addr} exited: {status}");
+        }
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(60),
+            "nothing serves {addr} after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
