@@ -80,6 +80,42 @@ async fn wait_for(
     }
 }
 
+/// With `up` nodes reporting: the metadata copyset on nodes 1 to 3, the pool placed over the
+/// up nodes, and an 8 MiB striped volume `name` (4 MiB segments) whose first page of each MiB
+/// is `block(i + seed)`. Gives the volume and the pool.
+async fn pool_and_written_volume(
+    client: &Rc<Client>,
+    config: &Config,
+    up: usize,
+    name: &str,
+    seed: u64,
+) -> (
+    dataplane::volume_table::VolumeRecord,
+    Vec<dataplane::placement::tables::PoolCopyset>,
+) {
+    use dataplane::nbd::Export;
+    ensure_metadata_copyset(client, &[1, 2, 3])
+        .await
+        .expect("metadata copyset");
+    wait_for(client, "nodes up", |s| {
+        s.len() == up && s.values().all(|v| v == "up")
+    })
+    .await;
+    let settings = PoolSettings::for_cluster(client, config).await;
+    let pool = ensure_pool(client, &settings).await.expect("the pool");
+    let volume = dataplane::volume::pool::create_striped_volume(client, name, 8 << 20, 4 << 20)
+        .await
+        .expect("volume");
+    let writer = dataplane::volume::Volume::new(volume.clone(), Rc::clone(client));
+    for i in 0..8u64 {
+        writer
+            .write(i << 20, common::block(i + seed), false)
+            .await
+            .expect("write");
+    }
+    (volume, pool)
+}
+
 #[test]
 fn nodes_register_by_heartbeat_and_the_service_tracks_their_state() {
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -275,7 +311,7 @@ fn the_pool_follows_a_moved_copyset_and_a_stale_client_finds_it() {
 fn the_scheduler_replaces_the_voters_of_a_lost_node() {
     use common::{addresses_of_cluster, block};
     use dataplane::nbd::Export;
-    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::pool::read_pool;
     use dataplane::volume::Volume;
 
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -287,26 +323,8 @@ fn the_scheduler_replaces_the_voters_of_a_lost_node() {
     let volume = common::with_client_of(addresses.clone(), move |client| {
         Box::pin(async move {
             let client = Rc::new(client);
-            ensure_metadata_copyset(&client, &[1, 2, 3])
-                .await
-                .expect("metadata copyset");
-            wait_for(&client, "four up", |s| {
-                s.len() == 4 && s.values().all(|v| v == "up")
-            })
-            .await;
-            let settings = PoolSettings::for_cluster(&client, &first_config).await;
-            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            let (volume, pool) = pool_and_written_volume(&client, &first_config, 4, "r", 100).await;
             assert!(pool.iter().filter(|c| c.peers.contains(&4)).count() >= 2);
-            let volume = create_striped_volume(&client, "r", 8 << 20, 4 << 20)
-                .await
-                .expect("volume");
-            let writer = Volume::new(volume.clone(), Rc::clone(&client));
-            for i in 0..8u64 {
-                writer
-                    .write(i << 20, block(i + 100), false)
-                    .await
-                    .expect("write");
-            }
             volume
         })
     });
@@ -502,7 +520,7 @@ fn paused_leaders_stay_piled_and_resumed_they_spread_within_one() {
 fn a_new_service_leader_finishes_the_recovery() {
     use common::{addresses_of_cluster, block};
     use dataplane::nbd::Export;
-    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::pool::read_pool;
     use dataplane::volume::Volume;
 
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -514,25 +532,7 @@ fn a_new_service_leader_finishes_the_recovery() {
     let (volume, service) = common::with_client_of(addresses.clone(), move |client| {
         Box::pin(async move {
             let client = Rc::new(client);
-            ensure_metadata_copyset(&client, &[1, 2, 3])
-                .await
-                .expect("metadata copyset");
-            wait_for(&client, "four up", |s| {
-                s.len() == 4 && s.values().all(|v| v == "up")
-            })
-            .await;
-            let settings = PoolSettings::for_cluster(&client, &first_config).await;
-            ensure_pool(&client, &settings).await.expect("the pool");
-            let volume = create_striped_volume(&client, "f", 8 << 20, 4 << 20)
-                .await
-                .expect("volume");
-            let writer = Volume::new(volume.clone(), Rc::clone(&client));
-            for i in 0..8u64 {
-                writer
-                    .write(i << 20, block(i + 200), false)
-                    .await
-                    .expect("write");
-            }
+            let (volume, _) = pool_and_written_volume(&client, &first_config, 4, "f", 200).await;
             let service = client.topology().await.expect("topology").service;
             (volume, service)
         })
@@ -593,7 +593,7 @@ fn a_new_service_leader_finishes_the_recovery() {
 fn a_node_that_joins_gets_its_share_of_the_pool() {
     use common::{addresses_of_cluster, block};
     use dataplane::nbd::Export;
-    use dataplane::volume::pool::{create_striped_volume, read_pool};
+    use dataplane::volume::pool::read_pool;
     use dataplane::volume::Volume;
 
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -605,26 +605,8 @@ fn a_node_that_joins_gets_its_share_of_the_pool() {
     let volume = common::with_client_of(addresses.clone(), move |client| {
         Box::pin(async move {
             let client = Rc::new(client);
-            ensure_metadata_copyset(&client, &[1, 2, 3])
-                .await
-                .expect("metadata copyset");
-            wait_for(&client, "three up", |s| {
-                s.len() == 3 && s.values().all(|v| v == "up")
-            })
-            .await;
-            let settings = PoolSettings::for_cluster(&client, &first_config).await;
-            let pool = ensure_pool(&client, &settings).await.expect("the pool");
+            let (volume, pool) = pool_and_written_volume(&client, &first_config, 3, "b", 200).await;
             assert!(pool.iter().all(|c| !c.peers.contains(&4)), "{pool:?}");
-            let volume = create_striped_volume(&client, "b", 8 << 20, 4 << 20)
-                .await
-                .expect("volume");
-            let writer = Volume::new(volume.clone(), Rc::clone(&client));
-            for i in 0..8u64 {
-                writer
-                    .write(i << 20, block(i + 200), false)
-                    .await
-                    .expect("write");
-            }
             volume
         })
     });
