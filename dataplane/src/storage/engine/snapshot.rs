@@ -160,6 +160,18 @@ impl<B: Bdev> ShardEngine<B> {
         }
     }
 
+    /// The slot of `chunk` for the entry at `index` to change; `None` when the chunk does not
+    /// exist or has applied that entry already (a replay): nothing to do.
+    fn slot_to_apply(&self, chunk: ChunkId, index: LogIndex) -> Result<Option<u32>, StorageError> {
+        let Some(slot) = self.table.borrow().lookup(chunk) else {
+            return Ok(None);
+        };
+        if self.already_applied(slot, index)? {
+            return Ok(None);
+        }
+        Ok(Some(slot))
+    }
+
     /// Raises `chunk`'s sequence number to `sn` without writing, as the entry at `index`: its
     /// current version becomes its snapshot (as a write with `sn` would make it), so a write
     /// of an older sequence number is refused from now on. A chunk that does not exist stays
@@ -170,12 +182,9 @@ impl<B: Bdev> ShardEngine<B> {
         sn: u64,
         index: LogIndex,
     ) -> Result<(), StorageError> {
-        let Some(slot) = self.table.borrow().lookup(chunk) else {
+        let Some(slot) = self.slot_to_apply(chunk, index)? else {
             return Ok(());
         };
-        if self.already_applied(slot, index)? {
-            return Ok(());
-        }
         let meta = self.slot_meta(slot)?;
         if sn > meta.sn {
             if meta.flags & FLAG_CLONE != 0 && sn > meta.aux {
@@ -251,12 +260,9 @@ impl<B: Bdev> ShardEngine<B> {
         corrected_sn: u64,
         index: LogIndex,
     ) -> Result<(), StorageError> {
-        let Some(slot) = self.table.borrow().lookup(chunk) else {
+        let Some(slot) = self.slot_to_apply(chunk, index)? else {
             return Ok(());
         };
-        if self.already_applied(slot, index)? {
-            return Ok(());
-        }
         let mut meta = self.slot_meta(slot)?;
         let snapshot = meta.link;
         meta.link = NO_SLOT;
