@@ -376,10 +376,15 @@ fn nbd(
         eprintln!("error: cannot install signal handlers: {error}");
         return ExitCode::FAILURE;
     }
+    let net = config.net.clone();
     let outcome = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("nbd")
         .spawn(move || async move {
-            let client = Rc::new(Client::new(&nodes, ClientConfig::default()));
+            let client_config = ClientConfig {
+                net: net.clone(),
+                ..ClientConfig::default()
+            };
+            let client = Rc::new(Client::new(&nodes, client_config));
             let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
             let peers = dataplane::volume::default_peers(&ids);
             dataplane::volume::ensure_metadata_copyset(&client, &peers)

@@ -1013,11 +1013,13 @@ fn main() -> ExitCode {
         }
     };
     let nodes = NodeAddress::from_config(&config);
+    let net = config.net.clone();
     let outcome = LocalExecutorBuilder::new(Placement::Unbound)
         .name("chunkctl")
         .spawn(move || async move {
             let client_config = ClientConfig {
                 deadline: Duration::from_secs(5),
+                net,
                 ..ClientConfig::default()
             };
             let client = Rc::new(Client::new(&nodes, client_config));

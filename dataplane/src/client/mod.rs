@@ -74,7 +74,7 @@ pub enum ClientError {
 }
 
 /// Limits of the client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// How long one operation may take, retries included.
     pub deadline: Duration,
@@ -85,6 +85,8 @@ pub struct ClientConfig {
     /// How long one attempt against one replica may take before the client tries another: a
     /// paused or cut-off leader must not hold a request for the transport's whole timeout.
     pub attempt_timeout: Duration,
+    /// Connection timeouts and the RDMA device and rings (`[net]` of the node's file).
+    pub net: crate::config::NetSection,
 }
 
 impl Default for ClientConfig {
@@ -94,6 +96,7 @@ impl Default for ClientConfig {
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(200),
             attempt_timeout: Duration::from_secs(3),
+            net: crate::config::NetSection::default(),
         }
     }
 }
@@ -113,8 +116,8 @@ impl Client {
     pub fn new(nodes: &[NodeAddress], config: ClientConfig) -> Client {
         Client {
             nodes: nodes.iter().map(|n| (n.id, *n)).collect(),
+            net: NetContext::from_section(&config.net),
             config,
-            net: NetContext::default(),
             leaders: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),
             connections: RefCell::new(HashMap::new()),

@@ -18,10 +18,12 @@ use crate::storage::engine::FormatOptions;
 pub use crate::units::ByteSize;
 
 mod host;
+mod net;
 mod validate;
 mod values;
 
 pub use host::HostTopology;
+pub use net::NetSection;
 pub use values::{parse_cpulist, CoreSpec, Endpoint, Transport};
 
 /// Every default value of the configuration, in one place.
@@ -52,6 +54,18 @@ pub mod defaults {
     pub const LOG_FORMAT: &str = "text";
     /// Trace one request in this many with a span through the request path (0: none).
     pub const LOG_TRACE_EVERY: u64 = 0;
+    /// How long opening a connection may take (RDMA set-up included).
+    pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
+    /// How long a request waits for its response.
+    pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+    /// How long one write may take before the connection is declared dead.
+    pub const IO_TIMEOUT_MS: u64 = 10_000;
+    /// GID index for `rdma://` (RoCE v2 over IPv4).
+    pub const RDMA_GID_INDEX: u8 = 1;
+    /// Receive buffers posted per RDMA connection.
+    pub const RDMA_RECV_RING_DEPTH: u16 = 64;
+    /// Landing (and staging) slots per RDMA connection.
+    pub const RDMA_LANDING_SLOTS: u16 = 4;
 }
 
 /// One process's configuration.
@@ -80,6 +94,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Connection timeouts and the RDMA transport's device and rings.
+    #[serde(default, skip_serializing_if = "NetSection::is_default")]
+    pub net: NetSection,
     /// Fault injection, for the fault suite only.
     #[serde(default, skip_serializing_if = "FaultSection::is_default")]
     pub fault: FaultSection,

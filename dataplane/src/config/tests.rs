@@ -149,6 +149,13 @@ fn every_key_is_documented_in_operations_md() {
         "fault.injection",
         "fault.seed",
         "metrics.address",
+        "net.connect_timeout_ms",
+        "net.request_timeout_ms",
+        "net.io_timeout_ms",
+        "net.rdma_device",
+        "net.rdma_gid_index",
+        "net.rdma_recv_ring_depth",
+        "net.rdma_landing_slots",
         "cluster.nodes.id",
         "cluster.nodes.peer",
         "cluster.nodes.client",
@@ -206,4 +213,38 @@ fn absurd_wal_sizes_are_refused_not_overflowed() {
     let error = check(&text).unwrap_err();
     assert_eq!(error.key, "storage.wal_size_per_shard", "{error}");
     assert!(error.message.contains("larger than 1024TiB"), "{error}");
+}
+
+#[test]
+fn net_settings_are_read_and_bad_ones_refused() {
+    let with_net =
+        |body: &str| GOOD.replace("[[devices]]", &format!("[net]\n{body}\n\n[[devices]]"));
+    let text =
+        with_net("connect_timeout_ms = 30000\nrdma_device = \"rxe0\"\nrdma_landing_slots = 1");
+    let config = Config::parse(Path::new("test.toml"), &text).unwrap();
+    assert_eq!(config.net.connect_timeout_ms, 30_000);
+    assert_eq!(config.net.rdma_device.as_deref(), Some("rxe0"));
+    assert_eq!(config.net.rdma_landing_slots, 1);
+    assert_eq!(config.net.request_timeout_ms, defaults::REQUEST_TIMEOUT_MS);
+    check(&text).unwrap();
+    let context = crate::net::NetContext::from_section(&config.net);
+    assert_eq!(
+        context.connection.connect_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(context.rdma.landing_slots, 1);
+    assert_eq!(
+        check(&with_net("io_timeout_ms = 0")).unwrap_err().key,
+        "net.io_timeout_ms"
+    );
+    assert_eq!(
+        check(&with_net("rdma_recv_ring_depth = 2"))
+            .unwrap_err()
+            .key,
+        "net.rdma_recv_ring_depth"
+    );
+    assert_eq!(
+        check(&with_net("rdma_landing_slots = 0")).unwrap_err().key,
+        "net.rdma_landing_slots"
+    );
 }

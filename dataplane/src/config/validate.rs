@@ -60,6 +60,9 @@ impl Config {
         self.check_devices(cores.len())?;
         self.check_raft()?;
         self.check_log()?;
+        self.net
+            .check()
+            .map_err(|(key, message)| err(key, message))?;
         self.check_placement()?;
         Ok(Resolved { cores })
     }

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::queue::{oneshot, BoundedQueue, OneshotSender, TryPushError};
 use super::NetError;
+use crate::config::defaults;
 use crate::protocol::frame::{Frame, FrameCodec, FrameFlags, Opcode, DEFAULT_MAX_PAYLOAD};
 
 /// Bounds and timeouts of one connection, taken from the configuration at start-up.
@@ -50,9 +51,9 @@ impl Default for ConnectionConfig {
             incoming_queue_frames: 256,
             queue_bytes: 32 << 20,
             max_in_flight_requests: 1024,
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(3),
-            io_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_millis(defaults::REQUEST_TIMEOUT_MS),
+            connect_timeout: Duration::from_millis(defaults::CONNECT_TIMEOUT_MS),
+            io_timeout: Duration::from_millis(defaults::IO_TIMEOUT_MS),
             max_payload: DEFAULT_MAX_PAYLOAD,
             coalesce_bytes_max: 256 * 1024,
         }

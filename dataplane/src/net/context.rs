@@ -6,11 +6,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::connection::ConnectionConfig;
 use super::payload::{AlignedHeapAllocator, PayloadAllocator};
 use super::verbs::soft::SoftVerbs;
 use super::NetError;
+use crate::config::{defaults, NetSection};
 
 /// Sizes of the RDMA transport's rings and slots, per connection.
 #[derive(Debug, Clone)]
@@ -33,12 +35,12 @@ pub struct RdmaConfig {
 impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
-            recv_ring_depth: 64,
+            recv_ring_depth: defaults::RDMA_RECV_RING_DEPTH,
             recv_buffer_size: 8192,
-            landing_slots: 4,
+            landing_slots: defaults::RDMA_LANDING_SLOTS,
             landing_slot_size: crate::protocol::frame::DEFAULT_MAX_PAYLOAD as usize,
             device: None,
-            gid_index: 1,
+            gid_index: defaults::RDMA_GID_INDEX,
         }
     }
 }
@@ -93,6 +95,21 @@ pub struct NetContext {
     pub allocator: Rc<dyn PayloadAllocator>,
     /// The verbs devices this shard opened (one per IP for softverbs, one ibverbs device).
     pub rdma_devices: Rc<RdmaDevices>,
+}
+
+impl NetContext {
+    /// A context with the timeouts and RDMA settings of a `[net]` section.
+    pub fn from_section(net: &NetSection) -> NetContext {
+        let mut context = NetContext::default();
+        context.connection.connect_timeout = Duration::from_millis(net.connect_timeout_ms);
+        context.connection.request_timeout = Duration::from_millis(net.request_timeout_ms);
+        context.connection.io_timeout = Duration::from_millis(net.io_timeout_ms);
+        context.rdma.device.clone_from(&net.rdma_device);
+        context.rdma.gid_index = net.rdma_gid_index;
+        context.rdma.recv_ring_depth = net.rdma_recv_ring_depth;
+        context.rdma.landing_slots = net.rdma_landing_slots;
+        context
+    }
 }
 
 impl Default for NetContext {

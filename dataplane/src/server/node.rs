@@ -390,6 +390,8 @@ struct ShardSettings {
     admin_token: Option<Vec<u8>>,
     /// The placement service's settings and this node's labels.
     placement: PlacementSettings,
+    /// Connection timeouts and the RDMA device and rings.
+    net: crate::config::NetSection,
 }
 
 /// What the heartbeat and the placement service need from the configuration.
@@ -471,6 +473,7 @@ impl ShardSettings {
             client_endpoints: config.listen.client.clone(),
             stop_all: shutdown.clone(),
             metrics_address: config.metrics.address,
+            net: config.net.clone(),
             trace_every: config.log.trace_every,
             collect_metrics: config.metrics.collect,
             numa_node,
@@ -592,7 +595,8 @@ async fn run_shard(
     }
     let (bdev, device_shard) = open_device(settings, shard).await?;
     let server = open_server(settings, shard, bdev, device_shard).await?;
-    let net = NetContext::default();
+    let net = NetContext::from_section(&settings.net);
+    server.set_net(net.clone());
     let (peer, clients) = bind_listeners(settings, shard, &net).await?;
     // Answer other shards' scrapes and serve the requests they forward.
     serve_other_shards(&server, ctx.mesh.take_receivers());
@@ -605,6 +609,7 @@ async fn run_shard(
         let heartbeats = heartbeat_loop(
             settings.node,
             &settings.placement,
+            &settings.net,
             Rc::clone(&server),
             Rc::clone(&mesh),
             ctx.shutdown.clone(),
@@ -698,7 +703,11 @@ async fn open_server(
             settings.placement.balance_leaders,
             settings.placement.balance_copysets,
         ),
-        Duration::from_secs(30),
+        crate::client::ClientConfig {
+            deadline: Duration::from_secs(30),
+            net: settings.net.clone(),
+            ..crate::client::ClientConfig::default()
+        },
     );
     Ok(server)
 }
@@ -760,6 +769,7 @@ fn serve_other_shards<B: Bdev + 'static>(
 fn heartbeat_loop<B: Bdev + 'static>(
     node: u64,
     placement: &PlacementSettings,
+    net: &crate::config::NetSection,
     server: Rc<ShardServer<B>>,
     mesh: Rc<crate::shard::Mesh<ShardMessage>>,
     stop: ShutdownSignal,
@@ -768,6 +778,7 @@ fn heartbeat_loop<B: Bdev + 'static>(
     let (zone, host) = (placement.zone.clone(), placement.host.clone());
     let config = crate::client::ClientConfig {
         deadline: interval,
+        net: net.clone(),
         ..crate::client::ClientConfig::default()
     };
     let client = crate::client::Client::new(&placement.nodes, config);

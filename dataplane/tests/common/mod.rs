@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dataplane::client::{Client, ClientConfig, NodeAddress};
-use dataplane::config::Config;
+use dataplane::config::{Config, NetSection};
 use dataplane::server::run_node;
 use dataplane::shard::ShutdownSignal;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -25,6 +25,10 @@ impl Node {
 
     /// Starts the node with one shard per entry of `cores`.
     pub fn start_on(config: Config, cores: Vec<u32>) -> Node {
+        // The nodes' logs, when asked for with RUST_LOG (off otherwise: test output stays short).
+        if std::env::var_os("RUST_LOG").is_some() {
+            dataplane::logging::init("info", false);
+        }
         let shutdown = ShutdownSignal::new();
         let signal = shutdown.clone();
         let thread = std::thread::spawn(move || {
@@ -126,7 +130,30 @@ lease_ms = 150
         client = client(me),
         nodes = nodes.join(", "),
     );
-    Config::parse(Path::new("cluster-test.toml"), &text).expect("test config parses")
+    let mut config =
+        Config::parse(Path::new("cluster-test.toml"), &text).expect("test config parses");
+    config.net = net_for(scheme);
+    config
+}
+
+/// The `[net]` settings of nodes and clients over `scheme`. Over real verbs the device and GID
+/// come from `RDMA_DEVICE`/`RDMA_GID_INDEX` (as in the verbs suites), and set-ups get time:
+/// in the emulated Soft-RoCE guest registering a connection's regions takes seconds (about
+/// 1-2 s each, measured, against milliseconds on hardware), so one landing slot, not four.
+pub fn net_for(scheme: &str) -> NetSection {
+    if scheme != "rdma" {
+        return NetSection::default();
+    }
+    NetSection {
+        connect_timeout_ms: 30_000,
+        rdma_device: std::env::var("RDMA_DEVICE").ok(),
+        rdma_gid_index: std::env::var("RDMA_GID_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        rdma_landing_slots: 1,
+        ..NetSection::default()
+    }
 }
 
 pub fn addresses(ports: &[u16]) -> Vec<NodeAddress> {
@@ -179,7 +206,7 @@ pub fn with_client_over<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
-    with_client_of(addresses_over(ports, scheme), body)
+    with_client_net(addresses_over(ports, scheme), net_for(scheme), body)
 }
 
 /// Runs `body` with a client of the nodes at `addresses` on its own executor.
@@ -189,11 +216,23 @@ pub fn with_client_of<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
+    with_client_net(addresses, NetSection::default(), body)
+}
+
+/// The same, with the client's connections set up by `net`.
+pub fn with_client_net<T: Send + 'static>(
+    addresses: Vec<NodeAddress>,
+    net: NetSection,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("test-client")
         .spawn(move || async move {
             let config = ClientConfig {
                 deadline: Duration::from_secs(20),
+                net,
                 ..ClientConfig::default()
             };
             body(Client::new(&addresses, config)).await

@@ -89,9 +89,12 @@ pub(super) async fn set_up<V: Verbs + 'static>(
             .new_domain()
             .map_err(verbs_error(&label, "allocate a protection domain"))?,
     );
+    let started = Instant::now();
     let regions = register_regions(&*device, config, &label)?;
+    let registered = started.elapsed();
     let (cq, qp) = create_queues(&*device, config, &label)?;
     post_receive_ring(&qp, &regions.recv, config, &label)?;
+    tracing::debug!(%label, ?registered, queues = ?(started.elapsed() - registered), "rdma set-up: regions and queues");
     let hello = own_hello(&qp, &regions.landing, config);
     let peer = exchange_hellos(&mut stream, &hello, &label).await?;
     connect_queue_pair(&qp, &peer, &label)?;

@@ -86,6 +86,44 @@ fn a_hello_with_a_bad_magic_is_refused_and_the_listener_keeps_serving() {
     });
 }
 
+/// Peers that open the out-of-band connection and then say nothing hold no other peer back:
+/// set-ups run side by side, so a well-behaved client connects at once while they sit there
+/// (with set-ups one after the other it waited out every silent peer's timeout first).
+#[test]
+fn silent_peers_do_not_hold_back_other_connections() {
+    run_case(Duration::from_secs(30), || async {
+        let mut context = context();
+        context.connection.connect_timeout = Duration::from_secs(4);
+        let (endpoint, _) =
+            crate::net::message_suite::start_echo_server(Transport::SoftRdma, &context).await;
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            silent.push(
+                TcpStream::connect(endpoint.addr)
+                    .await
+                    .expect("raw connect"),
+            );
+        }
+        // Let the listener take the silent ones first.
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let connection = connect_endpoint(&endpoint, &context)
+            .await
+            .expect("connect past the silent peers");
+        let response = connection
+            .call(Message::new(Opcode::PING, 0, Bytes::from_static(b"hi")))
+            .await
+            .expect("echo");
+        assert_eq!(&response.payload[..], b"hi");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "connecting took {:?} behind 3 silent peers",
+            started.elapsed()
+        );
+        drop(silent);
+    });
+}
+
 /// A hand-made peer for the listener's first connection: a real softverbs queue pair that
 /// completes set-up advertising `landing`, whatever that is.
 struct HandMadePeer {

@@ -146,7 +146,7 @@ pub struct ShardServer<B: Bdev + 'static> {
     engine: Rc<ShardEngine<B>>,
     cluster: ClusterView,
     timings: RaftTimings,
-    net: NetContext,
+    net: RefCell<NetContext>,
     copysets: RefCell<HashMap<CopysetId, CopysetCell<B>>>,
     /// Clients waiting for a copyset's answer.
     waiters: RefCell<HashMap<Token, OneshotSender<(Status, Bytes)>>>,
@@ -206,7 +206,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             engine,
             cluster,
             timings,
-            net: NetContext::default(),
+            net: RefCell::new(NetContext::default()),
             copysets: RefCell::new(HashMap::new()),
             waiters: RefCell::new(HashMap::new()),
             reads: RefCell::new(HashMap::new()),
@@ -378,7 +378,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
             max: Duration::from_millis(200),
             attempts_max: 1,
         };
-        let peer = Rc::new(PeerConnection::new(endpoint, self.net.clone(), backoff));
+        let peer = Rc::new(PeerConnection::new(
+            endpoint,
+            self.net.borrow().clone(),
+            backoff,
+        ));
         self.peers
             .borrow_mut()
             .insert((node, shard), Rc::clone(&peer));
@@ -388,6 +392,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
     /// The admin token `RESET_PEERS` must carry (`None`: the operation is refused).
     pub fn set_admin_token(&self, token: Option<&[u8]>) {
         *self.admin_token.borrow_mut() = token.map(Rc::from);
+    }
+
+    /// The timeouts and RDMA settings of the shard's connections to other nodes (`[net]`).
+    pub fn set_net(&self, net: NetContext) {
+        *self.net.borrow_mut() = net;
     }
 
     /// Traces one service request in `every` with a `request` span (0: none).

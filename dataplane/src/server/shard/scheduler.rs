@@ -95,18 +95,15 @@ impl Scheduler {
 
 impl<B: Bdev + 'static> ShardServer<B> {
     /// Lets this shard schedule recoveries through a client of `nodes`, `limits` at a time,
-    /// and balance leaders and replicas (each when its flag says so).
+    /// and balance leaders and replicas (each when its flag says so); the client's deadline and
+    /// connection settings are `config`'s.
     pub fn set_scheduler(
         &self,
         nodes: &[NodeAddress],
         limits: Limits,
         (balance_leaders, balance_copysets): (bool, bool),
-        deadline: Duration,
+        config: ClientConfig,
     ) {
-        let config = ClientConfig {
-            deadline,
-            ..ClientConfig::default()
-        };
         let mut scheduler = self.scheduler.borrow_mut();
         scheduler.client = Some(Rc::new(Client::new(nodes, config)));
         scheduler.nodes = nodes.iter().map(|n| n.id).collect();
