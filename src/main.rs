@@ -80,6 +80,10 @@ enum Command {
         /// volume, operation and result) at `http://ADDR/metrics`.
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Seconds one NBD request may wait for the cluster (leader elections, a restarting
+        /// node, a recovery), retries included, before it fails with EIO.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        io_timeout: u64,
     },
     /// Start a three-replica cluster on loopback from the embedded configuration, write and
     /// read back a region, run a short benchmark, and stop.
@@ -104,7 +108,14 @@ fn main() -> ExitCode {
             listen,
             volumes,
             metrics,
-        } => nbd(&config, listen, &volumes, metrics),
+            io_timeout,
+        } => nbd(
+            &config,
+            listen,
+            &volumes,
+            metrics,
+            Duration::from_secs(io_timeout),
+        ),
         Command::Demo { backend, seconds } => demo(&backend, seconds),
     }
 }
@@ -338,6 +349,7 @@ fn nbd(
     listen: std::net::SocketAddr,
     volumes: &[String],
     metrics: Option<std::net::SocketAddr>,
+    io_timeout: Duration,
 ) -> ExitCode {
     let config = match std::fs::read_to_string(file)
         .map_err(|e| format!("{}: cannot read: {e}", file.display()))
@@ -381,6 +393,7 @@ fn nbd(
         .name("nbd")
         .spawn(move || async move {
             let client_config = ClientConfig {
+                deadline: io_timeout,
                 net: net.clone(),
                 ..ClientConfig::default()
             };

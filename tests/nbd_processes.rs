@@ -116,6 +116,9 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
             "vol0",
             "--metrics",
             &metrics_addr,
+            // The requests below, with every node gone, fail after this (default 60 s).
+            "--io-timeout",
+            "5",
         ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
@@ -126,8 +129,8 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
     assert!(!text.contains("qemu-io failed"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
 
-    // Issue 24: with every node gone, a read fails (EIO to the client after the client's
-    // deadline), the export logs it once with the volume, offset, copyset and cause, and
+    // Issue 24: with every node gone, a read fails (EIO to the client after `--io-timeout`,
+    // and no sooner than that), the export logs it once with the volume, offset, copyset and cause, and
     // counts it.
     for node in cluster.children.iter_mut().take(3) {
         if let Some(mut child) = node.take() {
@@ -135,6 +138,7 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
             child.wait().expect("reap");
         }
     }
+    let asked = std::time::Instant::now();
     let failed = Command::new("qemu-io")
         .args([
             "-f",
@@ -150,6 +154,11 @@ fn qemu_io_reads_back_what_it_wrote_to_a_volume_served_by_chunkserver_nbd() {
     assert!(
         said.contains("Input/output error") || !failed.status.success(),
         "a read with no node up succeeded: {said}"
+    );
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_secs(5),
+        "the read failed after {:?}, before --io-timeout 5",
+        asked.elapsed()
     );
     let logged = std::fs::read_to_string(&log).expect("nbd log");
     let line = logged
