@@ -443,6 +443,7 @@ fn every_chunkctl_command_prints_one_json_object_with_its_keys() {
         &["copyset", "change-peers", "--id", "7", "--peers", "1,2,3"],
         &membership,
     );
+    json(&["scrub", "--copyset", "7"], &["scrubbed"]);
     json(
         &["volume", "create", "--name", "v", "--size", "64MiB"],
         &["name", "size", "layout", "segments"],

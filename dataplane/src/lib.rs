@@ -16,6 +16,7 @@ pub mod net;
 pub mod placement;
 pub mod protocol;
 pub mod rng;
+pub mod scrub;
 pub mod server;
 pub mod shard;
 pub mod storage;

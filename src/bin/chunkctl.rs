@@ -170,6 +170,21 @@ enum Command {
         #[arg(long, value_parser = parse_copyset)]
         copyset: Option<u64>,
     },
+    /// Compares what the replicas of copysets hold, page by page (crc32c of each page, taken
+    /// by every replica at the same log position while writes go on), and reports each page a
+    /// replica holds differently from the majority; `--repair` rewrites those from the
+    /// majority. Exits 1 while a difference is left.
+    Scrub {
+        /// The copyset to scrub (a number, or `meta`); without it, every copyset of the nodes.
+        #[arg(long, value_parser = parse_copyset)]
+        copyset: Option<u64>,
+        /// Rewrite the pages a replica holds wrong from the majority.
+        #[arg(long)]
+        repair: bool,
+        /// MiB of chunk data per second each replica reads for the scrub (0: unlimited).
+        #[arg(long, default_value_t = 64)]
+        mib_per_s: u64,
+    },
     /// The chunkservers as the placement service sees them: labels, state (up, unstable,
     /// offline, unknown), last heartbeat, chunk slots, replicas and leaders.
     Topology,
@@ -343,6 +358,101 @@ async fn clone_command(
         println!("volume {name} cloned from {from} in {seconds:.2} s");
     }
     Ok(())
+}
+
+/// `chunkctl scrub`: one copyset, or every copyset the nodes hold.
+async fn scrub_command(
+    client: &Client,
+    ids: &[u64],
+    copyset: Option<u64>,
+    (repair, mib_per_s): (bool, u64),
+    json_output: bool,
+) -> Result<(), Failure> {
+    let copysets: Vec<CopysetId> = match copyset {
+        Some(id) => vec![CopysetId(id)],
+        None => {
+            let mut all = std::collections::BTreeSet::new();
+            for node in ids {
+                match client.list_copysets(*node).await {
+                    Ok(list) => all.extend(list),
+                    Err(error) => eprintln!("node {node}: not listed: {error}"),
+                }
+            }
+            all.into_iter().collect()
+        }
+    };
+    let options = dataplane::client::scrub::ScrubOptions {
+        repair,
+        bytes_per_s: mib_per_s.saturating_mul(1 << 20),
+    };
+    let mut reports = Vec::new();
+    for copyset in copysets {
+        let progress = Progress::new("scrub", json_output);
+        let report = client
+            .scrub_copyset(copyset, options, |d, t| progress.update(d, t))
+            .await;
+        progress.finish();
+        let report = report.map_err(Failure::from)?;
+        if !json_output {
+            print_scrub(&report);
+        }
+        reports.push(report);
+    }
+    if json_output {
+        println!("{}", json!({ "scrubbed": reports }));
+    }
+    let left = reports.iter().filter(|r| !r.is_clean()).count();
+    if left == 0 {
+        Ok(())
+    } else {
+        Err(Failure::from(format!(
+            "{left} copyset(s) with replicas that differ{}",
+            if repair {
+                " after the repair"
+            } else {
+                "; --repair rewrites them from the majority"
+            }
+        )))
+    }
+}
+
+fn print_scrub(report: &dataplane::client::scrub::CopysetScrub) {
+    let copyset = CopysetId(report.copyset);
+    println!(
+        "copyset {copyset}: {} chunk(s), {} MiB compared on voters {:?}: {}",
+        report.chunks,
+        report.bytes >> 20,
+        report.voters,
+        if report.bad_pages.is_empty() && report.is_clean() {
+            "replicas agree".to_string()
+        } else {
+            format!(
+                "{} page(s) differ, {} repaired",
+                report.bad_pages.len(),
+                report.repaired
+            )
+        }
+    );
+    for page in &report.bad_pages {
+        println!(
+            "  node {} chunk {} offset {}: crc32c {:08x}, majority {:08x}{}",
+            page.node,
+            page.chunk,
+            page.offset,
+            page.bad,
+            page.good,
+            if page.repaired { " (repaired)" } else { "" }
+        );
+    }
+    for (chunk, offset) in &report.undecided_pages {
+        println!("  chunk {chunk} offset {offset}: no majority, not repaired");
+    }
+    for (chunk, node) in &report.presence {
+        println!("  chunk {chunk}: node {node} differs from the majority in having it");
+    }
+    for why in &report.unanswered {
+        println!("  not compared: {why}");
+    }
 }
 
 /// `chunkctl volume snapshot …` and `chunkctl volume rollback`.
@@ -1054,6 +1164,11 @@ fn main() -> ExitCode {
                         Err(Failure::from(format!("{} problem(s)", found.len())))
                     }
                 }
+                Command::Scrub {
+                    copyset,
+                    repair,
+                    mib_per_s,
+                } => scrub_command(&client, &ids, copyset, (repair, mib_per_s), cli.json).await,
                 Command::Copyset(CopysetCommand::TransferLeader { id, to }) => {
                     client.set_peers(CopysetId(id), &ids);
                     match client.transfer_leader(CopysetId(id), to).await {

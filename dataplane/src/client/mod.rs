@@ -4,7 +4,11 @@
 //!
 //! Runs on a glommio executor (the connections are the shard-local ones of `net`).
 
+mod config;
+pub mod scrub;
 mod service;
+
+pub use config::ClientConfig;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -71,34 +75,6 @@ pub enum ClientError {
         /// The limit.
         max: u32,
     },
-}
-
-/// Limits of the client.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// How long one operation may take, retries included.
-    pub deadline: Duration,
-    /// First wait between attempts that found no leader.
-    pub backoff_initial: Duration,
-    /// Longest wait between attempts.
-    pub backoff_max: Duration,
-    /// How long one attempt against one replica may take before the client tries another: a
-    /// paused or cut-off leader must not hold a request for the transport's whole timeout.
-    pub attempt_timeout: Duration,
-    /// Connection timeouts and the RDMA device and rings (`[net]` of the node's file).
-    pub net: crate::config::NetSection,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            deadline: Duration::from_secs(10),
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(200),
-            attempt_timeout: Duration::from_secs(3),
-            net: crate::config::NetSection::default(),
-        }
-    }
 }
 
 /// A client of one cluster.

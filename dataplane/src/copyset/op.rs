@@ -111,6 +111,28 @@ pub enum ChunkOp {
     /// A change to the placement tables of the metadata copyset (pool, striped volumes,
     /// segments); it reads and writes several of its chunks, so it applies alone.
     Meta(crate::placement::meta::MetaOp),
+    /// Take the crc32c of each page of `offset..offset + len` of the chunk as this replica
+    /// holds it now (`crate::scrub`); changes nothing.
+    Scrub {
+        /// The chunk.
+        chunk: ChunkId,
+        /// Byte offset within the chunk.
+        offset: u32,
+        /// Bytes (at most `crate::scrub::MAX_PAGES` pages).
+        len: u32,
+    },
+    /// Write `data` at `offset` only on a replica whose page there has the crc32c `bad` (a
+    /// scrub's repair from the majority; a page written since the scrub is left alone).
+    Repair {
+        /// The chunk.
+        chunk: ChunkId,
+        /// Byte offset within the chunk.
+        offset: u32,
+        /// The majority's bytes.
+        data: Bytes,
+        /// The checksum of the page the bad replica holds.
+        bad: u32,
+    },
 }
 
 /// Why bytes are not an operation.
@@ -143,6 +165,8 @@ const OP_VOLUME_CREATE: u8 = 8;
 const OP_VOLUME_DELETE: u8 = 9;
 const OP_META: u8 = 10;
 const OP_FENCE: u8 = 11;
+const OP_SCRUB: u8 = 12;
+const OP_REPAIR: u8 = 13;
 
 impl ChunkOp {
     /// The chunk the operation touches: applies of one chunk run in log order.
@@ -155,6 +179,8 @@ impl ChunkOp {
             | ChunkOp::CreateClone { chunk, .. }
             | ChunkOp::Paste { chunk, .. }
             | ChunkOp::Recover { chunk, .. }
+            | ChunkOp::Scrub { chunk, .. }
+            | ChunkOp::Repair { chunk, .. }
             | ChunkOp::Flatten { chunk } => *chunk,
             ChunkOp::VolumeCreate { table, .. } | ChunkOp::VolumeDelete { table, .. } => *table,
             ChunkOp::Meta(_) => crate::volume_table::TABLE_CHUNK,
@@ -206,6 +232,22 @@ impl ChunkOp {
                 (OP_RECOVER, chunk, 0, *offset, &[][..], *len)
             }
             ChunkOp::Flatten { chunk } => (OP_FLATTEN, chunk, 0, 0, &[][..], 0),
+            // A scrub carries no data: `len` is the range's length, as for a recover.
+            ChunkOp::Scrub { chunk, offset, len } => (OP_SCRUB, chunk, 0, *offset, &[][..], *len),
+            // A repair's `sn` field carries the bad checksum.
+            ChunkOp::Repair {
+                chunk,
+                offset,
+                data,
+                bad,
+            } => (
+                OP_REPAIR,
+                chunk,
+                u64::from(*bad),
+                *offset,
+                &data[..],
+                data.len() as u32,
+            ),
             // The data: the copyset u64, then the name.
             ChunkOp::VolumeCreate {
                 table,
@@ -247,12 +289,16 @@ impl ChunkOp {
         if raw.code == OP_RECOVER {
             return raw.recover();
         }
+        if raw.code == OP_SCRUB {
+            return raw.scrub();
+        }
         if raw.data_len != raw.len {
             return Err(raw.malformed("the data length does not match the trailer"));
         }
         match raw.code {
             OP_WRITE => Ok(raw.write()),
             OP_PASTE => Ok(raw.paste()),
+            OP_REPAIR => raw.repair(),
             OP_CREATE_CLONE => raw.create_clone(),
             OP_VOLUME_CREATE => raw.volume_create(),
             OP_VOLUME_DELETE => raw.volume_delete(),
@@ -346,6 +392,33 @@ impl<'a> Raw<'a> {
             chunk: self.chunk,
             offset: self.offset,
             len: self.len as u32,
+        })
+    }
+
+    /// A scrub: no data, `len` is the range's, of at most `crate::scrub::MAX_PAGES` pages.
+    fn scrub(&self) -> Result<ChunkOp, OpDecodeError> {
+        if self.data_len != 0 {
+            return Err(self.malformed("data on a scrub"));
+        }
+        if self.len > crate::scrub::MAX_PAGES * 512 {
+            return Err(self.malformed("a scrub range over its bound"));
+        }
+        Ok(ChunkOp::Scrub {
+            chunk: self.chunk,
+            offset: self.offset,
+            len: self.len as u32,
+        })
+    }
+
+    /// A repair: the data is the page, the `sn` field its bad checksum.
+    fn repair(&self) -> Result<ChunkOp, OpDecodeError> {
+        let bad =
+            u32::try_from(self.sn).map_err(|_| self.malformed("a repair's checksum is 32 bits"))?;
+        Ok(ChunkOp::Repair {
+            chunk: self.chunk,
+            offset: self.offset,
+            data: self.data(),
+            bad,
         })
     }
 
@@ -455,6 +528,17 @@ mod tests {
             ChunkOp::Fence {
                 chunk: ChunkId(3),
                 sn: 5,
+            },
+            ChunkOp::Scrub {
+                chunk: ChunkId(3),
+                offset: 1 << 20,
+                len: 1 << 20,
+            },
+            ChunkOp::Repair {
+                chunk: ChunkId(3),
+                offset: 4096,
+                data: Bytes::from_static(&[7; 4096]),
+                bad: 0xfeed_beef,
             },
             ChunkOp::CreateClone {
                 chunk: ChunkId(5),

@@ -29,6 +29,14 @@ pub const RECOVER_CHUNK: Opcode = Opcode(25);
 pub const FLATTEN_CHUNK: Opcode = Opcode(26);
 /// Raise a chunk's sequence number without writing (body: `ChunkOp::Fence`).
 pub const FENCE_CHUNK: Opcode = Opcode(27);
+/// Take every replica's page checksums of a chunk range at one log position (body:
+/// `ChunkOp::Scrub`; answer: the leader's `crate::scrub::RangeSums`).
+pub const SCRUB_CHUNK: Opcode = Opcode(28);
+/// Rewrite a page where it has a replica's bad checksum (body: `ChunkOp::Repair`).
+pub const REPAIR_CHUNK: Opcode = Opcode(29);
+/// One replica's sums of a scrub entry (body: the entry's index, u64; answer:
+/// `crate::scrub::RangeSums`).
+pub const SCRUB_RESULT: Opcode = Opcode(30);
 /// Add a volume to the volume table (to the metadata copyset; body: `ChunkOp::VolumeCreate`).
 pub const CREATE_VOLUME: Opcode = Opcode(40);
 /// Remove a volume from the volume table (body: `ChunkOp::VolumeDelete`).
@@ -53,6 +61,8 @@ pub fn opcode_of(op: &ChunkOp) -> Opcode {
         ChunkOp::Delete { .. } => DELETE_CHUNK,
         ChunkOp::DeleteSnapshotOrCorrectSn { .. } => DELETE_SNAPSHOT_OR_CORRECT_SN,
         ChunkOp::Fence { .. } => FENCE_CHUNK,
+        ChunkOp::Scrub { .. } => SCRUB_CHUNK,
+        ChunkOp::Repair { .. } => REPAIR_CHUNK,
         ChunkOp::CreateClone { .. } => CREATE_CLONE_CHUNK,
         ChunkOp::Paste { .. } => PASTE_CHUNK,
         ChunkOp::Recover { .. } => RECOVER_CHUNK,
@@ -106,6 +116,9 @@ pub fn opcode_name(opcode: Opcode) -> &'static str {
         RECOVER_CHUNK => "recover_chunk",
         FLATTEN_CHUNK => "flatten_chunk",
         FENCE_CHUNK => "fence_chunk",
+        SCRUB_CHUNK => "scrub_chunk",
+        REPAIR_CHUNK => "repair_chunk",
+        SCRUB_RESULT => "scrub_result",
         CREATE_VOLUME => "create_volume",
         DELETE_VOLUME => "delete_volume",
         PLACEMENT => "placement",

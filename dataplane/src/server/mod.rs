@@ -4,6 +4,7 @@
 //!
 //! - `shard`: one shard's server — engine, copysets, listeners, peer connections.
 
+mod heartbeat;
 pub mod local;
 pub mod node;
 pub mod shard;

@@ -19,10 +19,8 @@ use crate::storage::bdev::inject::{DiskFaults, InjectedBdev};
 use crate::storage::bdev::{self, AnyBdev, Bdev};
 use crate::storage::engine::{format, read_superblock, EngineOptions, FormatOptions, ShardEngine};
 
-use super::shard::{ShardMessage, ShardReport};
-
-/// How long a scrape waits for another shard's report.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+use super::heartbeat::HeartbeatSettings;
+use super::shard::ShardMessage;
 
 /// Bound of each shard's DMA buffer pool (an accounting limit: memory is taken as used). Opening
 /// a shard reads every copyset page in one buffer, so it must hold 8 KiB per copyset.
@@ -309,32 +307,6 @@ fn prepare_spdk_device(
     ))
 }
 
-/// Gathers every shard's report: this shard's directly, the others' through the mesh.
-async fn gather_reports<B: crate::storage::bdev::Bdev + 'static>(
-    server: &ShardServer<B>,
-    mesh: &crate::shard::Mesh<ShardMessage>,
-) -> Vec<ShardReport> {
-    let mut reports = vec![server.report()];
-    for shard in (0..mesh.shard_count()).filter(|&s| s != mesh.me().0) {
-        let (sender, receiver) = glommio::channels::shared_channel::new_bounded(1);
-        if mesh
-            .send(crate::shard::ShardId(shard), ShardMessage::Scrape(sender))
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        let receiver = receiver.connect().await;
-        let report = futures_lite::future::or(receiver.recv(), async {
-            glommio::timer::sleep(SCRAPE_TIMEOUT).await;
-            None
-        })
-        .await;
-        reports.extend(report);
-    }
-    reports
-}
-
 fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
     node: u64,
     server: Rc<ShardServer<B>>,
@@ -346,7 +318,7 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
             let (server, mesh) = (Rc::clone(&metrics_server), Rc::clone(&metrics_mesh));
             Box::pin(async move {
                 let mut merged = crate::metrics::Snapshot::default();
-                for report in gather_reports(&server, &mesh).await {
+                for report in super::heartbeat::gather_reports(&server, &mesh).await {
                     merged.merge(report.metrics);
                 }
                 merged.render()
@@ -356,7 +328,7 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
         status: Box::new(move || {
             let (server, mesh) = (Rc::clone(&server), Rc::clone(&mesh));
             Box::pin(async move {
-                let reports = gather_reports(&server, &mesh).await;
+                let reports = super::heartbeat::gather_reports(&server, &mesh).await;
                 let shards = reports.len();
                 let copysets: Vec<serde_json::Value> =
                     reports.into_iter().flat_map(|r| r.status).collect();
@@ -606,10 +578,15 @@ async fn run_shard(
         serve_metrics_endpoint(settings, address, &server, &mesh, &ctx.shutdown)?;
     }
     if shard == 0 {
-        let heartbeats = heartbeat_loop(
-            settings.node,
-            &settings.placement,
-            &settings.net,
+        let heartbeats = super::heartbeat::heartbeat_loop(
+            HeartbeatSettings {
+                node: settings.node,
+                interval: settings.placement.heartbeat,
+                zone: settings.placement.zone.clone(),
+                host: settings.placement.host.clone(),
+                nodes: settings.placement.nodes.clone(),
+                net: settings.net.clone(),
+            },
             Rc::clone(&server),
             Rc::clone(&mesh),
             ctx.shutdown.clone(),
@@ -761,121 +738,6 @@ fn serve_other_shards<B: Bdev + 'static>(
         })
         .detach();
     }
-}
-
-/// Every heartbeat interval until `stop`: gathers the shards' reports and sends the node's
-/// heartbeat to the placement service (the metadata copyset's leader). A heartbeat that
-/// finds no service (no metadata copyset yet, an election) is dropped; the next one follows.
-fn heartbeat_loop<B: Bdev + 'static>(
-    node: u64,
-    placement: &PlacementSettings,
-    net: &crate::config::NetSection,
-    server: Rc<ShardServer<B>>,
-    mesh: Rc<crate::shard::Mesh<ShardMessage>>,
-    stop: ShutdownSignal,
-) -> impl std::future::Future<Output = ()> + 'static {
-    let interval = placement.heartbeat;
-    let (zone, host) = (placement.zone.clone(), placement.host.clone());
-    let config = crate::client::ClientConfig {
-        deadline: interval,
-        net: net.clone(),
-        ..crate::client::ClientConfig::default()
-    };
-    let client = crate::client::Client::new(&placement.nodes, config);
-    async move {
-        let mut failures = 0u64;
-        loop {
-            let slept = futures_lite::future::or(
-                async {
-                    glommio::timer::sleep(interval).await;
-                    true
-                },
-                async {
-                    stop.raised().await;
-                    false
-                },
-            );
-            if !slept.await {
-                return;
-            }
-            let reports = gather_reports(&server, &mesh).await;
-            let heartbeat = heartbeat_of(node, &zone, &host, reports);
-            match client.heartbeat(&heartbeat).await {
-                Ok(reply) => {
-                    failures = 0;
-                    for copyset in reply.stale {
-                        let copyset = crate::ids::CopysetId(copyset);
-                        match client.remove_stale_replica(copyset, node).await {
-                            Ok(()) => tracing::info!(node, %copyset,
-                                "stale replica removed, as the placement service asked"),
-                            Err(error) => tracing::info!(node, %copyset, %error,
-                                "stale replica kept"),
-                        }
-                    }
-                }
-                Err(error) => {
-                    failures += 1;
-                    // Quiet while the cluster has no metadata copyset; said now and then.
-                    if failures % 12 == 1 {
-                        tracing::debug!(node, %error, failures, "heartbeat not delivered");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The heartbeat of `node` from its shards' reports.
-fn heartbeat_of(
-    node: u64,
-    zone: &str,
-    host: &str,
-    reports: Vec<ShardReport>,
-) -> crate::protocol::placement::Heartbeat {
-    use crate::protocol::placement::{Heartbeat, ReplicaReport};
-    let field = |v: &serde_json::Value, key: &str| v.get(key).and_then(serde_json::Value::as_u64);
-    let ids = |v: &serde_json::Value, key: &str| -> Vec<u64> {
-        v.get(key)
-            .and_then(serde_json::Value::as_array)
-            .map(|v| v.iter().filter_map(serde_json::Value::as_u64).collect())
-            .unwrap_or_default()
-    };
-    let mut heartbeat = Heartbeat {
-        node,
-        zone: zone.to_string(),
-        host: host.to_string(),
-        shards: reports.len() as u32,
-        slots_total: 0,
-        slots_free: 0,
-        replicas: Vec::new(),
-    };
-    for report in reports {
-        heartbeat.slots_total += report.slots.0;
-        heartbeat.slots_free += report.slots.1;
-        for status in &report.status {
-            let Some(copyset) = field(status, "copyset") else {
-                continue;
-            };
-            heartbeat.replicas.push(ReplicaReport {
-                copyset,
-                shard: field(status, "shard").unwrap_or(0) as u32,
-                role: status
-                    .get("role")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_string(),
-                leader: field(status, "leader").unwrap_or(0),
-                term: field(status, "term").unwrap_or(0),
-                applied: field(status, "applied").unwrap_or(0),
-                voters: ids(status, "voters"),
-                others: ids(status, "voters_outgoing")
-                    .into_iter()
-                    .chain(ids(status, "learners"))
-                    .collect(),
-            });
-        }
-    }
-    heartbeat
 }
 
 /// Serves the node's `/metrics` and `/status` (and `/fault` when fault injection is on) at

@@ -72,6 +72,20 @@ pub(super) async fn apply_op<B: Bdev>(
             delete_volume(engine, copyset, table, &name, index).await
         }
         ChunkOp::Meta(op) => super::apply_meta::apply_meta(engine, copyset, op, index).await,
+        // The sums are taken (and kept) by the caller, which answers with them.
+        ChunkOp::Scrub { chunk, offset, len } => {
+            super::scrub::apply_scrub(engine, copyset, (chunk, offset, len), index)
+                .await
+                .map(|_| ())
+        }
+        ChunkOp::Repair {
+            chunk,
+            offset,
+            data,
+            bad,
+        } => super::scrub::apply_repair(engine, copyset, (chunk, offset, data), bad, index)
+            .await
+            .map(|_| ()),
     }
 }
 

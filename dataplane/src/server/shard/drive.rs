@@ -148,7 +148,16 @@ impl<B: Bdev + 'static> ShardServer<B> {
             // overflow the stack. Yielding first makes each its own turn.
             futures_lite::future::yield_now().await;
             let chunk = op.chunk();
-            let result = apply_op(&engine, copyset, op, index).await;
+            let (result, body) = match op {
+                crate::copyset::ChunkOp::Scrub { chunk, offset, len } => {
+                    let range = (chunk, offset, len);
+                    match super::scrub::apply_scrub(&engine, copyset, range, index).await {
+                        Ok(sums) => (Ok(()), server.keep_scrub(copyset, &sums)),
+                        Err(error) => (Err(error), Bytes::new()),
+                    }
+                }
+                op => (apply_op(&engine, copyset, op, index).await, Bytes::new()),
+            };
             let status = match &result {
                 Ok(()) => Status::Ok,
                 Err(error) => status_of_storage(error),
@@ -170,7 +179,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 if let Some(span) = server.traced.borrow().get(&token) {
                     info!(parent: span, %index, "applied");
                 }
-                server.answer(token, status, Bytes::new());
+                server.answer(token, status, body);
             }
             server.drive(copyset, &core);
         })

@@ -130,6 +130,7 @@ mod metrics;
 mod raft_in;
 mod requests;
 mod scheduler;
+mod scrub;
 pub use install::IMAGE_PIECE_BYTES;
 
 type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
@@ -187,6 +188,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     scheduler: RefCell<scheduler::Scheduler>,
     /// Replicas joined lately and replicas being removed as stale (`admin`).
     lifecycle: RefCell<admin::Lifecycle>,
+    /// The sums scrub entries gave, for the scrubber to collect (`scrub`).
+    scrubs: RefCell<scrub::ScrubResults>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -236,6 +239,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             mds: RefCell::new(mds::Mds::new()),
             scheduler: RefCell::new(scheduler::Scheduler::new()),
             lifecycle: RefCell::new(admin::Lifecycle::default()),
+            scrubs: RefCell::new(scrub::ScrubResults::default()),
         });
         server
             .engine

@@ -244,6 +244,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
             | protocol::DELETE_CHUNK
             | protocol::DELETE_SNAPSHOT_OR_CORRECT_SN
             | protocol::FENCE_CHUNK
+            | protocol::SCRUB_CHUNK
+            | protocol::REPAIR_CHUNK
             | protocol::CREATE_CLONE_CHUNK
             | protocol::PASTE_CHUNK
             | protocol::RECOVER_CHUNK
@@ -261,6 +263,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                 Err(error) => (Status::Invalid(error.to_string()), Bytes::new()),
             },
             protocol::GET_CHUNK_INFO => self.chunk_info(&payload),
+            protocol::SCRUB_RESULT => self.serve_scrub_result(copyset, &payload),
             // The placement service.
             protocol::HEARTBEAT => self.heartbeat(copyset, &payload).await,
             protocol::TOPOLOGY => self.topology(copyset).await,
