@@ -22,9 +22,9 @@ fn flip_a_page(image: &std::path::Path, fill: u8) -> u64 {
     let at = bytes
         .chunks_exact(PAGE)
         .enumerate()
-        .filter(|(_, p)| p.iter().all(|b| *b == fill))
+        .rev()
+        .find(|(_, p)| p.iter().all(|b| *b == fill))
         .map(|(i, _)| i * PAGE)
-        .last()
         .expect("a written page in the device file");
     // One byte written in place: the node has the file open.
     let file = std::fs::OpenOptions::new()

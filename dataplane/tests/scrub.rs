@@ -32,9 +32,9 @@ fn flip_page_in(image: &std::path::Path, wanted: &[u8]) -> u64 {
     let at = bytes
         .chunks_exact(PAGE)
         .enumerate()
-        .filter(|(_, p)| *p == wanted)
+        .rev()
+        .find(|(_, p)| *p == wanted)
         .map(|(i, _)| i * PAGE)
-        .last()
         .expect("the page is in the image");
     // One byte written in place: the node has the file open.
     let file = std::fs::OpenOptions::new()
