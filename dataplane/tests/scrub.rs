@@ -154,3 +154,94 @@ fn a_flipped_page_is_found_named_and_repaired_from_the_majority() {
         node.stop();
     }
 }
+
+/// The placement service's background scrub finds and repairs the same damage by itself, with
+/// nobody asking: a manual scrub that only looks sees the replicas agree again within a bound.
+#[test]
+fn the_background_scrub_repairs_a_flipped_page_by_itself() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let mut config = config(id, &ports, dir.path(), "uring");
+            config.placement.heartbeat_ms = 200;
+            config.placement.scrub_mib_per_s = 64;
+            config.placement.scrub_every_ms = 1000;
+            Node::start(config)
+        })
+        .collect();
+    let look = ScrubOptions {
+        repair: false,
+        bytes_per_s: 0,
+    };
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            // The placement service is the metadata copyset's leader.
+            client
+                .create_copyset(dataplane::volume_table::METADATA_COPYSET, &[1, 2, 3])
+                .await
+                .expect("create the metadata copyset");
+            client
+                .create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("create copyset");
+            for n in 0..16u64 {
+                client
+                    .write(
+                        COPYSET,
+                        ChunkId(3),
+                        (n as usize * PAGE) as u32,
+                        page(3, n, 1),
+                        1,
+                    )
+                    .await
+                    .expect("write");
+            }
+        })
+    });
+    // Paused, the service scrubs nothing: the damage stays for a look to see it.
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            dataplane::volume::pool::set_scheduler_paused(&client, true)
+                .await
+                .expect("pause the scheduler");
+        })
+    });
+    flip_page_in(&dir.path().join("node3.img"), &page(3, 7, 1));
+    with_client(&ports, move |client| {
+        Box::pin(async move {
+            let damaged = client
+                .scrub_copyset(COPYSET, look, |_, _| {})
+                .await
+                .expect("scrub");
+            assert_eq!(damaged.bad_pages.len(), 1, "{damaged:?}");
+            assert_eq!(damaged.bad_pages[0].node, 3, "{damaged:?}");
+            dataplane::volume::pool::set_scheduler_paused(&client, false)
+                .await
+                .expect("resume the scheduler");
+            let began = std::time::Instant::now();
+            loop {
+                let report = client
+                    .scrub_copyset(COPYSET, look, |_, _| {})
+                    .await
+                    .expect("scrub");
+                if report.is_clean() && report.bad_pages.is_empty() {
+                    break;
+                }
+                assert!(
+                    began.elapsed() < std::time::Duration::from_secs(60),
+                    "the background scrub did not repair: {report:?}"
+                );
+                glommio::timer::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            let read = client
+                .read(COPYSET, ChunkId(3), 7 * PAGE as u64, PAGE as u32)
+                .await
+                .expect("read");
+            assert_eq!(read, page(3, 7, 1));
+        })
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}

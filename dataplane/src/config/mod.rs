@@ -142,6 +142,13 @@ pub struct PlacementSection {
     /// (recovery, balancing), so that client I/O keeps its pace (0: unlimited). A replica that
     /// restarts behind its copyset catches up unpaced: the copyset may need it for a quorum.
     pub recovery_mib_per_s: u64,
+    /// MiB per second each replica reads for the background scrub, which compares the
+    /// replicas of every copyset page by page (0: no background scrub).
+    pub scrub_mib_per_s: u64,
+    /// How often the background scrub goes over each copyset.
+    pub scrub_every_ms: u64,
+    /// Whether the background scrub rewrites the pages a replica holds wrong from the majority.
+    pub scrub_repair: bool,
 }
 
 impl Default for PlacementSection {
@@ -157,6 +164,9 @@ impl Default for PlacementSection {
             balance_leaders: true,
             balance_copysets: true,
             recovery_mib_per_s: 32,
+            scrub_mib_per_s: 16,
+            scrub_every_ms: 7 * 24 * 3_600_000,
+            scrub_repair: true,
         }
     }
 }

@@ -100,16 +100,7 @@ impl Config {
                 ),
             ));
         }
-        if placement.recovery_mib_per_s > 1 << 20 {
-            return Err(err(
-                "placement.recovery_mib_per_s",
-                format!(
-                    "must be at most {} (0: unlimited), not {}",
-                    1u64 << 20,
-                    placement.recovery_mib_per_s
-                ),
-            ));
-        }
+        self.check_placement_rates()?;
         for (key, value) in [
             ("placement.max_recoveries", placement.max_recoveries),
             (
@@ -130,6 +121,38 @@ impl Config {
                     "must be 1 to {MAX_CHUNKS_PER_SEGMENT} whole chunks of {chunk} bytes, not \
                      {segment} bytes"
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[placement]`'s paces: the recovery's and the background scrub's, and the scrub's interval.
+    fn check_placement_rates(&self) -> Result<(), Invalid> {
+        let placement = &self.placement;
+        if placement.recovery_mib_per_s > 1 << 20 {
+            return Err(err(
+                "placement.recovery_mib_per_s",
+                format!(
+                    "must be at most {} (0: unlimited), not {}",
+                    1u64 << 20,
+                    placement.recovery_mib_per_s
+                ),
+            ));
+        }
+        if placement.scrub_mib_per_s > 1 << 20 {
+            return Err(err(
+                "placement.scrub_mib_per_s",
+                format!(
+                    "must be at most {} (0: no background scrub), not {}",
+                    1u64 << 20,
+                    placement.scrub_mib_per_s
+                ),
+            ));
+        }
+        if placement.scrub_every_ms < 1000 {
+            return Err(err(
+                "placement.scrub_every_ms",
+                format!("must be at least 1000, not {}", placement.scrub_every_ms),
             ));
         }
         Ok(())

@@ -383,6 +383,8 @@ struct PlacementSettings {
     balance_copysets: bool,
     /// Bytes per second a shard copies into snapshot installs (0: unlimited).
     recovery_bytes_per_s: u64,
+    /// The background scrub.
+    scrub: super::shard::ScrubSettings,
 }
 
 impl PlacementSettings {
@@ -413,6 +415,11 @@ impl PlacementSettings {
             balance_leaders: config.placement.balance_leaders,
             balance_copysets: config.placement.balance_copysets,
             recovery_bytes_per_s: config.placement.recovery_mib_per_s.saturating_mul(1 << 20),
+            scrub: super::shard::ScrubSettings {
+                bytes_per_s: config.placement.scrub_mib_per_s.saturating_mul(1 << 20),
+                every: Duration::from_millis(config.placement.scrub_every_ms),
+                repair: config.placement.scrub_repair,
+            },
         }
     }
 }
@@ -680,6 +687,15 @@ async fn open_server(
             settings.placement.balance_leaders,
             settings.placement.balance_copysets,
         ),
+        crate::client::ClientConfig {
+            deadline: Duration::from_secs(30),
+            net: settings.net.clone(),
+            ..crate::client::ClientConfig::default()
+        },
+    );
+    server.set_scrubber(
+        &settings.placement.nodes,
+        settings.placement.scrub,
         crate::client::ClientConfig {
             deadline: Duration::from_secs(30),
             net: settings.net.clone(),

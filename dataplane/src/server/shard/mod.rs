@@ -132,6 +132,7 @@ mod requests;
 mod scheduler;
 mod scrub;
 pub use install::IMAGE_PIECE_BYTES;
+pub use scrub::ScrubSettings;
 
 type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
 
@@ -190,6 +191,8 @@ pub struct ShardServer<B: Bdev + 'static> {
     lifecycle: RefCell<admin::Lifecycle>,
     /// The sums scrub entries gave, for the scrubber to collect (`scrub`).
     scrubs: RefCell<scrub::ScrubResults>,
+    /// The background scrubber, run while this shard leads the metadata copyset.
+    scrubber: RefCell<scrub::Scrubber>,
 }
 
 impl<B: Bdev + 'static> ShardServer<B> {
@@ -240,6 +243,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             scheduler: RefCell::new(scheduler::Scheduler::new()),
             lifecycle: RefCell::new(admin::Lifecycle::default()),
             scrubs: RefCell::new(scrub::ScrubResults::default()),
+            scrubber: RefCell::new(scrub::Scrubber::default()),
         });
         server
             .engine
@@ -339,6 +343,8 @@ impl<B: Bdev + 'static> ShardServer<B> {
         tasks.push(glommio::spawn_local(async move { server.checkpoint_loop().await }).detach());
         let server = Rc::clone(&self);
         tasks.push(glommio::spawn_local(async move { server.schedule_loop().await }).detach());
+        let server = Rc::clone(&self);
+        tasks.push(glommio::spawn_local(async move { server.scrub_loop().await }).detach());
         let listeners = std::iter::once(("peer", peer_listener))
             .chain(client_listeners.into_iter().map(|l| ("client", l)));
         for (class, listener) in listeners {

@@ -131,15 +131,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
     /// One round: the view, the plan, the operators started — none while an admin paused
     /// the scheduler (`MetaOp::SchedulerPaused`, in the settings page).
     async fn schedule_round(self: &Rc<Self>) {
-        let page =
-            super::apply_meta::read_range(&self.engine, tables::SETTINGS_CHUNK, 0, 4096).await;
-        let paused = page
-            .ok()
-            .and_then(|page| tables::Settings::decode(&page).ok())
-            // A settings page that cannot be read counts as paused: the scheduler does not
-            // act on what it cannot see.
-            .map_or(true, |settings| settings.paused);
-        if paused {
+        if self.scheduler_paused().await {
             return;
         }
         let Some((nodes, copysets)) = self.scheduler_view().await else {
@@ -186,6 +178,17 @@ impl<B: Bdev + 'static> ShardServer<B> {
         for replace in started {
             self.start_operator(replace);
         }
+    }
+
+    /// Whether an admin paused the scheduler (and the background scrubber with it).
+    pub(super) async fn scheduler_paused(&self) -> bool {
+        let page =
+            super::apply_meta::read_range(&self.engine, tables::SETTINGS_CHUNK, 0, 4096).await;
+        page.ok()
+            .and_then(|page| tables::Settings::decode(&page).ok())
+            // A settings page that cannot be read counts as paused: the scheduler does not
+            // act on what it cannot see.
+            .map_or(true, |settings| settings.paused)
     }
 
     /// Runs `replace` in a task of its own, listed in `running` until it ends or an admin
