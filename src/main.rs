@@ -389,12 +389,25 @@ fn nbd(
         return ExitCode::FAILURE;
     }
     let net = config.net.clone();
+    // The cluster secret claims the admin role (the export may create its volume and
+    // copysets); a role key, its own.
+    let auth = match dataplane::net::handshake::Auth::load(
+        &config.auth,
+        dataplane::net::auth::Role::Admin,
+    ) {
+        Ok(auth) => auth,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let outcome = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("nbd")
         .spawn(move || async move {
             let client_config = ClientConfig {
                 deadline: io_timeout,
                 net: net.clone(),
+                auth: auth.clone(),
                 ..ClientConfig::default()
             };
             let client = Rc::new(Client::new(&nodes, client_config));

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use dataplane::client::{Client, ClientConfig, NodeAddress};
 use dataplane::config::{ByteSize, Config};
 use dataplane::ids::CopysetId;
+use dataplane::net::auth::{role_key, Keys, Role};
+use dataplane::net::handshake::{key_text, Auth};
 use dataplane::protocol::Membership;
 use dataplane::volume;
 use dataplane::volume::pool;
@@ -185,6 +187,10 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         mib_per_s: u64,
     },
+    /// Authentication (`[auth]`): `derive-key --role ROLE` prints the key of one role, from the
+    /// cluster secret, for a machine that should have that role only.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// The chunkservers as the placement service sees them: labels, state (up, unstable,
     /// offline, unknown), last heartbeat, chunk slots, replicas and leaders.
     Topology,
@@ -195,6 +201,35 @@ enum Command {
         #[arg(long)]
         create: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Prints the key of `--role` (64 hex digits) derived from `[auth] secret_file`: put it in
+    /// a file of mode 600 named by `[auth] key_file`, with `[auth] role`, on a client machine.
+    DeriveKey {
+        /// `client`, `admin` or `peer`.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+/// `chunkctl auth derive-key --role ROLE`.
+fn derive_key(auth: Option<&Auth>, role: &str) -> ExitCode {
+    let Some(role) = Role::parse(role) else {
+        eprintln!("error: --role {role}: expected client, admin or peer");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    match auth.map(|a| &a.keys) {
+        Some(Keys::Secret(secret)) => {
+            println!("{}", key_text(&role_key(secret, role)));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("error: derive-key needs [auth] secret_file (the cluster secret) in the configuration");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -1122,6 +1157,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // The cluster secret claims the admin role; a role key, its own.
+    let auth = match Auth::load(&config.auth, Role::Admin) {
+        Ok(auth) => auth,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Command::Auth(AuthCommand::DeriveKey { role }) = &cli.command {
+        return derive_key(auth.as_ref(), role);
+    }
     let nodes = NodeAddress::from_config(&config);
     let net = config.net.clone();
     let outcome = LocalExecutorBuilder::new(Placement::Unbound)
@@ -1130,6 +1176,7 @@ fn main() -> ExitCode {
             let client_config = ClientConfig {
                 deadline: Duration::from_secs(5),
                 net,
+                auth,
                 ..ClientConfig::default()
             };
             let client = Rc::new(Client::new(&nodes, client_config));
@@ -1164,6 +1211,8 @@ fn main() -> ExitCode {
                         Err(Failure::from(format!("{} problem(s)", found.len())))
                     }
                 }
+                // Answered before the executor starts.
+                Command::Auth(_) => Ok(()),
                 Command::Scrub {
                     copyset,
                     repair,

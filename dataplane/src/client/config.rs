@@ -16,6 +16,8 @@ pub struct ClientConfig {
     pub attempt_timeout: Duration,
     /// Connection timeouts and the RDMA device and rings (`[net]` of the node's file).
     pub net: crate::config::NetSection,
+    /// The keys and the role its connections prove (`[auth]`; none: it proves nothing).
+    pub auth: Option<crate::net::handshake::Auth>,
 }
 
 impl Default for ClientConfig {
@@ -26,6 +28,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_millis(200),
             attempt_timeout: Duration::from_secs(3),
             net: crate::config::NetSection::default(),
+            auth: None,
         }
     }
 }

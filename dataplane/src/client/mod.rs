@@ -92,7 +92,10 @@ impl Client {
     pub fn new(nodes: &[NodeAddress], config: ClientConfig) -> Client {
         Client {
             nodes: nodes.iter().map(|n| (n.id, *n)).collect(),
-            net: NetContext::from_section(&config.net),
+            net: NetContext {
+                auth: config.auth.clone().map(Rc::new),
+                ..NetContext::from_section(&config.net)
+            },
             config,
             leaders: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),

@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 use crate::storage::engine::FormatOptions;
 pub use crate::units::ByteSize;
 
+mod auth;
 mod host;
 mod net;
 mod validate;
 mod values;
 
+pub use auth::AuthSection;
 pub use host::HostTopology;
 pub use net::NetSection;
 pub use values::{parse_cpulist, CoreSpec, Endpoint, Transport};
@@ -97,6 +99,9 @@ pub struct Config {
     /// Connection timeouts and the RDMA transport's device and rings.
     #[serde(default, skip_serializing_if = "NetSection::is_default")]
     pub net: NetSection,
+    /// Who may connect: the cluster secret, or one role's key (none: nobody is asked).
+    #[serde(default, skip_serializing_if = "AuthSection::is_default")]
+    pub auth: AuthSection,
     /// Fault injection, for the fault suite only.
     #[serde(default, skip_serializing_if = "FaultSection::is_default")]
     pub fault: FaultSection,

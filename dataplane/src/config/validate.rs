@@ -63,6 +63,9 @@ impl Config {
         self.net
             .check()
             .map_err(|(key, message)| err(key, message))?;
+        self.auth
+            .check()
+            .map_err(|(key, message)| err(key, message))?;
         self.check_placement()?;
         Ok(Resolved { cores })
     }

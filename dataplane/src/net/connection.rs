@@ -112,6 +112,8 @@ struct ConnectionState {
     in_flight_slots: BoundedQueue<()>,
     /// Why the connection can no longer carry requests; `None` while it can.
     closed: RefCell<Option<NetError>>,
+    /// The role the other end proved, on an accepted connection of an authenticating listener.
+    peer_role: Cell<Option<super::auth::Role>>,
 }
 
 /// One connection to a peer, over whatever transport. Clones share it; the connection closes
@@ -172,6 +174,7 @@ pub(crate) fn new_connection(label: String, config: ConnectionConfig) -> (Connec
         next_request_id: Cell::new(1),
         in_flight_slots: slots,
         closed: RefCell::new(None),
+        peer_role: Cell::new(None),
         config,
     });
     (
@@ -206,6 +209,17 @@ impl Drop for PendingEntry<'_> {
 }
 
 impl Connection {
+    /// The role the other end proved when this side accepted it (`net::auth`); `None` when
+    /// the listener does not authenticate (every request is then allowed) or on connections
+    /// this side opened.
+    pub fn peer_role(&self) -> Option<super::auth::Role> {
+        self.handle.state.peer_role.get()
+    }
+
+    pub(crate) fn set_peer_role(&self, role: Option<super::auth::Role>) {
+        self.handle.state.peer_role.set(role);
+    }
+
     /// A short description: transport and addresses.
     pub fn label(&self) -> &str {
         &self.handle.state.label

@@ -95,6 +95,9 @@ pub struct NetContext {
     pub allocator: Rc<dyn PayloadAllocator>,
     /// The verbs devices this shard opened (one per IP for softverbs, one ibverbs device).
     pub rdma_devices: Rc<RdmaDevices>,
+    /// Authentication: outgoing connections prove `auth.role`, listeners check incoming ones
+    /// with `auth.keys` (`net::auth`); none, nothing is authenticated.
+    pub auth: Option<Rc<super::handshake::Auth>>,
 }
 
 impl NetContext {
@@ -119,6 +122,7 @@ impl Default for NetContext {
             rdma: RdmaConfig::default(),
             allocator: AlignedHeapAllocator::shared_default(),
             rdma_devices: Rc::new(RdmaDevices::default()),
+            auth: None,
         }
     }
 }

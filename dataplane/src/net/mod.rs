@@ -5,14 +5,19 @@
 //!
 //! - [`connection`]: the message API every transport offers — requests with responses matched
 //!   by request id, one-way messages, incoming requests to serve.
+//! - [`auth`], [`handshake`]: who is on the other end — a challenge–response over the
+//!   connection's first bytes, and the role it gives.
 //! - [`tcp`]: the TCP transport on glommio.
 //! - [`verbs`]: the verbs operations the RDMA transport needs, with the user-space `softverbs`
 //!   backend (always built) and, with feature `rdma`, real ibverbs through `ffi`.
 //! - [`rdma`]: the RDMA message transport, written once against [`verbs::Verbs`].
 //! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
 
+mod accepting;
+pub mod auth;
 pub mod connection;
 pub mod context;
+pub mod handshake;
 pub mod payload;
 pub mod queue;
 pub mod rdma;
@@ -26,6 +31,7 @@ mod message_suite;
 #[cfg(test)]
 mod test_kit;
 
+use std::future::Future;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -111,4 +117,20 @@ impl NetError {
             reason: error.to_string(),
         }
     }
+}
+
+/// Runs `operation`, failing with a timeout error if it takes longer than `limit`.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: impl Fn() -> String,
+    operation: impl Future<Output = Result<T, NetError>>,
+) -> Result<T, NetError> {
+    futures_lite::future::or(operation, async {
+        glommio::timer::sleep(limit).await;
+        Err(NetError::Timeout {
+            what: what(),
+            after: limit,
+        })
+    })
+    .await
 }

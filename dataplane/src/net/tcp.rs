@@ -3,46 +3,63 @@
 //! into payload buffers from the shard's allocator, and a writer that gathers every queued
 //! frame (up to `coalesce_bytes_max`) into one send.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
 
 use futures_lite::future;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{Preallocated, TcpListener, TcpStream};
 
+use super::accepting::{Accepting, SetUp};
 use super::connection::{new_connection, Connection, ConnectionConfig, LinkSide};
+use super::handshake::{self, Auth};
 use super::payload::{freeze, PayloadAllocator};
 use super::queue::Latch;
-use super::NetError;
+use super::{within, NetError};
 use crate::protocol::frame::{Frame, FRAME_HEADER_LEN};
 
-/// A shard's TCP listener.
+/// A shard's TCP listener; connections are set up (authenticated) side by side
+/// (`net::accepting`).
 pub struct TcpTransportListener {
-    listener: TcpListener,
-    config: ConnectionConfig,
-    allocator: Rc<dyn PayloadAllocator>,
+    listener: Rc<TcpListener>,
+    accepting: Accepting,
 }
 
 impl TcpTransportListener {
     /// Listens on `addr` (port 0 picks a free port; see [`local_addr`]).
     ///
     /// [`local_addr`]: TcpTransportListener::local_addr
+    /// Incoming connections are authenticated with `auth`'s keys when it is set.
     pub fn bind(
         addr: SocketAddr,
         config: ConnectionConfig,
         allocator: Rc<dyn PayloadAllocator>,
+        auth: Option<Rc<Auth>>,
     ) -> Result<TcpTransportListener, NetError> {
-        let listener = TcpListener::bind(addr).map_err(|e| NetError::Io {
+        let listener = Rc::new(TcpListener::bind(addr).map_err(|e| NetError::Io {
             context: format!("listen on tcp://{addr}"),
             reason: e.to_string(),
-        })?;
+        })?);
+        let set_up: SetUp = Rc::new(move |mut stream| {
+            let (config, allocator, auth) = (config.clone(), Rc::clone(&allocator), auth.clone());
+            Box::pin(async move {
+                let role = match &auth {
+                    Some(auth) => {
+                        let label = stream_label(&stream);
+                        let limit = config.connect_timeout;
+                        Some(handshake::incoming(&mut stream, &auth.keys, &label, limit).await?)
+                    }
+                    None => None,
+                };
+                let connection = start_connection(stream, config, allocator)?;
+                connection.set_peer_role(role);
+                Ok(connection)
+            })
+        });
         Ok(TcpTransportListener {
+            accepting: Accepting::new(Rc::clone(&listener), set_up),
             listener,
-            config,
-            allocator,
         })
     }
 
@@ -54,28 +71,37 @@ impl TcpTransportListener {
         })
     }
 
-    /// The next connection from a peer.
+    /// The next connection from a peer (authenticated, when the listener asks for it).
     pub async fn accept(&self) -> Result<Connection, NetError> {
-        let stream = self.listener.accept().await.map_err(|e| NetError::Io {
-            context: "accept".into(),
-            reason: e.to_string(),
-        })?;
-        start_connection(stream, self.config.clone(), Rc::clone(&self.allocator))
+        self.accepting.accept().await
     }
 }
 
-/// Connects to a peer's listener, within the configured connect timeout.
+fn stream_label(stream: &TcpStream) -> String {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => format!("tcp {local} -> {peer}"),
+        _ => "tcp connection".to_string(),
+    }
+}
+
+/// Connects to a peer's listener, within the configured connect timeout; with `auth`, proves
+/// its role first.
 pub async fn connect(
     addr: SocketAddr,
     config: ConnectionConfig,
     allocator: Rc<dyn PayloadAllocator>,
+    auth: Option<&Auth>,
 ) -> Result<Connection, NetError> {
-    let stream = TcpStream::connect_timeout(addr, config.connect_timeout)
+    let mut stream = TcpStream::connect_timeout(addr, config.connect_timeout)
         .await
         .map_err(|e| NetError::Connect {
             addr: format!("tcp://{addr}"),
             reason: e.to_string(),
         })?;
+    if let Some(auth) = auth {
+        let label = stream_label(&stream);
+        handshake::outgoing(&mut stream, auth, &label, config.connect_timeout).await?;
+    }
     start_connection(stream, config, allocator)
 }
 
@@ -112,22 +138,6 @@ fn start_connection(
 /// One socket shared by the reader and writer tasks of its connection, read through glommio's
 /// preallocated receive buffer.
 pub(crate) type SharedStream = super::shared_stream::SharedStream<TcpStream<Preallocated>>;
-
-/// Runs `operation`, failing with a timeout error if it takes longer than `limit`.
-pub(crate) async fn within<T>(
-    limit: Duration,
-    what: impl Fn() -> String,
-    operation: impl Future<Output = Result<T, NetError>>,
-) -> Result<T, NetError> {
-    future::or(operation, async {
-        glommio::timer::sleep(limit).await;
-        Err(NetError::Timeout {
-            what: what(),
-            after: limit,
-        })
-    })
-    .await
-}
 
 /// How reading ended.
 enum ReadEnd {

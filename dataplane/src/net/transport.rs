@@ -34,6 +34,7 @@ impl Listener {
                 endpoint.addr,
                 context.connection.clone(),
                 Rc::clone(&context.allocator),
+                context.auth.clone(),
             )?)),
             Transport::SoftRdma | Transport::Rdma => Ok(Listener::Rdma(
                 RdmaListener::bind(endpoint.transport, endpoint.addr, context).await?,
@@ -93,6 +94,7 @@ pub async fn connect(endpoint: &Endpoint, context: &NetContext) -> Result<Connec
                 endpoint.addr,
                 context.connection.clone(),
                 Rc::clone(&context.allocator),
+                context.auth.as_deref(),
             )
             .await
         }

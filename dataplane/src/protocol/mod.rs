@@ -13,6 +13,7 @@
 //! copyset's operation encoding, and on nothing that moves bytes: the transports (`net`),
 //! the services (`server`) and the client (`client`) all depend on it, never the reverse.
 
+pub mod access;
 pub mod chunk;
 pub mod copyset;
 pub mod frame;

@@ -25,6 +25,8 @@ pub(super) struct HeartbeatSettings {
     pub nodes: Vec<crate::protocol::NodeAddress>,
     /// Connection settings of the heartbeat's client.
     pub net: crate::config::NetSection,
+    /// Its keys and role.
+    pub auth: Option<crate::net::handshake::Auth>,
 }
 
 /// Gathers every shard's report: this shard's directly, the others' through the mesh.
@@ -69,10 +71,12 @@ pub(super) fn heartbeat_loop<B: Bdev + 'static>(
         host,
         nodes,
         net,
+        auth,
     } = settings;
     let config = crate::client::ClientConfig {
         deadline: interval,
         net,
+        auth,
         ..crate::client::ClientConfig::default()
     };
     let client = crate::client::Client::new(&nodes, config);

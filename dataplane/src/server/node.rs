@@ -13,6 +13,8 @@ use tracing::info;
 
 use super::shard::{ClusterView, RaftTimings, ShardServer};
 use crate::config::{Backend, Config, DeviceSection, Endpoint, StorageSection};
+use crate::net::auth::{Keys, Role};
+use crate::net::handshake::Auth;
 use crate::net::{Listener, NetContext};
 use crate::shard::{start_shards, ShardContext, ShardId, ShutdownSignal};
 use crate::storage::bdev::inject::{DiskFaults, InjectedBdev};
@@ -360,6 +362,10 @@ struct ShardSettings {
     faults: Option<Arc<DiskFaults>>,
     /// The admin token (`[admin] token_file`), read at start.
     admin_token: Option<Vec<u8>>,
+    /// The cluster secret (`[auth] secret_file`), read at start: incoming connections are
+    /// checked with it, outgoing peer connections prove the peer role, the node's own clients
+    /// (heartbeat, scheduler, scrubber) the admin role.
+    auth: Option<Auth>,
     /// The placement service's settings and this node's labels.
     placement: PlacementSettings,
     /// Connection timeouts and the RDMA device and rings.
@@ -429,11 +435,11 @@ impl ShardSettings {
     /// `plan`; `shutdown` is what stops them all.
     fn new(
         config: &Config,
-        device: &DeviceSection,
-        plan: DevicePlan,
+        (device, plan): (&DeviceSection, DevicePlan),
         shards: u32,
         shutdown: &ShutdownSignal,
         admin_token: Option<Vec<u8>>,
+        auth: Option<Auth>,
     ) -> ShardSettings {
         let cluster = cluster_view(config, shards);
         let timings = raft_timings(config);
@@ -458,8 +464,42 @@ impl ShardSettings {
             numa_node,
             faults,
             admin_token,
+            auth,
             placement: PlacementSettings::new(config),
         }
+    }
+}
+
+/// The node's keys: the cluster secret, claiming the peer role on its peer connections. A
+/// server checks every role, so a role key will not do.
+fn server_auth(config: &Config) -> Result<Option<Auth>, NodeError> {
+    let auth = Auth::load(&config.auth, Role::Peer).map_err(NodeError::Config)?;
+    if let Some(Auth {
+        keys: Keys::Role(..),
+        ..
+    }) = auth
+    {
+        return Err(NodeError::Config(
+            "auth: a server needs auth.secret_file (the cluster secret), not a role's key_file"
+                .into(),
+        ));
+    }
+    if auth.is_none() {
+        tracing::info!(
+            "[auth] is not configured: any process that reaches this node's ports may read, \
+             write and change everything (docs/operations.md, \"Authentication\")"
+        );
+    }
+    Ok(auth)
+}
+
+impl ShardSettings {
+    /// The keys the node's own clients use: the secret, claiming the admin role.
+    fn admin_auth(&self) -> Option<Auth> {
+        self.auth.as_ref().map(|auth| Auth {
+            keys: auth.keys.clone(),
+            role: Role::Admin,
+        })
     }
 }
 
@@ -471,14 +511,15 @@ pub fn run_node(
 ) -> Result<(), NodeError> {
     let shards = cores.len() as u32;
     let admin_token = config.admin.token().map_err(NodeError::Config)?;
+    let auth = server_auth(config)?;
     let (device, plan) = prepare_device(config, shards)?;
     let settings = Arc::new(ShardSettings::new(
         config,
-        device,
-        plan,
+        (device, plan),
         shards,
         shutdown,
         admin_token,
+        auth,
     ));
     let results = start_shards(
         cores,
@@ -574,7 +615,10 @@ async fn run_shard(
     }
     let (bdev, device_shard) = open_device(settings, shard).await?;
     let server = open_server(settings, shard, bdev, device_shard).await?;
-    let net = NetContext::from_section(&settings.net);
+    let net = NetContext {
+        auth: settings.auth.clone().map(Rc::new),
+        ..NetContext::from_section(&settings.net)
+    };
     server.set_net(net.clone());
     let (peer, clients) = bind_listeners(settings, shard, &net).await?;
     // Answer other shards' scrapes and serve the requests they forward.
@@ -593,6 +637,7 @@ async fn run_shard(
                 host: settings.placement.host.clone(),
                 nodes: settings.placement.nodes.clone(),
                 net: settings.net.clone(),
+                auth: settings.admin_auth(),
             },
             Rc::clone(&server),
             Rc::clone(&mesh),
@@ -690,6 +735,7 @@ async fn open_server(
         crate::client::ClientConfig {
             deadline: Duration::from_secs(30),
             net: settings.net.clone(),
+            auth: settings.admin_auth(),
             ..crate::client::ClientConfig::default()
         },
     );
@@ -699,6 +745,7 @@ async fn open_server(
         crate::client::ClientConfig {
             deadline: Duration::from_secs(30),
             net: settings.net.clone(),
+            auth: settings.admin_auth(),
             ..crate::client::ClientConfig::default()
         },
     );

@@ -20,19 +20,16 @@
 //!   sends and receives, and waits (completion signal, new frames, timer) when idle; no call
 //!   blocks the executor.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::channels::local_channel::{new_bounded, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::sync::Semaphore;
-use tracing::debug;
 
+use super::accepting::{Accepting, SetUp};
 use super::connection::Connection;
 use super::context::NetContext;
-use super::tcp::within;
+use super::within;
 use super::NetError;
 use crate::config::{Endpoint, Transport};
 use crate::protocol::frame::FRAME_HEADER_LEN;
@@ -70,28 +67,12 @@ const TICK: Duration = Duration::from_millis(50);
 /// thousands. Sending never waits for it: new frames wake the pump at once.
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
 
-/// Connection set-ups a listener runs at once; further peers wait in the kernel's backlog.
-const SETUPS_AT_ONCE: u64 = 32;
-
 /// A shard's listener for `softrdma://` or `rdma://`: the out-of-band TCP listener, and the
-/// verbs device its connections use.
-///
-/// Set-ups run side by side, each in a task of its own bounded by the connect timeout: one
-/// slow or silent peer (a slow machine registering its regions, a port scanner that never
-/// says hello) must not hold back every other peer's connection behind it.
+/// verbs device its connections use. Set-ups run side by side (`net::accepting`).
 pub struct RdmaListener {
     transport: Transport,
     listener: Rc<TcpListener>,
-    context: NetContext,
-    /// Started by the first `accept`: the task accepting streams and setting them up, and the
-    /// connections it has finished.
-    accepting: RefCell<Option<Accepting>>,
-}
-
-struct Accepting {
-    ready: Rc<LocalReceiver<Result<Connection, NetError>>>,
-    /// Cancelled when the listener is dropped.
-    _task: glommio::Task<()>,
+    accepting: Accepting,
 }
 
 impl RdmaListener {
@@ -120,11 +101,16 @@ impl RdmaListener {
             context: format!("listen on {}://{addr}", transport.scheme()),
             reason: e.to_string(),
         })?;
+        let listener = Rc::new(listener);
+        let set_up_context = context.clone();
+        let set_up: SetUp = Rc::new(move |stream| {
+            let context = set_up_context.clone();
+            Box::pin(async move { establish(transport, stream, &context, Side::Accepting).await })
+        });
         Ok(RdmaListener {
             transport,
-            listener: Rc::new(listener),
-            context: context.clone(),
-            accepting: RefCell::new(None),
+            accepting: Accepting::new(Rc::clone(&listener), set_up),
+            listener,
         })
     }
 
@@ -142,78 +128,7 @@ impl RdmaListener {
 
     /// The next connection whose set-up finished, or an error of the listener itself.
     pub async fn accept(&self) -> Result<Connection, NetError> {
-        let ready = {
-            let mut accepting = self.accepting.borrow_mut();
-            let accepting = accepting.get_or_insert_with(|| self.start_accepting());
-            Rc::clone(&accepting.ready)
-        };
-        ready.recv().await.unwrap_or_else(|| {
-            Err(NetError::Io {
-                context: "accept".into(),
-                reason: "the listener's accepting task ended".into(),
-            })
-        })
-    }
-
-    fn start_accepting(&self) -> Accepting {
-        let (sender, receiver) = new_bounded(16);
-        let task = glommio::spawn_local(accept_and_set_up(
-            self.transport,
-            Rc::clone(&self.listener),
-            self.context.clone(),
-            Rc::new(sender),
-        ));
-        Accepting {
-            ready: Rc::new(receiver),
-            _task: task,
-        }
-    }
-}
-
-/// Accepts streams and sets each up in a task of its own, at most [`SETUPS_AT_ONCE`] at a
-/// time; finished connections and the listener's own errors go to `ready`. A failed set-up
-/// concerns that one peer only: it is logged and dropped.
-async fn accept_and_set_up(
-    transport: Transport,
-    listener: Rc<TcpListener>,
-    context: NetContext,
-    ready: Rc<LocalSender<Result<Connection, NetError>>>,
-) {
-    let setups = Rc::new(Semaphore::new(SETUPS_AT_ONCE));
-    loop {
-        let Ok(permit) = setups.acquire_static_permit(1).await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok(stream) => stream,
-            Err(e) => {
-                let error = NetError::Io {
-                    context: "accept".into(),
-                    reason: e.to_string(),
-                };
-                if ready.send(Err(error)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let context = context.clone();
-        let ready = Rc::clone(&ready);
-        glommio::spawn_local(async move {
-            let started = std::time::Instant::now();
-            let result = establish(transport, stream, &context).await;
-            drop(permit);
-            match result {
-                Ok(connection) => {
-                    debug!(connection = %connection.label(), took = ?started.elapsed(),
-                        "rdma connection set up");
-                    // The listener is gone when this fails: the connection closes with it.
-                    let _ = ready.send(Ok(connection)).await;
-                }
-                Err(error) => debug!(%error, "rdma connection set-up failed"),
-            }
-        })
-        .detach();
+        self.accepting.accept().await
     }
 }
 
@@ -272,13 +187,21 @@ pub async fn connect(
             addr: format!("{}://{addr}", transport.scheme()),
             reason: e.to_string(),
         })?;
-    establish(transport, stream, context).await
+    establish(transport, stream, context, Side::Connecting).await
+}
+
+/// Which end of the out-of-band stream this is (who challenges whom).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Connecting,
+    Accepting,
 }
 
 async fn establish(
     transport: Transport,
-    stream: TcpStream,
+    mut stream: TcpStream,
     context: &NetContext,
+    side: Side,
 ) -> Result<Connection, NetError> {
     let local = stream
         .local_addr()
@@ -288,7 +211,18 @@ async fn establish(
         .map_err(|e| NetError::io("peer address", &e))?;
     let label = format!("{} {local} -> {peer}", transport.scheme());
     let limit = context.connection.connect_timeout;
-    match transport {
+    // Who is on the other end, before any region is registered for it.
+    let role = match (&context.auth, side) {
+        (None, _) => None,
+        (Some(auth), Side::Connecting) => {
+            super::handshake::outgoing(&mut stream, auth, &label, limit).await?;
+            None
+        }
+        (Some(auth), Side::Accepting) => {
+            Some(super::handshake::incoming(&mut stream, &auth.keys, &label, limit).await?)
+        }
+    };
+    let connection = match transport {
         Transport::SoftRdma => {
             let device = context.rdma_devices.soft(local.ip())?;
             within(
@@ -311,5 +245,7 @@ async fn establish(
         _ => Err(NetError::Unavailable {
             reason: format!("{label}: no RDMA transport for this scheme in this build"),
         }),
-    }
+    }?;
+    connection.set_peer_role(role);
+    Ok(connection)
 }

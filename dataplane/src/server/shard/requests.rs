@@ -53,6 +53,11 @@ impl<B: Bdev + 'static> ShardServer<B> {
         let copyset = CopysetId(incoming.message.copyset);
         let payload = incoming.message.payload.clone();
         self.count_frame(class, "in", payload.len());
+        if let Some(role) = incoming.connection().peer_role() {
+            if !protocol::access::allowed(role, opcode) {
+                return self.refuse_for_role(incoming, role).await;
+            }
+        }
         if opcode == protocol::RAFT {
             return self.serve_raft_frame(incoming, class).await;
         }
@@ -103,6 +108,38 @@ impl<B: Bdev + 'static> ShardServer<B> {
             match incoming.respond(response).await {
                 Ok(()) => self.count_frame(class, "out", len),
                 Err(error) => debug!(%error, "response not sent"),
+            }
+        }
+    }
+
+    /// Refuses a request the connection's proven role may not make (`protocol::access`).
+    async fn refuse_for_role(&self, incoming: Incoming, role: protocol::access::Role) {
+        let opcode = incoming.message.opcode;
+        self.metrics
+            .counter(
+                "chunkserver_requests_refused_total",
+                "Requests refused because the connection's role may not make them.",
+                &[("role", role.name())],
+            )
+            .inc();
+        debug!(
+            node = self.node,
+            role = role.name(),
+            op = protocol::opcode_name(opcode),
+            "request refused for the connection's role"
+        );
+        if incoming.expects_response() {
+            let status = Status::Invalid(format!(
+                "{} needs another role than {}: this connection proved the {} role (the \
+                 admin role, from the cluster secret, may do everything)",
+                protocol::opcode_name(opcode),
+                role.name(),
+                role.name()
+            ));
+            let copyset = incoming.message.copyset;
+            let response = Message::new(opcode, copyset, protocol::encode_response(&status, &[]));
+            if let Err(error) = incoming.respond(response).await {
+                debug!(%error, "response not sent");
             }
         }
     }

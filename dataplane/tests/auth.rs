@@ -1,0 +1,129 @@
+//! Authentication with the servers (issue 22): three chunkservers on loopback with the cluster
+//! secret in `[auth]`. The secret's holder (admin) creates a copyset and writes; a client
+//! key's holder reads and writes but cannot change membership or delete; a client without keys
+//! or with another secret gets nothing done.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{block, config, free_ports, Node};
+use dataplane::client::{Client, ClientConfig, ClientError};
+use dataplane::config::AuthSection;
+use dataplane::ids::{ChunkId, CopysetId};
+use dataplane::net::auth::{role_key, Keys, Role};
+use dataplane::net::handshake::Auth;
+use glommio::{LocalExecutorBuilder, Placement};
+
+const COPYSET: CopysetId = CopysetId(11);
+const SECRET: &[u8] = b"a cluster secret of more than thirty-two bytes";
+
+fn run<T: Send + 'static>(
+    ports: &[u16],
+    auth: Option<Auth>,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    let addresses = common::addresses(ports);
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            let config = ClientConfig {
+                deadline: Duration::from_secs(8),
+                auth,
+                ..ClientConfig::default()
+            };
+            body(Client::new(&addresses, config)).await
+        })
+        .expect("client executor")
+        .join()
+        .expect("client thread")
+}
+
+#[test]
+fn only_holders_of_the_secret_or_a_role_key_get_in_and_roles_bound_what_they_do() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let secret_file = dir.path().join("cluster.secret");
+    std::fs::write(&secret_file, SECRET).expect("write the secret");
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600");
+    let ports = free_ports(6);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let mut config = config(id, &ports, dir.path(), "mem");
+            config.auth = AuthSection {
+                secret_file: Some(secret_file.clone()),
+                ..AuthSection::default()
+            };
+            Node::start(config)
+        })
+        .collect();
+    let admin = Auth {
+        keys: Keys::Secret(SECRET.to_vec()),
+        role: Role::Admin,
+    };
+    let client = Auth {
+        keys: Keys::Role(Role::Client, role_key(SECRET, Role::Client)),
+        role: Role::Client,
+    };
+
+    run(&ports, Some(admin), |c| {
+        Box::pin(async move {
+            c.create_copyset(COPYSET, &[1, 2, 3])
+                .await
+                .expect("the admin creates a copyset");
+            c.write(COPYSET, ChunkId(1), 0, block(1), 1)
+                .await
+                .expect("the admin writes");
+        })
+    });
+    run(&ports, Some(client), |c| {
+        Box::pin(async move {
+            c.set_peers(COPYSET, &[1, 2, 3]);
+            c.write(COPYSET, ChunkId(1), 4096, block(2), 1)
+                .await
+                .expect("a client writes");
+            assert_eq!(
+                c.read(COPYSET, ChunkId(1), 0, 4096)
+                    .await
+                    .expect("a client reads"),
+                block(1)
+            );
+            let refused = c.remove_peer(COPYSET, 3).await;
+            match refused {
+                Err(ClientError::Refused { status, .. }) => {
+                    assert!(format!("{status:?}").contains("client role"), "{status:?}");
+                }
+                other => panic!("a client changed membership: {other:?}"),
+            }
+            assert!(
+                c.delete_copyset(COPYSET, 3).await.is_err(),
+                "a client deleted a replica"
+            );
+        })
+    });
+    for (what, auth) in [
+        ("no keys", None),
+        (
+            "another secret",
+            Some(Auth {
+                keys: Keys::Secret(vec![9; 40]),
+                role: Role::Admin,
+            }),
+        ),
+    ] {
+        run(&ports, auth, move |c| {
+            Box::pin(async move {
+                c.set_peers(COPYSET, &[1, 2, 3]);
+                assert!(
+                    c.read(COPYSET, ChunkId(1), 0, 4096).await.is_err(),
+                    "a client with {what} read"
+                );
+            })
+        });
+    }
+    for node in &mut nodes {
+        node.stop();
+    }
+}
