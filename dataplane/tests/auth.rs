@@ -14,11 +14,11 @@ use dataplane::config::AuthSection;
 use dataplane::ids::{ChunkId, CopysetId};
 use dataplane::net::auth::{role_key, Keys, Role};
 use dataplane::net::handshake::Auth;
-use glommio::{LocalExecutorBuilder, Placement};
 
 const COPYSET: CopysetId = CopysetId(11);
 const SECRET: &[u8] = b"a cluster secret of more than thirty-two bytes";
 
+/// Runs `body` with a client proving `auth`'s role (or nothing).
 fn run<T: Send + 'static>(
     ports: &[u16],
     auth: Option<Auth>,
@@ -26,19 +26,12 @@ fn run<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
-    let addresses = common::addresses(ports);
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .spawn(move || async move {
-            let config = ClientConfig {
-                deadline: Duration::from_secs(8),
-                auth,
-                ..ClientConfig::default()
-            };
-            body(Client::new(&addresses, config)).await
-        })
-        .expect("client executor")
-        .join()
-        .expect("client thread")
+    let config = ClientConfig {
+        deadline: Duration::from_secs(8),
+        auth,
+        ..ClientConfig::default()
+    };
+    common::with_client_config(common::addresses(ports), config, body)
 }
 
 #[test]

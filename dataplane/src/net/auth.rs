@@ -84,6 +84,41 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// The connecting side's proof: it holds `key` and answers this very challenge.
+fn client_proof(key: &[u8; 32], server_nonce: &[u8], client_nonce: &[u8], role: Role) -> [u8; 32] {
+    let role = [role.code()];
+    mac(
+        key,
+        &[
+            b"chunkserver auth client",
+            server_nonce,
+            client_nonce,
+            &role,
+        ],
+    )
+}
+
+/// The accepting side's proof: it holds `key` too, and answers this very answer.
+fn server_proof(key: &[u8; 32], client_nonce: &[u8], server_nonce: &[u8], role: Role) -> [u8; 32] {
+    let role = [role.code()];
+    mac(
+        key,
+        &[
+            b"chunkserver auth server",
+            client_nonce,
+            server_nonce,
+            &role,
+        ],
+    )
+}
+
+/// The 32 proof bytes that end `bytes`.
+fn proof_in(bytes: &[u8]) -> [u8; 32] {
+    let mut proof = [0u8; 32];
+    proof.copy_from_slice(&bytes[bytes.len() - 32..]);
+    proof
+}
+
 /// Compares in time that does not depend on where the bytes differ.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -130,15 +165,7 @@ pub fn answer(
     }
     let key = keys.key_of(role).ok_or(AuthError::NoKeyFor(role.name()))?;
     let server_nonce = &challenge[8..];
-    let proof = mac(
-        &key,
-        &[
-            b"chunkserver auth client",
-            server_nonce,
-            client_nonce,
-            &[role.code()],
-        ],
-    );
+    let proof = client_proof(&key, server_nonce, client_nonce, role);
     let mut out = [0u8; ANSWER_LEN];
     out[0] = role.code();
     out[1..33].copy_from_slice(client_nonce);
@@ -153,9 +180,8 @@ pub fn check(
     server_nonce: &[u8; 32],
     answer: &[u8; ANSWER_LEN],
 ) -> (Result<Role, AuthError>, [u8; VERDICT_LEN]) {
-    let refused = [1u8; 1].into_iter().chain([0u8; 32]).collect::<Vec<u8>>();
     let mut refusal = [0u8; VERDICT_LEN];
-    refusal.copy_from_slice(&refused);
+    refusal[0] = 1;
     let Some(role) = Role::from_code(answer[0]) else {
         return (Err(AuthError::UnknownRole(answer[0])), refusal);
     };
@@ -163,30 +189,12 @@ pub fn check(
         return (Err(AuthError::NoKeyFor(role.name())), refusal);
     };
     let client_nonce = &answer[1..33];
-    let expected = mac(
-        &key,
-        &[
-            b"chunkserver auth client",
-            server_nonce,
-            client_nonce,
-            &[role.code()],
-        ],
-    );
-    let mut proof = [0u8; 32];
-    proof.copy_from_slice(&answer[33..]);
-    if !same(&expected, &proof) {
+    let expected = client_proof(&key, server_nonce, client_nonce, role);
+    if !same(&expected, &proof_in(answer)) {
         return (Err(AuthError::BadProof("client")), refusal);
     }
     let mut verdict = [0u8; VERDICT_LEN];
-    verdict[1..].copy_from_slice(&mac(
-        &key,
-        &[
-            b"chunkserver auth server",
-            client_nonce,
-            server_nonce,
-            &[role.code()],
-        ],
-    ));
+    verdict[1..].copy_from_slice(&server_proof(&key, client_nonce, server_nonce, role));
     (Ok(role), verdict)
 }
 
@@ -201,18 +209,8 @@ pub fn check_verdict(
         return Err(AuthError::Refused(role.name()));
     }
     let key = keys.key_of(role).ok_or(AuthError::NoKeyFor(role.name()))?;
-    let expected = mac(
-        &key,
-        &[
-            b"chunkserver auth server",
-            client_nonce,
-            server_nonce,
-            &[role.code()],
-        ],
-    );
-    let mut proof = [0u8; 32];
-    proof.copy_from_slice(&verdict[1..]);
-    if same(&expected, &proof) {
+    let expected = server_proof(&key, client_nonce, server_nonce, role);
+    if same(&expected, &proof_in(verdict)) {
         Ok(())
     } else {
         Err(AuthError::BadProof("server"))

@@ -227,16 +227,25 @@ pub fn with_client_net<T: Send + 'static>(
         + Send
         + 'static,
 ) -> T {
+    let config = ClientConfig {
+        deadline: Duration::from_secs(20),
+        net,
+        ..ClientConfig::default()
+    };
+    with_client_config(addresses, config, body)
+}
+
+/// The same, with a client of `config`.
+pub fn with_client_config<T: Send + 'static>(
+    addresses: Vec<NodeAddress>,
+    config: ClientConfig,
+    body: impl FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("test-client")
-        .spawn(move || async move {
-            let config = ClientConfig {
-                deadline: Duration::from_secs(20),
-                net,
-                ..ClientConfig::default()
-            };
-            body(Client::new(&addresses, config)).await
-        })
+        .spawn(move || async move { body(Client::new(&addresses, config)).await })
         .expect("client executor")
         .join()
         .expect("client thread")
