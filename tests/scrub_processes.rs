@@ -7,10 +7,11 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    chunkctl, free_ports, start, text, wait_for_port, write_config_sized, Cluster, Sizes,
+    chunkctl, chunkctl_until_ok, free_ports, start, text, wait_for_port, write_config_sized,
+    Cluster, Sizes,
 };
 
 const PAGE: usize = 4096;
@@ -58,25 +59,20 @@ fn chunkctl_scrub_names_a_flipped_page_and_repairs_it_while_fio_writes() {
     let mut cluster = Cluster {
         children: configs.iter().map(|c| Some(start(c))).collect(),
     };
-    let began = Instant::now();
-    let created = loop {
-        let output = chunkctl(
-            &configs[0],
-            &[
-                "volume",
-                "create",
-                "--name",
-                "v",
-                "--size",
-                "64MiB",
-                "--copyset",
-                "5",
-            ],
-        );
-        if output.status.success() || began.elapsed() > Duration::from_secs(30) {
-            break output;
-        }
-    };
+    let created = chunkctl_until_ok(
+        &configs[0],
+        &[
+            "volume",
+            "create",
+            "--name",
+            "v",
+            "--size",
+            "64MiB",
+            "--copyset",
+            "5",
+        ],
+        Duration::from_secs(30),
+    );
     assert!(created.status.success(), "{}", text(&created));
     let nbd_addr = format!("127.0.0.1:{}", ports[6]);
     let mut nbd = Command::new(env!("CARGO_BIN_EXE_chunkserver"))

@@ -88,16 +88,11 @@ fn three_nodes_and_a_volume() -> (
     let cluster = Cluster {
         children: configs.iter().map(|c| Some(start(c))).collect(),
     };
-    let started = Instant::now();
-    let created = loop {
-        let output = chunkctl(
-            &configs[0],
-            &["volume", "create", "--name", "v", "--size", "1GiB"],
-        );
-        if output.status.success() || started.elapsed() > Duration::from_secs(60) {
-            break output;
-        }
-    };
+    let created = common::chunkctl_until_ok(
+        &configs[0],
+        &["volume", "create", "--name", "v", "--size", "1GiB"],
+        Duration::from_secs(60),
+    );
     assert!(created.status.success(), "{}", text(&created));
 
     (dir, ports, configs, cluster)

@@ -66,18 +66,14 @@ fn an_8_gib_volume_spreads_over_the_pool_and_fio_verifies_it_through_nbd() {
     };
 
     let started = Instant::now();
-    let created = loop {
-        let output = chunkctl(
-            &configs[0],
-            &[
-                "--json", "volume", "create", "--name", "v", "--size", "8GiB",
-            ],
-        );
-        // The nodes may still be starting; chunkctl gives up after its deadline: again.
-        if output.status.success() || started.elapsed() > Duration::from_secs(60) {
-            break output;
-        }
-    };
+    // The nodes may still be starting; chunkctl gives up after its deadline: again.
+    let created = common::chunkctl_until_ok(
+        &configs[0],
+        &[
+            "--json", "volume", "create", "--name", "v", "--size", "8GiB",
+        ],
+        Duration::from_secs(60),
+    );
     assert!(created.status.success(), "{}", text(&created));
     let volume: serde_json::Value =
         serde_json::from_slice(&created.stdout).expect("volume create prints JSON");

@@ -8,6 +8,8 @@ pub mod client;
 pub mod config;
 pub mod copyset;
 pub mod demo;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

@@ -25,6 +25,22 @@ pub fn chunkctl(config: &Path, args: &[&str]) -> std::process::Output {
         .expect("run chunkctl")
 }
 
+/// Runs `chunkctl --config CONFIG ARGS…` until it succeeds or `within` passes (the nodes may
+/// still be starting: chunkctl gives up after its own deadline), and gives the last output.
+pub fn chunkctl_until_ok(
+    config: &Path,
+    args: &[&str],
+    within: std::time::Duration,
+) -> std::process::Output {
+    let began = std::time::Instant::now();
+    loop {
+        let output = chunkctl(config, args);
+        if output.status.success() || began.elapsed() > within {
+            return output;
+        }
+    }
+}
+
 /// A process's stdout and stderr, as text.
 pub fn text(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
