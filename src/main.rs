@@ -248,6 +248,7 @@ fn serve_nbd_metrics(
             Box::pin(async move { format!("{{\"role\":\"nbd\",\"metric_lines\":{series}}}") })
         }),
         fault: None,
+        tokens: None,
     };
     println!("nbd: metrics on http://{address}/metrics");
     glommio::spawn_local(dataplane::metrics::http::serve(

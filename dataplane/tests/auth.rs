@@ -41,7 +41,8 @@ fn only_holders_of_the_secret_or_a_role_key_get_in_and_roles_bound_what_they_do(
     std::fs::write(&secret_file, SECRET).expect("write the secret");
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600))
         .expect("chmod 600");
-    let ports = free_ports(6);
+    let ports = free_ports(7);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", ports[6]).parse().expect("address");
     let mut nodes: Vec<Node> = (1..=3)
         .map(|id| {
             let mut config = config(id, &ports, dir.path(), "mem");
@@ -49,6 +50,9 @@ fn only_holders_of_the_secret_or_a_role_key_get_in_and_roles_bound_what_they_do(
                 secret_file: Some(secret_file.clone()),
                 ..AuthSection::default()
             };
+            if id == 1 {
+                config.metrics.address = Some(metrics);
+            }
             Node::start(config)
         })
         .collect();
@@ -116,6 +120,27 @@ fn only_holders_of_the_secret_or_a_role_key_get_in_and_roles_bound_what_they_do(
             })
         });
     }
+    // The metrics endpoint asks for a key too: the client's reads, nothing reads without.
+    let get = |token: Option<String>| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(metrics).expect("connect to metrics");
+        let header = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        stream
+            .write_all(format!("GET /metrics HTTP/1.1\r\n{header}\r\n").as_bytes())
+            .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+    };
+    assert!(
+        get(None).starts_with("HTTP/1.1 401"),
+        "metrics without a key"
+    );
+    let client_key = dataplane::net::handshake::key_text(&role_key(SECRET, Role::Client));
+    assert!(
+        get(Some(client_key)).starts_with("HTTP/1.1 200"),
+        "metrics with the client key"
+    );
     for node in &mut nodes {
         node.stop();
     }

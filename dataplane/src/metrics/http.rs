@@ -26,6 +26,55 @@ pub struct Pages {
     pub status: Box<dyn Fn() -> Page>,
     /// `POST /fault?QUERY`, only with fault injection on: arms a fault, given the query.
     pub fault: Option<FaultControl>,
+    /// With `[auth]`: the bearer tokens a request must carry (`Authorization: Bearer HEX`);
+    /// none, nothing is asked.
+    pub tokens: Option<Tokens>,
+}
+
+/// The bearer tokens of an authenticating endpoint: role keys as hex (`net::handshake`).
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// Accepted for `GET` (the client or the admin key).
+    pub read: Vec<String>,
+    /// Required for `POST /fault` (the admin key).
+    pub admin: String,
+}
+
+impl Tokens {
+    /// Whether `head` carries a token that allows the request (`admin`: the admin's).
+    fn allow(&self, head: &str, admin: bool) -> bool {
+        let Some(token) = bearer(head) else {
+            return false;
+        };
+        let matches = |wanted: &str| {
+            wanted.len() == token.len()
+                && wanted
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        };
+        if admin {
+            matches(&self.admin)
+        } else {
+            self.read.iter().any(|t| matches(t))
+        }
+    }
+}
+
+/// The token of the request head's `Authorization: Bearer` header.
+fn bearer(head: &str) -> Option<&str> {
+    head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+    })
 }
 
 /// Arms a fault given the query of `POST /fault?QUERY`.
@@ -114,7 +163,17 @@ async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
         Some(head) => {
             let text = String::from_utf8_lossy(&head);
             let mut words = text.lines().next().unwrap_or("").split(' ');
-            match (words.next(), words.next()) {
+            let (method, target) = (words.next(), words.next());
+            let refused = pages
+                .tokens
+                .as_ref()
+                .filter(|tokens| !tokens.allow(&text, method == Some("POST")));
+            if refused.is_some() {
+                let body = "this endpoint asks for `Authorization: Bearer KEY`: the client key \
+                            (GET) or the admin key (POST), from `chunkctl auth derive-key`\n";
+                return send(stream, "401 Unauthorized", "text/plain", body.into(), None).await;
+            }
+            match (method, target) {
                 (Some("GET"), Some("/metrics")) => (
                     "200 OK",
                     "text/plain; version=0.0.4",
@@ -157,6 +216,17 @@ async fn answer(mut stream: TcpStream, pages: &Pages) -> io::Result<()> {
             }
         }
     };
+    send(stream, status, content_type, body, exit).await
+}
+
+/// Sends the response and closes; ends the process after it when `exit` says so.
+async fn send(
+    mut stream: TcpStream,
+    status: &str,
+    content_type: &str,
+    body: String,
+    exit: Option<i32>,
+) -> io::Result<()> {
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
@@ -213,6 +283,7 @@ mod tests {
                     }),
                     status: Box::new(|| Box::pin(async { "{\"healthy\":true}".to_string() })),
                     fault: None,
+                    tokens: None,
                 };
                 serve(listener, Rc::new(pages), stop).await;
             })
@@ -234,6 +305,48 @@ mod tests {
         let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
         assert!(get(addr, &huge).starts_with("HTTP/1.1 400"));
 
+        shutdown.raise();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn with_tokens_a_request_without_the_right_one_is_refused() {
+        let shutdown = ShutdownSignal::new();
+        let stop = shutdown.clone();
+        let (tx, rx) = mpsc::channel();
+        let server = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                let pages = Pages {
+                    metrics: Box::new(|| Box::pin(async { "m 1\n".to_string() })),
+                    status: Box::new(|| Box::pin(async { "{}".to_string() })),
+                    fault: Some(Box::new(|_| FaultAnswer {
+                        ok: true,
+                        text: "armed".into(),
+                        exit: None,
+                    })),
+                    tokens: Some(Tokens {
+                        read: vec!["c1".into(), "a1".into()],
+                        admin: "a1".into(),
+                    }),
+                };
+                serve(listener, Rc::new(pages), stop).await;
+            })
+            .unwrap();
+        let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let with = |request: &str, token: &str| {
+            get(
+                addr,
+                &format!("{request} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"),
+            )
+        };
+        assert!(get(addr, "GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 401"));
+        assert!(with("GET /metrics", "zz").starts_with("HTTP/1.1 401"));
+        assert!(with("GET /metrics", "c1").starts_with("HTTP/1.1 200"));
+        assert!(with("GET /status", "a1").starts_with("HTTP/1.1 200"));
+        assert!(with("POST /fault?x", "c1").starts_with("HTTP/1.1 401"));
+        assert!(with("POST /fault?x", "a1").starts_with("HTTP/1.1 200"));
         shutdown.raise();
         server.join().unwrap();
     }

@@ -327,6 +327,7 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
             })
         }),
         fault: None,
+        tokens: None,
         status: Box::new(move || {
             let (server, mesh) = (Rc::clone(&server), Rc::clone(&mesh));
             Box::pin(async move {
@@ -494,6 +495,22 @@ fn server_auth(config: &Config) -> Result<Option<Auth>, NodeError> {
 }
 
 impl ShardSettings {
+    /// The bearer tokens of the metrics endpoint with `[auth]`: the client and admin keys.
+    fn http_tokens(&self) -> Option<crate::metrics::http::Tokens> {
+        let Some(Auth {
+            keys: Keys::Secret(secret),
+            ..
+        }) = &self.auth
+        else {
+            return None;
+        };
+        let key = |role| crate::net::handshake::key_text(&crate::net::auth::role_key(secret, role));
+        Some(crate::metrics::http::Tokens {
+            read: vec![key(Role::Client), key(Role::Admin)],
+            admin: key(Role::Admin),
+        })
+    }
+
     /// The keys the node's own clients use: the secret, claiming the admin role.
     fn admin_auth(&self) -> Option<Auth> {
         self.auth.as_ref().map(|auth| Auth {
@@ -816,6 +833,7 @@ fn serve_metrics_endpoint<B: Bdev + 'static>(
     let listener = crate::metrics::http::bind(address)
         .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
     let mut pages = metrics_pages(node, Rc::clone(server), Rc::clone(mesh));
+    pages.tokens = settings.http_tokens();
     if let Some(faults) = &settings.faults {
         let faults = Arc::clone(faults);
         pages.fault = Some(Box::new(move |query: &str| {
