@@ -13,16 +13,17 @@ use crate::protocol::placement::{
     decode, Heartbeat, HeartbeatReply, Operators, OperatorsRequest, Topology,
 };
 
-/// Inputs per property; `FRAME_FUZZ_CASES` raises it.
-fn cases() -> u32 {
+/// Inputs per property (2000 in CI); `FRAME_FUZZ_CASES` raises it.
+pub(crate) fn cases() -> u32 {
     std::env::var("FRAME_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000)
 }
 
-/// The seed; `FRAME_FUZZ_SEED` replays or varies it.
-fn seed() -> u64 {
+/// The seed; `FRAME_FUZZ_SEED` replays or varies it. A failing case prints its minimal input,
+/// and rerunning with the same seed reproduces it.
+pub(crate) fn seed() -> u64 {
     std::env::var("FRAME_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

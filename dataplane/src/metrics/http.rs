@@ -263,8 +263,11 @@ mod tests {
         response
     }
 
-    #[test]
-    fn the_endpoint_serves_parseable_metrics_and_refuses_the_rest() {
+    /// Serves the pages `make` builds (on the endpoint's executor) on a fresh port: the address,
+    /// the signal that stops it, and its thread.
+    fn start(
+        make: impl FnOnce() -> Pages + Send + 'static,
+    ) -> (SocketAddr, ShutdownSignal, glommio::ExecutorJoinHandle<()>) {
         let shutdown = ShutdownSignal::new();
         let stop = shutdown.clone();
         let (tx, rx) = mpsc::channel();
@@ -272,23 +275,29 @@ mod tests {
             .spawn(move || async move {
                 let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                let registry = Rc::new(Registry::new(&[("shard", "0")]));
-                let scrapes = registry.counter("scrapes_total", "Scrapes served.", &[]);
-                let for_metrics = Rc::clone(&registry);
-                let pages = Pages {
-                    metrics: Box::new(move || {
-                        scrapes.inc();
-                        let text = for_metrics.snapshot().render();
-                        Box::pin(async move { text })
-                    }),
-                    status: Box::new(|| Box::pin(async { "{\"healthy\":true}".to_string() })),
-                    fault: None,
-                    tokens: None,
-                };
-                serve(listener, Rc::new(pages), stop).await;
+                serve(listener, Rc::new(make()), stop).await;
             })
             .unwrap();
         let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        (addr, shutdown, server)
+    }
+
+    #[test]
+    fn the_endpoint_serves_parseable_metrics_and_refuses_the_rest() {
+        let (addr, shutdown, server) = start(|| {
+            let registry = Rc::new(Registry::new(&[("shard", "0")]));
+            let scrapes = registry.counter("scrapes_total", "Scrapes served.", &[]);
+            Pages {
+                metrics: Box::new(move || {
+                    scrapes.inc();
+                    let text = registry.snapshot().render();
+                    Box::pin(async move { text })
+                }),
+                status: Box::new(|| Box::pin(async { "{\"healthy\":true}".to_string() })),
+                fault: None,
+                tokens: None,
+            }
+        });
 
         let first = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         let second = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -311,30 +320,19 @@ mod tests {
 
     #[test]
     fn with_tokens_a_request_without_the_right_one_is_refused() {
-        let shutdown = ShutdownSignal::new();
-        let stop = shutdown.clone();
-        let (tx, rx) = mpsc::channel();
-        let server = LocalExecutorBuilder::new(Placement::Unbound)
-            .spawn(move || async move {
-                let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                let pages = Pages {
-                    metrics: Box::new(|| Box::pin(async { "m 1\n".to_string() })),
-                    status: Box::new(|| Box::pin(async { "{}".to_string() })),
-                    fault: Some(Box::new(|_| FaultAnswer {
-                        ok: true,
-                        text: "armed".into(),
-                        exit: None,
-                    })),
-                    tokens: Some(Tokens {
-                        read: vec!["c1".into(), "a1".into()],
-                        admin: "a1".into(),
-                    }),
-                };
-                serve(listener, Rc::new(pages), stop).await;
-            })
-            .unwrap();
-        let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (addr, shutdown, server) = start(|| Pages {
+            metrics: Box::new(|| Box::pin(async { "m 1\n".to_string() })),
+            status: Box::new(|| Box::pin(async { "{}".to_string() })),
+            fault: Some(Box::new(|_| FaultAnswer {
+                ok: true,
+                text: "armed".into(),
+                exit: None,
+            })),
+            tokens: Some(Tokens {
+                read: vec!["c1".into(), "a1".into()],
+                admin: "a1".into(),
+            }),
+        });
         let with = |request: &str, token: &str| {
             get(
                 addr,

@@ -578,22 +578,9 @@ mod tests {
         ));
     }
 
-    /// Inputs per proptest property in CI; `FRAME_FUZZ_CASES` raises it (scripts/fuzz-frames).
-    fn fuzz_cases() -> u32 {
-        std::env::var("FRAME_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000)
-    }
-
-    /// The seed of every property; `FRAME_FUZZ_SEED` replays or varies it. A failing case
-    /// prints its minimal input, and rerunning with the same seed reproduces it.
-    fn fuzz_seed() -> u64 {
-        std::env::var("FRAME_FUZZ_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0x5eed_f4a3e)
-    }
+    // Inputs per property and the seed: `FRAME_FUZZ_CASES`, `FRAME_FUZZ_SEED`
+    // (scripts/fuzz-frames), shared with every decoder's properties.
+    use crate::fuzz_tests::{cases as fuzz_cases, seed as fuzz_seed};
 
     fn arbitrary_frame() -> impl Strategy<Value = Frame> {
         (
