@@ -65,7 +65,12 @@ async fn check(client: &Client, copyset: CopysetId, end: u64) {
 
 /// Waits until each of `copysets` has exactly one leader that all three nodes agree on, and
 /// equal applied indexes; panics after `bound`.
-async fn every_copyset_led(client: &Client, copysets: &[CopysetId], bound: Duration) {
+async fn every_copyset_led(
+    client: &Client,
+    copysets: &[CopysetId],
+    bound: Duration,
+    status_ports: &[u16],
+) {
     let began = Instant::now();
     loop {
         let mut missing = Vec::new();
@@ -95,7 +100,8 @@ async fn every_copyset_led(client: &Client, copysets: &[CopysetId], bound: Durat
         }
         assert!(
             began.elapsed() < bound,
-            "not every copyset is led after {bound:?}: {missing:?}"
+            "not every copyset is led after {bound:?}: {missing:?}{}",
+            statuses_of(status_ports)
         );
         glommio::timer::sleep(Duration::from_millis(100)).await;
     }
@@ -140,7 +146,7 @@ fn an_idle_copyset_whose_last_entry_is_a_no_op_does_not_pin_the_wal() {
             glommio::timer::sleep(Duration::from_millis(1500)).await;
             // Three times the 16 MiB ring through the busy copyset.
             fill(&client, BUSY, 8, 768).await;
-            every_copyset_led(&client, &[IDLE, BUSY], Duration::from_secs(10)).await;
+            every_copyset_led(&client, &[IDLE, BUSY], Duration::from_secs(10), &[]).await;
             check(&client, BUSY, 776).await;
             check(&client, IDLE, 8).await;
         })
@@ -231,12 +237,13 @@ fn requests_that_cannot_be_carried_out_are_refused_before_they_stall_a_copyset()
 #[test]
 fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let ports = free_ports(11);
-    let metrics = ports[10];
+    let ports = free_ports(13);
+    // The metrics endpoints of nodes 3, 4 and 5.
+    let metrics = [ports[10], ports[11], ports[12]];
     let start = |id: u32| {
         let mut config = config_of_cluster(id, 5, &ports, dir.path(), "uring", "tcp");
-        if id == 3 {
-            config.metrics.address = Some(([127, 0, 0, 1], metrics).into());
+        if id >= 3 {
+            config.metrics.address = Some(([127, 0, 0, 1], metrics[id as usize - 3]).into());
         }
         Node::start(config)
     };
@@ -293,7 +300,7 @@ fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
     streaming.join().expect("stream");
     // Node 3 holds entries of the stuck copyset above its applied index: they can only be
     // applied once a quorum returns.
-    let wal_of = |copyset: u64| wal_status(metrics, copyset);
+    let wal_of = |copyset: u64| wal_status(metrics[0], copyset);
     let pinned = wal_of(stuck.0);
     assert!(
         pinned["log_last"].as_u64() > pinned["log_applied"].as_u64(),
@@ -320,7 +327,8 @@ fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
         Box::pin(async move {
             client.set_peers(stuck, &[3, 4, 5]);
             check(&client, stuck, 4).await;
-            every_copyset_led_on(&client, stuck, &[3, 4, 5], Duration::from_secs(10)).await;
+            let bound = Duration::from_secs(10);
+            every_copyset_led_on(&client, stuck, &[3, 4, 5], bound, &metrics).await;
         })
     });
     for node in &mut nodes {
@@ -329,7 +337,13 @@ fn a_copyset_without_quorum_does_not_pin_its_nodes_rings() {
 }
 
 /// Waits until `copyset` has one leader among `nodes` and equal applied indexes there.
-async fn every_copyset_led_on(client: &Client, copyset: CopysetId, nodes: &[u64], bound: Duration) {
+async fn every_copyset_led_on(
+    client: &Client,
+    copyset: CopysetId,
+    nodes: &[u64],
+    bound: Duration,
+    status_ports: &[u16],
+) {
     let began = Instant::now();
     loop {
         let mut statuses = Vec::new();
@@ -347,7 +361,8 @@ async fn every_copyset_led_on(client: &Client, copyset: CopysetId, nodes: &[u64]
         }
         assert!(
             began.elapsed() < bound,
-            "copyset {copyset} not led: {statuses:?}"
+            "copyset {copyset} not led: {statuses:?}{}",
+            statuses_of(status_ports)
         );
         glommio::timer::sleep(Duration::from_millis(100)).await;
     }
@@ -404,9 +419,9 @@ fn a_follower_briefly_down_catches_up_from_the_log_not_by_a_copy_of_the_chunks()
         "the leader compacted its log: {after}"
     );
     nodes[2] = start(3);
-    with_client(&ports, |client| {
+    with_client(&ports, move |client| {
         Box::pin(async move {
-            every_copyset_led(&client, &[BUSY], Duration::from_secs(10)).await;
+            every_copyset_led(&client, &[BUSY], Duration::from_secs(10), &metrics).await;
         })
     });
     let installs = common::http_get(metrics[1], "/metrics")
@@ -459,6 +474,25 @@ fn write_range(ports: &[u16], range: std::ops::Range<u64>) {
 }
 
 /// The `wal` object of `copyset` in the `/status` of the node whose metrics listen on `port`.
+/// The `/status` pages of the nodes whose metrics endpoints are `ports`, for a failure's
+/// message: the raft view (each follower's progress on the leader) says why one lags.
+fn statuses_of(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|port| {
+            let connections: Vec<String> = common::http_get(*port, "/metrics")
+                .lines()
+                .filter(|l| l.starts_with("chunkserver_peer") || l.starts_with("chunkserver_conn"))
+                .map(str::to_string)
+                .collect();
+            format!(
+                "\n/status on :{port}: {}\nconnections on :{port}: {connections:?}",
+                common::http_get(*port, "/status")
+            )
+        })
+        .collect()
+}
+
 fn wal_status(port: u16, copyset: u64) -> serde_json::Value {
     let status = common::http_get(port, "/status");
     let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");

@@ -191,6 +191,12 @@ impl<S: LogStorage> CopysetCore<S> {
         self.applied
     }
 
+    /// Persist commands handed out and not yet reported done (done ones waiting for an
+    /// earlier one count too).
+    pub fn persists_in_flight(&self) -> usize {
+        self.persists.len()
+    }
+
     /// The raft node, for status.
     pub fn node(&self) -> &RawNode<S> {
         &self.node

@@ -3,8 +3,15 @@
 //! the connect timeout, at most [`SETUPS_AT_ONCE`] at a time — one slow or silent peer (a slow
 //! machine registering its regions, a port scanner that never answers the challenge) holds no
 //! other peer's connection behind it.
+//!
+//! [`Accepting::close`] ends all of it before the listener's owner goes: the listening socket
+//! closes (the kernel resets what waits in its backlog), set-ups under way are cancelled and
+//! connections set up but not yet taken are closed. Nothing is left for a shard that stops to
+//! leak: a peer whose connection the stopping node accepted and never served would otherwise
+//! keep sending into it, and never dial the node again once it restarted.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -14,11 +21,14 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use tracing::debug;
 
-use super::connection::Connection;
+use super::connection::{close_all, Connection};
 use super::NetError;
 
 /// Connection set-ups a listener runs at once; further peers wait in the kernel's backlog.
 const SETUPS_AT_ONCE: u64 = 32;
+
+/// How long closing waits for the sockets of connections set up but never taken.
+const UNTAKEN_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What turns an accepted stream into a connection.
 pub(crate) type SetUp =
@@ -33,8 +43,16 @@ pub(crate) struct Accepting {
 
 struct Started {
     ready: Rc<LocalReceiver<Result<Connection, NetError>>>,
-    /// Cancelled when the listener is dropped.
-    _task: glommio::Task<()>,
+    /// Cancelled when the listener is dropped (or closed).
+    task: glommio::Task<()>,
+    setups: Rc<SetUps>,
+}
+
+/// The set-ups under way, each a task holding its stream, so that closing cancels them.
+#[derive(Default)]
+struct SetUps {
+    next: Cell<u64>,
+    running: RefCell<HashMap<u64, glommio::task::JoinHandle<()>>>,
 }
 
 impl Accepting {
@@ -52,14 +70,17 @@ impl Accepting {
             let mut started = self.started.borrow_mut();
             let started = started.get_or_insert_with(|| {
                 let (sender, receiver) = new_bounded(16);
+                let setups = Rc::new(SetUps::default());
                 let task = glommio::spawn_local(accept_and_set_up(
                     Rc::clone(&self.listener),
                     Rc::clone(&self.set_up),
                     Rc::new(sender),
+                    Rc::clone(&setups),
                 ));
                 Started {
                     ready: Rc::new(receiver),
-                    _task: task,
+                    task,
+                    setups,
                 }
             });
             Rc::clone(&started.ready)
@@ -73,6 +94,35 @@ impl Accepting {
     }
 }
 
+impl Accepting {
+    /// Stops accepting and closes what the listener still holds: the accepting task ends
+    /// (with it the last handle on the listening socket besides the owner's), set-ups under
+    /// way are cancelled, and connections set up but never taken are closed. The owner drops
+    /// its own handle on the socket.
+    pub(crate) async fn close(self) {
+        let Accepting { started, .. } = self;
+        let Some(started) = started.into_inner() else {
+            return;
+        };
+        let _ = started.task.cancel().await;
+        let running: Vec<_> = started.setups.running.borrow_mut().drain().collect();
+        for (_, setup) in running {
+            setup.cancel();
+            let _ = setup.await;
+        }
+        // Every sender is gone now: what is buffered comes out, then the end.
+        let mut untaken = Vec::new();
+        while let Some(ready) = started.ready.recv().await {
+            if let Ok(connection) = ready {
+                untaken.push(connection);
+            }
+        }
+        if !close_all(&untaken, UNTAKEN_END_WITHIN).await {
+            debug!("connections set up but never taken still open after the listener closed");
+        }
+    }
+}
+
 /// Accepts streams and sets each up in a task of its own, at most [`SETUPS_AT_ONCE`] at a
 /// time; finished connections and the listener's own errors go to `ready`. A failed set-up
 /// concerns that one peer only: it is logged and dropped.
@@ -80,6 +130,7 @@ async fn accept_and_set_up(
     listener: Rc<TcpListener>,
     set_up: SetUp,
     ready: Rc<LocalSender<Result<Connection, NetError>>>,
+    running: Rc<SetUps>,
 ) {
     let setups = Rc::new(Semaphore::new(SETUPS_AT_ONCE));
     loop {
@@ -101,7 +152,10 @@ async fn accept_and_set_up(
         };
         let set_up = set_up(stream);
         let ready = Rc::clone(&ready);
-        glommio::spawn_local(async move {
+        let id = running.next.get();
+        running.next.set(id + 1);
+        let finished = Rc::clone(&running);
+        let task = glommio::spawn_local(async move {
             let started = std::time::Instant::now();
             let result = set_up.await;
             drop(permit);
@@ -109,12 +163,16 @@ async fn accept_and_set_up(
                 Ok(connection) => {
                     debug!(connection = %connection.label(), took = ?started.elapsed(),
                         "connection set up");
-                    // The listener is gone when this fails: the connection closes with it.
+                    // The listener is gone when this fails; the error holds the connection's
+                    // last handle, and dropping it closes the connection.
                     let _ = ready.send(Ok(connection)).await;
                 }
                 Err(error) => debug!(%error, "connection set-up failed"),
             }
+            finished.running.borrow_mut().remove(&id);
         })
         .detach();
+        // Spawned tasks first run at the next yield: this one cannot have ended yet.
+        running.running.borrow_mut().insert(id, task);
     }
 }

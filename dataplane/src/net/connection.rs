@@ -114,6 +114,13 @@ struct ConnectionState {
     closed: RefCell<Option<NetError>>,
     /// The role the other end proved, on an accepted connection of an authenticating listener.
     peer_role: Cell<Option<super::auth::Role>>,
+    /// Live [`LinkSide`]s: the transport's tasks hold them with the socket.
+    link_sides: Cell<usize>,
+    /// Set once the last [`LinkSide`] is gone: the transport's tasks ended and dropped the
+    /// socket (or queue pair) with them.
+    link_ended: super::queue::Latch,
+    /// Set by [`Connection::abort`]: the transport stops at once, queued frames unsent.
+    aborted: super::queue::Latch,
 }
 
 /// One connection to a peer, over whatever transport. Clones share it; the connection closes
@@ -144,11 +151,65 @@ impl fmt::Debug for Connection {
     }
 }
 
+/// Closes `connections` and waits, at most `bound`, until every one's socket is gone
+/// ([`Connection::link_ended`]); those still open then (their peers do not read what was
+/// queued) are aborted. Returns whether they all ended gracefully.
+pub async fn close_all(connections: &[Connection], bound: Duration) -> bool {
+    for connection in connections {
+        connection.close();
+    }
+    let all_ended = || async {
+        for connection in connections {
+            connection.link_ended().await;
+        }
+        true
+    };
+    let within = |bound: Duration| async move {
+        glommio::timer::sleep(bound).await;
+        false
+    };
+    if future::or(all_ended(), within(bound)).await {
+        return true;
+    }
+    for connection in connections {
+        connection.abort();
+    }
+    if !future::or(all_ended(), within(bound)).await {
+        warn!(
+            open = connections
+                .iter()
+                .filter(|c| !c.handle.state.link_ended.is_set())
+                .count(),
+            "connections still open after being aborted"
+        );
+    }
+    false
+}
+
 /// The transport's side of a connection: it sends what [`LinkSide::outgoing`] yields and
-/// hands every received frame to [`LinkSide::deliver`].
-#[derive(Clone)]
+/// hands every received frame to [`LinkSide::deliver`]. The transport's tasks hold it with
+/// the socket; when the last one goes, [`Connection::link_ended`] resolves.
 pub(crate) struct LinkSide {
     state: Rc<ConnectionState>,
+}
+
+impl Clone for LinkSide {
+    fn clone(&self) -> Self {
+        self.state.link_sides.set(self.state.link_sides.get() + 1);
+        LinkSide {
+            state: Rc::clone(&self.state),
+        }
+    }
+}
+
+impl Drop for LinkSide {
+    fn drop(&mut self) {
+        let left = self.state.link_sides.get().saturating_sub(1);
+        self.state.link_sides.set(left);
+        if left == 0 {
+            self.state.link_ended.set();
+        }
+    }
 }
 
 /// A new connection and the link side its transport drives.
@@ -175,6 +236,9 @@ pub(crate) fn new_connection(label: String, config: ConnectionConfig) -> (Connec
         in_flight_slots: slots,
         closed: RefCell::new(None),
         peer_role: Cell::new(None),
+        link_sides: Cell::new(1),
+        link_ended: super::queue::Latch::new(),
+        aborted: super::queue::Latch::new(),
         config,
     });
     (
@@ -238,6 +302,21 @@ impl Connection {
     /// Closes the connection: frames already queued are still sent, requests in flight fail.
     pub fn close(&self) {
         self.handle.state.close_gracefully("closed by its owner");
+    }
+
+    /// Closes the connection at once: frames still queued are dropped and the transport lets
+    /// go of the socket without waiting for the peer to read (a graceful close can wait on a
+    /// peer that does not read for as long as the I/O timeout).
+    pub fn abort(&self) {
+        self.handle.state.close_gracefully("aborted by its owner");
+        self.handle.state.aborted.set();
+    }
+
+    /// Resolves once the transport's tasks ended and let go of the socket (or queue pair):
+    /// after [`close`](Connection::close), the peer then sees the connection end. A server
+    /// that stops waits for this, so that nothing it accepted outlives it.
+    pub async fn link_ended(&self) {
+        self.handle.state.link_ended.wait().await;
     }
 
     /// Sends a request and waits for its response, at most the configured request timeout.
@@ -455,6 +534,16 @@ impl ConnectionState {
 }
 
 impl LinkSide {
+    /// Whether the owner aborted the connection ([`Connection::abort`]).
+    pub(crate) fn is_aborted(&self) -> bool {
+        self.state.aborted.is_set()
+    }
+
+    /// Resolves once the owner aborts the connection.
+    pub(crate) async fn aborted(&self) {
+        self.state.aborted.wait().await;
+    }
+
     pub(crate) fn label(&self) -> &str {
         &self.state.label
     }

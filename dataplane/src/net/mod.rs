@@ -37,7 +37,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use crate::protocol::frame::{Frame, FrameCodec, FrameError, FrameFlags, FrameHeader, Opcode};
-pub use connection::{Connection, ConnectionConfig, Incoming, Message};
+pub use connection::{close_all, Connection, ConnectionConfig, Incoming, Message};
 pub use context::NetContext;
 pub use payload::{AlignedHeapAllocator, AllocError, PayloadAllocator, PayloadBuffer};
 pub use transport::{connect, connect_shard, Backoff, Listener, PeerConnection};

@@ -75,6 +75,17 @@ impl TcpTransportListener {
     pub async fn accept(&self) -> Result<Connection, NetError> {
         self.accepting.accept().await
     }
+
+    /// Closes the listening socket and every connection it set up that was not taken
+    /// ([`Accepting::close`](super::accepting::Accepting::close)).
+    pub async fn close(self) {
+        let TcpTransportListener {
+            listener,
+            accepting,
+        } = self;
+        drop(listener);
+        accepting.close().await;
+    }
 }
 
 fn stream_label(stream: &TcpStream) -> String {
@@ -174,7 +185,7 @@ async fn read_loop(
     stop: Latch,
 ) {
     let end = future::or(read_frames(&mut stream, &link, &*allocator), async {
-        stop.wait().await;
+        future::or(stop.wait(), link.aborted()).await;
         ReadEnd::LocallyClosed
     })
     .await;
@@ -269,11 +280,14 @@ async fn write_loop(mut stream: SharedStream, link: LinkSide, stop: Latch) {
     let mut batch: Vec<u8> = Vec::with_capacity(coalesce_max.min(1 << 20));
     loop {
         let next = future::or(link.outgoing().pop(), async {
-            stop.wait().await;
+            future::or(stop.wait(), link.aborted()).await;
             None
         })
         .await;
         let Some(first) = next else { break };
+        if link.is_aborted() {
+            break;
+        }
         batch.clear();
         first.encode_into(&mut batch);
         while batch.len() < coalesce_max {
@@ -293,7 +307,7 @@ async fn write_loop(mut stream: SharedStream, link: LinkSide, stop: Latch) {
             },
         );
         let written = future::or(write, async {
-            stop.wait().await;
+            future::or(stop.wait(), link.aborted()).await;
             Err(NetError::Closed {
                 reason: format!("{label}: stopped"),
             })
@@ -306,7 +320,16 @@ async fn write_loop(mut stream: SharedStream, link: LinkSide, stop: Latch) {
         }
     }
     // Closed locally (or the link failed): tell the peer we are done, then stop the reader.
-    let _ = stream.close().await;
+    // An aborted link does not wait for the peer to take even that.
+    if !link.is_aborted() {
+        let _ = future::or(
+            async {
+                let _ = stream.close().await;
+            },
+            link.aborted(),
+        )
+        .await;
+    }
     stop.set();
 }
 

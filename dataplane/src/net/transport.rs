@@ -77,6 +77,17 @@ impl Listener {
             Listener::Rdma(listener) => listener.accept().await,
         }
     }
+
+    /// Stops listening: the socket closes (what waits in its backlog is reset), set-ups under
+    /// way are cancelled, and connections set up but never accepted are closed. A server
+    /// that stops calls this rather than dropping the listener, so that nothing stays open
+    /// behind it.
+    pub async fn close(self) {
+        match self {
+            Listener::Tcp(listener) => listener.close().await,
+            Listener::Rdma(listener) => listener.close().await,
+        }
+    }
 }
 
 fn shard_addr(endpoint: &Endpoint, shard: u32) -> Result<SocketAddr, NetError> {
@@ -218,11 +229,12 @@ impl PeerConnection {
         })
     }
 
-    /// Closes the live connection, if any (the next request dials again).
-    pub fn close(&self) {
-        if let Some(connection) = self.current.borrow_mut().take() {
-            connection.close();
-        }
+    /// Closes the live connection, if any (the next request dials again), and returns it:
+    /// [`Connection::link_ended`] tells when its socket is gone.
+    pub fn close(&self) -> Option<Connection> {
+        let connection = self.current.borrow_mut().take()?;
+        connection.close();
+        Some(connection)
     }
 
     /// Sends a request over the live connection (reconnecting first if needed).

@@ -263,14 +263,24 @@ fn spawn_pump<V: Verbs + 'static>(
     let peer_gone = Latch::new();
     let stop_watch = Latch::new();
     let stream = Rc::new(RefCell::new(Some(stream)));
-    glommio::spawn_local(watch_peer(
-        Rc::clone(&stream),
-        peer_gone.clone(),
-        stop_watch.clone(),
-    ))
+    let (stream_of_watch, peer_gone_of_watch, stop_of_watch) =
+        (Rc::clone(&stream), peer_gone.clone(), stop_watch.clone());
+    // Both tasks hold a link side until their sockets are gone, so that
+    // `Connection::link_ended` means the peer can see the end.
+    let watch_side = link_side.clone();
+    glommio::spawn_local(async move {
+        watch_peer(
+            Rc::clone(&stream_of_watch),
+            peer_gone_of_watch,
+            stop_of_watch,
+        )
+        .await;
+        drop(watch_side);
+    })
     .detach();
     glommio::spawn_local(async move {
         let device = device;
+        let pump_side = link_side.clone();
         pump(link, link_side, peer_gone).await;
         // Close the out-of-band connection first: the peer learns of the close from it
         // before its queue pair sees ours disappear.
@@ -278,6 +288,7 @@ fn spawn_pump<V: Verbs + 'static>(
         stream.borrow_mut().take();
         glommio::timer::sleep(Duration::from_millis(20)).await;
         drop(device);
+        drop(pump_side);
     })
     .detach();
 }
@@ -423,6 +434,9 @@ impl<V: Verbs> RdmaLink<V> {
                 if !progress && since.elapsed() > Duration::from_millis(2) {
                     return PumpEnd::PeerGone;
                 }
+            }
+            if side.is_aborted() {
+                return PumpEnd::Closed;
             }
             let drained = side.outgoing().is_closed() && side.outgoing().is_empty();
             if drained && self.waiting.is_none() {

@@ -130,6 +130,17 @@ impl RdmaListener {
     pub async fn accept(&self) -> Result<Connection, NetError> {
         self.accepting.accept().await
     }
+
+    /// Closes the listening socket, the set-ups under way and the connections not taken.
+    pub async fn close(self) {
+        let RdmaListener {
+            listener,
+            accepting,
+            ..
+        } = self;
+        drop(listener);
+        accepting.close().await;
+    }
 }
 
 #[cfg(feature = "rdma")]

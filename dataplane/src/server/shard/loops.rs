@@ -117,30 +117,51 @@ impl<B: Bdev + 'static> ShardServer<B> {
         }
     }
 
-    pub(super) async fn accept_loop(self: Rc<Self>, listener: Listener, class: &'static str) {
+    /// Accepts connections until `shutdown`, then closes the listener and what it holds
+    /// ([`Listener::close`]): a stopping node leaves no connection open and unserved.
+    pub(super) async fn accept_loop(
+        self: Rc<Self>,
+        listener: Listener,
+        class: &'static str,
+        shutdown: crate::shard::ShutdownSignal,
+    ) {
         loop {
-            match listener.accept().await {
-                Ok(connection) => {
-                    let server = Rc::clone(&self);
-                    server
-                        .metrics
+            let accepted =
+                futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                    shutdown.raised().await;
+                    None
+                })
+                .await;
+            match accepted {
+                None => break,
+                Some(Ok(connection)) => {
+                    self.metrics
                         .counter(
                             "chunkserver_connections_accepted_total",
                             "Connections accepted, by class (peer or client listener).",
                             &[("class", class)],
                         )
                         .inc();
+                    // Remembered at once, so that shutdown closes it even before its serving
+                    // task first runs; closed ones are dropped from the list as new ones come.
+                    {
+                        let mut accepted = self.accepted.borrow_mut();
+                        accepted.retain(|c| !c.is_closed());
+                        accepted.push(connection.clone());
+                    }
+                    let server = Rc::clone(&self);
                     glommio::spawn_local(async move {
                         server.serve_connection(connection, class).await
                     })
                     .detach();
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     warn!(node = self.node, shard = self.shard, %error, "accept failed");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
+        listener.close().await;
     }
 
     pub(super) async fn serve_connection(
@@ -148,13 +169,6 @@ impl<B: Bdev + 'static> ShardServer<B> {
         connection: Connection,
         class: &'static str,
     ) {
-        // Remembered so that shutdown closes it (the peer then sees the node go, as it would
-        // if the process exited); closed ones are dropped from the list as new ones arrive.
-        {
-            let mut accepted = self.accepted.borrow_mut();
-            accepted.retain(|c| !c.is_closed());
-            accepted.push(connection.clone());
-        }
         // Requests served at once on this connection, weighed by the bytes they hold and
         // will answer: a peer that sends faster than it reads the answers (pipelined reads
         // never collected) is held here, then by the bounded queues, then by TCP — never

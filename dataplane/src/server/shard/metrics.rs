@@ -246,6 +246,41 @@ impl<B: Bdev + 'static> ShardServer<B> {
             .unwrap_or(0)
     }
 
+    /// The raft view behind a copyset's status: what its log holds and has persisted, the
+    /// persists under way, and (on a leader) where each follower stands — what an operator
+    /// looks at when a follower does not catch up.
+    fn raft_json(&self, id: CopysetId, core: &CopysetCore<CopysetStorage<B>>) -> serde_json::Value {
+        let raft = core.node().raft();
+        let followers: Vec<serde_json::Value> = core
+            .conf_state()
+            .voters
+            .iter()
+            .chain(core.conf_state().learners.iter())
+            .filter(|node| node.0 != self.node)
+            .filter_map(|node| Some((node.0, raft.progress(*node)?)))
+            .map(|(node, p)| {
+                serde_json::json!({
+                    "node": node,
+                    "state": format!("{:?}", p.state).to_lowercase(),
+                    "matched": p.matched.0,
+                    "next": p.next.0,
+                    "paused": p.is_paused(),
+                    "inflight": p.inflights.count(),
+                    "commit_acked": p.commit_acked.0,
+                    "recent_active": p.recent_active,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "last_index": raft.log.last_index().0,
+            "persisted": raft.log.persisted.0,
+            "persists_in_flight": core.persists_in_flight(),
+            "backlog": self.backlog.borrow().get(&id).map_or(0, |b| b.len()),
+            "quiescent": raft.is_quiescent(),
+            "followers": followers,
+        })
+    }
+
     /// The copysets' raft state, for `/status`.
     pub fn status_json(&self) -> Vec<serde_json::Value> {
         let copysets = self.copysets.borrow();
@@ -290,6 +325,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
                         .collect::<Vec<_>>(),
                     "learners": core.conf_state().learners.iter().map(|n| n.0)
                         .collect::<Vec<_>>(),
+                    "raft": self.raft_json(*id, &core),
                 }))
             })
             .collect()

@@ -134,6 +134,10 @@ mod scrub;
 pub use install::IMAGE_PIECE_BYTES;
 pub use scrub::ScrubSettings;
 
+/// How long a stopping shard waits for its connections' sockets to close (a peer that does
+/// not read can hold a graceful close this long).
+const LINKS_END_WITHIN: Duration = Duration::from_secs(1);
+
 type CopysetCell<B> = Rc<RefCell<CopysetCore<CopysetStorage<B>>>>;
 
 /// A destination shard: (node, shard).
@@ -347,23 +351,39 @@ impl<B: Bdev + 'static> ShardServer<B> {
         tasks.push(glommio::spawn_local(async move { server.scrub_loop().await }).detach());
         let listeners = std::iter::once(("peer", peer_listener))
             .chain(client_listeners.into_iter().map(|l| ("client", l)));
+        let mut accepting = Vec::new();
         for (class, listener) in listeners {
             let server = Rc::clone(&self);
-            tasks.push(
-                glommio::spawn_local(async move { server.accept_loop(listener, class).await })
-                    .detach(),
+            let shutdown = shutdown.clone();
+            accepting.push(
+                glommio::spawn_local(
+                    async move { server.accept_loop(listener, class, shutdown).await },
+                )
+                .detach(),
             );
         }
         shutdown.raised().await;
         for task in tasks {
             task.cancel();
         }
-        // Close every connection, both ways, so peers and clients see this node go.
-        for connection in self.accepted.borrow_mut().drain(..) {
-            connection.close();
+        // The accept loops close their listeners and whatever connections those set up
+        // but never handed over; wait for them, so nothing of this node stays open.
+        for task in accepting {
+            let _ = task.await;
         }
-        for peer in self.peers.borrow().values() {
-            peer.close();
+        // Close every connection, both ways, so peers and clients see this node go — and
+        // wait until their sockets are gone: a connection left half-closed and unread when
+        // the executor ends would hold a peer's sends for good, as no exiting process would.
+        let mut closed: Vec<crate::net::Connection> =
+            self.accepted.borrow_mut().drain(..).collect();
+        closed.extend(self.peers.borrow().values().filter_map(|peer| peer.close()));
+        let ended = crate::net::close_all(&closed, LINKS_END_WITHIN).await;
+        if !ended {
+            warn!(
+                node = self.node,
+                shard = self.shard,
+                "connections still open at shutdown"
+            );
         }
         // Make what was acknowledged durable before the shard goes.
         let wal = self.engine.wal();
