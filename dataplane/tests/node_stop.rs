@@ -74,6 +74,52 @@ fn a_stopped_node_closes_every_connection_including_those_made_while_it_stopped(
     }
 }
 
+/// A second node started on the ports of a running one fails at once, saying the address is
+/// in use, instead of sharing them: the kernel would otherwise hand it a share of the first
+/// node's peers' and clients' connections. The first node serves on, unaffected.
+#[test]
+fn a_second_node_on_the_same_ports_fails_to_start() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let other = tempfile::tempdir().expect("temporary directory");
+    let ports = free_ports(6);
+    let mut node = Node::start(config(1, &ports, dir.path(), "uring"));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ports[0]));
+    let began = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "node never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = config(1, &ports, other.path(), "uring");
+    let shutdown = dataplane::shard::ShutdownSignal::new();
+    let signal = shutdown.clone();
+    let started = std::thread::spawn(move || {
+        dataplane::server::run_node(&second, &[0], &signal).map_err(|e| e.to_string())
+    });
+    let began = Instant::now();
+    while !started.is_finished() && began.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shutdown.raise();
+    let outcome = started.join().expect("second node thread");
+    let error = outcome.expect_err("a second node on the same ports must not start");
+    assert!(
+        error.contains("in use"),
+        "the error names the taken address: {error}"
+    );
+    with_client(&ports, |client| {
+        Box::pin(async move {
+            client
+                .create_copyset(CopysetId(3), &[1])
+                .await
+                .expect("the first node still serves");
+        })
+    });
+    node.stop();
+}
+
 /// A client that asks for far more than it reads leaves the node's answers queued behind a
 /// full socket; a graceful close would wait on it for the whole I/O timeout. The stopping node
 /// waits a moment, then aborts the connection: the stop is prompt and the socket is gone.

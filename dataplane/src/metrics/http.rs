@@ -98,7 +98,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the endpoint's listener.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(io::Error::from)
+    crate::net::listen::listen(addr)
 }
 
 /// Serves until `shutdown` is raised.

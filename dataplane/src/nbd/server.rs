@@ -118,7 +118,7 @@ pub async fn serve(
 
 /// Binds a listener for `serve`.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(io::Error::from)
+    crate::net::listen::listen(addr)
 }
 
 type SharedStream = crate::net::shared_stream::SharedStream<TcpStream>;

@@ -184,6 +184,15 @@ impl PeerConnection {
         }
     }
 
+    /// The live connection's description (transport and addresses), if there is one.
+    pub fn live_label(&self) -> Option<String> {
+        self.current
+            .borrow()
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .map(|c| c.label().to_string())
+    }
+
     /// Connections made so far (every one after the first is a reconnect), and dials that
     /// failed.
     pub fn dials(&self) -> (u64, u64) {

@@ -333,10 +333,17 @@ fn metrics_pages<B: crate::storage::bdev::Bdev + 'static>(
             Box::pin(async move {
                 let reports = super::heartbeat::gather_reports(&server, &mesh).await;
                 let shards = reports.len();
+                let connections: Vec<serde_json::Value> =
+                    reports.iter().map(|r| r.connections.clone()).collect();
                 let copysets: Vec<serde_json::Value> =
                     reports.into_iter().flat_map(|r| r.status).collect();
-                serde_json::json!({"node": node, "shards": shards, "copysets": copysets})
-                    .to_string()
+                serde_json::json!({
+                    "node": node,
+                    "shards": shards,
+                    "copysets": copysets,
+                    "connections": connections,
+                })
+                .to_string()
             })
         }),
     }
@@ -642,8 +649,17 @@ async fn run_shard(
     serve_other_shards(&server, ctx.mesh.take_receivers());
     let mesh = Rc::new(ctx.mesh);
     server.set_mesh(Rc::clone(&mesh));
+    // The endpoint's and the heartbeat's tasks are waited for once the shard stopped: their
+    // sockets close before the executor ends (a listener left open would keep the port).
+    let mut background = Vec::new();
     if let (0, Some(address)) = (shard, settings.metrics_address) {
-        serve_metrics_endpoint(settings, address, &server, &mesh, &ctx.shutdown)?;
+        background.push(serve_metrics_endpoint(
+            settings,
+            address,
+            &server,
+            &mesh,
+            &ctx.shutdown,
+        )?);
     }
     if shard == 0 {
         let heartbeats = super::heartbeat::heartbeat_loop(
@@ -660,10 +676,13 @@ async fn run_shard(
             Rc::clone(&mesh),
             ctx.shutdown.clone(),
         );
-        glommio::spawn_local(heartbeats).detach();
+        background.push(glommio::spawn_local(heartbeats).detach());
     }
     info!(node, shard, core = ctx.core, "shard serving");
     server.run(peer, clients, ctx.shutdown.clone()).await;
+    for task in background {
+        let _ = task.await;
+    }
     Ok(())
 }
 
@@ -821,14 +840,14 @@ fn serve_other_shards<B: Bdev + 'static>(
 }
 
 /// Serves the node's `/metrics` and `/status` (and `/fault` when fault injection is on) at
-/// `address` from this shard, until `stop`.
+/// `address` from this shard, until `stop`; the task that serves it.
 fn serve_metrics_endpoint<B: Bdev + 'static>(
     settings: &ShardSettings,
     address: SocketAddr,
     server: &Rc<ShardServer<B>>,
     mesh: &Rc<crate::shard::Mesh<ShardMessage>>,
     stop: &ShutdownSignal,
-) -> Result<(), String> {
+) -> Result<glommio::task::JoinHandle<()>, String> {
     let node = settings.node;
     let listener = crate::metrics::http::bind(address)
         .map_err(|e| format!("metrics endpoint {address}: {e}"))?;
@@ -841,9 +860,10 @@ fn serve_metrics_endpoint<B: Bdev + 'static>(
         }));
     }
     let stop = stop.clone();
-    glommio::spawn_local(crate::metrics::http::serve(listener, Rc::new(pages), stop)).detach();
+    let serving =
+        glommio::spawn_local(crate::metrics::http::serve(listener, Rc::new(pages), stop)).detach();
     info!(node, %address, "metrics endpoint serving /metrics and /status");
-    Ok(())
+    Ok(serving)
 }
 
 /// Creates `dir` and its missing parents readable by this user alone (0700); directories that

@@ -281,6 +281,35 @@ impl<B: Bdev + 'static> ShardServer<B> {
         })
     }
 
+    /// The shard's connections, for `/status`: those it dialled to other nodes' shards (live
+    /// or not, with their dial counts) and those it accepted and still serves.
+    pub fn connections_json(&self) -> serde_json::Value {
+        let mut dialled: Vec<serde_json::Value> = self
+            .peers
+            .borrow()
+            .iter()
+            .map(|((node, shard), peer)| {
+                let (made, failed) = peer.dials();
+                serde_json::json!({
+                    "node": node,
+                    "shard": shard,
+                    "live": peer.live_label(),
+                    "dials": made,
+                    "dials_failed": failed,
+                })
+            })
+            .collect();
+        dialled.sort_by_key(|d| (d["node"].as_u64(), d["shard"].as_u64()));
+        let accepted: Vec<String> = self
+            .accepted
+            .borrow()
+            .iter()
+            .filter(|c| !c.is_closed())
+            .map(|c| c.label().to_string())
+            .collect();
+        serde_json::json!({"shard": self.shard, "dialled": dialled, "accepted": accepted})
+    }
+
     /// The copysets' raft state, for `/status`.
     pub fn status_json(&self) -> Vec<serde_json::Value> {
         let copysets = self.copysets.borrow();

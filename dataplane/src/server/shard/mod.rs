@@ -63,6 +63,8 @@ pub struct ShardReport {
     pub status: Vec<serde_json::Value>,
     /// Its chunk slots: (all, free).
     pub slots: (u64, u64),
+    /// Its connections, for `/status`.
+    pub connections: serde_json::Value,
 }
 
 /// A request forwarded from the shard that received it to the shard of its copyset.
@@ -290,6 +292,7 @@ impl<B: Bdev + 'static> ShardServer<B> {
             metrics: self.metrics_snapshot(),
             status: self.status_json(),
             slots: (u64::from(slots_total), u64::from(slots_free)),
+            connections: self.connections_json(),
         }
     }
 
