@@ -103,26 +103,19 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Serves until `shutdown` is raised.
 pub async fn serve(listener: TcpListener, pages: Rc<Pages>, shutdown: ShutdownSignal) {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown.raised().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => return,
-            Some(Ok(stream)) => {
-                let pages = Rc::clone(&pages);
-                glommio::spawn_local(async move {
-                    if let Err(error) = answer(stream, &pages).await {
-                        tracing::debug!(%error, "metrics endpoint: request failed");
-                    }
-                })
-                .detach();
-            }
-            Some(Err(error)) => tracing::warn!(%error, "metrics endpoint: accept failed"),
+    crate::net::listen::accept_until(&listener, shutdown, |accepted| match accepted {
+        Ok(stream) => {
+            let pages = Rc::clone(&pages);
+            glommio::spawn_local(async move {
+                if let Err(error) = answer(stream, &pages).await {
+                    tracing::debug!(%error, "metrics endpoint: request failed");
+                }
+            })
+            .detach();
         }
-    }
+        Err(error) => tracing::warn!(%error, "metrics endpoint: accept failed"),
+    })
+    .await;
 }
 
 async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {

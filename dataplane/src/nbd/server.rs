@@ -90,18 +90,12 @@ pub async fn serve(
     config: NbdConfig,
     shutdown: ShutdownSignal,
 ) -> io::Result<()> {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown.raised().await;
-            None
-        })
-        .await;
+    crate::net::listen::accept_until(&listener, shutdown, |accepted| {
         let stream = match accepted {
-            None => return Ok(()),
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
+            Ok(stream) => stream,
+            Err(error) => {
                 tracing::warn!(%error, "nbd: accept failed");
-                continue;
+                return;
             }
         };
         let peer = stream.peer_addr().ok();
@@ -113,7 +107,9 @@ pub async fn serve(
             }
         })
         .detach();
-    }
+    })
+    .await;
+    Ok(())
 }
 
 /// Binds a listener for `serve`.

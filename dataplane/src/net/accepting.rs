@@ -43,16 +43,21 @@ pub(crate) struct Accepting {
 
 struct Started {
     ready: Rc<LocalReceiver<Result<Connection, NetError>>>,
-    /// Cancelled when the listener is dropped (or closed).
+    /// Cancelled when the listener is dropped; ends by itself when closed.
     task: glommio::Task<()>,
     setups: Rc<SetUps>,
 }
 
-/// The set-ups under way, each a task holding its stream, so that closing cancels them.
+/// The set-ups under way, each a task holding its stream, so that closing cancels them; and
+/// the accepting task's state, so that closing can stop it between accepts.
 #[derive(Default)]
 struct SetUps {
     next: Cell<u64>,
     running: RefCell<HashMap<u64, glommio::task::JoinHandle<()>>>,
+    /// Set by `close`: the accepting task drops what it accepts next and ends.
+    closing: Cell<bool>,
+    /// The accepting task waits in `accept` (woken by a connection of our own on close).
+    in_accept: Cell<bool>,
 }
 
 impl Accepting {
@@ -100,11 +105,35 @@ impl Accepting {
     /// way are cancelled, and connections set up but never taken are closed. The owner drops
     /// its own handle on the socket.
     pub(crate) async fn close(self) {
-        let Accepting { started, .. } = self;
-        let Some(started) = started.into_inner() else {
+        let Accepting {
+            started, listener, ..
+        } = self;
+        let Some(mut started) = started.into_inner() else {
             return;
         };
-        let _ = started.task.cancel().await;
+        // Stop the accepting task between accepts, never inside one (`listen::wake`).
+        started.setups.closing.set(true);
+        if started.setups.in_accept.get() {
+            if let Ok(addr) = listener.local_addr() {
+                super::listen::wake(addr).await;
+            }
+        }
+        let ended = futures_lite::future::or(
+            async {
+                (&mut started.task).await;
+                true
+            },
+            async {
+                glommio::timer::sleep(UNTAKEN_END_WITHIN).await;
+                false
+            },
+        )
+        .await;
+        if !ended {
+            debug!("the accepting task did not end when woken; cancelled");
+            let _ = started.task.cancel().await;
+        }
+        drop(listener);
         let running: Vec<_> = started.setups.running.borrow_mut().drain().collect();
         for (_, setup) in running {
             setup.cancel();
@@ -137,7 +166,16 @@ async fn accept_and_set_up(
         let Ok(permit) = setups.acquire_static_permit(1).await else {
             return;
         };
-        let stream = match listener.accept().await {
+        if running.closing.get() {
+            return;
+        }
+        running.in_accept.set(true);
+        let accepted = listener.accept().await;
+        running.in_accept.set(false);
+        if running.closing.get() {
+            return; // what was accepted (our own wake-up, or a late peer) closes here
+        }
+        let stream = match accepted {
             Ok(stream) => stream,
             Err(e) => {
                 let error = NetError::Io {

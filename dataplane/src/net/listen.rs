@@ -35,6 +35,56 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(io::Error::from)
 }
 
+/// Wakes an accept pending on the listener at `addr` with a connection of its own, which
+/// the accepting loop, told to stop, drops. A loop must not stop by abandoning its accept:
+/// glommio hands an accept that cannot complete at once to io_uring, and one the kernel
+/// completes after it was abandoned leaves an accepted socket that nobody owns or closes (a
+/// peer's connection that stays open for good), while the pending operation keeps the
+/// listening socket itself alive.
+pub async fn wake(addr: SocketAddr) {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let connect = glommio::net::TcpStream::connect_timeout(
+        SocketAddr::new(ip, addr.port()),
+        std::time::Duration::from_secs(1),
+    );
+    if let Err(error) = connect.await {
+        tracing::debug!(%addr, %error, "waking the listener failed");
+    }
+}
+
+/// Accepts on `listener`, handing each outcome to `accepted`, until `shutdown` is raised;
+/// stops between accepts (see [`wake`]), so that nothing accepted is left unowned.
+pub async fn accept_until(
+    listener: &TcpListener,
+    shutdown: crate::shard::ShutdownSignal,
+    mut accepted: impl FnMut(io::Result<glommio::net::TcpStream>),
+) {
+    let stopping = std::rc::Rc::new(std::cell::Cell::new(false));
+    let waker = {
+        let stopping = std::rc::Rc::clone(&stopping);
+        let addr = listener.local_addr().ok();
+        glommio::spawn_local(async move {
+            shutdown.raised().await;
+            stopping.set(true);
+            if let Some(addr) = addr {
+                wake(addr).await;
+            }
+        })
+    };
+    loop {
+        let outcome = listener.accept().await;
+        if stopping.get() {
+            drop(waker);
+            return; // the stream accepted last (our own wake-up, or a late peer) closes here
+        }
+        accepted(outcome.map_err(io::Error::from));
+    }
+}
+
 /// Whether a listener on `existing` takes connections meant for `wanted`: same port, and the
 /// same address or a wildcard on either side.
 fn conflicts(existing: SocketAddr, wanted: SocketAddr) -> bool {
