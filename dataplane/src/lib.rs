@@ -11,6 +11,7 @@ pub mod demo;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod ids;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod nbd;

@@ -98,12 +98,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the endpoint's listener.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    crate::net::listen::listen(addr)
+    crate::listen::listen(addr)
 }
 
 /// Serves until `shutdown` is raised.
 pub async fn serve(listener: TcpListener, pages: Rc<Pages>, shutdown: ShutdownSignal) {
-    crate::net::listen::accept_until(&listener, shutdown, |accepted| match accepted {
+    crate::listen::accept_until(&listener, shutdown, |accepted| match accepted {
         Ok(stream) => {
             let pages = Rc::clone(&pages);
             glommio::spawn_local(async move {

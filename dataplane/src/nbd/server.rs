@@ -90,7 +90,7 @@ pub async fn serve(
     config: NbdConfig,
     shutdown: ShutdownSignal,
 ) -> io::Result<()> {
-    crate::net::listen::accept_until(&listener, shutdown, |accepted| {
+    crate::listen::accept_until(&listener, shutdown, |accepted| {
         let stream = match accepted {
             Ok(stream) => stream,
             Err(error) => {
@@ -114,7 +114,7 @@ pub async fn serve(
 
 /// Binds a listener for `serve`.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    crate::net::listen::listen(addr)
+    crate::listen::listen(addr)
 }
 
 type SharedStream = crate::net::shared_stream::SharedStream<TcpStream>;

@@ -111,11 +111,11 @@ impl Accepting {
         let Some(mut started) = started.into_inner() else {
             return;
         };
-        // Stop the accepting task between accepts, never inside one (`listen::wake`).
+        // Stop the accepting task between accepts, never inside one (`crate::listen::wake`).
         started.setups.closing.set(true);
         if started.setups.in_accept.get() {
             if let Ok(addr) = listener.local_addr() {
-                super::listen::wake(addr).await;
+                crate::listen::wake(addr).await;
             }
         }
         let ended = futures_lite::future::or(

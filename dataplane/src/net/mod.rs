@@ -11,7 +11,6 @@
 //! - [`verbs`]: the verbs operations the RDMA transport needs, with the user-space `softverbs`
 //!   backend (always built) and, with feature `rdma`, real ibverbs through `ffi`.
 //! - [`rdma`]: the RDMA message transport, written once against [`verbs::Verbs`].
-//! - [`listen`]: listening sockets that fail when their port is taken.
 //! - [`transport`]: the one place an [`crate::config::Endpoint`] picks its transport.
 
 mod accepting;
@@ -19,7 +18,6 @@ pub mod auth;
 pub mod connection;
 pub mod context;
 pub mod handshake;
-pub mod listen;
 pub mod payload;
 pub mod queue;
 pub mod rdma;

@@ -37,7 +37,7 @@ impl TcpTransportListener {
         allocator: Rc<dyn PayloadAllocator>,
         auth: Option<Rc<Auth>>,
     ) -> Result<TcpTransportListener, NetError> {
-        let listener = Rc::new(super::listen::listen(addr).map_err(|e| NetError::Io {
+        let listener = Rc::new(crate::listen::listen(addr).map_err(|e| NetError::Io {
             context: format!("listen on tcp://{addr}"),
             reason: e.to_string(),
         })?);

@@ -97,7 +97,7 @@ impl RdmaListener {
                 })
             }
         }
-        let listener = super::listen::listen(addr).map_err(|e| NetError::Io {
+        let listener = crate::listen::listen(addr).map_err(|e| NetError::Io {
             context: format!("listen on {}://{addr}", transport.scheme()),
             reason: e.to_string(),
         })?;
