@@ -21,16 +21,7 @@ fn a_stopped_node_closes_every_connection_including_those_made_while_it_stopped(
     let ports = free_ports(6);
     for round in 0..3 {
         let mut node = Node::start(config(1, &ports, dir.path(), "uring"));
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ports[0]));
-        // Up: wait until the peer port takes connections.
-        let began = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                began.elapsed() < Duration::from_secs(20),
-                "node never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = listening_on(ports[0]);
         // A peer dials the port over and over while the node stops.
         let stopping = Arc::new(AtomicBool::new(false));
         let dialler = {
@@ -83,15 +74,7 @@ fn a_second_node_on_the_same_ports_fails_to_start() {
     let other = tempfile::tempdir().expect("temporary directory");
     let ports = free_ports(6);
     let mut node = Node::start(config(1, &ports, dir.path(), "uring"));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ports[0]));
-    let began = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            began.elapsed() < Duration::from_secs(20),
-            "node never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    listening_on(ports[0]);
     let second = config(1, &ports, other.path(), "uring");
     let shutdown = dataplane::shard::ShutdownSignal::new();
     let signal = shutdown.clone();
@@ -176,6 +159,20 @@ fn a_peer_that_does_not_read_does_not_hold_a_stopping_node() {
         writes_fail(&mut stream),
         "the connection still takes writes"
     );
+}
+
+/// Waits until a node takes connections on loopback `port` (at most 20 s); its address.
+fn listening_on(port: u16) -> std::net::SocketAddr {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let began = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "node never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    addr
 }
 
 /// Whether reading `stream` ends (end of stream or an error other than a timeout) within 2 s.
